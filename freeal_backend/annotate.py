@@ -1,0 +1,68 @@
+"""LLM-side stages: self-generated demonstrations (round 0) and resumable batch annotation."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from .llm_client import LLMAnswer, LLMClient
+from .prompts import Message, demo_generation_messages, parse_generated_texts
+from .records import Item
+from .storage import Store
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+def generate_demos(client: LLMClient, labels: Sequence[str], texts: Sequence[str], per_label: int, *,
+                   task_description: str | None = None, seed: int = 0, style_examples: int = 4,
+                   attempts: int = 4) -> dict[str, list[str]]:
+    """Round 0: the LLM writes ``per_label`` example texts per label, imitating sampled unlabeled texts."""
+    rng = np.random.default_rng(seed)
+    demos: dict[str, list[str]] = {}
+    for label in labels:
+        found: list[str] = []
+        for attempt in range(attempts):
+            if len(found) >= per_label:
+                break
+            sample = [texts[i] for i in rng.choice(len(texts), size=min(style_examples, len(texts)), replace=False)]
+            messages = demo_generation_messages(label, labels, sample, per_label - len(found), task_description)
+            answer = client.chat(messages, temperature=0.8, max_tokens=60 * per_label, seed=seed + attempt)
+            for text in parse_generated_texts(answer["content"], per_label):
+                if text.lower() not in {f.lower() for f in found} and len(found) < per_label:
+                    found.append(text)
+        if not found:
+            log.warning("the LLM wrote no usable demonstration for label %r", label)
+        demos[label] = found
+    return demos
+
+
+def annotate_items(client: LLMClient, store: Store, stage: str, items: Sequence[Item],
+                   build: Callable[[int], list[Message]], labels: Sequence[str], *,
+                   on_progress: Progress | None = None) -> dict[str, LLMAnswer]:
+    """Label ``items`` (``build(i)`` gives item i's messages), storing each answer as it lands.
+
+    Items with a stored answer for ``stage`` are skipped, so an interrupted stage resumes where it
+    stopped; failed requests are stored with their error and retried on the next run.
+    """
+    done = {k for k, v in store.annotations(stage).items() if not v["error"]}
+    todo = [i for i, it in enumerate(items) if it.item_id not in done]
+    total, finished = len(items), len(items) - len(todo)
+    if on_progress:
+        on_progress(stage, finished, total)
+    answers: dict[str, LLMAnswer] = {}
+
+    def landed(j: int, answer: LLMAnswer) -> None:
+        nonlocal finished
+        item = items[todo[j]]
+        store.add_annotation(stage, item.item_id, answer.label, answer.confidence, answer.probs, answer.raw,
+                             answer.error)
+        answers[item.item_id] = answer
+        finished += 1
+        if on_progress:
+            on_progress(stage, finished, total)
+
+    client.label_many([build(i) for i in todo], labels, on_answer=landed)
+    return answers

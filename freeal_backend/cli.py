@@ -1,0 +1,198 @@
+"""``freeal`` command line: run FreeAL on a file, evaluate a run, serve the Label Studio backend."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .config import Settings
+from .dataio import read_rows, rows_to_items, write_results
+from .llm_client import LLMUnavailable
+from .loop import FreeALRun
+from .metrics import flag_scores, label_scores, markdown_table
+from .records import Item
+
+log = logging.getLogger("freeal")
+
+STAGE_NAMES = {"zero_shot": "LLM zero-shot", "llm_r0": "LLM + self-generated demos"}
+
+
+class ProgressBars:
+    """One tqdm bar per stage, fed by the loop's ``on_progress(stage, done, total)`` callback."""
+
+    def __init__(self) -> None:
+        self._bars: dict[str, tqdm] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        bar = self._bars.get(stage)
+        if bar is None:
+            bar = self._bars[stage] = tqdm(total=total, desc=stage, unit="it", dynamic_ncols=True, leave=True)
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+
+
+def stage_title(stage: str) -> str:
+    if stage in STAGE_NAMES:
+        return STAGE_NAMES[stage]
+    if stage.startswith("slm_r"):
+        return f"SLM round {stage[5:]}"
+    if stage.startswith("llm_r"):
+        return f"refined LLM round {stage[5:]}"
+    return stage
+
+
+def evaluation_table(run: FreeALRun) -> str:
+    """Per-stage accuracy against gold, and the review flag's precision/recall for wrong final labels."""
+    items = run.store.items()
+    gold = {it.item_id: it.gold for it in items if it.gold is not None}
+    if not gold:
+        return "(no gold labels in the input: nothing to evaluate)"
+    rows = []
+    for stage, pred in run.stage_labels().items():
+        sc = label_scores(pred, gold, run.labels)
+        rows.append([stage_title(stage), sc["accuracy"], sc["macro_f1"], sc["coverage"]])
+    table = markdown_table(["stage", "accuracy", "macro-F1", "labelled"], rows)
+    results = run.results()
+    if results:
+        fl = flag_scores({k: r.suspicious for k, r in results.items()}, {k: r.label for k, r in results.items()},
+                         gold)
+        table += (f"\n\nreview flag: {fl['flagged']:.1%} of items flagged; precision {fl['precision']:.4f}, "
+                  f"recall {fl['recall']:.4f} for the {fl['errors']} wrong final labels")
+    return table
+
+
+def _labels(arg: str | None, items: Sequence[Item]) -> list[str]:
+    if arg:
+        labels = [x.strip() for x in arg.split(",") if x.strip()]
+    else:
+        labels = sorted({it.gold for it in items if it.gold})
+        if not labels:
+            raise SystemExit("error: give --labels (the input has no 'label' column to infer them from)")
+        log.info("labels inferred from the input's gold column: %s", ", ".join(labels))
+    return labels
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = Settings.from_env(data_dir=args.data_dir, rounds=args.rounds, seed=args.seed,
+                                 task_description=args.task)
+    rows = read_rows(Path(args.input))
+    if args.limit:
+        import random
+        random.Random(settings.seed).shuffle(rows)
+        rows = rows[: args.limit]
+    items = rows_to_items(rows)
+    labels = _labels(args.labels, items)
+    llm_labels = None
+    if args.llm_labels:
+        source = read_rows(Path(args.llm_labels)) if args.llm_labels != "input" else rows
+        llm_labels = {str(r.get("id", n)): (r.get("llm_label") or None) for n, r in enumerate(source)}
+    run_dir = Path(args.run_dir) if args.run_dir else settings.data_dir / "runs" / Path(args.input).stem
+    start = time.perf_counter()
+    bars = ProgressBars()
+    with FreeALRun(settings, labels, run_dir, zero_shot_baseline=args.zero_shot_baseline) as run:
+        try:
+            results = run.run(items, on_progress=bars, llm_labels=llm_labels)
+        except LLMUnavailable as exc:
+            bars.close()
+            print(f"\nerror: {exc}\nstate is saved in {run_dir}; run the same command again to resume.",
+                  file=sys.stderr)
+            return 3
+        bars.close()
+        out = Path(args.out) if args.out else run_dir / "labels.jsonl"
+        write_results(out, items, results)
+        missing = [r.item_id for r in results if r.label is None]
+        flagged = sum(r.suspicious for r in results)
+        print(f"\nwrote {len(results)} labels to {out}; {flagged} flagged for review"
+              + (f"; {len(missing)} without a label (ids: {', '.join(missing[:20])}{' …' if len(missing) > 20 else ''})"
+                 if missing else ""))
+        print(f"model version {run.model_version()}; wall time {time.perf_counter() - start:.1f} s; "
+              f"LLM: {json.dumps(run.llm.stats.as_dict()) if run._llm else 'not used'}")
+        print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in run.timings.items()))
+        print()
+        print(evaluation_table(run))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "state.sqlite").exists():
+        raise SystemExit(f"error: {run_dir} holds no FreeAL run (no state.sqlite)")
+    from .storage import Store
+    labels = Store(run_dir / "state.sqlite").get_meta("labels")
+    with FreeALRun(Settings.from_env(data_dir=args.data_dir), labels, run_dir) as run:
+        print(evaluation_table(run))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the Label Studio ML backend under gunicorn (threads; one FreeAL job per project)."""
+    from gunicorn.app.wsgiapp import run as gunicorn_run
+    sys.argv = ["gunicorn", "--bind", f"{args.host}:{args.port}", "--workers", str(args.workers),
+                "--threads", str(args.threads), "--timeout", "300", "freeal_backend.wsgi:app"]
+    gunicorn_run()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="freeal", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="label a JSONL/CSV file with FreeAL")
+    run.add_argument("input", help="JSONL or CSV with a 'text' column (optional 'label' = gold, for evaluation)")
+    run.add_argument("--labels", help="comma-separated label set (default: the gold labels found in the input)")
+    run.add_argument("--task", help="one sentence telling the LLM what to classify")
+    run.add_argument("--rounds", type=int, help="FreeAL rounds (default FREEAL_ROUNDS or 2)")
+    run.add_argument("--out", help="output JSONL (default RUN_DIR/labels.jsonl)")
+    run.add_argument("--run-dir", help="state directory (default DATA_DIR/runs/<input name>)")
+    run.add_argument("--data-dir", help="FREEAL_DATA_DIR (caches, runs)")
+    run.add_argument("--limit", type=int, help="label a seeded random subsample of this many rows")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--llm-labels", help="precomputed round-0 LLM labels: a JSONL/CSV with 'llm_label' "
+                                          "(aligned by 'id' or row), or 'input' to use the input's column")
+    run.add_argument("--zero-shot-baseline", action="store_true",
+                     help="also label everything zero-shot, to report that stage (costs one more LLM pass)")
+    run.set_defaults(func=cmd_run)
+    ev = sub.add_parser("eval", help="print per-stage accuracy of a finished run against its gold labels")
+    ev.add_argument("run_dir")
+    ev.add_argument("--data-dir")
+    ev.set_defaults(func=cmd_eval)
+    serve = sub.add_parser("serve", help="run the Label Studio ML backend (gunicorn)")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=9090)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--threads", type=int, default=8)
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "openai", "urllib3", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished work is saved; run the same command again to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Settings read from the environment (upper-case names, documented defaults)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of freeal, with the environment variable that sets it.
+
+    LLM_BASE_URL empty means: start the embedded offline model (SmolLM2-135M) on 127.0.0.1.
+    """
+
+    data_dir: Path = Path("./freeal_data")  # FREEAL_DATA_DIR: all state, caches and models live here
+    llm_base_url: str | None = None  # LLM_BASE_URL, e.g. https://api.openai.com/v1 or http://vllm:8000/v1
+    llm_model: str = "smollm2-135m-instruct"  # LLM_MODEL
+    llm_api_key: str | None = field(default=None, repr=False)  # LLM_API_KEY or OPENAI_API_KEY
+    llm_concurrency: int = 4  # LLM_CONCURRENCY: requests in flight at once
+    llm_timeout: float = 60.0  # LLM_TIMEOUT seconds per request
+    llm_max_retries: int = 5  # LLM_MAX_RETRIES on 429/5xx/timeouts/connection errors
+    llm_logprobs: bool = True  # LLM_LOGPROBS: ask for token logprobs (confidence); off for endpoints that reject it
+    llm_threads: int = 2  # LLM_THREADS: CPU threads of the embedded server
+    shots: int | None = None  # FREEAL_SHOTS: demos per prompt (k); default 10, or 4 with the embedded LLM
+    demos_per_label: int = 6  # FREEAL_DEMOS_PER_LABEL: self-generated demos per label in round 0
+    demo_pool_size: int = 40  # FREEAL_DEMO_POOL: k-medoids demo pool size over all classes (feedback)
+    rounds: int = 2  # FREEAL_ROUNDS
+    encoder: str | None = None  # FREEAL_ENCODER: local Hugging Face model dir; empty = packaged all-MiniLM-L6-v2
+    max_length: int = 128  # FREEAL_MAX_LENGTH tokens per text for the SLM
+    max_chars: int = 4000  # FREEAL_MAX_CHARS: longer texts are truncated (with a warning)
+    slm_epochs: int = 6  # FREEAL_SLM_EPOCHS
+    slm_warmup_epochs: int = 2  # FREEAL_SLM_WARMUP
+    slm_train_layers: int = 2  # FREEAL_SLM_TRAIN_LAYERS: top encoder layers fine-tuned (rest frozen, cached)
+    slm_lr: float = 1e-4  # FREEAL_SLM_LR
+    slm_batch_size: int = 32  # FREEAL_SLM_BATCH
+    clean_threshold: float = 0.7  # FREEAL_CLEAN_THRESHOLD: GMM posterior of the low-loss component
+    select_ratio: float = 0.2  # FREEAL_SELECT_RATIO: rho_sel, top share of the clean agreed pool per class
+    seed: int = 0  # FREEAL_SEED
+    task_description: str | None = None  # FREEAL_TASK: one line telling the LLM what the labels mean
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "Settings":
+        """Build settings from environment variables; keyword overrides win."""
+        env_names = {
+            "data_dir": "FREEAL_DATA_DIR", "llm_base_url": "LLM_BASE_URL", "llm_model": "LLM_MODEL",
+            "llm_concurrency": "LLM_CONCURRENCY", "llm_timeout": "LLM_TIMEOUT",
+            "llm_max_retries": "LLM_MAX_RETRIES", "llm_logprobs": "LLM_LOGPROBS", "llm_threads": "LLM_THREADS",
+            "shots": "FREEAL_SHOTS", "demos_per_label": "FREEAL_DEMOS_PER_LABEL",
+            "demo_pool_size": "FREEAL_DEMO_POOL", "rounds": "FREEAL_ROUNDS", "encoder": "FREEAL_ENCODER",
+            "max_length": "FREEAL_MAX_LENGTH", "max_chars": "FREEAL_MAX_CHARS",
+            "slm_epochs": "FREEAL_SLM_EPOCHS", "slm_warmup_epochs": "FREEAL_SLM_WARMUP",
+            "slm_train_layers": "FREEAL_SLM_TRAIN_LAYERS", "slm_lr": "FREEAL_SLM_LR",
+            "slm_batch_size": "FREEAL_SLM_BATCH", "clean_threshold": "FREEAL_CLEAN_THRESHOLD",
+            "select_ratio": "FREEAL_SELECT_RATIO", "seed": "FREEAL_SEED", "task_description": "FREEAL_TASK",
+        }
+        values: dict[str, Any] = {}
+        types = {f.name: f.type for f in fields(cls)}
+        for name, var in env_names.items():
+            raw = _env(var)
+            if raw is not None:
+                values[name] = _coerce(types[name], raw, var)
+        key = _env("LLM_API_KEY") or _env("OPENAI_API_KEY")
+        if key:
+            values["llm_api_key"] = key
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "data_dir" in values:
+            values["data_dir"] = Path(values["data_dir"])
+        return cls(**values)
+
+    def with_(self, **changes: Any) -> "Settings":
+        """A copy with some fields changed (None values are ignored)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _coerce(type_name: Any, raw: str, var: str) -> Any:
+    text = str(type_name)
+    try:
+        if "bool" in text:
+            if raw.lower() in {"1", "true", "yes", "on"}:
+                return True
+            if raw.lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        if "int" in text:
+            return int(raw)
+        if "float" in text:
+            return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {var}={raw!r} is not a valid {text}") from exc
+    return raw

@@ -1,0 +1,57 @@
+"""Reading input files (JSONL or CSV) and writing results."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .records import Item, ItemResult
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a ``.jsonl`` or ``.csv`` file; each needs a non-empty ``text``."""
+    if not path.exists():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            rows: list[dict[str, Any]] = list(csv.DictReader(f))
+    else:
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not str(row.get("text") or "").strip():
+            raise ValueError(f"{path}: row {n} has no 'text'")
+    return rows
+
+
+def rows_to_items(rows: Sequence[dict[str, Any]], *, gold_field: str = "label") -> list[Item]:
+    """Items from rows: ``id`` (else the row number), ``text``, gold ``label`` for evaluation,
+    ``human_label`` (trusted), ``augmented``/``backtranslation`` (an augmented view)."""
+    return [Item(item_id=str(row.get("id", n)), text=str(row["text"]),
+                 human_label=row.get("human_label") or None, gold=row.get(gold_field) or None,
+                 augmented=row.get("augmented") or row.get("backtranslation") or None)
+            for n, row in enumerate(rows)]
+
+
+def write_results(path: Path, items: Sequence[Item], results: Sequence[ItemResult]) -> None:
+    """JSONL, one line per item, written to a temporary file then renamed (never half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for item, result in zip(items, results):
+            record = {"id": item.item_id, "text": item.text, **asdict(result)}
+            record.pop("item_id")
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)

@@ -1,0 +1,181 @@
+"""OpenAI-compatible chat client: bounded concurrency, retries, response cache, logprob confidence."""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+
+from .llm_cache import ResponseCache, cache_key
+from .prompts import Message, label_token_prefixes, parse_label
+
+log = logging.getLogger(__name__)
+
+LABEL_PARAMS: dict[str, Any] = {"temperature": 0.0, "max_tokens": 8}
+TOP_LOGPROBS = 10
+
+
+class LLMUnavailable(RuntimeError):
+    """The endpoint kept failing after retries; the run stops here and can be resumed."""
+
+
+@dataclass
+class LLMAnswer:
+    """One labelling answer: the parsed label (None when unparseable) and its confidence."""
+
+    label: str | None
+    confidence: float | None
+    probs: dict[str, float]
+    raw: str | None
+    error: str | None = None
+
+
+@dataclass
+class LLMStats:
+    """Counters a user can read to see what the LLM cost."""
+
+    calls: int = 0
+    cache_hits: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    failures: int = 0
+    unparsed: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in ("calls", "cache_hits", "prompt_tokens", "completion_tokens",
+                                              "failures", "unparsed")}
+
+
+def label_probs_from_logprobs(top_logprobs: list[list[tuple[str, float]]], labels: Sequence[str]) -> dict[str, float]:
+    """Probability of each label from the first answer token's top logprobs, normalised over the label set.
+
+    The first position (of the first four tokens) where candidate tokens name a label is used: each
+    candidate gives its probability to the one label whose name starts with it ("pos" -> positive).
+    Empty when no position names a label: then the answer has no confidence (None), never a constant.
+    """
+    names = label_token_prefixes(labels)
+    for position in top_logprobs:
+        if not position:
+            continue
+        head = position[0][0].strip().strip("\"'`*:").lower()
+        if not head:
+            continue
+        mass = {lab: 0.0 for lab in labels}
+        for token, logprob in position:
+            piece = token.strip().strip("\"'`*").lower()
+            if not piece:
+                continue
+            owners = [lab for lab, name in names.items() if name.startswith(piece)]
+            if len(owners) == 1:
+                mass[owners[0]] += math.exp(logprob)
+        total = sum(mass.values())
+        if total > 0:
+            return {lab: m / total for lab, m in mass.items()}
+    return {}
+
+
+class LLMClient:
+    """Talks to any OpenAI-compatible ``/v1/chat/completions`` endpoint through the ``openai`` client.
+
+    Retries with exponential back-off on 429 (honouring Retry-After), 5xx, timeouts and refused
+    connections are done by the ``openai`` client itself (``max_retries``). Every successful response is
+    cached, so a re-run with the same prompts makes zero calls.
+    """
+
+    def __init__(self, base_url: str, model: str, cache: ResponseCache, *, api_key: str | None = None,
+                 concurrency: int = 4, timeout: float = 60.0, max_retries: int = 5, logprobs: bool = True,
+                 max_consecutive_failures: int = 3) -> None:
+        self.model = model
+        self.cache = cache
+        self.concurrency = max(1, concurrency)
+        self.logprobs = logprobs
+        self.max_consecutive_failures = max_consecutive_failures
+        self.stats = LLMStats()
+        self._client = openai.OpenAI(base_url=base_url, api_key=api_key or "not-needed", timeout=timeout,
+                                     max_retries=max_retries)
+
+    def chat(self, messages: list[Message], *, logprobs: bool = False, **params: Any) -> dict[str, Any]:
+        """One chat completion (cached): ``{"content", "top_logprobs", "usage"}``."""
+        request: dict[str, Any] = dict(params)
+        if logprobs:
+            request.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
+        key = cache_key(self.model, messages, request)
+        cached = self.cache.get(key)
+        if cached is not None:
+            self.stats.add(cache_hits=1)
+            return cached
+        response = self._client.chat.completions.create(model=self.model, messages=messages, **request)
+        choice = response.choices[0]
+        top: list[list[tuple[str, float]]] = []
+        if choice.logprobs is not None and choice.logprobs.content:
+            for tok in choice.logprobs.content[:4]:
+                alts = [(alt.token, alt.logprob) for alt in (tok.top_logprobs or [])]
+                top.append(alts or [(tok.token, tok.logprob)])
+        usage = response.usage
+        value = {"content": choice.message.content or "", "top_logprobs": top,
+                 "usage": {"prompt_tokens": getattr(usage, "prompt_tokens", 0) or 0,
+                           "completion_tokens": getattr(usage, "completion_tokens", 0) or 0}}
+        self.stats.add(calls=1, prompt_tokens=value["usage"]["prompt_tokens"],
+                       completion_tokens=value["usage"]["completion_tokens"])
+        self.cache.put(key, self.model, value)
+        return value
+
+    def label(self, messages: list[Message], labels: Sequence[str]) -> LLMAnswer:
+        """Ask for one label; confidence from logprobs when the endpoint returns them, else None."""
+        value = self.chat(messages, logprobs=self.logprobs, **LABEL_PARAMS)
+        raw = value["content"]
+        label = parse_label(raw, labels)
+        probs = label_probs_from_logprobs([[tuple(t) for t in pos] for pos in value["top_logprobs"]], labels)
+        if label is None:
+            self.stats.add(unparsed=1)
+            return LLMAnswer(None, None, probs, raw)
+        return LLMAnswer(label, probs.get(label) if probs else None, probs, raw)
+
+    def label_many(self, requests: Sequence[list[Message]], labels: Sequence[str], *,
+                   on_answer: Callable[[int, LLMAnswer], None] | None = None) -> list[LLMAnswer | None]:
+        """Label many prompts with bounded concurrency; ``on_answer(i, answer)`` runs as each one lands.
+
+        A request that still fails after the client's retries yields an answer with ``error`` set.
+        After ``max_consecutive_failures`` such failures in a row, raises :class:`LLMUnavailable`;
+        answers already delivered through ``on_answer`` are kept by the caller.
+        """
+        results: list[LLMAnswer | None] = [None] * len(requests)
+        consecutive = 0
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            futures = {pool.submit(self.label, msgs, labels): i for i, msgs in enumerate(requests)}
+            try:
+                for future in as_completed(futures):
+                    i = futures[future]
+                    try:
+                        answer = future.result()
+                        consecutive = 0
+                    except openai.BadRequestError as exc:  # this prompt is refused; the endpoint is fine
+                        self.stats.add(failures=1)
+                        answer = LLMAnswer(None, None, {}, None, error=f"BadRequestError: {exc}")
+                    except openai.APIError as exc:
+                        self.stats.add(failures=1)
+                        consecutive += 1
+                        answer = LLMAnswer(None, None, {}, None, error=f"{type(exc).__name__}: {exc}")
+                        log.warning("LLM request failed after retries: %s", answer.error)
+                        if consecutive >= self.max_consecutive_failures:
+                            raise LLMUnavailable(
+                                f"the LLM endpoint failed {consecutive} requests in a row ({answer.error}); "
+                                "finished answers are saved, re-run to resume") from exc
+                    results[i] = answer
+                    if on_answer is not None:
+                        on_answer(i, answer)
+            finally:
+                for future in futures:
+                    future.cancel()
+        return results

@@ -1,0 +1,152 @@
+"""Durable FreeAL state in one SQLite file per run (WAL, one transaction per write)."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .records import Item, ItemResult
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (item_id TEXT PRIMARY KEY, pos INTEGER NOT NULL, text TEXT NOT NULL,
+    human_label TEXT, gold TEXT, augmented TEXT);
+CREATE TABLE IF NOT EXISTS stages (name TEXT PRIMARY KEY, done_at REAL NOT NULL, info TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS demos (label TEXT NOT NULL, pos INTEGER NOT NULL, text TEXT NOT NULL,
+    PRIMARY KEY (label, pos));
+CREATE TABLE IF NOT EXISTS annotations (stage TEXT NOT NULL, item_id TEXT NOT NULL, label TEXT,
+    confidence REAL, probs TEXT NOT NULL, raw TEXT, error TEXT, PRIMARY KEY (stage, item_id));
+CREATE TABLE IF NOT EXISTS slm (round INTEGER NOT NULL, item_id TEXT NOT NULL, probs TEXT NOT NULL,
+    loss REAL, clean INTEGER NOT NULL, clean_prob REAL NOT NULL, PRIMARY KEY (round, item_id));
+CREATE TABLE IF NOT EXISTS results (item_id TEXT PRIMARY KEY, record TEXT NOT NULL);
+"""
+
+
+class Store:
+    """All state of one FreeAL run. Safe to share between threads; every write is its own transaction."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def _write(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(sql, rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # meta -------------------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> Any:
+        rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return json.loads(rows[0][0]) if rows else None
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self._write("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(key, json.dumps(value))])
+
+    # items ------------------------------------------------------------------------------------------
+    def replace_items(self, items: list[Item]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM items")
+                self._db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)",
+                                     [(it.item_id, i, it.text, it.human_label, it.gold, it.augmented)
+                                      for i, it in enumerate(items)])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def items(self) -> list[Item]:
+        return [Item(r[0], r[1], r[2], r[3], r[4]) for r in
+                self._read("SELECT item_id, text, human_label, gold, augmented FROM items ORDER BY pos")]
+
+    # stages -----------------------------------------------------------------------------------------
+    def stage_done(self, name: str) -> dict[str, Any] | None:
+        rows = self._read("SELECT info FROM stages WHERE name = ?", (name,))
+        return json.loads(rows[0][0]) if rows else None
+
+    def mark_stage(self, name: str, info: dict[str, Any] | None = None) -> None:
+        self._write("INSERT OR REPLACE INTO stages VALUES (?, ?, ?)", [(name, time.time(), json.dumps(info or {}))])
+
+    def stages(self) -> dict[str, dict[str, Any]]:
+        return {r[0]: json.loads(r[1]) for r in self._read("SELECT name, info FROM stages ORDER BY done_at")}
+
+    def reset_stages(self, keep: Iterable[str] = ()) -> None:
+        """Forget finished stages (and their SLM/refinement outputs) except those named in ``keep``."""
+        keep = list(keep)
+        marks = ",".join("?" * len(keep)) or "''"
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(f"DELETE FROM stages WHERE name NOT IN ({marks})", keep)
+            self._db.execute(f"DELETE FROM annotations WHERE stage NOT IN ({marks})", keep)
+            self._db.execute("DELETE FROM slm")
+            self._db.execute("COMMIT")
+
+    # demos ------------------------------------------------------------------------------------------
+    def set_demos(self, label: str, texts: list[str]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM demos WHERE label = ?", (label,))
+            self._db.executemany("INSERT INTO demos VALUES (?, ?, ?)", [(label, i, t) for i, t in enumerate(texts)])
+            self._db.execute("COMMIT")
+
+    def demos(self) -> list[tuple[str, str]]:
+        """(text, label) pairs of the self-generated demonstrations."""
+        return [(r[1], r[0]) for r in self._read("SELECT label, text FROM demos ORDER BY label, pos")]
+
+    # LLM annotations ----------------------------------------------------------------------------------
+    def add_annotation(self, stage: str, item_id: str, label: str | None, confidence: float | None,
+                       probs: dict[str, float], raw: str | None, error: str | None) -> None:
+        self._write("INSERT OR REPLACE INTO annotations VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(stage, item_id, label, confidence, json.dumps(probs), raw, error)])
+
+    def annotations(self, stage: str) -> dict[str, dict[str, Any]]:
+        rows = self._read("SELECT item_id, label, confidence, probs, raw, error FROM annotations WHERE stage = ?",
+                          (stage,))
+        return {r[0]: {"label": r[1], "confidence": r[2], "probs": json.loads(r[3]), "raw": r[4], "error": r[5]}
+                for r in rows}
+
+    # SLM outputs --------------------------------------------------------------------------------------
+    def set_slm(self, rnd: int, rows: list[tuple[str, list[float], float | None, bool, float]]) -> None:
+        self._write("INSERT OR REPLACE INTO slm VALUES (?, ?, ?, ?, ?, ?)",
+                    [(rnd, i, json.dumps(p), loss, int(clean), cp) for i, p, loss, clean, cp in rows])
+
+    def slm(self, rnd: int) -> dict[str, dict[str, Any]]:
+        rows = self._read("SELECT item_id, probs, loss, clean, clean_prob FROM slm WHERE round = ?", (rnd,))
+        return {r[0]: {"probs": json.loads(r[1]), "loss": r[2], "clean": bool(r[3]), "clean_prob": r[4]}
+                for r in rows}
+
+    # results ----------------------------------------------------------------------------------------
+    def set_results(self, results: list[ItemResult]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM results")
+            self._db.executemany("INSERT INTO results VALUES (?, ?)",
+                                 [(r.item_id, json.dumps(asdict(r))) for r in results])
+            self._db.execute("COMMIT")
+
+    def results(self) -> dict[str, ItemResult]:
+        return {r[0]: ItemResult(**json.loads(r[1])) for r in self._read("SELECT item_id, record FROM results")}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,39 @@
+"""Session fixtures: the embedded offline LLM behind its real OpenAI-compatible HTTP server."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from freeal_backend.embedded_llm import EMBEDDED_MODEL, EmbeddedLLMServer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_rows(name: str, split: str = "train", n: int | None = None, *, stride: int = 1) -> list[dict]:
+    """Rows of ../shared/data/<name>/<split>.jsonl (read in place, never copied)."""
+    path = DATA / name / f"{split}.jsonl"
+    if not path.exists():
+        pytest.skip(f"shared data set {path} is not available")
+    rows = [json.loads(line) for line in path.open(encoding="utf-8")][::stride]
+    return rows[:n] if n else rows
+
+
+@pytest.fixture(scope="session")
+def llm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedLLMServer]:
+    """SmolLM2-135M served by llama-cpp-python on 127.0.0.1 for the whole session."""
+    log = tmp_path_factory.mktemp("llm") / "server.log"
+    with EmbeddedLLMServer(threads=2, log_path=log) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def llm_base_url(llm_server: EmbeddedLLMServer) -> str:
+    return llm_server.base_url
+
+
+@pytest.fixture(scope="session")
+def llm_model() -> str:
+    return EMBEDDED_MODEL
