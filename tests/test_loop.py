@@ -1,0 +1,135 @@
+"""The FreeAL loop end to end through the real openai client and the embedded LLM server."""
+import json
+import re
+import sqlite3
+
+import numpy as np
+import pytest
+
+from freeal_backend.config import Settings
+from freeal_backend.dataio import rows_to_items
+from freeal_backend.encoder import Encoder
+from freeal_backend.llm_cache import ResponseCache
+from freeal_backend.llm_client import LLMClient
+from freeal_backend.loop import FreeALRun
+from freeal_backend.slm import SLMConfig, SmallModel
+from tests.fixtures_llm import shared_rows
+
+LABELS = ["negative", "positive"]
+TASK = "Classify the sentiment of the movie review."
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return Encoder()
+
+
+def make_run(tmp_path, llm_base_url, llm_model, encoder, *, zero_shot=False, **overrides):
+    settings = Settings(data_dir=tmp_path, llm_base_url=llm_base_url, llm_model=llm_model, shots=4,
+                        demos_per_label=3, slm_epochs=3, slm_warmup_epochs=1, **overrides)
+    client = LLMClient(llm_base_url, llm_model, ResponseCache(tmp_path / "llm_cache.sqlite"), concurrency=2)
+    return FreeALRun(settings, LABELS, tmp_path / "run", TASK, llm=client, encoder=encoder,
+                     zero_shot_baseline=zero_shot)
+
+
+def test_small_model_trains_flags_and_round_trips(encoder, tmp_path):
+    rows = shared_rows("sst2", n=160, stride=40)
+    gold = np.array([LABELS.index(r["label"]) for r in rows])
+    noisy = gold.copy()
+    noisy[::5] = 1 - noisy[::5]  # 20 % injected noise
+    noisy[3] = -1  # one unlabelled sample
+    human = np.zeros(len(rows), dtype=bool)
+    human[[0, 5]] = True  # gold samples, one of them carries a flipped label on purpose
+    model = SmallModel(encoder, 2, train_layers=2, config=SLMConfig(epochs=3, warmup_epochs=1))
+    lower = encoder.lower_states([r["text"] for r in rows], model.split)
+    out = model.fit(lower, noisy, gold=human)
+    assert out.probs.shape == (len(rows), 2) and np.allclose(out.probs.sum(1), 1, atol=1e-5)
+    assert np.isnan(out.losses[3]) and not out.clean[3]
+    assert out.clean[human].all()
+    assert np.allclose(np.linalg.norm(out.embeddings, axis=1), 1, atol=1e-4)
+    model.save(tmp_path / "slm.pt")
+    again = SmallModel(encoder, 2, train_layers=2)
+    again.load(tmp_path / "slm.pt")
+    assert np.allclose(again.evaluate(lower)[0], model.evaluate(lower)[0], atol=1e-5)
+
+
+def test_loop_runs_every_stage_and_output_is_complete(tmp_path, llm_base_url, llm_model, encoder):
+    rows = shared_rows("sst2", n=24, stride=97)
+    rows[0]["human_label"] = rows[0]["label"]
+    items = rows_to_items(rows)
+    with make_run(tmp_path, llm_base_url, llm_model, encoder, zero_shot=True) as run:
+        results = run.run(items, rounds=2)
+        stages = run.store.stages()
+        version = run.model_version()
+        per_stage = run.stage_labels()
+        demos = run.store.demos()
+    assert {"demos", "slm_r1", "llm_r1", "slm_r2", "llm_r2", "final"} <= set(stages)
+    assert {"zero_shot", "llm_r0", "slm_r1", "llm_r1", "slm_r2", "llm_r2", "final"} <= set(per_stage)
+    assert demos and {lab for _, lab in demos} <= set(LABELS)
+    assert re.fullmatch(r"freeal-r2-[0-9a-f]{8}", version)
+    assert [r.item_id for r in results] == [it.item_id for it in items]
+    for r in results:
+        assert r.label in LABELS
+        assert 0.0 <= r.confidence <= 1.0
+        assert sum(r.probs.values()) == pytest.approx(1.0, abs=1e-4)
+        assert r.source in {"llm", "slm", "human"}
+        if r.suspicious:
+            assert r.reasons and r.suggested_label in LABELS
+    assert results[0].source == "human" and results[0].label == rows[0]["label"] and not results[0].suspicious
+
+
+def test_interrupted_run_resumes_without_repeating_llm_calls(tmp_path, llm_base_url, llm_model, encoder):
+    items = rows_to_items(shared_rows("sst2", n=20, stride=131))
+
+    def stop_after_some(stage, done, total):
+        if stage == "llm_r0" and done >= 8:
+            raise KeyboardInterrupt
+
+    with make_run(tmp_path, llm_base_url, llm_model, encoder) as run:
+        with pytest.raises(KeyboardInterrupt):
+            run.run(items, rounds=1, on_progress=stop_after_some)
+        stored = run.store.annotations("llm_r0")
+        zero_shot = run.store.annotations("zero_shot")  # not asked for: must stay empty
+    assert 8 <= len(stored) < len(items) and not zero_shot
+
+    with make_run(tmp_path, llm_base_url, llm_model, encoder) as run:
+        results = run.run(items, rounds=1)
+        stats = run.llm.stats
+    remaining = len(items) - len(stored)
+    # finished items are not asked again; answers in flight at the interruption come from the cache
+    assert stats.calls + stats.cache_hits == remaining + _refined(tmp_path)
+    assert stats.calls <= remaining + _refined(tmp_path)
+    assert len(results) == len(items)
+    db = sqlite3.connect(tmp_path / "run" / "state.sqlite")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("SELECT COUNT(*) FROM annotations WHERE stage='llm_r0'").fetchone()[0] == len(items)
+
+
+def _refined(tmp_path) -> int:
+    db = sqlite3.connect(tmp_path / "run" / "state.sqlite")
+    return db.execute("SELECT COUNT(*) FROM annotations WHERE stage='llm_r1'").fetchone()[0]
+
+
+def test_cli_run_writes_output_and_stage_table(tmp_path, llm_base_url, llm_model, monkeypatch, capsys):
+    from freeal_backend.cli import main
+
+    rows = shared_rows("trec", n=16, stride=181)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("LLM_BASE_URL", llm_base_url)
+    monkeypatch.setenv("LLM_MODEL", llm_model)
+    monkeypatch.setenv("FREEAL_SHOTS", "6")
+    monkeypatch.setenv("FREEAL_SLM_EPOCHS", "2")
+    monkeypatch.setenv("FREEAL_DEMOS_PER_LABEL", "1")
+    out = tmp_path / "out.jsonl"
+    code = main(["run", str(src), "--rounds", "1", "--data-dir", str(tmp_path / "d"), "--out", str(out)])
+    assert code == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == len(rows) and [x["text"] for x in lines] == [r["text"] for r in rows]
+    labels = sorted({r["label"] for r in rows})
+    assert all(x["label"] in labels and 0 <= x["confidence"] <= 1 and isinstance(x["suspicious"], bool)
+               for x in lines)
+    printed = capsys.readouterr().out
+    for title in ["LLM + self-generated demos", "SLM round 1", "refined LLM round 1", "final", "review flag"]:
+        assert title in printed
