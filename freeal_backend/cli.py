@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import random
 import sys
 import time
 from collections.abc import Sequence
@@ -89,17 +91,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = Settings.from_env(data_dir=args.data_dir, rounds=args.rounds, seed=args.seed,
                                  task_description=args.task)
     rows = read_rows(Path(args.input))
+    for n, row in enumerate(rows):
+        row.setdefault("id", n)  # ids are the original row numbers, also after --limit sampling
     if args.limit:
-        import random
         random.Random(settings.seed).shuffle(rows)
         rows = rows[: args.limit]
     items = rows_to_items(rows)
     labels = _labels(args.labels, items)
     llm_labels = None
     if args.llm_labels:
-        source = read_rows(Path(args.llm_labels)) if args.llm_labels != "input" else rows
-        llm_labels = {str(r.get("id", n)): (r.get("llm_label") or None) for n, r in enumerate(source)}
-    run_dir = Path(args.run_dir) if args.run_dir else settings.data_dir / "runs" / Path(args.input).stem
+        given = read_rows(Path(args.llm_labels)) if args.llm_labels != "input" else rows
+        llm_labels = {str(r.get("id", n)): (r.get("llm_label") or None) for n, r in enumerate(given)}
+    source = Path(args.input).resolve()
+    run_dir = (Path(args.run_dir) if args.run_dir
+               else settings.data_dir / "runs" / f"{source.parent.name}-{source.stem}")
     start = time.perf_counter()
     bars = ProgressBars()
     with FreeALRun(settings, labels, run_dir, zero_shot_baseline=args.zero_shot_baseline) as run:
@@ -141,7 +146,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the Label Studio ML backend under gunicorn (threads; one FreeAL job per project)."""
     from gunicorn.app.wsgiapp import run as gunicorn_run
     sys.argv = ["gunicorn", "--bind", f"{args.host}:{args.port}", "--workers", str(args.workers),
-                "--threads", str(args.threads), "--timeout", "300", "freeal_backend.wsgi:app"]
+                "--threads", str(args.threads), "--timeout", os.environ.get("GUNICORN_TIMEOUT", "300"),
+                "--access-logfile", "-", "freeal_backend.wsgi:app"]
     gunicorn_run()
     return 0
 
@@ -170,10 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir")
     ev.set_defaults(func=cmd_eval)
     serve = sub.add_parser("serve", help="run the Label Studio ML backend (gunicorn)")
-    serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=9090)
-    serve.add_argument("--workers", type=int, default=1)
-    serve.add_argument("--threads", type=int, default=8)
+    serve.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
+    serve.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "1")))
+    serve.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "8")))
     serve.set_defaults(func=cmd_serve)
     return parser
 

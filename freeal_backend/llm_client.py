@@ -1,6 +1,7 @@
 """OpenAI-compatible chat client: bounded concurrency, retries, response cache, logprob confidence."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -22,6 +23,10 @@ TOP_LOGPROBS = 10
 
 class LLMUnavailable(RuntimeError):
     """The endpoint kept failing after retries; the run stops here and can be resumed."""
+
+
+class MalformedResponse(RuntimeError):
+    """The endpoint answered 200 with a body that is not a chat completion (not JSON, no choices)."""
 
 
 @dataclass
@@ -115,7 +120,12 @@ class LLMClient:
         if cached is not None:
             self.stats.add(cache_hits=1)
             return cached
-        response = self._client.chat.completions.create(model=self.model, messages=messages, **request)
+        try:
+            response = self._client.chat.completions.create(model=self.model, messages=messages, **request)
+        except json.JSONDecodeError as exc:  # e.g. a proxy's HTML page sent as application/json
+            raise MalformedResponse(f"malformed response from the LLM endpoint (not JSON: {exc})") from exc
+        if not response.choices or getattr(response.choices[0], "message", None) is None:
+            raise MalformedResponse("malformed response from the LLM endpoint (no choices[0].message)")
         choice = response.choices[0]
         top: list[list[tuple[str, float]]] = []
         if choice.logprobs is not None and choice.logprobs.content:
@@ -163,7 +173,7 @@ class LLMClient:
                     except openai.BadRequestError as exc:  # this prompt is refused; the endpoint is fine
                         self.stats.add(failures=1)
                         answer = LLMAnswer(None, None, {}, None, error=f"BadRequestError: {exc}")
-                    except openai.APIError as exc:
+                    except (openai.APIError, MalformedResponse) as exc:
                         self.stats.add(failures=1)
                         consecutive += 1
                         answer = LLMAnswer(None, None, {}, None, error=f"{type(exc).__name__}: {exc}")

@@ -24,6 +24,7 @@ import numpy as np
 
 from .annotate import Progress, annotate_items, generate_demos
 from .config import Settings
+from .dataio import clean_text
 from .embedded_llm import EmbeddedLLMServer
 from .encoder import Encoder, LowerStates
 from .llm_cache import ResponseCache
@@ -152,6 +153,7 @@ class FreeALRun:
 
     def quick_label(self, items: Sequence[Item]) -> list[ItemResult]:
         """LLM-only labels for texts not seen by a full run (round-0 demos when they exist, else zero-shot)."""
+        items = [Item(it.item_id, clean_text(it.text), it.human_label, it.gold, it.augmented) for it in items]
         demos = self.store.demos()
         demo_emb = self.encoder.embed([d[0] for d in demos]) if demos else None
         emb = self.encoder.embed([it.text for it in items]) if demos else None
@@ -206,8 +208,8 @@ class FreeALRun:
         long = sum(len(it.text) > limit for it in items)
         if long:
             log.warning("%d texts are longer than %d characters and were truncated (FREEAL_MAX_CHARS)", long, limit)
-        items = [Item(it.item_id, it.text[:limit], it.human_label, it.gold,
-                      it.augmented[:limit] if it.augmented else None) for it in items]
+        items = [Item(it.item_id, clean_text(it.text)[:limit], it.human_label, it.gold,
+                      clean_text(it.augmented)[:limit] if it.augmented else None) for it in items]
         s = self.settings
         data_hash = _hash({"labels": self.labels, "task": self.task_description,
                            "items": [[it.item_id, it.text, it.human_label, it.augmented] for it in items],

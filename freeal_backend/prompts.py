@@ -20,8 +20,8 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "abbreviation": ("abbr", "acronym", "abbrev"),
 }
 
-_PREFIX = re.compile(r"^\s*(the\s+)?(final\s+)?(answer|label|category|class|sentiment|output|type)\s*(is)?\s*[:=\-]?\s*",
-                     re.IGNORECASE)
+_PREFIX = re.compile(r"^\s*(the\s+)?(final\s+)?(answer|label|category|class|sentiment|output|type)\b"
+                     r"\s*(is\b)?\s*[:=\-]?\s*", re.IGNORECASE)
 
 
 def system_prompt(labels: Sequence[str], task_description: str | None = None) -> str:
@@ -71,11 +71,15 @@ def parse_generated_texts(answer: str, limit: int) -> list[str]:
     return texts
 
 
-def _normalise(text: str) -> str:
-    text = text.strip().lower()
-    text = _PREFIX.sub("", text)
+def _squash(text: str) -> str:
     text = re.sub(r"[\"'`*_.,;:!?()\[\]{}<>]", " ", text)
     return re.sub(r"\s+", " ", text).strip()
+
+
+def _normalise(text: str) -> str:
+    text = text.strip().lower()
+    # strip an "Answer:"-style prefix, unless it is all there is (a label may be named "Type" or "Answer")
+    return _squash(_PREFIX.sub("", text)) or _squash(text)
 
 
 def parse_label(answer: str | None, labels: Sequence[str],

@@ -174,7 +174,7 @@ class SmallModel:
                 loss = F.cross_entropy(logits[is_clean], y[is_clean]) if is_clean.any() else logits.sum() * 0
                 if robust_phase:
                     loss = loss + weight * self._regularisers(index, logits, pooled, y, is_clean, lower,
-                                                              augmented, mask, gen)
+                                                              augmented, mask, gen, rng)
                 optim.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -196,15 +196,14 @@ class SmallModel:
 
     def _regularisers(self, index: np.ndarray, logits: torch.Tensor, pooled: torch.Tensor, y: torch.Tensor,
                       is_clean: torch.Tensor, lower: LowerStates, augmented: LowerStates | None,
-                      mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+                      mask: torch.Tensor, gen: torch.Generator, rng: np.random.Generator) -> torch.Tensor:
         """Mixup on clean samples + consistency with an augmented view (CE on clean, symmetric KL on the rest)."""
         cfg = self.config
         device = logits.device
         extra = logits.sum() * 0
         n_clean = int(is_clean.sum())
         if n_clean >= 2:
-            lam = float(np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen))).beta(
-                cfg.mixup_alpha, cfg.mixup_alpha))
+            lam = float(rng.beta(cfg.mixup_alpha, cfg.mixup_alpha))
             lam = max(lam, 1 - lam)
             p_clean = pooled[is_clean]
             y_clean = F.one_hot(y[is_clean], self.num_classes).float()

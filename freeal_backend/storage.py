@@ -5,7 +5,8 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,23 +28,30 @@ CREATE TABLE IF NOT EXISTS results (item_id TEXT PRIMARY KEY, record TEXT NOT NU
 """
 
 
-class Store:
-    """All state of one FreeAL run. Safe to share between threads; every write is its own transaction."""
+def connect(path: Path, schema: str) -> sqlite3.Connection:
+    """A thread-shareable SQLite connection in WAL mode, autocommit (transactions are explicit)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.executescript(schema)
+    return db
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+class Transactional:
+    """A shared connection guarded by a lock; ``transaction()`` is one ``BEGIN IMMEDIATE`` … ``COMMIT``."""
+
+    def __init__(self, path: Path, schema: str) -> None:
         self.path = path
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        self._db = connect(path, schema)
 
-    def _write(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(sql, rows)
+                yield self._db
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -52,6 +60,21 @@ class Store:
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class Store(Transactional):
+    """All state of one FreeAL run. Safe to share between threads; every write is its own transaction."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, SCHEMA)
+
+    def _write(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
+        with self.transaction() as db:
+            db.executemany(sql, rows)
 
     # meta -------------------------------------------------------------------------------------------
     def get_meta(self, key: str) -> Any:
@@ -63,17 +86,16 @@ class Store:
 
     # items ------------------------------------------------------------------------------------------
     def replace_items(self, items: list[Item]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("DELETE FROM items")
-                self._db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)",
-                                     [(it.item_id, i, it.text, it.human_label, it.gold, it.augmented)
-                                      for i, it in enumerate(items)])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        """Store the run's items; LLM answers of items whose text changed (or that left) are forgotten."""
+        with self.transaction() as db:
+            old = dict(db.execute("SELECT item_id, text FROM items").fetchall())
+            new = {it.item_id: it.text for it in items}
+            stale = [(k,) for k, text in old.items() if new.get(k) != text]
+            db.executemany("DELETE FROM annotations WHERE item_id = ?", stale)
+            db.execute("DELETE FROM items")
+            db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)",
+                           [(it.item_id, i, it.text, it.human_label, it.gold, it.augmented)
+                            for i, it in enumerate(items)])
 
     def items(self) -> list[Item]:
         return [Item(r[0], r[1], r[2], r[3], r[4]) for r in
@@ -94,20 +116,16 @@ class Store:
         """Forget finished stages (and their SLM/refinement outputs) except those named in ``keep``."""
         keep = list(keep)
         marks = ",".join("?" * len(keep)) or "''"
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(f"DELETE FROM stages WHERE name NOT IN ({marks})", keep)
-            self._db.execute(f"DELETE FROM annotations WHERE stage NOT IN ({marks})", keep)
-            self._db.execute("DELETE FROM slm")
-            self._db.execute("COMMIT")
+        with self.transaction() as db:
+            db.execute(f"DELETE FROM stages WHERE name NOT IN ({marks})", keep)
+            db.execute(f"DELETE FROM annotations WHERE stage NOT IN ({marks})", keep)
+            db.execute("DELETE FROM slm")
 
     # demos ------------------------------------------------------------------------------------------
     def set_demos(self, label: str, texts: list[str]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM demos WHERE label = ?", (label,))
-            self._db.executemany("INSERT INTO demos VALUES (?, ?, ?)", [(label, i, t) for i, t in enumerate(texts)])
-            self._db.execute("COMMIT")
+        with self.transaction() as db:
+            db.execute("DELETE FROM demos WHERE label = ?", (label,))
+            db.executemany("INSERT INTO demos VALUES (?, ?, ?)", [(label, i, t) for i, t in enumerate(texts)])
 
     def demos(self) -> list[tuple[str, str]]:
         """(text, label) pairs of the self-generated demonstrations."""
@@ -137,16 +155,9 @@ class Store:
 
     # results ----------------------------------------------------------------------------------------
     def set_results(self, results: list[ItemResult]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM results")
-            self._db.executemany("INSERT INTO results VALUES (?, ?)",
-                                 [(r.item_id, json.dumps(asdict(r))) for r in results])
-            self._db.execute("COMMIT")
+        with self.transaction() as db:
+            db.execute("DELETE FROM results")
+            db.executemany("INSERT INTO results VALUES (?, ?)", [(r.item_id, json.dumps(asdict(r))) for r in results])
 
     def results(self) -> dict[str, ItemResult]:
         return {r[0]: ItemResult(**json.loads(r[1])) for r in self._read("SELECT item_id, record FROM results")}
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
