@@ -143,9 +143,9 @@ class FreeALRun:
         self.store.mark_stage("final", {"rounds": rounds, "version": self.model_version()})
         return results
 
-    def results(self) -> dict[str, ItemResult]:
-        """The latest stored results, by item id."""
-        return self.store.results()
+    def results(self, item_ids: Sequence[str] | None = None) -> dict[str, ItemResult]:
+        """The latest stored results, by item id (all, or only ``item_ids``)."""
+        return self.store.results(item_ids)
 
     def model_version(self) -> str:
         """``freeal-r<rounds>-<hash of data and settings>``: one stable version per finished round."""

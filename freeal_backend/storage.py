@@ -159,5 +159,14 @@ class Store(Transactional):
             db.execute("DELETE FROM results")
             db.executemany("INSERT INTO results VALUES (?, ?)", [(r.item_id, json.dumps(asdict(r))) for r in results])
 
-    def results(self) -> dict[str, ItemResult]:
-        return {r[0]: ItemResult(**json.loads(r[1])) for r in self._read("SELECT item_id, record FROM results")}
+    def results(self, item_ids: Iterable[str] | None = None) -> dict[str, ItemResult]:
+        """Stored results by item id: all of them, or only those of ``item_ids`` (cheap for a few)."""
+        if item_ids is None:
+            rows = self._read("SELECT item_id, record FROM results")
+        else:
+            ids, rows = list(dict.fromkeys(item_ids)), []
+            for start in range(0, len(ids), 500):
+                chunk = tuple(ids[start : start + 500])
+                marks = ",".join("?" * len(chunk))
+                rows += self._read(f"SELECT item_id, record FROM results WHERE item_id IN ({marks})", chunk)
+        return {r[0]: ItemResult(**json.loads(r[1])) for r in rows}

@@ -1,0 +1,30 @@
+# FreeAL Label Studio ML backend (CPU). Build: docker compose build freeal
+FROM python:3.11-slim
+
+# A C/C++ toolchain: pip builds llama-cpp-python (the embedded offline LLM) from source.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential cmake \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+COPY requirements.txt ./
+# torch from PyPI for Linux brings its CUDA libraries (several GB): fine on a GPU host; for a small
+# CPU-only image, install a CPU build of torch==2.13.0 before this line.
+RUN pip install --no-cache-dir -r requirements.txt
+COPY pyproject.toml gunicorn.conf.py ./
+COPY freeal_backend ./freeal_backend
+COPY label_config ./label_config
+RUN pip install --no-cache-dir --no-deps .
+
+# All state (SQLite job/run state, LLM response cache, SLM checkpoints) lives under /data: mount a volume.
+ENV FREEAL_DATA_DIR=/data \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    HOST=0.0.0.0 \
+    PORT=9090
+RUN useradd --create-home --uid 1000 freeal && mkdir -p /data && chown freeal /data
+USER freeal
+VOLUME /data
+EXPOSE 9090
+HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request,os; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT','9090'), timeout=4)"
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "freeal_backend.wsgi:app"]

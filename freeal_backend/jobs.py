@@ -1,0 +1,366 @@
+"""Background FreeAL jobs, one per Label Studio project, single-flight even across gunicorn workers.
+
+A SQLite file under the data dir (``backend.sqlite``) holds per project: the job row (state, stage,
+progress, heartbeat, owner, rerun request), the human labels that arrived by webhook, and what
+``/setup`` told us. A job is claimed in one ``BEGIN IMMEDIATE`` transaction; a claim whose heartbeat
+is older than ``stale_s`` (a killed worker) may be taken over. A trigger while a job runs sets
+``rerun`` so the running job goes once more with the newest annotations instead of starting a second one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from freeal_backend.config import Settings
+from freeal_backend.label_config import ClassificationConfig, parse_label_config, render_prediction
+from freeal_backend.loop import FreeALRun
+from freeal_backend.ls_client import Connection, ProjectClient, TaskRecord, connection_from_env
+from freeal_backend.records import Item, ItemResult
+
+log = logging.getLogger(__name__)
+
+ACTIVE = ("queued", "running")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    project_id INTEGER PRIMARY KEY, state TEXT NOT NULL, stage TEXT, done INTEGER, total INTEGER,
+    round INTEGER, rounds INTEGER, message TEXT, model_version TEXT, flagged INTEGER, tasks INTEGER,
+    owner TEXT, heartbeat REAL, rerun INTEGER NOT NULL DEFAULT 0, started REAL, finished REAL);
+CREATE TABLE IF NOT EXISTS gold (
+    project_id INTEGER NOT NULL, annotation_id INTEGER NOT NULL, task_id INTEGER NOT NULL, labels TEXT NOT NULL,
+    updated REAL, PRIMARY KEY (project_id, annotation_id));
+CREATE TABLE IF NOT EXISTS projects (
+    project_id INTEGER PRIMARY KEY, label_config TEXT, extra_params TEXT, ls_url TEXT, ls_key TEXT, updated REAL);
+"""
+STATUS_FIELDS = ("state", "stage", "done", "total", "round", "rounds", "message", "model_version", "flagged",
+                 "tasks", "rerun", "started", "finished")
+
+
+class JobStore:
+    """Durable per-project job state, shared by every worker process through SQLite (WAL)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        os.chmod(path, 0o600)  # may hold a Label Studio token handed over by /setup
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    # jobs -----------------------------------------------------------------------------------------
+    def claim(self, project_id: int, owner: str, *, stale_s: float) -> bool:
+        """Take the project's job slot; when a live job holds it, ask that job to run again instead."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT state, heartbeat FROM jobs WHERE project_id = ?", (project_id,)).fetchone()
+            if row and row[0] in ACTIVE and now - (row[1] or 0) < stale_s:
+                db.execute("UPDATE jobs SET rerun = 1 WHERE project_id = ?", (project_id,))
+                return False
+            db.execute(
+                "INSERT INTO jobs (project_id, state, stage, done, total, message, owner, heartbeat, rerun, started)"
+                " VALUES (?, 'queued', 'queued', 0, 0, '', ?, ?, 0, ?)"
+                " ON CONFLICT(project_id) DO UPDATE SET state='queued', stage='queued', done=0, total=0,"
+                " message='', owner=excluded.owner, heartbeat=excluded.heartbeat, rerun=0, started=excluded.started,"
+                " finished=NULL",
+                (project_id, owner, now, now),
+            )
+            return True
+
+    def update(self, project_id: int, owner: str, **fields: Any) -> bool:
+        """Set job fields and the heartbeat; False when ``owner`` no longer holds the job."""
+        allowed = {k: v for k, v in fields.items() if k in STATUS_FIELDS}
+        sets = ", ".join(f"{k} = ?" for k in allowed)
+        with self._tx() as db:
+            cur = db.execute(
+                f"UPDATE jobs SET heartbeat = ?{', ' + sets if sets else ''} WHERE project_id = ? AND owner = ?",
+                (time.time(), *allowed.values(), project_id, owner),
+            )
+            return cur.rowcount == 1
+
+    def finish(self, project_id: int, owner: str, state: str, message: str) -> bool:
+        """End the job; returns True (and re-queues it) when a rerun was requested meanwhile."""
+        with self._tx() as db:
+            row = db.execute("SELECT rerun FROM jobs WHERE project_id = ? AND owner = ?",
+                             (project_id, owner)).fetchone()
+            if row is None:
+                return False
+            if row[0] and state == "done":
+                db.execute("UPDATE jobs SET state='queued', stage='queued', rerun=0, heartbeat=? "
+                           "WHERE project_id = ?", (time.time(), project_id))
+                return True
+            db.execute("UPDATE jobs SET state=?, message=?, rerun=0, finished=?, heartbeat=? WHERE project_id = ?",
+                       (state, message, time.time(), time.time(), project_id))
+            return False
+
+    def status(self, project_id: int) -> dict[str, Any] | None:
+        """The job row as a dict, or None when the project never had a job."""
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(STATUS_FIELDS)} FROM jobs WHERE project_id = ?",
+                                   (project_id,)).fetchone()
+        return dict(zip(STATUS_FIELDS, row)) if row else None
+
+    def model_version(self, project_id: int) -> str | None:
+        """The last model version pushed to Label Studio for the project."""
+        status = self.status(project_id)
+        return status["model_version"] if status else None
+
+    def versions(self) -> list[str]:
+        """The last pushed version of every project, most recent first."""
+        with self._lock:
+            rows = self._db.execute("SELECT model_version FROM jobs WHERE model_version IS NOT NULL "
+                                    "ORDER BY heartbeat DESC").fetchall()
+        return [r[0] for r in rows]
+
+    # human labels from webhooks -----------------------------------------------------------------------
+    def set_gold(self, project_id: int, annotation_id: int, task_id: int, labels: list[str]) -> None:
+        """Record (or, with no labels, forget) the labels one annotation gives its task."""
+        with self._tx() as db:
+            if labels:
+                db.execute("INSERT OR REPLACE INTO gold VALUES (?, ?, ?, ?, ?)",
+                           (project_id, annotation_id, task_id, json.dumps(labels), time.time()))
+            else:
+                db.execute("DELETE FROM gold WHERE project_id = ? AND annotation_id = ?", (project_id, annotation_id))
+
+    def delete_gold(self, project_id: int, annotation_ids: list[int]) -> None:
+        with self._tx() as db:
+            db.executemany("DELETE FROM gold WHERE project_id = ? AND annotation_id = ?",
+                           [(project_id, a) for a in annotation_ids])
+
+    def replace_gold(self, project_id: int, rows: list[tuple[int, int, list[str]]]) -> None:
+        """Make the project's gold exactly ``(annotation_id, task_id, labels)`` rows (what the API shows)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM gold WHERE project_id = ?", (project_id,))
+            db.executemany("INSERT OR REPLACE INTO gold VALUES (?, ?, ?, ?, ?)",
+                           [(project_id, a, t, json.dumps(labels), time.time()) for a, t, labels in rows])
+
+    def gold(self, project_id: int) -> dict[int, list[str]]:
+        """Human labels by task id (the most recently updated annotation wins)."""
+        with self._lock:
+            rows = self._db.execute("SELECT task_id, labels FROM gold WHERE project_id = ? ORDER BY updated",
+                                    (project_id,)).fetchall()
+        return {int(t): json.loads(labels) for t, labels in rows}
+
+    # what /setup told us ------------------------------------------------------------------------------
+    def save_project(self, project_id: int, *, label_config: str, extra_params: dict[str, Any] | None,
+                     ls_url: str | None, ls_key: str | None) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO projects VALUES (?, ?, ?, ?, ?, ?)",
+                       (project_id, label_config, json.dumps(extra_params or {}), ls_url, ls_key, time.time()))
+
+    def project(self, project_id: int) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT label_config, extra_params, ls_url, ls_key FROM projects "
+                                   "WHERE project_id = ?", (project_id,)).fetchone()
+        if row is None:
+            return None
+        return {"label_config": row[0], "extra_params": json.loads(row[1] or "{}"), "ls_url": row[2],
+                "ls_key": row[3]}
+
+
+@dataclass(frozen=True)
+class ProjectOptions:
+    """Per-project options from Label Studio's "extra params" of the model (all optional)."""
+
+    from_name: str | None = None
+    rounds: int | None = None
+    task_description: str | None = None
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any] | None) -> "ProjectOptions":
+        extra = extra if isinstance(extra, dict) else {}
+        rounds = extra.get("rounds")
+        return cls(
+            from_name=str(extra["from_name"]) if extra.get("from_name") else None,
+            rounds=int(rounds) if isinstance(rounds, (int, str)) and str(rounds).isdigit() else None,
+            task_description=str(extra["task_description"]) if extra.get("task_description") else None,
+        )
+
+
+class RunRegistry:
+    """One :class:`FreeALRun` per project and label set per process (models are loaded once, not per request).
+
+    All runs share one LLM client (one embedded LLM server per process) and one encoder.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._runs: dict[tuple[int, tuple[str, ...]], FreeALRun] = {}
+        self._shared: FreeALRun | None = None
+
+    def get(self, project_id: int, labels: tuple[str, ...], task_description: str | None = None) -> FreeALRun:
+        with self._lock:
+            key = (project_id, labels)
+            run = self._runs.get(key)
+            if run is None:
+                run_dir = self.settings.data_dir / f"project-{project_id}"
+                shared = self._shared
+                run = FreeALRun(self.settings, list(labels), run_dir, task_description,
+                                llm=shared.llm if shared else None, encoder=shared.encoder if shared else None)
+                self._shared = self._shared or run
+                self._runs[key] = run
+            if task_description:
+                run.task_description = task_description
+            return run
+
+    def close(self) -> None:
+        with self._lock:
+            for run in self._runs.values():
+                run.close()
+            self._runs.clear()
+            self._shared = None
+
+
+def build_items(records: list[TaskRecord], gold: dict[int, list[str]]) -> tuple[list[Item], list[int]]:
+    """Items for FreeAL (human labels = gold, the API's annotations first) and ids of tasks without text."""
+    items, no_text = [], []
+    for rec in records:
+        if not rec.text or not rec.text.strip():
+            no_text.append(rec.task_id)
+            continue
+        labels = list(rec.human_labels) or gold.get(rec.task_id, [])
+        items.append(Item(str(rec.task_id), rec.text, human_label=labels[0] if labels else None))
+    return items, no_text
+
+
+def final_version(version: str, rounds: int) -> str:
+    """The version the last round of the run that produced ``version`` (``freeal-r<k>-<hash>``) will have."""
+    return f"freeal-r{rounds}-{version.rsplit('-', 1)[-1]}"
+
+
+def flagged_ids(results: list[ItemResult]) -> list[int]:
+    """Task ids FreeAL flags for review (never the human-labelled ones)."""
+    return [int(r.item_id) for r in results if r.suspicious and r.source != "human"]
+
+
+class JobManager:
+    """Starts and runs the background job of a project in this process."""
+
+    def __init__(self, settings: Settings, store: JobStore, runs: RunRegistry, *, stale_s: float = 120.0,
+                 heartbeat_s: float = 5.0) -> None:
+        self.settings = settings
+        self.store = store
+        self.runs = runs
+        self.stale_s = stale_s
+        self.heartbeat_s = heartbeat_s
+        self.owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
+
+    def connection(self, project_id: int) -> Connection:
+        """LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, else what Label Studio's /setup handed over."""
+        saved = self.store.project(project_id) or {}
+        return connection_from_env(url=saved.get("ls_url"), api_key=saved.get("ls_key"))
+
+    def trigger(self, project_id: int, reason: str) -> bool:
+        """Start the project's job unless one is running (then it is asked to run once more)."""
+        owner = f"{self.owner_prefix}:{uuid.uuid4().hex[:8]}"
+        if not self.store.claim(project_id, owner, stale_s=self.stale_s):
+            log.info("project %s: job already running; rerun requested (%s)", project_id, reason)
+            return False
+        log.info("project %s: job queued (%s)", project_id, reason)
+        threading.Thread(target=self._main, args=(project_id, owner), daemon=True,
+                         name=f"freeal-job-{project_id}").start()
+        return True
+
+    def _main(self, project_id: int, owner: str) -> None:
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(project_id, owner, stop), daemon=True)
+        beat.start()
+        try:
+            while True:
+                try:
+                    message = self.run_once(project_id, owner)
+                    state = "done"
+                except Exception as exc:  # noqa: BLE001 - a job must end in a visible state, never die silently
+                    log.exception("project %s: FreeAL job failed", project_id)
+                    message, state = f"{type(exc).__name__}: {exc}", "failed"
+                if not self.store.finish(project_id, owner, state, message):
+                    return
+                log.info("project %s: running again with the newest annotations", project_id)
+        finally:
+            stop.set()
+
+    def _heartbeat(self, project_id: int, owner: str, stop: threading.Event) -> None:
+        while not stop.wait(self.heartbeat_s):
+            self.store.update(project_id, owner)
+
+    def run_once(self, project_id: int, owner: str) -> str:
+        """Fetch every task, run the FreeAL rounds, push predictions and the review view after each round."""
+        conn = self.connection(project_id)
+        client = ProjectClient(conn, project_id)
+        saved = self.store.project(project_id) or {}
+        opts = ProjectOptions.from_extra(saved.get("extra_params"))
+        cfg = parse_label_config(client.label_config(), from_name=opts.from_name)
+        self.store.update(project_id, owner, state="running", stage="fetching tasks", done=0, total=0)
+        records = list(client.iter_tasks(cfg))
+        self.store.replace_gold(project_id, [(r.annotation_id, r.task_id, list(r.human_labels))
+                                             for r in records if r.human_labels and r.annotation_id is not None])
+        items, no_text = build_items(records, self.store.gold(project_id))
+        if not items:
+            raise ValueError(f"no task has text in data[{cfg.data_key!r}] (the label config's <Text value>)")
+        run = self.runs.get(project_id, cfg.labels, opts.task_description)
+        rounds = opts.rounds if opts.rounds is not None else self.settings.rounds
+        self.store.update(project_id, owner, rounds=rounds, tasks=len(items))
+        results: list[ItemResult] = []
+        pushed = self.store.model_version(project_id)
+        for rnd in range(rounds + 1):
+            def progress(stage: str, done: int, total: int, rnd: int = rnd) -> None:
+                self.store.update(project_id, owner, stage=stage, done=done, total=total, round=rnd)
+
+            self.store.update(project_id, owner, round=rnd, stage=f"round {rnd} of {rounds}")
+            results = run.run(items, rounds=rnd, on_progress=progress)
+            version = run.model_version()
+            if pushed == final_version(version, rounds):
+                continue  # same data and settings as the last push: Label Studio already has these results
+            self.push(client, cfg, results, version, project_id, owner)
+        skipped = f"; {len(no_text)} tasks without text skipped: {no_text[:20]}" if no_text else ""
+        return f"{len(results)} tasks labelled, {len(flagged_ids(results))} flagged for review{skipped}"
+
+    def push(self, client: ProjectClient, cfg: ClassificationConfig, results: list[ItemResult], version: str,
+             project_id: int, owner: str) -> None:
+        """Push one round's results and record the version and flag count in the job status."""
+        self.store.update(project_id, owner, stage=f"pushing {version}", done=0, total=len(results))
+        flagged = push_results(client, cfg, results, version)
+        self.store.update(project_id, owner, model_version=version, flagged=flagged, done=len(results))
+        log.info("project %s: pushed %d predictions (%s), %d flagged", project_id, len(results), version, flagged)
+
+
+def push_results(client: ProjectClient, cfg: ClassificationConfig, results: list[ItemResult], version: str) -> int:
+    """Replace the project's FreeAL predictions with ``version``, refresh the review view; returns #flagged."""
+    preds = [{"task": int(r.item_id), **render_prediction(cfg, r, version)} for r in results]
+    if version in client.model_versions():
+        client.delete_model_version(version)  # same data, same version: no duplicates
+    client.import_predictions(preds)
+    client.replace_freeal_versions(keep=version)
+    client.upsert_review_view()
+    return len(flagged_ids(results))
+
+
+def progress_text(status: dict[str, Any]) -> str:
+    """One line for people: "running round 1 of 2: slm 3/6" etc."""
+    state = status.get("state") or "unknown"
+    if state in ACTIVE:
+        return f"{state}: {status.get('stage') or ''} {status.get('done') or 0}/{status.get('total') or 0}".strip()
+    return f"{state}: {status.get('message') or ''}".strip()
+

@@ -1,0 +1,205 @@
+"""Thin glue over ``label-studio-sdk``: read tasks and human labels, push predictions, keep the review view.
+
+Everything Label Studio-specific that the background job needs lives here; it knows nothing of FreeAL.
+Both token kinds work: a legacy token is sent as ``Token …``; a personal access token (a JWT
+refresh token) is exchanged and refreshed by the SDK itself and sent as ``Bearer …``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from label_studio_sdk import LabelStudio
+
+from freeal_backend.label_config import REVIEW_MARKER, ClassificationConfig, labels_from_result
+
+log = logging.getLogger(__name__)
+
+REVIEW_VIEW_TITLE = "FreeAL: needs review"
+FREEAL_VERSION_PREFIX = "freeal-"
+PAGE_SIZE = 100
+IMPORT_BATCH = 500
+
+
+class MissingCredentialsError(RuntimeError):
+    """LABEL_STUDIO_URL and/or LABEL_STUDIO_API_KEY are not set."""
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where Label Studio is and the key to use (the key is never shown in repr or logs)."""
+
+    url: str
+    api_key: str
+
+    def __repr__(self) -> str:
+        return f"Connection(url={self.url!r}, api_key=***)"
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One Label Studio task as FreeAL sees it."""
+
+    task_id: int
+    text: str | None
+    human_labels: tuple[str, ...] = ()
+    annotation_id: int | None = None  # the annotation the human labels come from
+
+
+def connection_from_env(
+    env: Mapping[str, str] | None = None, *, url: str | None = None, api_key: str | None = None
+) -> Connection:
+    """Read LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY; ``url``/``api_key`` fill in what the environment lacks.
+
+    Raises :class:`MissingCredentialsError` naming exactly the missing variables.
+    """
+    env = os.environ if env is None else env
+    url = (env.get("LABEL_STUDIO_URL") or url or "").strip()
+    key = (env.get("LABEL_STUDIO_API_KEY") or api_key or "").strip()
+    missing = [name for name, value in (("LABEL_STUDIO_URL", url), ("LABEL_STUDIO_API_KEY", key)) if not value]
+    if missing:
+        raise MissingCredentialsError(
+            f"{' and '.join(missing)} not set: the backend cannot read tasks or push predictions to Label Studio. "
+            "Set it in the backend's environment (the API key is under Account & Settings > Access Token; "
+            "legacy tokens and personal access tokens both work). /health, /setup and /predict still answer."
+        )
+    return Connection(url=url.rstrip("/"), api_key=key)
+
+
+class ProjectClient:
+    """Label Studio operations on one project."""
+
+    def __init__(self, conn: Connection, project_id: int, *, timeout: float = 60.0) -> None:
+        self.project_id = project_id
+        self.client = LabelStudio(base_url=conn.url, api_key=conn.api_key, timeout=timeout)
+
+    def label_config(self) -> str:
+        """The project's labeling config XML."""
+        return self.client.projects.get(id=self.project_id).label_config or ""
+
+    def iter_tasks(self, cfg: ClassificationConfig, *, page_size: int = PAGE_SIZE) -> Iterator[TaskRecord]:
+        """Yield every task page by page, with the labels of its latest submitted (non-skipped) annotation."""
+        pager = self.client.tasks.list(project=self.project_id, fields="all", page_size=page_size)
+        for task in pager:
+            data = task.data or {}
+            text = data.get(cfg.data_key)
+            labels, ann_id = latest_human_labels(cfg, _dump_list(getattr(task, "annotations", None)))
+            yield TaskRecord(int(task.id), text if isinstance(text, str) else None, tuple(labels), ann_id)
+
+    def import_predictions(self, predictions: Sequence[dict[str, Any]], *, batch: int = IMPORT_BATCH) -> int:
+        """Store predictions (``task``, ``result``, ``score``, ``model_version``) with the bulk endpoint."""
+        stored = 0
+        for start in range(0, len(predictions), batch):
+            chunk = list(predictions[start : start + batch])
+            self.client.projects.import_predictions(id=self.project_id, request=chunk)
+            stored += len(chunk)
+        return stored
+
+    def model_versions(self) -> dict[str, int]:
+        """Model versions of the project's predictions with their counts."""
+        data = self._request("GET", f"api/projects/{self.project_id}/model-versions/")
+        return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    def delete_model_version(self, version: str) -> None:
+        """Delete every prediction of ``version`` in the project."""
+        self._request("DELETE", f"api/projects/{self.project_id}/model-versions/", json={"model_version": version})
+
+    def replace_freeal_versions(self, keep: str) -> list[str]:
+        """Delete predictions of every other ``freeal-*`` version and select ``keep`` in the project.
+
+        Selecting the version makes the labeling UI show it and the Data Manager's
+        "Prediction score" column average exactly these predictions.
+        """
+        old = [v for v in self.model_versions() if v.startswith(FREEAL_VERSION_PREFIX) and v != keep]
+        for version in old:
+            self.delete_model_version(version)
+        self.client.projects.update(id=self.project_id, model_version=keep)
+        return old
+
+    def upsert_review_view(self) -> int:
+        """Create or update the "FreeAL: needs review" tab: exactly the tasks whose FreeAL prediction is
+        flagged and that are still unannotated, least confident first. Returns the view id."""
+        data = review_view_data()
+        for view in self.client.views.list(project=self.project_id):
+            if (view.data or {}).get("title") == REVIEW_VIEW_TITLE:
+                self.client.views.update(id=str(view.id), project=self.project_id, data=data)
+                return int(view.id)
+        created = self.client.views.create(project=self.project_id, data=data)
+        return int(created.id)
+
+    def view_task_ids(self, view_id: int) -> list[int]:
+        """Ids of the tasks a Data Manager view lists, in its order."""
+        pager = self.client.tasks.list(project=self.project_id, view=view_id, fields="task_only", page_size=PAGE_SIZE)
+        return [int(t.id) for t in pager]
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Call an endpoint the SDK does not wrap, with the SDK's own auth and base URL."""
+        wrapper = self.client._client_wrapper
+        resp = wrapper.httpx_client.request(path, method=method, **kwargs)
+        resp.raise_for_status()
+        return resp.json() if resp.content else None
+
+
+def review_view_data() -> dict[str, Any]:
+    """Data Manager view payload: tasks whose prediction carries the FreeAL review marker and that nobody
+    has annotated yet, least confident first.
+
+    Only filters the Data Manager UI itself can show are used: 1.23's UI fails to load a project whose
+    tab has an operator it does not know (the API accepts ``in_list``), and it rewrites a ``regex`` on
+    the numeric id column to an empty value. "Prediction results contains <marker>" is a plain UI filter.
+    """
+    return {
+        "title": REVIEW_VIEW_TITLE,
+        "filters": {
+            "conjunction": "and",
+            "items": [
+                {"filter": "filter:tasks:predictions_results", "operator": "contains", "type": "String",
+                 "value": REVIEW_MARKER},
+                {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
+            ],
+        },
+        "ordering": ["tasks:predictions_score"],
+        "hiddenColumns": {"explore": ["tasks:annotations_results"], "labeling": []},
+    }
+
+
+def latest_human_labels(cfg: ClassificationConfig, annotations: list[dict[str, Any]]) -> tuple[list[str], int | None]:
+    """Labels (and annotation id) of the most recently updated submitted annotation naming a known label."""
+    usable = [a for a in annotations if isinstance(a, dict) and not a.get("was_cancelled")]
+    usable.sort(key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), int(a.get("id") or 0)))
+    for ann in reversed(usable):
+        labels = labels_from_result(cfg, ann.get("result") or [])
+        if labels:
+            return labels, int(ann["id"]) if str(ann.get("id", "")).isdigit() else None
+    return [], None
+
+
+def project_id_from_uid(uid: Any) -> int:
+    """Label Studio sends ``project`` as ``"<id>.<created-timestamp>"`` (or an int in webhooks)."""
+    if isinstance(uid, bool):
+        raise ValueError("project must be a project id")
+    if isinstance(uid, int):
+        pid = uid
+    elif isinstance(uid, str) and uid.split(".", 1)[0].isdigit():
+        pid = int(uid.split(".", 1)[0])
+    else:
+        raise ValueError(f"project {str(uid)[:40]!r} is not a Label Studio project id")
+    if pid <= 0:
+        raise ValueError("project id must be positive")
+    return pid
+
+
+def _dump_list(values: Any) -> list[dict[str, Any]]:
+    out = []
+    for v in values or []:
+        if hasattr(v, "model_dump"):
+            out.append(v.model_dump())
+        elif isinstance(v, dict):
+            out.append(v)
+        elif isinstance(v, str):
+            out.append(json.loads(v))
+    return out

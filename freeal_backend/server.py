@@ -1,0 +1,326 @@
+"""The Label Studio ML backend HTTP service (Flask), a thin shell around the FreeAL library.
+
+Label Studio 1.23 calls: ``GET /health``, ``POST /setup`` (3 s timeout: nothing heavy here), ``POST /predict``
+(100 s timeout: cached results at once, LLM labels for unseen tasks within a budget, the full FreeAL
+job in the background), ``POST /webhook`` (1 s timeout: acknowledge at once), and ``GET /versions``.
+``POST /train`` is kept for older Label Studio versions. ``GET /status/<project>`` shows the job.
+"""
+from __future__ import annotations
+
+import atexit
+import hmac
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from freeal_backend.config import Settings
+from freeal_backend.jobs import JobManager, JobStore, ProjectOptions, RunRegistry, progress_text
+from freeal_backend.label_config import (
+    ClassificationConfig,
+    LabelConfigError,
+    labels_from_result,
+    parse_label_config,
+    render_prediction,
+    review_results,
+)
+from freeal_backend.llm_client import LLMUnavailable
+from freeal_backend.loop import FreeALRun
+from freeal_backend.ls_client import MissingCredentialsError, project_id_from_uid
+from freeal_backend.records import Item, ItemResult
+
+log = logging.getLogger("freeal_backend.server")
+
+INITIAL_VERSION = "freeal-llm-only"
+ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+TRAIN_EVENTS = ("START_TRAINING",)
+
+
+class BadRequest(ValueError):
+    """The request is malformed; the message says how."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """HTTP-side knobs, read from the environment."""
+
+    basic_auth_user: str | None = None  # BASIC_AUTH_USER (with BASIC_AUTH_PASS: require HTTP basic auth)
+    basic_auth_pass: str | None = None  # BASIC_AUTH_PASS
+    predict_budget_s: float = 60.0  # FREEAL_PREDICT_BUDGET_S: LLM time per /predict (Label Studio waits 100 s)
+    max_request_mb: float = 64.0  # FREEAL_MAX_REQUEST_MB: larger request bodies get 413
+    auto_job: bool = True  # FREEAL_AUTO_JOB: /predict and annotation webhooks start the background job
+
+    @classmethod
+    def from_env(cls) -> "ServerSettings":
+        env = os.environ
+        return cls(
+            basic_auth_user=env.get("BASIC_AUTH_USER") or None,
+            basic_auth_pass=env.get("BASIC_AUTH_PASS") or None,
+            predict_budget_s=float(env.get("FREEAL_PREDICT_BUDGET_S") or 60.0),
+            max_request_mb=float(env.get("FREEAL_MAX_REQUEST_MB") or 64.0),
+            auto_job=(env.get("FREEAL_AUTO_JOB") or "true").lower() not in {"0", "false", "no", "off"},
+        )
+
+
+class Backend:
+    """Process-wide state: settings, the job store, loaded FreeAL runs and the job manager."""
+
+    def __init__(self, settings: Settings, server: ServerSettings) -> None:
+        self.settings = settings
+        self.server = server
+        self.store = JobStore(settings.data_dir / "backend.sqlite")
+        self.runs = RunRegistry(settings)
+        self.jobs = JobManager(settings, self.store, self.runs)
+
+    def config_for(self, project_id: int, label_config: Any) -> tuple[ClassificationConfig, ProjectOptions]:
+        saved = self.store.project(project_id) or {}
+        opts = ProjectOptions.from_extra(saved.get("extra_params"))
+        xml = label_config if isinstance(label_config, str) and label_config.strip() else saved.get("label_config")
+        if not xml:
+            raise BadRequest("label_config is missing and /setup has not been called for this project")
+        return parse_label_config(xml, from_name=opts.from_name), opts
+
+    def version(self, project_id: int) -> str:
+        return self.store.model_version(project_id) or INITIAL_VERSION
+
+    def maybe_start_job(self, project_id: int, reason: str) -> None:
+        if not self.server.auto_job:
+            return
+        try:
+            self.jobs.connection(project_id)
+        except MissingCredentialsError as exc:
+            log.warning("project %s: background job not started: %s", project_id, exc)
+            return
+        self.jobs.trigger(project_id, reason)
+
+    def predict(self, project_id: int, cfg: ClassificationConfig, opts: ProjectOptions,
+                tasks: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+        """Exactly one prediction per task, in task order, and how many tasks FreeAL had not seen."""
+        texts = task_texts(cfg, tasks)
+        version = self.version(project_id)
+        gold = self.store.gold(project_id)
+        try:
+            run = self.runs.get(project_id, cfg.labels, opts.task_description)
+        except ValueError as exc:  # e.g. the project's label set changed since its FreeAL run
+            raise BadRequest(str(exc)) from exc
+        cached = run.results([str(t["id"]) for t in tasks])  # only these tasks: cost independent of project size
+        out: dict[int, dict[str, Any]] = {}
+        unseen: list[Item] = []
+        for task in tasks:
+            tid = int(task["id"])
+            if tid in gold and gold[tid][0] in cfg.labels:
+                human = ItemResult(str(tid), gold[tid][0], 1.0, {lab: float(lab == gold[tid][0]) for lab in cfg.labels},
+                                   source="human")
+                out[tid] = render_prediction(cfg, human, version)
+            elif str(tid) in cached and cached[str(tid)].label is not None:
+                out[tid] = render_prediction(cfg, cached[str(tid)], version)
+            else:
+                unseen.append(Item(str(tid), texts[tid][: self.settings.max_chars]))
+        if unseen:
+            for res in self.quick_label(run, unseen):
+                out[int(res.item_id)] = render_prediction(cfg, res, version)
+        for item in unseen:
+            if int(item.item_id) not in out:
+                note = "FreeAL: queued; the background job will label this task."
+                out[int(item.item_id)] = {"result": review_results(cfg, suspicious=True, note=note), "score": 0.0,
+                                          "model_version": version}
+        return [out[int(t["id"])] for t in tasks], len(unseen)
+
+    def quick_label(self, run: FreeALRun, items: list[Item]) -> list[ItemResult]:
+        """LLM labels for unseen tasks, in chunks, until the time budget is spent or the LLM fails."""
+        deadline = time.monotonic() + self.server.predict_budget_s
+        chunk = max(4, 2 * self.settings.llm_concurrency)
+        done: list[ItemResult] = []
+        for start in range(0, len(items), chunk):
+            if time.monotonic() >= deadline:
+                log.info("predict budget spent: %d of %d unseen tasks left to the background job",
+                         len(items) - start, len(items))
+                break
+            try:
+                labelled = run.quick_label(items[start : start + chunk])
+            except LLMUnavailable as exc:  # the endpoint is down: answer now, the job retries later
+                log.warning("LLM unavailable during /predict (%s): %d of %d unseen tasks left to the background job",
+                            exc, len(items) - start, len(items))
+                break
+            done.extend(r for r in labelled if r.label is not None)
+        return done
+
+
+def task_texts(cfg: ClassificationConfig, tasks: list[dict[str, Any]]) -> dict[int, str]:
+    """The text of each task, or :class:`BadRequest` naming the tasks that lack it."""
+    texts, missing = {}, []
+    for task in tasks:
+        value = (task.get("data") or {}).get(cfg.data_key)
+        if isinstance(value, str) and value.strip():
+            texts[int(task["id"])] = value
+        else:
+            missing.append(task["id"])
+    if missing:
+        raise BadRequest(f"tasks {missing[:20]} have no text in data[{cfg.data_key!r}] "
+                         f"(named by <Text value=\"${cfg.data_key}\"> in the label config)")
+    return texts
+
+
+def json_body() -> dict[str, Any]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def valid_tasks(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise BadRequest("'tasks' must be a list of tasks")
+    for task in value:
+        if not isinstance(task, dict) or isinstance(task.get("id"), bool) or not isinstance(task.get("id"), int):
+            raise BadRequest("every task needs an integer 'id'")
+        if not isinstance(task.get("data"), dict):
+            raise BadRequest(f"task {task['id']} has no 'data' object")
+    ids = [t["id"] for t in value]
+    if len(set(ids)) != len(ids):
+        raise BadRequest("task ids must be unique within one request")
+    return value
+
+
+def create_app(settings: Settings | None = None, server: ServerSettings | None = None) -> Flask:
+    """The Flask app; one :class:`Backend` per process."""
+    backend = Backend(settings or Settings.from_env(), server or ServerSettings.from_env())
+    app = Flask("freeal_backend")
+    app.config["MAX_CONTENT_LENGTH"] = int(backend.server.max_request_mb * 1024 * 1024)
+    app.extensions["freeal"] = backend
+    atexit.register(backend.runs.close)  # stops an embedded LLM server this process started
+
+    @app.before_request
+    def _auth_and_log() -> Response | tuple[Response, int] | None:
+        log.info("LS call %s %s", request.method, request.path)
+        user, password = backend.server.basic_auth_user, backend.server.basic_auth_pass
+        if user and password:
+            auth = request.authorization
+            ok = auth is not None and _same(auth.username, user) and _same(auth.password, password)
+            if not ok:
+                resp = jsonify(error="HTTP basic auth required (BASIC_AUTH_USER / BASIC_AUTH_PASS)")
+                resp.headers["WWW-Authenticate"] = 'Basic realm="freeal"'
+                return resp, 401
+        return None
+
+    @app.errorhandler(BadRequest)
+    @app.errorhandler(LabelConfigError)
+    def _bad(exc: ValueError) -> tuple[Response, int]:
+        return jsonify(error=str(exc)), 400
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> tuple[Response, int]:
+        return jsonify(error=exc.description or exc.name), exc.code or 500
+
+    @app.errorhandler(Exception)
+    def _internal(exc: Exception) -> tuple[Response, int]:
+        log.exception("unhandled error on %s", request.path)
+        return jsonify(error=f"internal error ({type(exc).__name__}); see the backend log"), 500
+
+    @app.get("/")
+    @app.get("/health")
+    def health() -> Response:
+        return jsonify(status="UP", model_class="FreeAL", data_dir=str(backend.settings.data_dir))
+
+    @app.post("/setup")
+    def setup() -> Response:
+        body = json_body()
+        pid = _project(body.get("project"))
+        extra = body.get("extra_params") if isinstance(body.get("extra_params"), dict) else {}
+        schema = body.get("schema")
+        opts = ProjectOptions.from_extra(extra)
+        parse_label_config(schema if isinstance(schema, str) else "", from_name=opts.from_name)
+        hostname = body.get("hostname") if isinstance(body.get("hostname"), str) else None
+        token = body.get("access_token") if isinstance(body.get("access_token"), str) else None
+        backend.store.save_project(pid, label_config=schema, extra_params=extra, ls_url=hostname, ls_key=token)
+        log.info("LS setup project=%s extra_params=%s", pid, sorted(extra))
+        return jsonify(model_version=backend.version(pid))
+
+    @app.post("/predict")
+    def predict() -> Response:
+        body = json_body()
+        pid = _project(body.get("project"))
+        tasks = valid_tasks(body.get("tasks"))
+        cfg, opts = backend.config_for(pid, body.get("label_config"))
+        log.info("LS predict project=%s tasks=%d", pid, len(tasks))
+        results, unseen = backend.predict(pid, cfg, opts, tasks) if tasks else ([], 0)
+        if unseen or backend.store.status(pid) is None:
+            backend.maybe_start_job(pid, f"predict: {unseen} unseen tasks")
+        return jsonify(results=results, model_version=backend.version(pid))
+
+    @app.post("/webhook")
+    def webhook() -> Response:
+        body = json_body()
+        action = str(body.get("action") or "")
+        project = body.get("project")
+        pid = _project(project.get("id") if isinstance(project, dict) else project)
+        log.info("LS webhook action=%s project=%s", action, pid)
+        if action in ANNOTATION_EVENTS:
+            _record_annotation(backend, pid, body)
+            backend.maybe_start_job(pid, action)
+        elif action == "ANNOTATIONS_DELETED":
+            anns = body.get("annotations")
+            ids = [a.get("id") for a in anns if isinstance(a, dict)] if isinstance(anns, list) else []
+            backend.store.delete_gold(pid, [int(i) for i in ids if isinstance(i, int)])
+            backend.maybe_start_job(pid, action)
+        elif action in TRAIN_EVENTS:
+            backend.maybe_start_job(pid, action)
+        return jsonify(status="ok", action=action)
+
+    @app.post("/train")
+    def train() -> Response:
+        body = json_body()
+        pid = _project(body.get("project"))
+        backend.maybe_start_job(pid, "train")
+        return jsonify(status="ok", job=f"freeal-project-{pid}")
+
+    @app.get("/versions")
+    def versions() -> Response:
+        # Label Studio 1.23 sends this GET without a body, so the project is unknown: list every project's
+        # latest version (a ?project=<id> query narrows it to one).
+        raw = request.args.get("project")
+        if raw is not None:
+            return jsonify(versions=[backend.version(_project(raw))])
+        return jsonify(versions=backend.store.versions() or [INITIAL_VERSION])
+
+    @app.get("/status/<int:project_id>")
+    def status(project_id: int) -> Response | tuple[Response, int]:
+        row = backend.store.status(project_id)
+        if row is None:
+            return jsonify(error=f"no FreeAL job for project {project_id} yet"), 404
+        return jsonify(project=project_id, progress=progress_text(row), **row)
+
+    return app
+
+
+def _same(given: str | None, expected: str) -> bool:
+    """Constant-time comparison that also accepts non-ASCII input (compare_digest refuses such str)."""
+    def raw(s: str) -> bytes:
+        return s.encode("utf-8", "surrogatepass")
+
+    return hmac.compare_digest(raw(given or ""), raw(expected))
+
+
+def _project(value: Any) -> int:
+    try:
+        return project_id_from_uid(value)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from exc
+
+
+def _record_annotation(backend: Backend, pid: int, body: dict[str, Any]) -> None:
+    """Store the human labels of an annotation event as gold (a skipped annotation removes them)."""
+    ann = body.get("annotation")
+    if not isinstance(ann, dict) or not isinstance(ann.get("id"), int):
+        raise BadRequest("annotation event without an 'annotation' object with an integer 'id'")
+    task = ann.get("task") if isinstance(ann.get("task"), int) else (body.get("task") or {}).get("id")
+    if not isinstance(task, int):
+        raise BadRequest("annotation event without a task id")
+    project = body.get("project") if isinstance(body.get("project"), dict) else {}
+    cfg, _ = backend.config_for(pid, project.get("label_config"))
+    labels = [] if ann.get("was_cancelled") else labels_from_result(cfg, ann.get("result") or [])
+    backend.store.set_gold(pid, ann["id"], task, labels)

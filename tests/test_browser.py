@@ -1,0 +1,96 @@
+"""Headless Chromium against the real Label Studio: the review tab lists the flagged tasks and a flagged
+task shows the FreeAL cue in the labeling UI. Screenshots go to ``tests/artifacts/``.
+
+FreeAL results are given here (the algorithm is tested elsewhere); they are pushed through the same
+``push_results`` the background job uses, so what the browser shows is what users get.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from label_studio_sdk import LabelStudio
+
+from freeal_backend.jobs import push_results
+from freeal_backend.label_config import parse_label_config
+from freeal_backend.ls_client import REVIEW_VIEW_TITLE, Connection, ProjectClient
+from freeal_backend.records import ItemResult
+from tests.fixtures_ls import LabelStudioServer
+
+pytestmark = [pytest.mark.browser, pytest.mark.ls]
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+N_TASKS = 12
+
+
+def _results(task_ids: list[int]) -> list[ItemResult]:
+    out = []
+    for i, tid in enumerate(task_ids):
+        flagged = i % 4 == 1
+        out.append(ItemResult(
+            str(tid), "positive", 0.55 if flagged else 0.9 + i / 1000,
+            {"positive": 0.55 if flagged else 0.9, "negative": 0.45 if flagged else 0.1},
+            suspicious=flagged, reasons=["llm_slm_disagree", "high_loss"] if flagged else [],
+            suggested_label="negative" if flagged else None, llm_label="positive", slm_label="negative",
+            round=1, source="llm"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def flagged_project(label_studio: LabelStudioServer) -> tuple[int, int, list[int]]:
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    project = client.projects.create(title="FreeAL browser", label_config=(ROOT / "label_config/review.xml").read_text())
+    rows = [json.loads(line) for _, line in zip(range(N_TASKS), (ROOT.parent / "shared/data/sst2/train.jsonl").open())]
+    client.projects.import_tasks(id=project.id, request=[{"text": r["text"]} for r in rows])
+    pc = ProjectClient(Connection(label_studio.url, label_studio.token), project.id)
+    cfg = parse_label_config(pc.label_config())
+    ids = sorted(t.task_id for t in pc.iter_tasks(cfg))
+    results = _results(ids)
+    push_results(pc, cfg, results, "freeal-r1-browser0")
+    view = next(v for v in client.views.list(project=project.id) if v.data.get("title") == REVIEW_VIEW_TITLE)
+    return project.id, int(view.id), [int(r.item_id) for r in results if r.suspicious]
+
+
+def test_review_view_and_flag_in_labeling_ui(label_studio: LabelStudioServer,
+                                             flagged_project: tuple[int, int, list[int]]) -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    pid, view_id, flagged = flagged_project
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(f"{label_studio.url}/user/login/")
+        page.fill("input[name=email]", label_studio.username)
+        page.fill("input[name=password]", label_studio.password)
+        page.click("button[type=submit]")
+        page.wait_for_url(lambda url: "/user/login" not in url)
+
+        page.goto(f"{label_studio.url}/projects/{pid}/data?tab={view_id}")
+        expect(page.get_by_text(REVIEW_VIEW_TITLE).first).to_be_visible(timeout=60_000)
+        expect(page.get_by_text(f"Tasks: {len(flagged)} / {N_TASKS}")).to_be_visible(timeout=60_000)
+        rows = page.locator(".lsf-table__row-wrapper")
+        expect(rows).to_have_count(len(flagged))
+        shown_ids = sorted(int(rows.nth(i).locator(".lsf-table__cell").nth(1).inner_text().strip())
+                           for i in range(len(flagged)))
+        assert shown_ids == sorted(flagged)
+        page.screenshot(path=str(ARTIFACTS / "review_view.png"), full_page=True)
+
+        page.goto(f"{label_studio.url}/projects/{pid}/data?tab={view_id}&task={flagged[0]}")
+        expect(page.get_by_text("NEEDS REVIEW").first).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("Suggested label: negative").first).to_be_visible()
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(ARTIFACTS / "flagged_task.png"), full_page=True)
+        browser.close()
+
+    # the UI did not rewrite the tab: it still lists exactly the flagged tasks
+    pc = ProjectClient(Connection(label_studio.url, label_studio.token), pid)
+    assert sorted(pc.view_task_ids(view_id)) == sorted(flagged)
