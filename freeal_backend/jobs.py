@@ -12,12 +12,9 @@ import json
 import logging
 import os
 import socket
-import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from freeal_backend.label_config import ClassificationConfig, parse_label_config
 from freeal_backend.loop import FreeALRun
 from freeal_backend.ls_client import Connection, ProjectClient, TaskRecord, connection_from_env
 from freeal_backend.records import Item, ItemResult
+from freeal_backend.storage import Transactional
 
 log = logging.getLogger(__name__)
 
@@ -46,34 +44,18 @@ STATUS_FIELDS = ("state", "stage", "done", "total", "round", "rounds", "message"
                  "tasks", "rerun", "started", "finished")
 
 
-class JobStore:
+class JobStore(Transactional):
     """Durable per-project job state, shared by every worker process through SQLite (WAL)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
+        super().__init__(path, SCHEMA)
         os.chmod(path, 0o600)  # may hold a Label Studio token handed over by /setup
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
 
     # jobs -----------------------------------------------------------------------------------------
     def claim(self, project_id: int, owner: str, *, stale_s: float) -> bool:
         """Take the project's job slot; when a live job holds it, ask that job to run again instead."""
         now = time.time()
-        with self._tx() as db:
+        with self.transaction() as db:
             row = db.execute("SELECT state, heartbeat FROM jobs WHERE project_id = ?", (project_id,)).fetchone()
             if row and row[0] in ACTIVE and now - (row[1] or 0) < stale_s:
                 db.execute("UPDATE jobs SET rerun = 1 WHERE project_id = ?", (project_id,))
@@ -92,7 +74,7 @@ class JobStore:
         """Set job fields and the heartbeat; False when ``owner`` no longer holds the job."""
         allowed = {k: v for k, v in fields.items() if k in STATUS_FIELDS}
         sets = ", ".join(f"{k} = ?" for k in allowed)
-        with self._tx() as db:
+        with self.transaction() as db:
             cur = db.execute(
                 f"UPDATE jobs SET heartbeat = ?{', ' + sets if sets else ''} WHERE project_id = ? AND owner = ?",
                 (time.time(), *allowed.values(), project_id, owner),
@@ -101,7 +83,7 @@ class JobStore:
 
     def finish(self, project_id: int, owner: str, state: str, message: str) -> bool:
         """End the job; returns True (and re-queues it) when a rerun was requested meanwhile."""
-        with self._tx() as db:
+        with self.transaction() as db:
             row = db.execute("SELECT rerun FROM jobs WHERE project_id = ? AND owner = ?",
                              (project_id, owner)).fetchone()
             if row is None:
@@ -136,7 +118,7 @@ class JobStore:
     # human labels from webhooks -----------------------------------------------------------------------
     def set_gold(self, project_id: int, annotation_id: int, task_id: int, labels: list[str]) -> None:
         """Record (or, with no labels, forget) the labels one annotation gives its task."""
-        with self._tx() as db:
+        with self.transaction() as db:
             if labels:
                 db.execute("INSERT OR REPLACE INTO gold VALUES (?, ?, ?, ?, ?)",
                            (project_id, annotation_id, task_id, json.dumps(labels), time.time()))
@@ -144,13 +126,13 @@ class JobStore:
                 db.execute("DELETE FROM gold WHERE project_id = ? AND annotation_id = ?", (project_id, annotation_id))
 
     def delete_gold(self, project_id: int, annotation_ids: list[int]) -> None:
-        with self._tx() as db:
+        with self.transaction() as db:
             db.executemany("DELETE FROM gold WHERE project_id = ? AND annotation_id = ?",
                            [(project_id, a) for a in annotation_ids])
 
     def replace_gold(self, project_id: int, rows: list[tuple[int, int, list[str]]]) -> None:
         """Make the project's gold exactly ``(annotation_id, task_id, labels)`` rows (what the API shows)."""
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute("DELETE FROM gold WHERE project_id = ?", (project_id,))
             db.executemany("INSERT OR REPLACE INTO gold VALUES (?, ?, ?, ?, ?)",
                            [(project_id, a, t, json.dumps(labels), time.time()) for a, t, labels in rows])
@@ -165,7 +147,7 @@ class JobStore:
     # what /setup told us ------------------------------------------------------------------------------
     def save_project(self, project_id: int, *, label_config: str, extra_params: dict[str, Any] | None,
                      ls_url: str | None, ls_key: str | None) -> None:
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO projects VALUES (?, ?, ?, ?, ?, ?)",
                        (project_id, label_config, json.dumps(extra_params or {}), ls_url, ls_key, time.time()))
 
