@@ -32,11 +32,11 @@ def flag_scores(flagged: Mapping[str, bool], pred: Mapping[str, str | None], gol
             "flagged": len(flags) / len(ids) if ids else float("nan"), "errors": len(wrong)}
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub Markdown table; floats shown with 4 significant decimals as percentages when in [0, 1]."""
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], *, digits: int = 4) -> str:
+    """A GitHub Markdown table; floats with ``digits`` decimals, NaN as a dash."""
     def cell(v: object) -> str:
         if isinstance(v, float):
-            return "—" if v != v else f"{v:.4f}"
+            return "—" if v != v else f"{v:.{digits}f}"
         return str(v)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]

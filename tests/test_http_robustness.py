@@ -156,6 +156,16 @@ def close_app(app: Flask) -> None:
     backend.runs.close()
 
 
+def run_in_threads(worker: Any, n: int, timeout: float = 120.0) -> None:
+    """Run ``worker(i)`` for i in range(n) on n threads at once; fail if any is still running after ``timeout``."""
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads)
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory, fake_llm: FakeOpenAI) -> Iterator[Flask]:
     application = make_app(tmp_path_factory.mktemp("backend"), fake_llm)
@@ -446,12 +456,7 @@ def test_concurrent_predict_and_webhook_calls_start_one_job_at_a_time(tmp_path: 
                     with lock:
                         errors.append(f"{type(exc).__name__}: {exc}")
 
-        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert not any(t.is_alive() for t in threads)
+        run_in_threads(worker, 8)
         wait_job(apps[0], 5)
     finally:
         for app in apps:
@@ -557,11 +562,7 @@ def test_gunicorn_two_workers_run_one_job_per_project_and_log_no_keys(tmp_path: 
                     with lock:
                         errors.append(f"{type(exc).__name__}: {exc}")
 
-        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        run_in_threads(worker, 8)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # let the job (and any rerun it was asked for) end
             status, row = call("GET", "/status/5")
