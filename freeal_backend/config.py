@@ -37,7 +37,7 @@ class Settings:
     max_chars: int = 4000  # FREEAL_MAX_CHARS: longer texts are truncated (with a warning)
     slm_epochs: int = 6  # FREEAL_SLM_EPOCHS
     slm_warmup_epochs: int = 2  # FREEAL_SLM_WARMUP
-    slm_train_layers: int = 2  # FREEAL_SLM_TRAIN_LAYERS: top encoder layers fine-tuned (rest frozen, cached)
+    slm_train_layers: int = 4  # FREEAL_SLM_TRAIN_LAYERS: top encoder layers fine-tuned (rest frozen, cached)
     slm_lr: float = 1e-4  # FREEAL_SLM_LR
     slm_batch_size: int = 32  # FREEAL_SLM_BATCH
     clean_threshold: float = 0.7  # FREEAL_CLEAN_THRESHOLD: GMM posterior of the low-loss component
