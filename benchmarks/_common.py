@@ -1,0 +1,166 @@
+"""Helpers shared by the benchmark scripts: shared data, machine description, peak memory, result files."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import random
+import resource
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+DATA = Path(os.environ.get("FREEAL_SHARED_DATA", ROOT.parent / "shared" / "data"))
+RESULTS = ROOT / "benchmarks" / "results"
+
+from freeal_backend.metrics import markdown_table  # noqa: E402  (needs the sys.path line above)
+
+# one line per data set telling the LLM what the labels mean
+TASKS = {
+    "mr": "Classify the sentiment of the movie review sentence.",
+    "sst2": "Classify the sentiment of the movie review sentence.",
+    "subj": "Is the sentence a subjective opinion or an objective statement of fact?",
+    "trec": "Classify what kind of answer the question asks for.",
+}
+
+# environment variables that change a benchmark's result (printed with every result)
+SETTING_VARS = ["LLM_BASE_URL", "LLM_MODEL", "LLM_CONCURRENCY", "FREEAL_SHOTS", "FREEAL_ENCODER",
+                "FREEAL_SLM_EPOCHS", "FREEAL_SLM_WARMUP", "FREEAL_SLM_TRAIN_LAYERS", "FREEAL_SLM_LR",
+                "FREEAL_SLM_BATCH", "FREEAL_CLEAN_THRESHOLD", "FREEAL_SELECT_RATIO", "FREEAL_MAX_LENGTH",
+                "FREEAL_DEMO_POOL", "FREEAL_DEMOS_PER_LABEL"]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        raise SystemExit(f"error: {path} not found (shared data sets are read in place from {DATA}; "
+                         "set FREEAL_SHARED_DATA to their folder)")
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def subsample(rows: list[dict[str, Any]], n: int | None, seed: int) -> list[dict[str, Any]]:
+    """A seeded random subsample of ``n`` rows (all rows, in file order, when n is 0/None or too big).
+
+    Each row keeps its file row number as ``id`` so runs on different subsamples stay comparable."""
+    rows = [dict(r, id=str(i)) for i, r in enumerate(rows)]
+    if not n or n >= len(rows):
+        return rows
+    picked = random.Random(seed).sample(range(len(rows)), n)
+    return [rows[i] for i in sorted(picked)]
+
+
+def loadavg() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def mem_total_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mib(pid: int | None = None) -> float:
+    """Current resident memory of a process (this one by default) from /proc."""
+    try:
+        for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def peak_rss_of(pid: int) -> float:
+    """Peak resident memory (VmHWM) of another process, from /proc."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM of this process (Linux >= 4.0: write 5 to clear_refs) so the next peak is per phase."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def current_peak_mib() -> float:
+    """Peak RSS since the last :func:`reset_peak_rss` (VmHWM), or since start."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mib()
+
+
+def machine(load_start: str) -> str:
+    """A short Markdown description of the machine and software (with the load average at start/end)."""
+    import torch
+
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "unknown"
+    lines = [
+        f"- date (UTC): {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M')}",
+        f"- machine: {os.cpu_count()} CPU cores ({cpu}), {mem_total_gib():.1f} GiB RAM, {platform.platform()}",
+        f"- Python {platform.python_version()}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads, CUDA {'yes' if torch.cuda.is_available() else 'no'})",
+        f"- load average (1/5/15 min) at start: {load_start}; at end: {loadavg()}. The machine is shared: "
+        "a load above the core count means other jobs ran at the same time and wall times are inflated.",
+    ]
+    settings = {v: os.environ[v] for v in SETTING_VARS if os.environ.get(v)}
+    lines.append("- settings from the environment: " + (", ".join(f"{k}={v}" for k, v in settings.items())
+                                                       if settings else "none (defaults)"))
+    return "\n".join(lines)
+
+
+def command_line() -> str:
+    """The exact command that produced a result, with the environment variables that matter."""
+    env = " ".join(f"{v}={shlex.quote(os.environ[v])}" for v in SETTING_VARS if os.environ.get(v))
+    script = os.path.relpath(sys.argv[0], ROOT) if os.path.isabs(sys.argv[0]) else sys.argv[0]
+    cmd = " ".join(shlex.quote(a) for a in [".venv/bin/python", script, *sys.argv[1:]])
+    return (env + " " + cmd).strip()
+
+
+def write_result(path: Path, title: str, body: str, load_start: str) -> None:
+    """Write one result file (atomically) with the machine description and the exact command."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = (f"# {title}\n\nCommand (from the repository root):\n\n```\n{command_line()}\n```\n\n"
+            f"{machine(load_start)}\n\n{body.rstrip()}\n")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def pct(x: float) -> str:
+    return "—" if x != x else f"{100 * x:.2f}"
+
+
+def fmt_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """The core's Markdown table with two decimals."""
+    return markdown_table(header, rows, digits=2)

@@ -1,0 +1,62 @@
+"""The benchmark scripts run end to end on a tiny slice (so they cannot rot); numbers are not checked."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_llm import DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SLM = {"FREEAL_SLM_EPOCHS": "2", "FREEAL_SLM_WARMUP": "1", "FREEAL_DEMOS_PER_LABEL": "2"}
+
+
+def _run(args: list[str], tmp_path: Path, **env: str) -> str:
+    if not (DATA / "mr" / "train.jsonl").exists():
+        pytest.skip(f"shared data sets are not available at {DATA}")
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("FREEAL_", "LLM_"))}
+    full_env.update(TINY_SLM, FREEAL_DATA_DIR=str(tmp_path / "data"), **env)
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_replay_mr_tiny(tmp_path: Path) -> None:
+    out, summary = tmp_path / "replay.md", tmp_path / "summary.md"
+    stdout = _run(["benchmarks/replay_mr.py", "--n", "40", "--test-n", "20", "--out", str(out),
+                   "--summary", str(summary), "--label", "smoke"], tmp_path)
+    assert "gpt-3.5-turbo labels (replayed)" in stdout
+    text = out.read_text()
+    for row in ["naive SLM", "FreeAL SLM round 1", "trained on gold labels", "Command (from the repository root)",
+                "load average"]:
+        assert row in text
+    lines = summary.read_text().splitlines()
+    assert lines[0].startswith("| setting") and lines[2].startswith("| smoke | 40 |")
+
+
+def test_quality_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> None:
+    stdout = _run(["benchmarks/quality.py", "--datasets", "mr", "--n", "12", "--test-n", "10", "--rounds", "1",
+                   "--base-url", llm_base_url, "--model", llm_model, "--out-dir", str(tmp_path)], tmp_path,
+                  FREEAL_SHOTS="2")
+    files = list(tmp_path.glob("quality_mr_n12*.md"))
+    assert len(files) == 1, stdout
+    text = files[0].read_text()
+    for stage in ["LLM zero-shot", "LLM + self-generated demos", "naive SLM", "SLM round 1", "refined LLM round 1",
+                  "| final |", "review flag", "wall time per stage"]:
+        assert stage in text, stage
+    # the zero-shot stage asked the LLM once per text (nothing was cached in the fresh data dir)
+    assert re.search(r"\| LLM zero-shot \|[^\n]*\| 12 \(\+0 cached\) \|", text), text
+
+
+def test_speed_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "speed.md"
+    _run(["benchmarks/speed.py", "--llm-n", "3", "--sizes", "40", "--out", str(out)], tmp_path)
+    text = out.read_text()
+    assert "client / raw throughput ratio" in text
+    assert "cache-hit re-run: 0 calls, 3 cache hits (OK)" in text
+    assert re.search(r"^\| 40 \|", text, re.M), text
