@@ -40,6 +40,7 @@ class Settings:
     slm_train_layers: int = 4  # FREEAL_SLM_TRAIN_LAYERS: top encoder layers fine-tuned (rest frozen, cached)
     slm_lr: float = 1e-4  # FREEAL_SLM_LR
     slm_batch_size: int = 32  # FREEAL_SLM_BATCH
+    torch_threads: int | None = None  # FREEAL_TORCH_THREADS: CPU threads for the SLM (default: torch's own)
     clean_threshold: float = 0.7  # FREEAL_CLEAN_THRESHOLD: GMM posterior of the low-loss component
     select_ratio: float = 0.2  # FREEAL_SELECT_RATIO: rho_sel, top share of the clean agreed pool per class
     seed: int = 0  # FREEAL_SEED
@@ -57,7 +58,7 @@ class Settings:
             "max_length": "FREEAL_MAX_LENGTH", "max_chars": "FREEAL_MAX_CHARS",
             "slm_epochs": "FREEAL_SLM_EPOCHS", "slm_warmup_epochs": "FREEAL_SLM_WARMUP",
             "slm_train_layers": "FREEAL_SLM_TRAIN_LAYERS", "slm_lr": "FREEAL_SLM_LR",
-            "slm_batch_size": "FREEAL_SLM_BATCH", "clean_threshold": "FREEAL_CLEAN_THRESHOLD",
+            "slm_batch_size": "FREEAL_SLM_BATCH", "torch_threads": "FREEAL_TORCH_THREADS", "clean_threshold": "FREEAL_CLEAN_THRESHOLD",
             "select_ratio": "FREEAL_SELECT_RATIO", "seed": "FREEAL_SEED", "task_description": "FREEAL_TASK",
         }
         values: dict[str, Any] = {}

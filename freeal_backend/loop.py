@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 import numpy as np
+import torch
 
 from .annotate import Progress, annotate_items, generate_demos
 from .config import Settings
@@ -97,6 +98,8 @@ class FreeALRun:
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
+            if self.settings.torch_threads:
+                torch.set_num_threads(self.settings.torch_threads)
             self._encoder = Encoder(self.settings.encoder)
         return self._encoder
 
