@@ -177,20 +177,19 @@ class FreeALRun:
         """Labels per stage (for evaluation): zero_shot, llm_r0, slm_rN, llm_rN (refined), final."""
         out: dict[str, dict[str, str | None]] = {}
         items = self.store.items()
-        for stage in ["zero_shot", "llm_r0"]:
-            ann = self.store.annotations(stage)
-            if ann:
-                out[stage] = {it.item_id: (it.human_label or ann.get(it.item_id, {}).get("label")) for it in items}
-        current = {it.item_id: it.human_label or out.get("llm_r0", {}).get(it.item_id) for it in items}
+        ids = [it.item_id for it in items]
+        zero_shot = self.store.annotations("zero_shot")
+        if zero_shot:
+            out["zero_shot"] = {it.item_id: it.human_label or zero_shot.get(it.item_id, {}).get("label")
+                                for it in items}
+        if self.store.annotations("llm_r0"):
+            out["llm_r0"] = dict(zip(ids, self._current_labels(items, 0)))
         rnd = 1
         while self.store.stage_done(f"slm_r{rnd}"):
             slm = self.store.slm(rnd)
             out[f"slm_r{rnd}"] = {k: self.labels[int(np.argmax(v["probs"]))] for k, v in slm.items()}
             if self.store.stage_done(f"llm_r{rnd}"):
-                for k, v in self.store.annotations(f"llm_r{rnd}").items():
-                    if v["label"] is not None:
-                        current[k] = v["label"]
-                out[f"llm_r{rnd}"] = dict(current)
+                out[f"llm_r{rnd}"] = dict(zip(ids, self._current_labels(items, rnd)))
             rnd += 1
         results = self.store.results()
         if results:
