@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from freeal_backend.embedded_llm import stop_process  # noqa: E402
 from freeal_backend.records import ItemResult  # noqa: E402
 from freeal_backend.storage import Store  # noqa: E402
 
@@ -218,12 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(res)
                 print(json.dumps(res), flush=True)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout=20)
             log_tail = (Path(tmp) / "gunicorn.log").read_text(errors="replace")[-1500:]
     if any(r["errors"] for r in rows):
         print("gunicorn log tail:\n" + log_tail, file=sys.stderr)

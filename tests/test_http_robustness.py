@@ -32,6 +32,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from freeal_backend.config import Settings
+from freeal_backend.embedded_llm import stop_process
 from freeal_backend.server import ServerSettings, create_app
 from tests.fake_openai import MODEL, FakeOpenAI
 
@@ -571,12 +572,7 @@ def test_gunicorn_two_workers_run_one_job_per_project_and_log_no_keys(tmp_path: 
             time.sleep(0.2)
         final = call("GET", "/status/5")[1]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=30)
         ls.stop()
     log_text = log_path.read_text(errors="replace")
     assert not errors, errors
