@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -23,6 +24,10 @@ TOP_LOGPROBS = 10
 
 class LLMUnavailable(RuntimeError):
     """The endpoint kept failing after retries; the run stops here and can be resumed."""
+
+
+class DeadlinePassed(RuntimeError):
+    """The caller's deadline passed before this request could be sent."""
 
 
 class MalformedResponse(RuntimeError):
@@ -110,8 +115,13 @@ class LLMClient:
         self._client = openai.OpenAI(base_url=base_url, api_key=api_key or "not-needed", timeout=timeout,
                                      max_retries=max_retries)
 
-    def chat(self, messages: list[Message], *, logprobs: bool = False, **params: Any) -> dict[str, Any]:
-        """One chat completion (cached): ``{"content", "top_logprobs", "usage"}``."""
+    def chat(self, messages: list[Message], *, logprobs: bool = False, deadline: float | None = None,
+             **params: Any) -> dict[str, Any]:
+        """One chat completion (cached): ``{"content", "top_logprobs", "usage"}``.
+
+        With a ``deadline`` (a ``time.monotonic()`` value) the request gets only the time left, without
+        retries, and raises :class:`DeadlinePassed` when none is left.
+        """
         request: dict[str, Any] = dict(params)
         if logprobs:
             request.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
@@ -120,8 +130,14 @@ class LLMClient:
         if cached is not None:
             self.stats.add(cache_hits=1)
             return cached
+        client = self._client
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlinePassed("no time left for this request")
+            client = client.with_options(timeout=remaining, max_retries=0)
         try:
-            response = self._client.chat.completions.create(model=self.model, messages=messages, **request)
+            response = client.chat.completions.create(model=self.model, messages=messages, **request)
         except json.JSONDecodeError as exc:  # e.g. a proxy's HTML page sent as application/json
             raise MalformedResponse(f"malformed response from the LLM endpoint (not JSON: {exc})") from exc
         if not response.choices or getattr(response.choices[0], "message", None) is None:
@@ -141,9 +157,9 @@ class LLMClient:
         self.cache.put(key, self.model, value)
         return value
 
-    def label(self, messages: list[Message], labels: Sequence[str]) -> LLMAnswer:
+    def label(self, messages: list[Message], labels: Sequence[str], *, deadline: float | None = None) -> LLMAnswer:
         """Ask for one label; confidence from logprobs when the endpoint returns them, else None."""
-        value = self.chat(messages, logprobs=self.logprobs, **LABEL_PARAMS)
+        value = self.chat(messages, logprobs=self.logprobs, deadline=deadline, **LABEL_PARAMS)
         raw = value["content"]
         label = parse_label(raw, labels)
         probs = label_probs_from_logprobs([[tuple(t) for t in pos] for pos in value["top_logprobs"]], labels)
@@ -153,8 +169,12 @@ class LLMClient:
         return LLMAnswer(label, probs.get(label) if probs else None, probs, raw)
 
     def label_many(self, requests: Sequence[list[Message]], labels: Sequence[str], *,
-                   on_answer: Callable[[int, LLMAnswer], None] | None = None) -> list[LLMAnswer | None]:
+                   on_answer: Callable[[int, LLMAnswer], None] | None = None,
+                   deadline: float | None = None) -> list[LLMAnswer | None]:
         """Label many prompts with bounded concurrency; ``on_answer(i, answer)`` runs as each one lands.
+
+        With a ``deadline`` (``time.monotonic()`` value; for callers that must answer in time, like
+        ``/predict``) every request is cut at it, without retries; prompts not answered by then stay None.
 
         A request that still fails after the client's retries yields an answer with ``error`` set.
         After ``max_consecutive_failures`` such failures in a row, raises :class:`LLMUnavailable`;
@@ -163,17 +183,21 @@ class LLMClient:
         results: list[LLMAnswer | None] = [None] * len(requests)
         consecutive = 0
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = {pool.submit(self.label, msgs, labels): i for i, msgs in enumerate(requests)}
+            futures = {pool.submit(self.label, msgs, labels, deadline=deadline): i for i, msgs in enumerate(requests)}
             try:
                 for future in as_completed(futures):
                     i = futures[future]
                     try:
                         answer = future.result()
                         consecutive = 0
+                    except DeadlinePassed:
+                        continue
                     except openai.BadRequestError as exc:  # this prompt is refused; the endpoint is fine
                         self.stats.add(failures=1)
                         answer = LLMAnswer(None, None, {}, None, error=f"BadRequestError: {exc}")
                     except (openai.APIError, MalformedResponse) as exc:
+                        if deadline is not None and time.monotonic() >= deadline:
+                            continue  # cut by the caller's deadline, not a failure of the endpoint
                         self.stats.add(failures=1)
                         consecutive += 1
                         answer = LLMAnswer(None, None, {}, None, error=f"{type(exc).__name__}: {exc}")

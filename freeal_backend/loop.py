@@ -154,8 +154,11 @@ class FreeALRun:
         """``freeal-r<rounds>-<hash of data and settings>``: one stable version per finished round."""
         return f"freeal-r{self.store.get_meta('rounds_done') or 0}-{(self.store.get_meta('data_hash') or '')[:8]}"
 
-    def quick_label(self, items: Sequence[Item]) -> list[ItemResult]:
-        """LLM-only labels for texts not seen by a full run (round-0 demos when they exist, else zero-shot)."""
+    def quick_label(self, items: Sequence[Item], deadline: float | None = None) -> list[ItemResult]:
+        """LLM-only labels for texts not seen by a full run (round-0 demos when they exist, else zero-shot).
+
+        Texts not answered by ``deadline`` (a ``time.monotonic()`` value) get no label.
+        """
         items = [Item(it.item_id, clean_text(it.text), it.human_label, it.gold, it.augmented) for it in items]
         demos = self.store.demos()
         demo_emb = self.encoder.embed([d[0] for d in demos]) if demos else None
@@ -166,7 +169,7 @@ class FreeALRun:
                       if demos and emb is not None and demo_emb is not None else [])
             return label_messages(items[i].text, self.labels, chosen, self.task_description)
 
-        answers = self.llm.label_many([build(i) for i in range(len(items))], self.labels)
+        answers = self.llm.label_many([build(i) for i in range(len(items))], self.labels, deadline=deadline)
         return [ItemResult(it.item_id, a.label if a else None, a.confidence if a else None,
                            dict(a.probs) if a else {}, suspicious=True, reasons=["not_yet_reviewed_by_slm"],
                            llm_label=a.label if a else None, llm_confidence=a.confidence if a else None,

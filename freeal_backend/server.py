@@ -141,7 +141,7 @@ class Backend:
                          len(items) - start, len(items))
                 break
             try:
-                labelled = run.quick_label(items[start : start + chunk])
+                labelled = run.quick_label(items[start : start + chunk], deadline=deadline)
             except LLMUnavailable as exc:  # the endpoint is down: answer now, the job retries later
                 log.warning("LLM unavailable during /predict (%s): %d of %d unseen tasks left to the background job",
                             exc, len(items) - start, len(items))

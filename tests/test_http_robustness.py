@@ -505,6 +505,29 @@ def test_predict_answers_every_task_when_the_llm_fails(tmp_path: Path, fault: st
             close_app(app)
 
 
+def test_predict_keeps_its_budget_when_the_llm_hangs(tmp_path: Path) -> None:
+    """An endpoint that answers a few tasks and then hangs must not hold /predict past its budget, even
+    with a 30 s client timeout and 5 retries (Label Studio gives up after 100 s)."""
+    with FakeOpenAI() as llm:
+        settings_ = Settings(data_dir=tmp_path, llm_base_url=llm.base_url, llm_model=MODEL, llm_api_key=LLM_KEY,
+                             llm_max_retries=5, llm_timeout=30.0, llm_concurrency=2)
+        app = create_app(settings_, ServerSettings(auto_job=False, predict_budget_s=3.0))
+        try:
+            llm.hold_after(3)
+            tasks = [{"id": i, "data": {"text": f"text {i}, a great film"}} for i in range(1, 13)]
+            start = time.monotonic()
+            resp = app.test_client().post("/predict", json={"project": 1, "label_config": SENTIMENT, "tasks": tasks})
+            took = time.monotonic() - start
+            out = assert_clean(resp)
+            assert resp.status_code == 200 and len(out["results"]) == len(tasks)
+            assert took < 3.0 + 5.0, f"/predict took {took:.1f} s with a 3 s budget"
+            labelled = [p for p in out["results"] if p["score"] > 0]
+            assert len(labelled) == 3  # what was answered before the hang is kept; the rest is queued
+        finally:
+            llm.release()
+            close_app(app)
+
+
 def test_gunicorn_two_workers_run_one_job_per_project_and_log_no_keys(tmp_path: Path, fake_llm: FakeOpenAI) -> None:
     """The real server: gunicorn, 2 worker processes x 4 threads, concurrent /predict + /webhook over HTTP."""
     with socket.socket() as s:
