@@ -75,26 +75,25 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def rss_mib(pid: int | None = None) -> float:
-    """Current resident memory of a process (this one by default) from /proc."""
+def _proc_status_mib(pid: int | str, field: str) -> float:
+    """One memory field (``VmRSS``, ``VmHWM``) of /proc/<pid>/status in MiB; NaN when unreadable."""
     try:
-        for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+def rss_mib(pid: int | None = None) -> float:
+    """Current resident memory of a process (this one by default) from /proc."""
+    return _proc_status_mib(pid or "self", "VmRSS")
 
 
 def peak_rss_of(pid: int) -> float:
     """Peak resident memory (VmHWM) of another process, from /proc."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    return _proc_status_mib(pid, "VmHWM")
 
 
 def reset_peak_rss() -> None:

@@ -34,6 +34,7 @@ from freeal_backend.config import Settings  # noqa: E402
 from freeal_backend.loop import FreeALRun  # noqa: E402
 from freeal_backend.metrics import flag_scores, label_scores  # noqa: E402
 from freeal_backend.records import Item  # noqa: E402
+from freeal_backend.slm import SLMOutput  # noqa: E402
 
 LABELS = ["negative", "positive"]
 
@@ -101,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         timings["encode test texts"] = time.perf_counter() - t
         peaks["encode"] = current_peak_mib()
 
-        def fit(name: str, labels: list[str | None], robust: bool) -> tuple[dict[str, str], dict[str, str], object]:
+        def fit(name: str, key: str, title: str, labels: list[str | None], robust: bool
+                ) -> tuple[dict[str, str], SLMOutput]:
+            """Train one SLM on ``labels``, add its table row and summary entries; its training-text predictions."""
             t0 = time.perf_counter()
             reset_peak_rss()
             model, out = run.train_slm(items, labels, robust=robust, seed_offset=1, progress=progress)
@@ -110,21 +113,17 @@ def main(argv: list[str] | None = None) -> int:
             probs, _ = model.evaluate(test_lower)
             train_pred = {it.item_id: LABELS[int(np.argmax(p))] for it, p in zip(items, out.probs)}
             test_pred = {str(i): LABELS[int(np.argmax(p))] for i, p in enumerate(probs)}
-            return train_pred, test_pred, out
+            a, b = label_scores(train_pred, gold, LABELS), label_scores(test_pred, test_gold, LABELS)
+            table_rows.append([title, pct(a["accuracy"]), pct(a["macro_f1"]), pct(b["accuracy"]), "—",
+                               f"{timings[f'train {name}']:.0f}"])
+            summary.update({f"{key}_train": a["accuracy"], f"{key}_test": b["accuracy"]})
+            return train_pred, out
 
         if not args.skip_naive:
-            tr, te, _ = fit("naive SLM", llm_list, robust=False)
-            a, b = label_scores(tr, gold, LABELS), label_scores(te, test_gold, LABELS)
-            table_rows.append(["naive SLM on the gpt-3.5 labels (plain CE)", pct(a["accuracy"]), pct(a["macro_f1"]),
-                               pct(b["accuracy"]), "—", f"{timings['train naive SLM']:.0f}"])
-            summary.update(naive_train=a["accuracy"], naive_test=b["accuracy"])
+            fit("naive SLM", "naive", "naive SLM on the gpt-3.5 labels (plain CE)", llm_list, robust=False)
 
         if not args.skip_freeal:
-            tr, te, out = fit("FreeAL SLM", llm_list, robust=True)
-            a, b = label_scores(tr, gold, LABELS), label_scores(te, test_gold, LABELS)
-            table_rows.append(["FreeAL SLM round 1 (robust)", pct(a["accuracy"]), pct(a["macro_f1"]),
-                               pct(b["accuracy"]), "—", f"{timings['train FreeAL SLM']:.0f}"])
-            summary.update(freeal_train=a["accuracy"], freeal_test=b["accuracy"])
+            tr, out = fit("FreeAL SLM", "freeal", "FreeAL SLM round 1 (robust)", llm_list, robust=True)
             noisy = {it.item_id: bool(llm[it.item_id] is None or not out.clean[i]) for i, it in enumerate(items)}
             kept = {k: (tr[k] if noisy[k] else llm[k]) for k in gold}
             c = label_scores(kept, gold, LABELS)
@@ -142,11 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             summary.update(filled=d["accuracy"])
 
         if not args.skip_gold:
-            tr, te, _ = fit("gold SLM", [gold[it.item_id] for it in items], robust=False)
-            a, b = label_scores(tr, gold, LABELS), label_scores(te, test_gold, LABELS)
-            table_rows.append(["same SLM trained on gold labels (upper bound)", pct(a["accuracy"]),
-                               pct(a["macro_f1"]), pct(b["accuracy"]), "—", f"{timings['train gold SLM']:.0f}"])
-            summary.update(gold_train=a["accuracy"], gold_test=b["accuracy"])
+            fit("gold SLM", "gold", "same SLM trained on gold labels (upper bound)",
+                [gold[it.item_id] for it in items], robust=False)
     tmp.cleanup()
     total = time.perf_counter() - t_start
 

@@ -70,6 +70,17 @@ def _wait(cond: Callable[[], bool], timeout: float, what: str, proc: subprocess.
     pytest.fail(f"timed out waiting for {what}")
 
 
+def _kill_once_stored(proc: subprocess.Popen, fake: FakeOpenAI, state: Path, stored: int, timeout: float) -> None:
+    """Wait until ``proc`` has a request held by ``fake`` and ``stored`` round-0 answers in its state file
+    (every answer is stored before more are asked for), SIGKILL it, then let the held requests go."""
+    _wait(lambda: fake.held() >= 1, timeout, "the run to reach the held requests", proc)
+    db = sqlite3.connect(str(state), timeout=30)
+    _wait(lambda: _annotated(db, "llm_r0") >= stored, 30, "the answers to be stored", proc)
+    db.close()
+    _kill(proc)
+    fake.release()
+
+
 # --- fast: the annotation worker alone (no torch), killed mid-stage --------------------------------------
 
 WORKER = r"""
@@ -106,13 +117,7 @@ def test_sigkill_during_llm_annotation_resumes_without_repeated_calls(tmp_path: 
         fake.hold_after(first_batch)
         cmd = [sys.executable, str(script), fake.base_url, str(run_dir), str(SST2), str(n)]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        _wait(lambda: fake.held() >= 1, 60, "the worker to reach the held requests", proc)
-        # every answer the worker received is stored before it asks for more: wait for the 25th row
-        db = sqlite3.connect(str(run_dir / "state.sqlite"), timeout=30)
-        _wait(lambda: _annotated(db, "llm_r0") >= first_batch, 30, "the answers to be stored", proc)
-        db.close()
-        _kill(proc)
-        fake.release()
+        _kill_once_stored(proc, fake, run_dir / "state.sqlite", first_batch, 60)
         answered_first = fake.answered_keys()
         assert sum(answered_first.values()) == first_batch
 
@@ -175,12 +180,7 @@ def test_cli_sigkill_during_llm_annotation_and_during_slm_training(tmp_path: Pat
         # 1. kill during round-0 annotation: 2 demo requests + 40 labels answered, the rest held in flight
         fake.hold_after(2 + first_batch)
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        _wait(lambda: fake.held() >= 1, 180, "the run to reach round-0 annotation", proc)
-        db = sqlite3.connect(str(run_dir / "state.sqlite"), timeout=30)
-        _wait(lambda: _annotated(db, "llm_r0") >= first_batch, 30, "the answers to be stored", proc)
-        db.close()
-        _kill(proc)
-        fake.release()
+        _kill_once_stored(proc, fake, run_dir / "state.sqlite", first_batch, 180)
         answered_1 = fake.answered_keys()
         assert sum(answered_1.values()) == 2 + first_batch
         db = _db_check(run_dir / "state.sqlite")
