@@ -58,7 +58,7 @@ def prefill(data_dir: Path, n: int, seed: int = 0) -> None:
         conf = max(p, 1 - p)
         suspicious = conf < 0.6
         results.append(ItemResult(str(tid), label, conf, {label: conf, LABELS[label == LABELS[0]]: 1 - conf},
-                                  suspicious=suspicious, reasons=["low_confidence"] if suspicious else [],
+                                  suspicious=suspicious, reasons=["label_issue"] if suspicious else [],
                                   suggested_label=LABELS[label == LABELS[0]] if suspicious else None,
                                   llm_label=label, llm_confidence=conf, slm_label=label, slm_prob=conf, round=1))
     store.set_results(results)

@@ -109,12 +109,13 @@ def run_dataset(name: str, args: argparse.Namespace, base_url: str, model: str, 
             slm.load(run_dir / f"slm_r{rnd}.pt")
             test_scores[f"slm_r{rnd}"] = test_acc(slm)
         results = run.results()
-        slm1 = run.store.slm(1) if args.rounds else {}
+        refined = set(run.store.annotations("llm_r1")) if args.rounds else None
         peak_all = current_peak_mib()
 
     # one row per stage, in the order the labels were produced
     order = ["zero_shot", "llm_r0", "naive"] + [s for r in range(1, args.rounds + 1)
-                                                  for s in (f"slm_r{r}", f"llm_r{r}")] + ["final"]
+                                                  for s in (f"slm_r{r}", f"llm_r{r}")] + [
+        f"slm_r{args.rounds + 1}", "final"]
     cost_stage = {"zero_shot": "zero_shot", "llm_r0": "llm_r0", "naive": "naive SLM (extra)"}
     table = []
     for stage in order:
@@ -139,12 +140,11 @@ def run_dataset(name: str, args: argparse.Namespace, base_url: str, model: str, 
     md = fmt_table(["stage", "train acc %", "train macro-F1 %", "labelled", "SLM test acc %", "LLM calls",
                     "LLM tokens", "wall s"], table)
     notes = []
-    if slm1:
-        noisy = {k: (not v["clean"]) or stages["llm_r0"].get(k) is None for k, v in slm1.items()}
-        fl = flag_scores(noisy, stages["llm_r0"], gold)
-        notes.append(f"- SLM round 1 noisy set (re-labelled by the LLM in round 1): {fl['flagged']:.1%} of the texts; "
-                     f"precision {pct(fl['precision'])}%, recall {pct(fl['recall'])}% for the {fl['errors']} wrong "
-                     "round-0 LLM labels.")
+    if refined is not None:
+        asked = {k: k in refined for k in gold}
+        fl = flag_scores(asked, stages["llm_r0"], gold)
+        notes.append(f"- refinement round 1 re-asked {fl['flagged']:.1%} of the texts (all but the clean agreed pool "
+                     f"and human labels); they hold {pct(fl['recall'])}% of the {fl['errors']} wrong round-0 labels.")
     if results:
         fl = flag_scores({k: r.suspicious for k, r in results.items()}, {k: r.label for k, r in results.items()}, gold)
         notes.append(f"- final review flag: {fl['flagged']:.1%} of the texts flagged; "

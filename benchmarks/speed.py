@@ -35,7 +35,7 @@ from freeal_backend.config import Settings  # noqa: E402
 from freeal_backend.embedded_llm import EMBEDDED_MODEL, EmbeddedLLMServer  # noqa: E402
 from freeal_backend.encoder import Encoder  # noqa: E402
 from freeal_backend.llm_cache import ResponseCache  # noqa: E402
-from freeal_backend.llm_client import LABEL_PARAMS, TOP_LOGPROBS, LLMClient  # noqa: E402
+from freeal_backend.llm_client import TOP_LOGPROBS, LLMClient  # noqa: E402
 from freeal_backend.loop import FreeALRun  # noqa: E402
 from freeal_backend.prompts import label_messages  # noqa: E402
 from freeal_backend.records import Item  # noqa: E402
@@ -51,7 +51,7 @@ def bench_llm(n: int, settings: Settings, tmp: Path, llm_threads: int) -> tuple[
     out: dict[str, float] = {}
     with EmbeddedLLMServer(threads=llm_threads, log_path=tmp / "server.log") as server:
         url = f"{server.base_url}/chat/completions"
-        body = dict(LABEL_PARAMS, model=EMBEDDED_MODEL)
+        body = {"temperature": 0.0, "max_tokens": settings.llm_max_tokens, "model": EMBEDDED_MODEL}
         if settings.llm_logprobs:
             body.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
         with httpx.Client(timeout=120) as http:
@@ -95,7 +95,7 @@ def bench_llm(n: int, settings: Settings, tmp: Path, llm_threads: int) -> tuple[
          ["same prompts again (response cache)", n, out["cached_s"], n / out["cached_s"], int(out["cached_calls"]),
           0]])
     text = (f"### LLM annotation (embedded SmolLM2-135M, {llm_threads} server threads, MR zero-shot label prompts, "
-            f"max_tokens {LABEL_PARAMS['max_tokens']}, logprobs {'on' if settings.llm_logprobs else 'off'})"
+            f"max_tokens {settings.llm_max_tokens}, logprobs {'on' if settings.llm_logprobs else 'off'})"
             f"\n\n{table}\n\n"
             f"- client / raw throughput ratio: **{ratio:.2f}** (the client adds concurrency, parsing, logprob "
             "confidence and the SQLite cache write per answer).\n"
@@ -121,19 +121,13 @@ def bench_slm(sizes: list[int], settings: Settings, tmp: Path) -> tuple[str, lis
         reset_peak_rss()
         rss_before = rss_mib()
         run_dir = tmp / f"slm-{size}"
-        epoch_marks: list[float] = []
         with FreeALRun(settings.with_(data_dir=run_dir), LABELS, run_dir, encoder=encoder) as run:
             t0 = time.perf_counter()
             split = max(0, run.encoder.num_layers - settings.slm_train_layers)
             run._lower_states(items, split, lambda *a: None)
             t_enc = time.perf_counter() - t0
             t1 = time.perf_counter()
-
-            def progress(stage: str, done: int, total: int) -> None:
-                if stage == "slm":
-                    epoch_marks.append(time.perf_counter())
-
-            model, out = run.train_slm(items, llm, robust=True, seed_offset=1, progress=progress)
+            model, out = run.train_slm(items, llm, seed_offset=1)
             t_train = time.perf_counter() - t1
             t2 = time.perf_counter()
             y = np.array([LABELS.index(x) if x else -1 for x in llm])
@@ -142,36 +136,30 @@ def bench_slm(sizes: list[int], settings: Settings, tmp: Path) -> tuple[str, lis
             demo_pool(pool, out.embeddings, max(1, settings.demo_pool_size // 2), seed=settings.seed)
             t_sel = time.perf_counter() - t2
         peak = current_peak_mib()
-        starts = [t1] + epoch_marks[:-1]
-        epoch_s = [b - a for a, b in zip(starts, epoch_marks)]
-        warm = settings.slm_warmup_epochs
-        plain = [s for e, s in enumerate(epoch_s) if e < warm]
-        robust = [s for e, s in enumerate(epoch_s) if e >= warm]
+        # per fold model: epochs [0, warm-up) are plain, the rest robust; each fold trains on (K-1)/K of the texts
+        warm, folds = settings.slm_warmup_epochs, settings.slm_folds
+        plain = [s for e, s in enumerate(out.epoch_seconds) if e % settings.slm_epochs < warm]
+        robust = [s for e, s in enumerate(out.epoch_seconds) if e % settings.slm_epochs >= warm]
+        per_fold = size * (folds - 1) / folds
         res = {"size": size, "encode_s": t_enc, "train_s": t_train, "select_s": t_sel,
-               "round_s": t_enc + t_train + t_sel, "plain_sps": size / np.mean(plain) if plain else float("nan"),
-               "robust_sps": size / np.mean(robust) if robust else float("nan"),
-               "train_sps": size * settings.slm_epochs / t_train, "peak_rss": peak, "rss_before": rss_before,
+               "round_s": t_enc + t_train + t_sel, "plain_sps": per_fold / np.mean(plain) if plain else float("nan"),
+               "robust_sps": per_fold / np.mean(robust) if robust else float("nan"),
+               "train_sps": per_fold * len(out.epoch_seconds) / t_train, "peak_rss": peak, "rss_before": rss_before,
                "plain_epoch_s": float(np.mean(plain)) if plain else float("nan"),
                "robust_epoch_s": float(np.mean(robust)) if robust else float("nan")}
         results.append(res)
         print(f"  SLM round on {size} texts: " + ", ".join(f"{k} {float(v):.1f}" for k, v in res.items()), flush=True)
         del model, out, run
-    default = Settings()
-    rows = []
-    for r in results:
-        projected = (r["encode_s"] + r["select_s"] + default.slm_warmup_epochs * r["plain_epoch_s"]
-                     + (default.slm_epochs - default.slm_warmup_epochs) * r["robust_epoch_s"])
-        rows.append([r["size"], r["encode_s"], r["plain_sps"], r["robust_sps"], r["train_sps"], r["train_s"],
-                     r["select_s"], r["round_s"], projected, r["rss_before"], r["peak_rss"]])
+    rows = [[r["size"], r["encode_s"], r["plain_sps"], r["robust_sps"], r["train_sps"], r["train_s"],
+             r["select_s"], r["round_s"], r["rss_before"], r["peak_rss"]] for r in results]
     table = fmt_table(["texts", "encode s", "plain epoch samples/s", "robust epoch samples/s",
-                       "training samples/s (all epochs)", "training s", "selection s", "round wall s (measured)",
-                       f"round s projected for the defaults ({default.slm_epochs} epochs, "
-                       f"{default.slm_warmup_epochs} warm-up)", "RSS before MiB", "peak RSS MiB"], rows)
+                       "training samples/s (all fold epochs)", "training s (all folds, held-out scoring included)",
+                       "selection s", "round wall s", "RSS before MiB", "peak RSS MiB"], rows)
     text = (f"### One SLM round (no LLM; MR texts with the replayed gpt-3.5 labels and back-translations)\n\n"
-            f"Measured with {settings.slm_epochs} epochs ({settings.slm_warmup_epochs} warm-up), top "
-            f"{settings.slm_train_layers} layers trained, batch {settings.slm_batch_size}. A robust epoch costs more "
-            "than a plain one: it re-scores every text for the GMM split and runs the augmented view too. The "
-            "projected column adds the measured per-epoch times up for the default schedule.\n\n" + table)
+            f"Measured with {settings.slm_folds} cross-fitted fold models of {settings.slm_epochs} epochs "
+            f"({settings.slm_warmup_epochs} warm-up) each, top {settings.slm_train_layers} layers trained, batch "
+            f"{settings.slm_batch_size}. Each fold model trains on (K-1)/K of the texts; a robust epoch costs more "
+            "than a plain one (it runs the augmented view too).\n\n" + table)
     return text, results
 
 

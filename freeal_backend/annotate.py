@@ -48,7 +48,7 @@ def generate_demos(client: LLMClient, labels: Sequence[str], texts: Sequence[str
 
 def annotate_items(client: LLMClient, store: Store, stage: str, items: Sequence[Item],
                    build: Callable[[int], list[Message]], labels: Sequence[str], *,
-                   on_progress: Progress | None = None) -> dict[str, LLMAnswer]:
+                   on_progress: Progress | None = None, check_unparsed: bool = True) -> dict[str, LLMAnswer]:
     """Label ``items`` (``build(i)`` gives item i's messages), storing each answer as it lands.
 
     Items with a stored answer for ``stage`` are skipped, so an interrupted stage resumes where it
@@ -71,5 +71,5 @@ def annotate_items(client: LLMClient, store: Store, stage: str, items: Sequence[
         if on_progress:
             on_progress(stage, finished, total)
 
-    client.label_many([build(i) for i in todo], labels, on_answer=landed)
+    client.label_many([build(i) for i in todo], labels, on_answer=landed, check_unparsed=check_unparsed)
     return answers

@@ -76,6 +76,15 @@ def evaluation_table(run: FreeALRun) -> str:
     return table
 
 
+def health_line(run: FreeALRun) -> str:
+    """The run-health verdict in one line (without gold: how good the labels look to the small model)."""
+    health = run.health()
+    if not health:
+        return "label health: not estimated (no SLM round ran)"
+    shout = "WARNING: " if health["verdict"] != "ok" else ""
+    return f"label health: {shout}{health['message']}"
+
+
 def _labels(arg: str | None, items: Sequence[Item]) -> list[str]:
     if arg:
         labels = [x.strip() for x in arg.split(",") if x.strip()]
@@ -126,6 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"model version {run.model_version()}; wall time {time.perf_counter() - start:.1f} s; "
               f"LLM: {json.dumps(run.llm.stats.as_dict()) if run._llm else 'not used'}")
         print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in run.timings.items()))
+        print(health_line(run))
         print()
         print(evaluation_table(run))
     return 0
@@ -138,6 +148,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .storage import Store
     labels = Store(run_dir / "state.sqlite").get_meta("labels")
     with FreeALRun(Settings.from_env(data_dir=args.data_dir), labels, run_dir) as run:
+        print(health_line(run))
         print(evaluation_table(run))
     return 0
 

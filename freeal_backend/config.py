@@ -28,15 +28,23 @@ class Settings:
     llm_max_retries: int = 5  # LLM_MAX_RETRIES on 429/5xx/timeouts/connection errors
     llm_logprobs: bool = True  # LLM_LOGPROBS: ask for token logprobs (confidence); off for endpoints that reject it
     llm_threads: int = 2  # LLM_THREADS: CPU threads of the embedded server
+    llm_max_tokens: int = 16  # LLM_MAX_TOKENS per label answer (raise it for models that think before answering)
+    llm_no_think: bool = False  # LLM_NO_THINK: send chat_template_kwargs.enable_thinking=false (vLLM, SGLang)
     shots: int | None = None  # FREEAL_SHOTS: demos per prompt (k); default 10, or 4 with the embedded LLM
-    demos_per_label: int = 6  # FREEAL_DEMOS_PER_LABEL: self-generated demos per label in round 0
-    demo_pool_size: int = 40  # FREEAL_DEMO_POOL: k-medoids demo pool size over all classes (feedback)
+    demos_per_label: int | None = None  # FREEAL_DEMOS_PER_LABEL: self-generated demos per label in round 0;
+    #   default: enough for a pool of 3 x shots (at least 6 per label), so retrieving k of them matters
+    demo_pool_size: int = 40  # FREEAL_DEMO_POOL: diverse (k-means) demo pool size over all classes (feedback)
+    refine_share: float = 1.0  # FREEAL_REFINE_SHARE: share of the texts outside the clean pool re-asked per
+    #   round, lowest-scored first (1.0 = all of them, as in the paper; lower it to pay for fewer calls)
     rounds: int = 2  # FREEAL_ROUNDS
     encoder: str | None = None  # FREEAL_ENCODER: local Hugging Face model dir; empty = packaged all-MiniLM-L6-v2
     max_length: int = 128  # FREEAL_MAX_LENGTH tokens per text for the SLM
     max_chars: int = 4000  # FREEAL_MAX_CHARS: longer texts are truncated (with a warning)
-    slm_epochs: int = 6  # FREEAL_SLM_EPOCHS
-    slm_warmup_epochs: int = 2  # FREEAL_SLM_WARMUP
+    slm_epochs: int = 2  # FREEAL_SLM_EPOCHS per fold model (each stops early at its best held-out epoch)
+    slm_warmup_epochs: int = 1  # FREEAL_SLM_WARMUP: plain cross-entropy epochs before the small-loss split
+    slm_folds: int = 3  # FREEAL_SLM_FOLDS: cross-fitting folds (each label judged by a model that never saw it)
+    slm_robust: bool = False  # FREEAL_SLM_ROBUST: the paper's robust training (GMM split, mixup, consistency);
+    #   off by default: on the MR replay plain cross-entropy judged the labels better, and faster (README)
     slm_train_layers: int = 4  # FREEAL_SLM_TRAIN_LAYERS: top encoder layers fine-tuned (rest frozen, cached)
     slm_lr: float = 1e-4  # FREEAL_SLM_LR
     slm_batch_size: int = 32  # FREEAL_SLM_BATCH
@@ -53,10 +61,12 @@ class Settings:
             "data_dir": "FREEAL_DATA_DIR", "llm_base_url": "LLM_BASE_URL", "llm_model": "LLM_MODEL",
             "llm_concurrency": "LLM_CONCURRENCY", "llm_timeout": "LLM_TIMEOUT",
             "llm_max_retries": "LLM_MAX_RETRIES", "llm_logprobs": "LLM_LOGPROBS", "llm_threads": "LLM_THREADS",
+            "llm_max_tokens": "LLM_MAX_TOKENS", "llm_no_think": "LLM_NO_THINK",
             "shots": "FREEAL_SHOTS", "demos_per_label": "FREEAL_DEMOS_PER_LABEL",
             "demo_pool_size": "FREEAL_DEMO_POOL", "rounds": "FREEAL_ROUNDS", "encoder": "FREEAL_ENCODER",
             "max_length": "FREEAL_MAX_LENGTH", "max_chars": "FREEAL_MAX_CHARS",
             "slm_epochs": "FREEAL_SLM_EPOCHS", "slm_warmup_epochs": "FREEAL_SLM_WARMUP",
+            "slm_folds": "FREEAL_SLM_FOLDS", "slm_robust": "FREEAL_SLM_ROBUST", "refine_share": "FREEAL_REFINE_SHARE",
             "slm_train_layers": "FREEAL_SLM_TRAIN_LAYERS", "slm_lr": "FREEAL_SLM_LR",
             "slm_batch_size": "FREEAL_SLM_BATCH", "torch_threads": "FREEAL_TORCH_THREADS", "clean_threshold": "FREEAL_CLEAN_THRESHOLD",
             "select_ratio": "FREEAL_SELECT_RATIO", "seed": "FREEAL_SEED", "task_description": "FREEAL_TASK",

@@ -317,7 +317,9 @@ class JobManager:
                 continue  # same data and settings as the last push: Label Studio already has these results
             self.push(client, cfg, results, version, project_id, owner)
         skipped = f"; {len(no_text)} tasks without text skipped: {no_text[:20]}" if no_text else ""
-        return f"{len(results)} tasks labelled, {len(flagged_ids(results))} flagged for review{skipped}"
+        health = run.health()
+        verdict = f"; label health: {health['message']}" if health else ""
+        return f"{len(results)} tasks labelled, {len(flagged_ids(results))} flagged for review{skipped}{verdict}"
 
     def push(self, client: ProjectClient, cfg: ClassificationConfig, results: list[ItemResult], version: str,
              project_id: int, owner: str) -> None:

@@ -28,9 +28,9 @@ MAX_CONFIG_CHARS = 1_000_000
 MULTI_LABEL_THRESHOLD = 0.5
 REVIEW_MARKER = "freeal:needs-review"  # in a flagged prediction's result: what the review view filters on
 REASON_TEXT = {
-    "llm_slm_disagree": "LLM and small model disagree",
-    "high_loss": "high loss on the small model",
-    "low_confidence": "low confidence",
+    "slm_overrules_llm": "the small model is confident the LLM's label is wrong and changed it",
+    "label_issue": "the small model, which never saw this label, doubts it",
+    "labels_near_chance": "the LLM's labels in this project look near chance: use a stronger LLM or label by hand",
     "no_llm_label": "the LLM gave no usable label",
     "not_yet_reviewed_by_slm": "LLM label only, not yet checked by the small model",
 }

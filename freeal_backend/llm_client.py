@@ -14,12 +14,12 @@ from typing import Any
 import openai
 
 from .llm_cache import ResponseCache, cache_key
-from .prompts import Message, label_token_prefixes, parse_label
+from .prompts import Message, label_token_prefixes, parse_label, strip_thinking
 
 log = logging.getLogger(__name__)
 
-LABEL_PARAMS: dict[str, Any] = {"temperature": 0.0, "max_tokens": 8}
 TOP_LOGPROBS = 10
+LOGPROB_POSITIONS = 8  # answer tokens whose alternatives are kept (labels may share several leading tokens)
 
 
 class LLMUnavailable(RuntimeError):
@@ -55,6 +55,7 @@ class LLMStats:
     completion_tokens: int = 0
     failures: int = 0
     unparsed: int = 0
+    thinking_cut: int = 0  # answers cut off inside <think>: raise LLM_MAX_TOKENS or set LLM_NO_THINK
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -64,35 +65,49 @@ class LLMStats:
 
     def as_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in ("calls", "cache_hits", "prompt_tokens", "completion_tokens",
-                                              "failures", "unparsed")}
+                                              "failures", "unparsed", "thinking_cut")}
+
+
+def _answer_head(text: str) -> str:
+    return text.lstrip(" \t\n\"'`*").lower()
 
 
 def label_probs_from_logprobs(top_logprobs: list[list[tuple[str, float]]], labels: Sequence[str]) -> dict[str, float]:
-    """Probability of each label from the first answer token's top logprobs, normalised over the label set.
+    """Probability of each label from the answer's top logprobs, normalised over the label set.
 
-    The first position (of the first four tokens) where candidate tokens name a label is used: each
-    candidate gives its probability to the one label whose name starts with it ("pos" -> positive).
-    Empty when no position names a label: then the answer has no confidence (None), never a constant.
+    Walks the answer's tokens (the first alternative at each position is the one generated): a candidate
+    token that, after the text generated so far, can only be the start of one label gives that label its
+    probability times the probability of the text before it. So labels sharing leading tokens ("very
+    positive" / "very negative") are told apart where they diverge, and a label split into several tokens
+    ("pos" + "itive") counts once. Empty when no position names a label: then the answer has no
+    confidence (None), never a constant.
     """
     names = label_token_prefixes(labels)
+
+    def owners(text: str) -> list[str]:
+        head = _answer_head(text)
+        if not head.strip():
+            return list(names)
+        return [lab for lab, name in names.items() if name.startswith(head.rstrip()) or head.startswith(name)]
+
+    mass = {lab: 0.0 for lab in labels}
+    prefix, path = "", 1.0
     for position in top_logprobs:
         if not position:
             continue
-        head = position[0][0].strip().strip("\"'`*:").lower()
-        if not head:
-            continue
-        mass = {lab: 0.0 for lab in labels}
-        for token, logprob in position:
-            piece = token.strip().strip("\"'`*").lower()
-            if not piece:
+        for rank, (token, logprob) in enumerate(position):
+            if not _answer_head(prefix + token).strip():
                 continue
-            owners = [lab for lab, name in names.items() if name.startswith(piece)]
-            if len(owners) == 1:
-                mass[owners[0]] += math.exp(logprob)
-        total = sum(mass.values())
-        if total > 0:
-            return {lab: m / total for lab, m in mass.items()}
-    return {}
+            who = owners(prefix + token)
+            if len(who) == 1 or (who and rank > 0):  # an untaken shared branch: split evenly among its labels
+                for lab in who:
+                    mass[lab] += path * math.exp(logprob) / len(who)
+        token, logprob = position[0]
+        if len(owners(prefix + token)) <= 1 and _answer_head(prefix + token).strip():
+            break  # the generated answer has settled on one label (or on none)
+        prefix, path = prefix + token, path * math.exp(logprob)
+    total = sum(mass.values())
+    return {lab: m / total for lab, m in mass.items()} if total > 0 else {}
 
 
 class LLMClient:
@@ -105,12 +120,20 @@ class LLMClient:
 
     def __init__(self, base_url: str, model: str, cache: ResponseCache, *, api_key: str | None = None,
                  concurrency: int = 4, timeout: float = 60.0, max_retries: int = 5, logprobs: bool = True,
-                 max_consecutive_failures: int = 3) -> None:
+                 max_consecutive_failures: int = 3, max_tokens: int = 16, no_think: bool = False,
+                 max_same_rejections: int = 5, max_unparsed_share: float | None = 0.9,
+                 min_answers_judged: int = 50) -> None:
         self.model = model
         self.cache = cache
         self.concurrency = max(1, concurrency)
         self.logprobs = logprobs
         self.max_consecutive_failures = max_consecutive_failures
+        self.label_params: dict[str, Any] = {"temperature": 0.0, "max_tokens": max_tokens}
+        if no_think:  # vLLM / SGLang chat templates (Qwen3, DeepSeek-R1 distills) read this
+            self.label_params["extra_body"] = {"chat_template_kwargs": {"enable_thinking": False}}
+        self.max_same_rejections = max_same_rejections
+        self.max_unparsed_share = max_unparsed_share
+        self.min_answers_judged = min_answers_judged
         self.stats = LLMStats()
         self._client = openai.OpenAI(base_url=base_url, api_key=api_key or "not-needed", timeout=timeout,
                                      max_retries=max_retries)
@@ -145,7 +168,7 @@ class LLMClient:
         choice = response.choices[0]
         top: list[list[tuple[str, float]]] = []
         if choice.logprobs is not None and choice.logprobs.content:
-            for tok in choice.logprobs.content[:4]:
+            for tok in choice.logprobs.content[:LOGPROB_POSITIONS]:
                 alts = [(alt.token, alt.logprob) for alt in (tok.top_logprobs or [])]
                 top.append(alts or [(tok.token, tok.logprob)])
         usage = response.usage
@@ -159,9 +182,11 @@ class LLMClient:
 
     def label(self, messages: list[Message], labels: Sequence[str], *, deadline: float | None = None) -> LLMAnswer:
         """Ask for one label; confidence from logprobs when the endpoint returns them, else None."""
-        value = self.chat(messages, logprobs=self.logprobs, deadline=deadline, **LABEL_PARAMS)
+        value = self.chat(messages, logprobs=self.logprobs, deadline=deadline, **self.label_params)
         raw = value["content"]
         label = parse_label(raw, labels)
+        if label is None and strip_thinking(raw or "") is None:
+            self.stats.add(thinking_cut=1)
         probs = label_probs_from_logprobs([[tuple(t) for t in pos] for pos in value["top_logprobs"]], labels)
         if label is None:
             self.stats.add(unparsed=1)
@@ -170,18 +195,23 @@ class LLMClient:
 
     def label_many(self, requests: Sequence[list[Message]], labels: Sequence[str], *,
                    on_answer: Callable[[int, LLMAnswer], None] | None = None,
-                   deadline: float | None = None) -> list[LLMAnswer | None]:
+                   deadline: float | None = None, check_unparsed: bool = True) -> list[LLMAnswer | None]:
         """Label many prompts with bounded concurrency; ``on_answer(i, answer)`` runs as each one lands.
 
         With a ``deadline`` (``time.monotonic()`` value; for callers that must answer in time, like
         ``/predict``) every request is cut at it, without retries; prompts not answered by then stay None.
 
         A request that still fails after the client's retries yields an answer with ``error`` set.
-        After ``max_consecutive_failures`` such failures in a row, raises :class:`LLMUnavailable`;
-        answers already delivered through ``on_answer`` are kept by the caller.
+        Raises :class:`LLMUnavailable` after ``max_consecutive_failures`` such failures in a row, after
+        ``max_same_rejections`` identical 4xx answers in a row (the endpoint refuses the request shape, e.g.
+        ``logprobs``), or once more than ``max_unparsed_share`` of at least ``min_answers_judged`` answers
+        name no label (set ``check_unparsed=False`` for a baseline expected to fail); answers already
+        delivered through ``on_answer`` are kept by the caller.
         """
         results: list[LLMAnswer | None] = [None] * len(requests)
         consecutive = 0
+        rejections: list[str] = []
+        answered = unparsed = 0
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             futures = {pool.submit(self.label, msgs, labels, deadline=deadline): i for i, msgs in enumerate(requests)}
             try:
@@ -192,9 +222,15 @@ class LLMClient:
                         consecutive = 0
                     except DeadlinePassed:
                         continue
-                    except openai.BadRequestError as exc:  # this prompt is refused; the endpoint is fine
+                    except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:  # this prompt refused
                         self.stats.add(failures=1)
-                        answer = LLMAnswer(None, None, {}, None, error=f"BadRequestError: {exc}")
+                        answer = LLMAnswer(None, None, {}, None, error=f"{type(exc).__name__}: {exc}")
+                        rejections = (rejections + [str(exc)])[-self.max_same_rejections:]
+                        if len(rejections) == self.max_same_rejections and len(set(rejections)) == 1:
+                            hint = (" (the endpoint may not support logprobs: set LLM_LOGPROBS=0)"
+                                    if "logprob" in str(exc).lower() else "")
+                            raise LLMUnavailable(f"the LLM endpoint rejected {len(rejections)} requests in a row "
+                                                 f"with the same error{hint}: {exc}") from exc
                     except (openai.APIError, MalformedResponse) as exc:
                         if deadline is not None and time.monotonic() >= deadline:
                             continue  # cut by the caller's deadline, not a failure of the endpoint
@@ -206,9 +242,21 @@ class LLMClient:
                             raise LLMUnavailable(
                                 f"the LLM endpoint failed {consecutive} requests in a row ({answer.error}); "
                                 "finished answers are saved, re-run to resume") from exc
+                    else:
+                        rejections = []
                     results[i] = answer
                     if on_answer is not None:
                         on_answer(i, answer)
+                    if answer.error is None:
+                        answered += 1
+                        unparsed += answer.label is None
+                        if (check_unparsed and self.max_unparsed_share is not None
+                                and answered >= self.min_answers_judged
+                                and unparsed > self.max_unparsed_share * answered):
+                            hint = ("; answers were cut off while thinking: raise LLM_MAX_TOKENS or set LLM_NO_THINK=1"
+                                    if self.stats.thinking_cut else f"; e.g. {answer.raw!r}")
+                            raise LLMUnavailable(f"{unparsed} of {answered} LLM answers name no label "
+                                                 f"{list(labels)}{hint}")
             finally:
                 for future in futures:
                     future.cancel()

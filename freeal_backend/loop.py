@@ -6,15 +6,18 @@ LLM answers are stored one by one and cached, so nothing paid for is asked twice
     [zero_shot]   optional baseline: the LLM without demonstrations
     demos         round 0: the LLM writes demonstrations per label in the style of sampled texts
     llm_r0        every text labelled with its nearest demonstrations (frozen encoder embeddings)
-    slm_r{r}      the SLM is trained on the current labels; GMM small-loss split into clean / noisy
-    llm_r{r}      the LLM re-labels the noisy texts only, with demos chosen and retrieved by the SLM
-    final         label, confidence and review flag per text
+    slm_r{r}      the SLM is cross-fitted on the current labels; its out-of-sample verdict (detection.py)
+                  gives the run's health and the clean agreed pool
+    llm_r{r}      the LLM re-labels every text outside that pool, with demos chosen and retrieved by the SLM
+    slm_r{R+1}    after the last of R refinement rounds, the SLM judges the final labels
+    final         label, calibrated score and review flag per text
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +29,7 @@ import torch
 from .annotate import Progress, annotate_items, generate_demos
 from .config import Settings
 from .dataio import clean_text
+from .detection import Judgement, judge
 from .embedded_llm import EmbeddedLLMServer
 from .encoder import Encoder, LowerStates
 from .llm_cache import ResponseCache
@@ -38,7 +42,7 @@ from .storage import Store
 
 log = logging.getLogger(__name__)
 
-LOW_CONFIDENCE = 0.7  # below this final confidence, a high-loss item is flagged for review
+REJECT_MARGIN = 0.01  # a refinement whose estimated accuracy drops by more than this is set aside
 
 
 def _hash(obj: object) -> str:
@@ -85,7 +89,8 @@ class FreeALRun:
                 base_url, model = self._server.base_url, "smollm2-135m-instruct"
             cache = ResponseCache(s.data_dir / "llm_cache.sqlite")
             self._llm = LLMClient(base_url, model, cache, api_key=s.llm_api_key, concurrency=s.llm_concurrency,
-                                  timeout=s.llm_timeout, max_retries=s.llm_max_retries, logprobs=s.llm_logprobs)
+                                  timeout=s.llm_timeout, max_retries=s.llm_max_retries, logprobs=s.llm_logprobs,
+                                  max_tokens=s.llm_max_tokens, no_think=s.llm_no_think)
         return self._llm
 
     @property
@@ -94,6 +99,13 @@ class FreeALRun:
         if self.settings.shots:
             return self.settings.shots
         return 4 if not self.settings.llm_base_url else 10
+
+    @property
+    def demos_per_label(self) -> int:
+        """FREEAL_DEMOS_PER_LABEL, else enough self-written demos for a round-0 pool of 3 x shots (>= 6 each)."""
+        if self.settings.demos_per_label:
+            return self.settings.demos_per_label
+        return max(6, -(-3 * self.shots // len(self.labels)))
 
     @property
     def encoder(self) -> Encoder:
@@ -134,12 +146,14 @@ class FreeALRun:
             self._timed("zero_shot", lambda: annotate_items(
                 self.llm, self.store, "zero_shot", todo,
                 lambda i: label_messages(todo[i].text, self.labels, task_description=self.task_description),
-                self.labels, on_progress=progress))
+                self.labels, on_progress=progress, check_unparsed=False))
         self._timed("demos", lambda: self._stage_demos(items))
         self._timed("llm_r0", lambda: self._stage_llm_r0(items, progress))
         for rnd in range(1, rounds + 1):
             self._timed(f"slm_r{rnd}", lambda: self._stage_slm(items, rnd, progress))
             self._timed(f"llm_r{rnd}", lambda: self._stage_refine(items, rnd, progress))
+        if rounds:  # the SLM judges the final labels: score, flag and health come from it
+            self._timed(f"slm_r{rounds + 1}", lambda: self._stage_slm(items, rounds + 1, progress))
         results = self._final(items, rounds)
         self.store.set_results(results)
         self.store.set_meta("rounds_done", rounds)
@@ -186,13 +200,13 @@ class FreeALRun:
             out["zero_shot"] = {it.item_id: it.human_label or zero_shot.get(it.item_id, {}).get("label")
                                 for it in items}
         if self.store.annotations("llm_r0"):
-            out["llm_r0"] = dict(zip(ids, self._current_labels(items, 0)))
+            out["llm_r0"] = dict(zip(ids, self._current(items, 0)[0]))
         rnd = 1
         while self.store.stage_done(f"slm_r{rnd}"):
             slm = self.store.slm(rnd)
             out[f"slm_r{rnd}"] = {k: self.labels[int(np.argmax(v["probs"]))] for k, v in slm.items()}
             if self.store.stage_done(f"llm_r{rnd}"):
-                out[f"llm_r{rnd}"] = dict(zip(ids, self._current_labels(items, rnd)))
+                out[f"llm_r{rnd}"] = dict(zip(ids, self._current(items, rnd)[0]))
             rnd += 1
         results = self.store.results()
         if results:
@@ -218,10 +232,11 @@ class FreeALRun:
         s = self.settings
         data_hash = _hash({"labels": self.labels, "task": self.task_description,
                            "items": [[it.item_id, it.text, it.human_label, it.augmented] for it in items],
-                           "settings": [s.llm_model, self.shots, s.demos_per_label, s.demo_pool_size, s.encoder,
-                                        s.slm_epochs, s.slm_warmup_epochs, s.slm_train_layers, s.slm_lr,
-                                        s.clean_threshold, s.select_ratio, s.seed, s.max_length]})
-        r0_hash = _hash([self.labels, self.task_description, s.llm_model, self.shots, s.demos_per_label,
+                           "settings": [s.llm_model, self.shots, self.demos_per_label, s.demo_pool_size, s.encoder,
+                                        s.slm_epochs, s.slm_warmup_epochs, s.slm_folds, s.slm_robust,
+                                        s.slm_train_layers, s.slm_lr, s.clean_threshold, s.select_ratio,
+                                        s.refine_share, s.seed, s.max_length]})
+        r0_hash = _hash([self.labels, self.task_description, s.llm_model, self.shots, self.demos_per_label,
                          s.encoder, s.seed, s.max_length])
         if self.store.get_meta("r0_hash") != r0_hash:  # round-0 answers would differ: start afresh
             self.store.reset_stages()
@@ -258,7 +273,7 @@ class FreeALRun:
         if all(it.item_id in have for it in self._unlabelled(items)):
             return  # every text already has a round-0 label (imported): no demonstrations needed
         texts = [it.text for it in items]
-        demos = generate_demos(self.llm, self.labels, texts, self.settings.demos_per_label,
+        demos = generate_demos(self.llm, self.labels, texts, self.demos_per_label,
                                task_description=self.task_description, seed=self.settings.seed)
         for label, written in demos.items():
             self.store.set_demos(label, written)
@@ -291,17 +306,41 @@ class FreeALRun:
 
         annotate_items(self.llm, self.store, "llm_r0", todo, build, self.labels, on_progress=progress)
 
-    def _current_labels(self, items: Sequence[Item], upto_round: int) -> list[str | None]:
-        """Human label, else the latest LLM label up to refinement round ``upto_round``."""
-        current = {it.item_id: it.human_label for it in items}
-        for stage in ["llm_r0"] + [f"llm_r{r}" for r in range(1, upto_round + 1)]:
+    def _label_sources(self, upto_round: int) -> list[str]:
+        """The LLM stages whose labels count up to refinement ``upto_round`` (rejected rounds left out)."""
+        return ["llm_r0"] + [f"llm_r{r}" for r in range(1, upto_round + 1)
+                             if not self.store.get_meta(f"rejected_r{r}")]
+
+    def _latest_answers(self, items: Sequence[Item], upto_round: int) -> dict[str, dict[str, object]]:
+        """Per item, the latest LLM answer that gave a label, up to refinement ``upto_round``."""
+        latest: dict[str, dict[str, object]] = {}
+        for stage in self._label_sources(upto_round):
             for item_id, ann in self.store.annotations(stage).items():
-                if ann["label"] is not None and item_id in current:
-                    current[item_id] = ann["label"]
+                if ann["label"] is not None:
+                    latest[item_id] = ann
+        return latest
+
+    def _current(self, items: Sequence[Item], upto_round: int) -> tuple[list[str | None], np.ndarray]:
+        """Human label, else the latest LLM label up to refinement ``upto_round``; and the LLM's
+        per-class probabilities for it (a row of zeros where it gave none)."""
+        latest = self._latest_answers(items, upto_round)
+        labels: list[str | None] = []
+        probs = np.zeros((len(items), len(self.labels)))
+        for i, it in enumerate(items):
+            ann = latest.get(it.item_id)
+            labels.append(it.human_label or (str(ann["label"]) if ann else None))
+            if ann and not it.human_label:
+                given = ann.get("probs") or {}
+                probs[i] = [float(given.get(x, 0.0)) for x in self.labels]  # type: ignore[union-attr]
+        return labels, probs
+
+    def _llm_confidences(self, items: Sequence[Item], upto_round: int) -> dict[str, float | None]:
+        latest = self._latest_answers(items, upto_round)
+        out: dict[str, float | None] = {}
         for it in items:
-            if it.human_label:
-                current[it.item_id] = it.human_label
-        return [current[it.item_id] for it in items]
+            conf = latest.get(it.item_id, {}).get("confidence")
+            out[it.item_id] = float(conf) if isinstance(conf, (int, float)) else None
+        return out
 
     def _lower_states(self, items: Sequence[Item], split: int, progress: Progress
                       ) -> tuple[LowerStates, LowerStates | None]:
@@ -324,15 +363,16 @@ class FreeALRun:
             self._lower = (key, lower, aug)
         return self._lower[1], self._lower[2]
 
-    def slm_config(self, *, robust: bool = True, seed_offset: int = 0) -> SLMConfig:
+    def slm_config(self, *, robust: bool | None = None, seed_offset: int = 0) -> SLMConfig:
         s = self.settings
-        return SLMConfig(epochs=s.slm_epochs, warmup_epochs=s.slm_warmup_epochs, lr=s.slm_lr,
-                         batch_size=s.slm_batch_size, clean_threshold=s.clean_threshold, robust=robust,
-                         seed=s.seed + seed_offset)
+        return SLMConfig(epochs=s.slm_epochs, warmup_epochs=s.slm_warmup_epochs, folds=s.slm_folds, lr=s.slm_lr,
+                         batch_size=s.slm_batch_size, clean_threshold=s.clean_threshold,
+                         robust=s.slm_robust if robust is None else robust, seed=s.seed + seed_offset)
 
-    def train_slm(self, items: Sequence[Item], labels: Sequence[str | None], *, robust: bool = True,
+    def train_slm(self, items: Sequence[Item], labels: Sequence[str | None], *, robust: bool | None = None,
                   seed_offset: int = 0, progress: Progress | None = None) -> tuple[SmallModel, SLMOutput]:
-        """Train one SLM on ``labels`` (None = unlabelled); human labels are gold."""
+        """Cross-fit one SLM on ``labels`` (None = unlabelled); human labels are gold. ``robust``: the
+        paper's robust recipe (default: FREEAL_SLM_ROBUST)."""
         progress = progress or (lambda stage, done, total: None)
         split = max(0, self.encoder.num_layers - self.settings.slm_train_layers)
         lower, aug = self._lower_states(items, split, progress)
@@ -341,106 +381,158 @@ class FreeALRun:
         model = SmallModel(self.encoder, len(self.labels), train_layers=self.settings.slm_train_layers,
                            config=self.slm_config(robust=robust, seed_offset=seed_offset))
         out = model.fit(lower, y, gold=gold, augmented=aug,
-                        on_epoch=lambda e, n, m: progress("slm" if robust else "slm_naive", e, n))
+                        on_epoch=lambda e, n, m: progress("slm", e, n))
         return model, out
 
+    def _judge(self, items: Sequence[Item], rnd: int) -> Judgement:
+        """SLM round ``rnd``'s verdict on the labels it was trained on (those after refinement ``rnd - 1``)."""
+        slm = self.store.slm(rnd)
+        labels, llm_probs = self._current(items, rnd - 1)
+        y = np.array([self.labels.index(lab) if lab is not None else -1 for lab in labels])
+        probs = np.array([slm[it.item_id]["probs"] for it in items])
+        human = np.array([bool(it.human_label) for it in items])
+        return judge(probs, y, human, llm_probs)
+
     def _stage_slm(self, items: Sequence[Item], rnd: int, progress: Progress) -> None:
+        """Cross-fit the SLM on the current labels and record its verdict on them (the run's health).
+
+        A refinement whose labels look worse than the previous round's (estimated accuracy down by more
+        than ``REJECT_MARGIN``) does not replace them: its labels are set aside and this round reuses the
+        previous SLM round's output.
+        """
         if self.store.stage_done(f"slm_r{rnd}"):
             return
-        labels = self._current_labels(items, rnd - 1)
+        labels, _ = self._current(items, rnd - 1)
         model, out = self.train_slm(items, labels, seed_offset=rnd, progress=progress)
         np.save(self.run_dir / f"slm_r{rnd}_embeddings.npy", out.embeddings)
         model.save(self.run_dir / f"slm_r{rnd}.pt")
         self.store.set_slm(rnd, [(it.item_id, out.probs[i].tolist(),
                                   None if np.isnan(out.losses[i]) else float(out.losses[i]),
                                   bool(out.clean[i]), float(out.clean_prob[i])) for i, it in enumerate(items)])
+        health = self._judge(items, rnd).health
+        self.store.set_meta(f"health_r{rnd}", health.as_dict())
+        info: dict[str, object] = {"estimated_accuracy": health.estimated_accuracy, "verdict": health.verdict,
+                                   "epoch_seconds": [round(x, 2) for x in out.epoch_seconds]}
+        previous = self.store.get_meta(f"health_r{rnd - 1}") if rnd > 1 else None
+        if previous and health.estimated_accuracy < previous["estimated_accuracy"] - REJECT_MARGIN:
+            log.warning("round %d's refined labels look worse than round %d's (estimated accuracy %.1f%% < %.1f%%):"
+                        " they do not replace them", rnd - 1, rnd - 2, 100 * health.estimated_accuracy,
+                        100 * previous["estimated_accuracy"])
+            self.store.set_meta(f"rejected_r{rnd - 1}", True)
+            self.store.copy_slm(rnd - 1, rnd)
+            shutil.copyfile(self.run_dir / f"slm_r{rnd - 1}_embeddings.npy", self.run_dir / f"slm_r{rnd}_embeddings.npy")
+            self.store.set_meta(f"health_r{rnd}", previous)
+            info["rejected_refinement"] = rnd - 1
         labelled = ~np.isnan(out.losses)
-        self.store.mark_stage(f"slm_r{rnd}", {"clean": int(out.clean[labelled].sum()), "labelled": int(labelled.sum())})
+        info.update(clean=int(out.clean[labelled].sum()), labelled=int(labelled.sum()))
+        self.store.mark_stage(f"slm_r{rnd}", info)
+        if health.verdict != "ok":
+            log.warning("SLM round %d: %s", rnd, health.message)
 
-    def _stage_refine(self, items: Sequence[Item], rnd: int, progress: Progress) -> None:
-        if self.store.stage_done(f"llm_r{rnd}"):
-            return
+    def refinement_scope(self, items: Sequence[Item], rnd: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """Round ``rnd``'s refinement: (texts to re-annotate, demo-pool indices, their pseudo-labels).
+
+        The clean agreed pool (per class: out-of-sample SLM prediction == label, top ``select_ratio`` by
+        SLM confidence) and human labels keep their labels; every other text is re-annotated (the paper),
+        or only the lowest-scored ``refine_share`` of them (a budget knob for endpoints paid per call).
+        """
         slm = self.store.slm(rnd)
         emb = np.load(self.run_dir / f"slm_r{rnd}_embeddings.npy")
         probs = np.array([slm[it.item_id]["probs"] for it in items])
-        clean = np.array([slm[it.item_id]["clean"] for it in items])
         gold = np.array([bool(it.human_label) for it in items])
-        current = self._current_labels(items, rnd - 1)
-        y = np.array([self.labels.index(lab) if lab is not None else -1 for lab in current])
-        pred, conf = probs.argmax(1), probs.max(1)
+        labels, _ = self._current(items, rnd - 1)
+        y = np.array([self.labels.index(lab) if lab is not None else -1 for lab in labels])
         n_cls = len(self.labels)
-        pool = clean_agreed_pool(y, pred, conf, n_cls, ratio=self.settings.select_ratio, gold=gold)
+        pool = clean_agreed_pool(y, probs.argmax(1), probs.max(1), n_cls, ratio=self.settings.select_ratio, gold=gold)
         chosen = demo_pool(pool, emb, max(1, self.settings.demo_pool_size // n_cls), seed=self.settings.seed,
                            gold=gold)
         pool_idx = np.concatenate([chosen[j] for j in range(n_cls)]).astype(int)
         pool_cls = np.concatenate([np.full(len(chosen[j]), j) for j in range(n_cls)]).astype(int)
-        noisy = [i for i in range(len(items)) if not gold[i] and (not clean[i] or y[i] < 0)]
-        todo = [items[i] for i in noisy]
+        kept = np.zeros(len(items), dtype=bool)
+        kept[np.concatenate([pool[j] for j in range(n_cls)]).astype(int)] = True
+        todo = np.flatnonzero(~kept & ~gold)
+        share = self.settings.refine_share
+        if share < 1.0 and len(todo):
+            scores = self._judge(items, rnd).scores
+            todo = todo[np.argsort(scores[todo], kind="stable")[:int(np.ceil(share * len(todo)))]]
+            todo = np.sort(todo)
+        return todo.tolist(), pool_idx, pool_cls
+
+    def _stage_refine(self, items: Sequence[Item], rnd: int, progress: Progress) -> None:
+        """Re-annotate every text outside the clean agreed pool with demos retrieved by SLM embeddings.
+
+        Requests that fail leave the stage unfinished: the next run retries them (as in round 0) and
+        redoes the later rounds if any label came in.
+        """
+        stage = f"llm_r{rnd}"
+        if self.store.stage_done(stage):
+            return
+        emb = np.load(self.run_dir / f"slm_r{rnd}_embeddings.npy")
+        todo_idx, pool_idx, pool_cls = self.refinement_scope(items, rnd)
+        todo = [items[i] for i in todo_idx]
+        n_cls = len(self.labels)
 
         def build(k: int) -> list[dict[str, str]]:
-            i = noisy[k]
+            i = todo_idx[k]
             picks = retrieve_demos(emb[i], emb[pool_idx], pool_cls, self.shots, n_cls,
                                    exclude=np.flatnonzero(pool_idx == i))
             demos = [(items[pool_idx[p]].text, self.labels[pool_cls[p]]) for p in picks]
             return label_messages(items[i].text, self.labels, demos, self.task_description)
 
+        before = {k for k, v in self.store.annotations(stage).items() if not v["error"]}
         if todo:
-            annotate_items(self.llm, self.store, f"llm_r{rnd}", todo, build, self.labels, on_progress=progress)
-        self.store.mark_stage(f"llm_r{rnd}", {"reannotated": len(todo), "demo_pool": len(pool_idx)})
+            annotate_items(self.llm, self.store, stage, todo, build, self.labels, on_progress=progress)
+        answers = self.store.annotations(stage)
+        failed = sum(1 for it in todo if answers.get(it.item_id, {}).get("error"))
+        if any(answers.get(it.item_id, {}).get("label") is not None and it.item_id not in before for it in todo):
+            self.store.forget_rounds_after(rnd)  # new labels: later rounds must be redone
+        if failed:
+            log.warning("refinement round %d: %d requests failed; re-run to retry them", rnd, failed)
+            return
+        self.store.mark_stage(stage, {"reannotated": len(todo), "kept": len(items) - len(todo),
+                                      "demo_pool": len(pool_idx)})
 
     def _final(self, items: Sequence[Item], rounds: int) -> list[ItemResult]:
-        """Combine the last SLM with the refined LLM labels; flag what a person should look at."""
-        labels = self._current_labels(items, rounds)
-        slm = self.store.slm(rounds) if rounds else {}
-        llm_ann: dict[str, dict[str, object]] = {}
-        for stage in ["llm_r0"] + [f"llm_r{r}" for r in range(1, rounds + 1)]:
-            for k, v in self.store.annotations(stage).items():
-                if v["label"] is not None or k not in llm_ann:
-                    llm_ann[k] = v
+        """Label, calibrated score and review flag per text, from the last SLM round's verdict on the
+        final labels (see detection.py); with no SLM round, the LLM's word only."""
+        labels, _ = self._current(items, rounds)
+        llm_conf = self._llm_confidences(items, rounds)
+        if not rounds:
+            return [ItemResult(it.item_id, it.human_label or lab, 1.0 if it.human_label else llm_conf[it.item_id],
+                               {}, suspicious=lab is None, reasons=["no_llm_label"] if lab is None else [],
+                               llm_label=None if it.human_label else lab, llm_confidence=llm_conf[it.item_id],
+                               round=0, source="human" if it.human_label else "llm")
+                    for it, lab in zip(items, labels)]
+        verdict = self._judge(items, rounds + 1)
+        slm = self.store.slm(rounds + 1)
         results = []
-        for it, lab in zip(items, labels):
+        for i, (it, lab) in enumerate(zip(items, labels)):
+            final = self.labels[int(verdict.labels[i])]
+            p_slm = np.array(slm[it.item_id]["probs"])
+            slm_label = self.labels[int(np.argmax(p_slm))]
             if it.human_label:
                 results.append(ItemResult(it.item_id, it.human_label, 1.0,
                                           {x: float(x == it.human_label) for x in self.labels},
                                           round=rounds, source="human", llm_label=None))
                 continue
-            ann = llm_ann.get(it.item_id, {})
-            llm_conf = ann.get("confidence")
-            llm_probs = dict(ann.get("probs") or {})
-            row = slm.get(it.item_id)
-            if row is None:  # no SLM ran (rounds == 0): the LLM's word only
-                results.append(ItemResult(it.item_id, lab, llm_conf, llm_probs, suspicious=lab is None,
-                                          reasons=["no_llm_label"] if lab is None else [], llm_label=lab,
-                                          llm_confidence=llm_conf, round=0, source="llm"))
-                continue
-            p_slm = np.array(row["probs"])
-            if lab is not None:
-                q = np.array([llm_probs.get(x, 0.0) for x in self.labels]) if llm_probs else np.eye(len(self.labels))[
-                    self.labels.index(lab)]
-                combined = (p_slm + q) / 2
-            else:
-                combined = p_slm
-            best = int(np.argmax(combined))
-            final = self.labels[best]
-            slm_label = self.labels[int(np.argmax(p_slm))]
-            confidence = float(combined[best])
-            reasons = []
-            if lab is None:
-                reasons.append("no_llm_label")
-            elif slm_label != lab:
-                reasons.append("llm_slm_disagree")
-            if not row["clean"]:
-                reasons.append("high_loss")
-            if confidence < LOW_CONFIDENCE:
-                reasons.append("low_confidence")
-            suspicious = ("no_llm_label" in reasons or "llm_slm_disagree" in reasons
-                          or ("high_loss" in reasons and "low_confidence" in reasons))
+            flagged = bool(verdict.flagged[i])
             results.append(ItemResult(
-                it.item_id, final, confidence, {x: float(v) for x, v in zip(self.labels, combined)},
-                suspicious=suspicious, reasons=reasons if suspicious else [],
-                suggested_label=slm_label if suspicious else None, llm_label=lab,
-                llm_confidence=float(llm_conf) if isinstance(llm_conf, (int, float)) else None,
-                slm_label=slm_label, slm_prob=float(p_slm.max()), round=rounds,
-                source="llm" if final == lab else "slm"))
+                it.item_id, final, float(verdict.scores[i]),
+                {x: float(v) for x, v in zip(self.labels, verdict.posterior[i])},
+                suspicious=flagged, reasons=verdict.reasons[i] if flagged else [],
+                suggested_label=slm_label if flagged and slm_label != final else None, llm_label=lab,
+                llm_confidence=llm_conf[it.item_id], slm_label=slm_label, slm_prob=float(p_slm.max()),
+                round=rounds, source="llm" if final == lab else "slm"))
         return results
 
+    def health(self) -> dict[str, object] | None:
+        """The latest SLM round's verdict on the labels (estimated accuracy, kappa, verdict, message)."""
+        return latest_health(self.store)
+
+
+def latest_health(store: Store) -> dict[str, object] | None:
+    """The run health stored by the latest SLM round, or None before any."""
+    rnd = 1
+    while store.get_meta(f"health_r{rnd + 1}") is not None:
+        rnd += 1
+    return store.get_meta(f"health_r{rnd}")

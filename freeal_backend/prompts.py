@@ -71,6 +71,21 @@ def parse_generated_texts(answer: str, limit: int) -> list[str]:
     return texts
 
 
+_THINK = re.compile(r"<think>.*?</think>", re.IGNORECASE | re.DOTALL)
+_NEGATION = r"(not|no|never|neither|nor|hardly|t)"  # "t": the tail of "isn't"/"don't" once squashed
+
+
+def strip_thinking(answer: str) -> str | None:
+    """The answer without ``<think>…</think>`` blocks; None when thinking was cut off (no answer given)."""
+    text = _THINK.sub(" ", answer)
+    return None if "<think>" in text.lower() else text
+
+
+def _negated(norm: str, key: str) -> bool:
+    """Whether ``key`` appears negated ("not positive", "isn't good", "not very good") in ``norm``."""
+    return re.search(rf"(^| ){_NEGATION}( \w+)? {re.escape(key)}( |$)", norm) is not None
+
+
 def _squash(text: str) -> str:
     text = re.sub(r"[\"'`*_.,;:!?()\[\]{}<>]", " ", text)
     return re.sub(r"\s+", " ", text).strip()
@@ -86,9 +101,11 @@ def parse_label(answer: str | None, labels: Sequence[str],
                 synonyms: dict[str, tuple[str, ...]] | None = None) -> str | None:
     """Map a free-form answer to one label, or None when it names none or several.
 
-    Tolerates case, punctuation, quotes, prefixes such as "Answer: X", label synonyms and
-    unambiguous prefixes ("pos" -> "positive").
+    Tolerates case, punctuation, quotes, prefixes such as "Answer: X", label synonyms, unambiguous
+    prefixes ("pos" -> "positive") and ``<think>`` blocks. A negated label or synonym ("not positive",
+    "not good") is refused rather than guessed.
     """
+    answer = strip_thinking(answer) if answer else None
     if not answer:
         return None
     syn = SYNONYMS if synonyms is None else synonyms
@@ -102,14 +119,17 @@ def parse_label(answer: str | None, labels: Sequence[str],
     if first_line in by_norm:
         return by_norm[first_line]
     words = norm.split(" ")
-    found = {lab for key, lab in by_norm.items() if re.search(rf"(^| ){re.escape(key)}( |$)", norm)}
+    named = [(key, lab) for key, lab in by_norm.items() if re.search(rf"(^| ){re.escape(key)}( |$)", norm)]
+    named += [(word, lab) for key, lab in by_norm.items() for word in words[:3] if word in syn.get(key, ())]
+    if any(_negated(norm, key) for key, _ in named):
+        return None
+    found = {lab for key, lab in named if re.search(rf"(^| ){re.escape(key)}( |$)", norm) and key in by_norm}
     if len(found) == 1:
         return found.pop()
     if found:
         return None
-    for key, lab in by_norm.items():
-        if any(word in syn.get(key, ()) for word in words[:3]):
-            return lab
+    for key, lab in named:
+        return lab
     head = words[0]
     prefixed = [lab for key, lab in by_norm.items() if len(head) >= 3 and key.startswith(head)]
     return prefixed[0] if len(prefixed) == 1 else None

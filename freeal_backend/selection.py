@@ -1,9 +1,10 @@
-"""Pure selection functions: small-loss split, clean agreed pool, k-medoids demos, demo retrieval."""
+"""Pure selection functions: small-loss split, clean agreed pool, diverse (k-means) demos, demo retrieval."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
+from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.mixture import GaussianMixture
 
 
@@ -44,43 +45,35 @@ def clean_agreed_pool(llm_labels: np.ndarray, slm_pred: np.ndarray, slm_conf: np
     return pool
 
 
-def k_medoids(embeddings: np.ndarray, k: int, *, seed: int = 0, iters: int = 20) -> np.ndarray:
-    """Indices of ``k`` medoids (cosine distance, alternating assignment/update). Returns all if k >= n."""
+def kmeans_representatives(embeddings: np.ndarray, k: int, *, seed: int = 0) -> np.ndarray:
+    """Indices of ``k`` diverse representatives: k-means on the (normalised) embeddings, then the member
+    closest to each centroid (the authors' choice). Memory is O(n·k), never n×n. Returns all if k >= n."""
     n = len(embeddings)
     if k >= n:
         return np.arange(n)
     x = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(min=1e-12)
-    dist = 1.0 - x @ x.T
-    rng = np.random.default_rng(seed)
-    # k-means++ style seeding for spread-out starting medoids
-    medoids = [int(rng.integers(n))]
-    for _ in range(1, k):
-        d = np.clip(dist[:, medoids].min(axis=1), 0.0, None)
-        medoids.append(int(np.argmax(d)) if d.sum() <= 0 else int(rng.choice(n, p=d / d.sum())))
-    med = np.array(sorted(set(medoids)))
-    for _ in range(iters):
-        assign = np.argmin(dist[:, med], axis=1)
-        new = med.copy()
-        for c in range(len(med)):
-            members = np.flatnonzero(assign == c)
-            if len(members):
-                new[c] = members[np.argmin(dist[np.ix_(members, members)].sum(axis=1))]
-        if np.array_equal(np.sort(new), np.sort(med)):
-            break
-        med = np.unique(new)
-    return np.sort(med)
+    km = (KMeans(n_clusters=k, n_init=3, random_state=seed) if n <= 20000
+          else MiniBatchKMeans(n_clusters=k, n_init=3, random_state=seed, batch_size=4096))
+    assign = km.fit_predict(x)
+    picks = []
+    for c in range(k):
+        members = np.flatnonzero(assign == c)
+        if len(members):
+            d = ((x[members] - km.cluster_centers_[c]) ** 2).sum(axis=1)
+            picks.append(int(members[np.argmin(d)]))
+    return np.unique(np.array(picks, dtype=int))
 
 
 def demo_pool(pool: dict[int, np.ndarray], embeddings: np.ndarray, per_class: int, *, seed: int = 0,
               gold: np.ndarray | None = None) -> dict[int, np.ndarray]:
-    """A small, diverse demo pool per class: gold samples first, then k-medoids of the clean agreed pool."""
+    """A small, diverse demo pool per class: gold samples first, then k-means representatives of the clean agreed pool."""
     gold = np.zeros(len(embeddings), dtype=bool) if gold is None else gold
     out: dict[int, np.ndarray] = {}
     for j, idx in pool.items():
         human = idx[gold[idx]][:per_class]
         rest = idx[~gold[idx]]
         need = per_class - len(human)
-        picked = rest[k_medoids(embeddings[rest], need, seed=seed)] if need > 0 and len(rest) else rest[:0]
+        picked = rest[kmeans_representatives(embeddings[rest], need, seed=seed)] if need > 0 and len(rest) else rest[:0]
         out[j] = np.concatenate([human, picked]).astype(int)
     return out
 

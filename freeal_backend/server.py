@@ -29,9 +29,10 @@ from freeal_backend.label_config import (
     review_results,
 )
 from freeal_backend.llm_client import LLMUnavailable
-from freeal_backend.loop import FreeALRun
+from freeal_backend.loop import FreeALRun, latest_health
 from freeal_backend.ls_client import MissingCredentialsError, project_id_from_uid
 from freeal_backend.records import Item, ItemResult
+from freeal_backend.storage import Store
 
 log = logging.getLogger("freeal_backend.server")
 
@@ -83,6 +84,17 @@ class Backend:
         if not xml:
             raise BadRequest("label_config is missing and /setup has not been called for this project")
         return parse_label_config(xml, from_name=opts.from_name), opts
+
+    def health(self, project_id: int) -> dict[str, Any] | None:
+        """The project's latest run-health verdict (estimated label accuracy, kappa, verdict, message)."""
+        path = self.settings.data_dir / f"project-{project_id}" / "state.sqlite"
+        if not path.exists():
+            return None
+        store = Store(path)
+        try:
+            return latest_health(store)
+        finally:
+            store.close()
 
     def version(self, project_id: int) -> str:
         return self.store.model_version(project_id) or INITIAL_VERSION
@@ -292,7 +304,7 @@ def create_app(settings: Settings | None = None, server: ServerSettings | None =
         row = backend.store.status(project_id)
         if row is None:
             return jsonify(error=f"no FreeAL job for project {project_id} yet"), 404
-        return jsonify(project=project_id, progress=progress_text(row), **row)
+        return jsonify(project=project_id, progress=progress_text(row), health=backend.health(project_id), **row)
 
     return app
 

@@ -1,17 +1,21 @@
-"""The small model (SLM): robust self-training on noisy LLM labels (FreeAL step 2).
+"""The small model (SLM): robust self-training on noisy LLM labels (FreeAL step 2), cross-fitted.
 
-Recipe (FREEAL.md): warm-up on all labels; then, every epoch, a 2-component GMM over normalised
-per-sample losses splits clean from noisy; loss = CE(clean) + w * (mixup on clean + consistency
-between a text and an augmented view: CE on clean, symmetric KL on the rest), w ramping up linearly.
-Only the top ``train_layers`` encoder layers and the head are trained; the lower layers' output is
-cached once (see encoder.py). Mixup mixes pooled sentence representations (manifold mixup).
+Recipe (FREEAL.md, the authors' trainer): warm-up epochs of plain cross-entropy; then a 2-component GMM
+over each text's training loss averaged over the epochs so far splits clean from noisy; loss = CE(clean)
++ w * (mixup on clean + consistency between a text and an augmented view: CE on clean, sharpened KL
+towards the other view's detached prediction on the rest), w ramping up linearly from the start.
+The texts are split into K folds and K such models are trained, each judging the fold it never saw:
+the split, agreed pool, pseudo-labels and review score downstream all use these out-of-sample
+probabilities, never a model's verdict on labels it memorised. Only the top ``train_layers`` encoder
+layers and the head are trained; the lower layers' output is cached once (see encoder.py).
 """
 from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +31,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SLMConfig:
-    epochs: int = 6
-    warmup_epochs: int = 2
+    epochs: int = 2
+    warmup_epochs: int = 1  # epochs of plain cross-entropy on every label before the small-loss split
+    ramp_epochs: int = 10  # the regulariser weight ramps linearly from 0 at the start over this many epochs
+    folds: int = 3  # cross-fitting: each text is judged by a model that never trained on its label
     lr: float = 1e-4
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
     batch_size: int = 32
     dropout: float = 0.1
     clean_threshold: float = 0.7
     mixup_alpha: float = 4.0
-    temperature: float = 2.0
+    temperature: float = 0.85  # consistency: the student's logits are divided by it (sharpened)
     token_drop: float = 0.15
     robust: bool = True  # False: plain cross-entropy on every label (the naive baseline)
     seed: int = 0
@@ -43,13 +49,22 @@ class SLMConfig:
 
 @dataclass
 class SLMOutput:
-    """What the trained SLM says about every sample it was trained on."""
+    """What the cross-fitted SLM says about every text.
 
-    probs: np.ndarray  # (n, classes)
-    embeddings: np.ndarray  # (n, hidden) L2-normalised pooled representations
-    losses: np.ndarray  # (n,) CE against the training label, NaN where unlabelled
-    clean: np.ndarray  # (n,) bool, GMM small-loss split (human labels always clean)
+    ``oof_probs`` come from the fold model that did not train on the text's label (out of sample: the
+    evidence for detection); unlabelled and human-labelled texts get the mean of every fold model.
+    """
+
+    oof_probs: np.ndarray  # (n, classes)
+    embeddings: np.ndarray  # (n, K*hidden) L2-normalised concatenation of the K fold models' pooled states
+    losses: np.ndarray  # (n,) out-of-sample CE against the training label, NaN where unlabelled
+    clean: np.ndarray  # (n,) bool, GMM small-loss split of the out-of-sample losses (human labels clean)
     clean_prob: np.ndarray  # (n,)
+    epoch_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def probs(self) -> np.ndarray:
+        return self.oof_probs
 
 
 class SLMClassifier(nn.Module):
@@ -92,112 +107,206 @@ def _drop_tokens(mask: torch.Tensor, rate: float, gen: torch.Generator) -> torch
     return mask * keep
 
 
-def _sym_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float) -> torch.Tensor:
-    pa = F.log_softmax(logits_a / temperature, dim=-1)
-    pb = F.log_softmax(logits_b / temperature, dim=-1)
-    return 0.5 * (F.kl_div(pa, pb, log_target=True, reduction="batchmean")
-                  + F.kl_div(pb, pa, log_target=True, reduction="batchmean"))
+def _consistency(logits: torch.Tensor, aug_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The authors' consistency on noisy samples: each view's sharpened output (logits / T) is pulled
+    towards the other view's detached prediction, symmetric KL averaged over the batch."""
+    def kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(F.log_softmax(student / temperature, dim=-1), F.softmax(teacher.detach(), dim=-1),
+                        reduction="batchmean")
+    return 0.5 * (kl(logits, aug_logits) + kl(aug_logits, logits))
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
+    """AdamW groups: weight decay on weight matrices only, never on biases or LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+EpochCallback = Callable[[int, int, dict[str, float]], None]
 
 
 class SmallModel:
-    """Trains and applies one SLM over cached lower states."""
+    """The SLM: K fold models over cached lower states, trained by cross-fitting, applied as an ensemble.
 
-    def __init__(self, encoder: Encoder, num_classes: int, *, train_layers: int = 2,
+    Fold model f trains on every label outside fold f (human labels in every fold) and judges fold f, so
+    each LLM label is judged by a model that never saw it: detection evidence the SLM has not memorised.
+    Each fold model stops early at the epoch with the lowest held-out loss against the (noisy) labels.
+    """
+
+    def __init__(self, encoder: Encoder, num_classes: int, *, train_layers: int = 4,
                  config: SLMConfig | None = None) -> None:
         self.encoder = encoder
         self.config = config or SLMConfig()
         self.num_classes = num_classes
-        torch.manual_seed(self.config.seed)
-        self.model = SLMClassifier(encoder, train_layers, num_classes, self.config.dropout).to(encoder.device)
+        self.train_layers = train_layers
+        self.models: list[SLMClassifier] = []
 
     @property
     def split(self) -> int:
-        return self.model.split
+        return max(0, self.encoder.num_layers - self.train_layers)
+
+    def _new_model(self, seed: int) -> SLMClassifier:
+        torch.manual_seed(seed)
+        return SLMClassifier(self.encoder, self.train_layers, self.num_classes,
+                             self.config.dropout).to(self.encoder.device)
 
     def save(self, path: Path) -> None:
-        """Write the trained top layers and head (atomically: a crash never leaves half a file)."""
+        """Write the fold models' trained layers and heads (atomically: a crash never leaves half a file)."""
         tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.model.state_dict(), tmp)
+        torch.save([m.state_dict() for m in self.models], tmp)
         tmp.replace(path)
 
     def load(self, path: Path) -> None:
-        self.model.load_state_dict(torch.load(path, map_location=self.encoder.device, weights_only=True))
+        states = torch.load(path, map_location=self.encoder.device, weights_only=True)
+        self.models = []
+        for i, state in enumerate(states):
+            model = self._new_model(i)
+            model.load_state_dict(state)
+            self.models.append(model)
 
     @torch.no_grad()
-    def evaluate(self, lower: LowerStates, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-        """(probs, normalised pooled embeddings) for every text, in order."""
-        self.model.eval()
-        n = len(lower.states)
-        probs = np.zeros((n, self.num_classes), dtype=np.float32)
-        emb = np.zeros((n, self.encoder.hidden_size), dtype=np.float32)
-        lengths = np.array([s.shape[0] for s in lower.states])
+    def _predict(self, model: SLMClassifier, lower: LowerStates, index: np.ndarray | None = None,
+                 batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+        """(probs, normalised pooled embeddings) of one model for ``index`` (default: every text), in order."""
+        model.eval()
+        index = np.arange(len(lower.states)) if index is None else np.asarray(index, dtype=int)
+        probs = np.zeros((len(index), self.num_classes), dtype=np.float32)
+        emb = np.zeros((len(index), self.encoder.hidden_size), dtype=np.float32)
+        lengths = np.array([lower.states[i].shape[0] for i in index])
         order = np.argsort(lengths, kind="stable")
-        for start in range(0, n, batch_size):
-            index = order[start:start + batch_size]
-            states, mask = lower.batch(index, self.encoder.device)
-            logits, pooled = self.model(states, mask)
-            probs[index] = F.softmax(logits, dim=-1).cpu().numpy()
-            emb[index] = F.normalize(pooled, dim=-1).cpu().numpy()
+        for start in range(0, len(index), batch_size):
+            pos = order[start:start + batch_size]
+            states, mask = lower.batch(index[pos], self.encoder.device)
+            logits, pooled = model(states, mask)
+            probs[pos] = F.softmax(logits, dim=-1).cpu().numpy()
+            emb[pos] = F.normalize(pooled, dim=-1).cpu().numpy()
+        return probs, emb
+
+    def evaluate(self, lower: LowerStates) -> tuple[np.ndarray, np.ndarray]:
+        """Ensemble (mean probs, L2-normalised concatenated embeddings) for every text, in order."""
+        if not self.models:
+            raise RuntimeError("the SLM is not trained")
+        outs = [self._predict(m, lower) for m in self.models]
+        probs = np.mean([p for p, _ in outs], axis=0)
+        emb = np.concatenate([e for _, e in outs], axis=1) / np.sqrt(len(outs))
         return probs, emb
 
     def fit(self, lower: LowerStates, labels: np.ndarray, *, gold: np.ndarray | None = None,
-            augmented: LowerStates | None = None,
-            on_epoch: Callable[[int, int, dict[str, float]], None] | None = None) -> SLMOutput:
-        """Train on ``labels`` (class index, -1 = unlabelled); ``gold`` marks human labels (always clean)."""
+            augmented: LowerStates | None = None, on_epoch: EpochCallback | None = None) -> SLMOutput:
+        """Cross-fit on ``labels`` (class index, -1 = unlabelled); ``gold`` marks human labels (always clean)."""
+        cfg = self.config
+        labels = np.asarray(labels)
+        n = len(labels)
+        gold = np.zeros(n, dtype=bool) if gold is None else np.asarray(gold, dtype=bool)
+        labelled = labels >= 0
+        judged = np.flatnonzero(labelled & ~gold)
+        folds = min(cfg.folds, len(judged))
+        fold_of = np.full(n, -1)
+        fold_of[np.random.default_rng(cfg.seed).permutation(judged)] = np.arange(len(judged)) % max(1, folds)
+        if folds < 2:  # too few labels to hold any out: one model, in-sample evidence
+            fold_of[:] = -1
+            folds = 1
+        oof = np.zeros((n, self.num_classes), dtype=np.float32)
+        ensemble = np.zeros((n, self.num_classes), dtype=np.float32)
+        embeddings, seconds = [], []
+        self.models = []
+        for f in range(folds):
+            held = np.flatnonzero(fold_of == f)
+            train = np.flatnonzero(labelled & (fold_of != f))
+            model = self._new_model(cfg.seed * 1000 + f)
+            oof[held] = self._train_one(model, lower, labels, gold, augmented, train, held, f, folds, on_epoch,
+                                        seconds)
+            probs, emb = self._predict(model, lower)
+            ensemble += probs / folds
+            embeddings.append(emb)
+            self.models.append(model)
+        outside = fold_of < 0
+        oof[outside] = ensemble[outside]
+        losses = self._losses(oof, labels)
+        clean, clean_prob = split_clean_noisy(np.where(gold, np.nan, losses), threshold=cfg.clean_threshold,
+                                              seed=cfg.seed)
+        clean |= gold
+        clean_prob[gold] = 1.0
+        emb = np.concatenate(embeddings, axis=1) / np.sqrt(folds)
+        return SLMOutput(oof, emb, losses, clean, clean_prob, seconds)
+
+    def _train_one(self, model: SLMClassifier, lower: LowerStates, labels: np.ndarray, gold: np.ndarray,
+                   augmented: LowerStates | None, train: np.ndarray, held: np.ndarray, fold: int, folds: int,
+                   on_epoch: EpochCallback | None, seconds: list[float]) -> np.ndarray:
+        """Train one fold model on ``train``; returns its probabilities on ``held`` at the best epoch.
+
+        Recipe: AdamW (no decay on biases/LayerNorm), linear lr decay to 0, warm-up epochs of plain CE;
+        robust epochs keep CE on the small-loss side of a GMM over each text's training loss averaged over
+        the epochs so far (not the latest, memorising one); mixup and consistency ramp up from the start.
+        """
         cfg = self.config
         device = self.encoder.device
-        labels = np.asarray(labels)
-        gold = np.zeros(len(labels), dtype=bool) if gold is None else np.asarray(gold, dtype=bool)
-        labelled = labels >= 0
-        rng = np.random.default_rng(cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed)
+        rng = np.random.default_rng(cfg.seed + 7919 * fold)
+        gen = torch.Generator().manual_seed(cfg.seed + fold)
         lengths = np.array([s.shape[0] for s in lower.states])
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        targets = torch.as_tensor(np.where(labelled, labels, 0), dtype=torch.long)
-        clean = labelled.copy()
-        ramp = max(1, cfg.epochs - cfg.warmup_epochs)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optim = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+        steps_per_epoch = max(1, -(-len(train) // cfg.batch_size))
+        total_steps = steps_per_epoch * cfg.epochs
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: max(0.0, 1.0 - step / total_steps))
+        targets = torch.as_tensor(np.where(labels >= 0, labels, 0), dtype=torch.long)
+        loss_sum = np.zeros(len(labels))
+        loss_count = np.zeros(len(labels))
+        clean = np.ones(len(labels), dtype=bool)
+        best: tuple[float, dict[str, torch.Tensor] | None, np.ndarray] = (np.inf, None, np.zeros((len(held), 0)))
+        step = 0
         for epoch in range(cfg.epochs):
-            robust_phase = cfg.robust and epoch >= cfg.warmup_epochs
-            if robust_phase:
-                clean, _ = self._split(lower, labels, gold)
-            weight = min(1.0, (epoch - cfg.warmup_epochs + 1) / ramp) if robust_phase else 0.0
-            pool = np.arange(len(labels)) if robust_phase else np.flatnonzero(labelled)
-            self.model.train()
-            total, steps = 0.0, 0
-            for index in _batches(lengths[pool], cfg.batch_size, rng):
-                index = pool[index]
+            start = time.perf_counter()
+            if cfg.robust and epoch >= cfg.warmup_epochs:
+                seen = np.where(loss_count > 0, loss_sum / np.maximum(loss_count, 1), np.nan)
+                seen[np.setdiff1d(np.arange(len(labels)), train)] = np.nan
+                clean, _ = split_clean_noisy(np.where(gold, np.nan, seen), threshold=cfg.clean_threshold,
+                                             seed=cfg.seed)
+                clean |= gold
+            model.train()
+            total = 0.0
+            for index in _batches(lengths[train], cfg.batch_size, rng):
+                index = train[index]
                 states, mask = lower.batch(index, device)
-                logits, pooled = self.model(states, mask)
+                logits, pooled = model(states, mask)
                 y = targets[index].to(device)
+                ce = F.cross_entropy(logits, y, reduction="none")
+                loss_sum[index] += ce.detach().cpu().numpy()
+                loss_count[index] += 1
                 is_clean = torch.as_tensor(clean[index], device=device)
-                loss = F.cross_entropy(logits[is_clean], y[is_clean]) if is_clean.any() else logits.sum() * 0
-                if robust_phase:
-                    loss = loss + weight * self._regularisers(index, logits, pooled, y, is_clean, lower,
+                loss = ce[is_clean].mean() if is_clean.any() else logits.sum() * 0
+                if cfg.robust:
+                    weight = min(1.0, (step / steps_per_epoch) / max(1, cfg.ramp_epochs))
+                    loss = loss + weight * self._regularisers(model, index, logits, pooled, y, is_clean, lower,
                                                               augmented, mask, gen, rng)
                 optim.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optim.step()
+                sched.step()
+                step += 1
                 total += float(loss.detach())
-                steps += 1
+            held_probs = self._predict(model, lower, held)[0] if len(held) else np.zeros((0, self.num_classes))
+            held_loss = float(np.nanmean(self._losses(held_probs, labels[held]))) if len(held) else -epoch
+            if held_loss < best[0]:
+                best = (held_loss, copy.deepcopy(model.state_dict()), held_probs)
+            seconds.append(time.perf_counter() - start)
             if on_epoch is not None:
-                on_epoch(epoch + 1, cfg.epochs, {"loss": total / max(1, steps), "clean": float(clean[labelled].mean())
-                                                 if labelled.any() else 0.0})
-        probs, emb = self.evaluate(lower)
-        losses = self._losses(probs, labels)
-        if cfg.robust:
-            clean_mask, clean_prob = split_clean_noisy(losses, threshold=cfg.clean_threshold, seed=cfg.seed)
-        else:
-            clean_mask, clean_prob = labelled.copy(), labelled.astype(float)
-        clean_mask |= gold
-        clean_prob[gold] = 1.0
-        return SLMOutput(probs, emb, losses, clean_mask, clean_prob)
+                on_epoch(fold * cfg.epochs + epoch + 1, folds * cfg.epochs,
+                         {"loss": total / steps_per_epoch, "held_out_loss": held_loss,
+                          "clean": float(clean[train].mean())})
+        if best[1] is not None:
+            model.load_state_dict(best[1])
+        return best[2]
 
-    def _regularisers(self, index: np.ndarray, logits: torch.Tensor, pooled: torch.Tensor, y: torch.Tensor,
-                      is_clean: torch.Tensor, lower: LowerStates, augmented: LowerStates | None,
+    def _regularisers(self, model: SLMClassifier, index: np.ndarray, logits: torch.Tensor, pooled: torch.Tensor,
+                      y: torch.Tensor, is_clean: torch.Tensor, lower: LowerStates, augmented: LowerStates | None,
                       mask: torch.Tensor, gen: torch.Generator, rng: np.random.Generator) -> torch.Tensor:
-        """Mixup on clean samples + consistency with an augmented view (CE on clean, symmetric KL on the rest)."""
+        """Mixup on clean samples + consistency with an augmented view (CE on clean, sharpened KL on the rest)."""
         cfg = self.config
         device = logits.device
         extra = logits.sum() * 0
@@ -210,25 +319,19 @@ class SmallModel:
             perm = torch.randperm(n_clean, generator=gen).to(device)
             mixed = lam * p_clean + (1 - lam) * p_clean[perm]
             mixed_y = lam * y_clean + (1 - lam) * y_clean[perm]
-            mix_logits = self.model.head(self.model.dropout(mixed))
+            mix_logits = model.head(model.dropout(mixed))
             extra = extra + -(mixed_y * F.log_softmax(mix_logits, dim=-1)).sum(-1).mean()
         if augmented is not None:
             aug_states, aug_mask = augmented.batch(index, device)
         else:
             aug_states, aug_mask = lower.batch(index, device)[0], _drop_tokens(mask, cfg.token_drop, gen)
-        aug_logits, _ = self.model(aug_states, aug_mask)
+        aug_logits, _ = model(aug_states, aug_mask)
         if n_clean:
             extra = extra + F.cross_entropy(aug_logits[is_clean], y[is_clean])
         if n_clean < len(index):
             noisy = ~is_clean
-            extra = extra + _sym_kl(logits[noisy], aug_logits[noisy], cfg.temperature)
+            extra = extra + _consistency(logits[noisy], aug_logits[noisy], cfg.temperature)
         return extra
-
-    def _split(self, lower: LowerStates, labels: np.ndarray, gold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        probs, _ = self.evaluate(lower)
-        clean, prob = split_clean_noisy(self._losses(probs, labels), threshold=self.config.clean_threshold,
-                                        seed=self.config.seed)
-        return clean | gold, prob
 
     @staticmethod
     def _losses(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:

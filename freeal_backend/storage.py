@@ -120,6 +120,7 @@ class Store(Transactional):
             db.execute(f"DELETE FROM stages WHERE name NOT IN ({marks})", keep)
             db.execute(f"DELETE FROM annotations WHERE stage NOT IN ({marks})", keep)
             db.execute("DELETE FROM slm")
+            db.execute("DELETE FROM meta WHERE key LIKE 'health_r%' OR key LIKE 'rejected_r%'")
 
     # demos ------------------------------------------------------------------------------------------
     def set_demos(self, label: str, texts: list[str]) -> None:
@@ -152,6 +153,26 @@ class Store(Transactional):
         rows = self._read("SELECT item_id, probs, loss, clean, clean_prob FROM slm WHERE round = ?", (rnd,))
         return {r[0]: {"probs": json.loads(r[1]), "loss": r[2], "clean": bool(r[3]), "clean_prob": r[4]}
                 for r in rows}
+
+    def copy_slm(self, src: int, dst: int) -> None:
+        """Make SLM round ``dst``'s rows those of round ``src`` (a rejected refinement reuses them)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM slm WHERE round = ?", (dst,))
+            db.execute("INSERT INTO slm SELECT ?, item_id, probs, loss, clean, clean_prob FROM slm WHERE round = ?",
+                       (dst, src))
+
+    def forget_rounds_after(self, rnd: int) -> None:
+        """Forget the SLM and refinement rounds after ``rnd`` (their inputs changed), and the results."""
+        with self.transaction() as db:
+            later = [name for (name,) in db.execute("SELECT name FROM stages") if name[:5] in ("slm_r", "llm_r")
+                     and name[5:].isdigit() and int(name[5:]) > rnd]
+            later.append("final")
+            db.executemany("DELETE FROM stages WHERE name = ?", [(n,) for n in later])
+            db.executemany("DELETE FROM annotations WHERE stage = ?", [(n,) for n in later if n.startswith("llm_r")])
+            db.execute("DELETE FROM slm WHERE round > ?", (rnd,))
+            db.execute("DELETE FROM meta WHERE key LIKE 'health_r%' AND CAST(substr(key, 9) AS INTEGER) > ?", (rnd,))
+            db.execute("DELETE FROM meta WHERE key LIKE 'rejected_r%' AND CAST(substr(key, 11) AS INTEGER) >= ?",
+                       (rnd,))
 
     # results ----------------------------------------------------------------------------------------
     def set_results(self, results: list[ItemResult]) -> None:

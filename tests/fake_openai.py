@@ -8,7 +8,8 @@ It speaks the chat-completions protocol over real sockets on 127.0.0.1, so the r
 
 Answers are deterministic. A labelling request (the system prompt lists the labels, the last user turn is
 ``Text: ...\\nLabel:``) is answered by a keyword rule (sentiment words, a label named in the text, else a
-hash of the text), with plausible first-token ``top_logprobs``. A demo-generation request gets the asked
+hash of the text), with per-token ``top_logprobs``: the label is split into 3-character tokens and the
+answer's certainty varies with the text (see :func:`label_logprobs`). A demo-generation request gets the asked
 number of distinct example lines.
 
 Faults are queued with :meth:`FakeOpenAI.inject` and each one is consumed by one chat request, in order:
@@ -91,11 +92,37 @@ def choose_label(text: str, labels: list[str]) -> str:
     return labels[int(hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(), 16) % len(labels)]
 
 
-def top_logprobs_for(label: str, labels: list[str], sure: float = 0.85) -> list[dict[str, Any]]:
-    """First-token logprobs: most mass on ``label``, the rest spread over the other labels."""
+def certainty(text: str) -> float:
+    """How sure the fake is of its answer for ``text``: between 0.55 and 0.98, varying with the text."""
+    return 0.55 + 0.43 * (int(hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(), 16) % 1000) / 999
+
+
+def tokens_of(label: str) -> list[str]:
+    """The fake tokenizer: labels are split into pieces of 3 characters ("pos", "iti", "ve")."""
+    return [label[i:i + 3] for i in range(0, len(label), 3)]
+
+
+def label_logprobs(label: str, labels: list[str], sure: float, top: int) -> list[dict[str, Any]]:
+    """Per-token logprobs of answering ``label`` under P(label) = ``sure`` (the rest spread evenly): at
+    each position the alternatives are the next pieces of the labels that share the pieces so far, each
+    with its conditional probability, so labels sharing leading tokens diverge later."""
     others = [lab for lab in labels if lab != label]
-    alts = [(label, sure)] + [(lab, (1 - sure) / max(1, len(others))) for lab in others]
-    return [{"token": tok, "logprob": math.log(p), "bytes": list(tok.encode())} for tok, p in alts]
+    dist = {lab: (sure if lab == label else (1 - sure) / max(1, len(others))) for lab in labels}
+    chosen = tokens_of(label)
+    out = []
+    for t, piece in enumerate(chosen):
+        alive = {lab: p for lab, p in dist.items() if tokens_of(lab)[:t] == chosen[:t]}
+        total = sum(alive.values())
+        nxt: dict[str, float] = {}
+        for lab, p in alive.items():
+            pieces = tokens_of(lab)
+            if len(pieces) > t:
+                nxt[pieces[t]] = nxt.get(pieces[t], 0.0) + p / total
+        alts = sorted(nxt.items(), key=lambda kv: (kv[0] != piece, -kv[1]))[:top]
+        out.append({"token": piece, "logprob": math.log(nxt[piece]), "bytes": list(piece.encode()),
+                    "top_logprobs": [{"token": tok, "logprob": math.log(p), "bytes": list(tok.encode())}
+                                     for tok, p in alts]})
+    return out
 
 
 @dataclass
@@ -304,9 +331,8 @@ class FakeOpenAI:
             labels = [x.strip() for x in match.group(1).split(",") if x.strip()]
             content = choose_label(text, labels)
             if body.get("logprobs"):
-                logprobs = {"content": [{"token": content, "logprob": math.log(0.85), "bytes": list(content.encode()),
-                                         "top_logprobs": top_logprobs_for(content, labels)[: int(body.get(
-                                             "top_logprobs") or 5)]}]}
+                logprobs = {"content": label_logprobs(content, labels, certainty(text),
+                                                      int(body.get("top_logprobs") or 5))}
         elif _DEMO_LABEL.search(last_user):
             with self._lock:
                 self.demo_requests += 1

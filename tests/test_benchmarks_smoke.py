@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on a tiny slice (so they cannot rot); numbers are not checked."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -27,16 +28,16 @@ def _run(args: list[str], tmp_path: Path, **env: str) -> str:
 
 
 def test_replay_mr_tiny(tmp_path: Path) -> None:
-    out, summary = tmp_path / "replay.md", tmp_path / "summary.md"
-    stdout = _run(["benchmarks/replay_mr.py", "--n", "40", "--test-n", "20", "--out", str(out),
-                   "--summary", str(summary), "--label", "smoke"], tmp_path)
-    assert "gpt-3.5-turbo labels (replayed)" in stdout
-    text = out.read_text()
-    for row in ["naive SLM", "FreeAL SLM round 1", "trained on gold labels", "Command (from the repository root)",
-                "load average"]:
-        assert row in text
-    lines = summary.read_text().splitlines()
-    assert lines[0].startswith("| setting") and lines[2].startswith("| smoke | 40 |")
+    stem = tmp_path / "replay"
+    _run(["benchmarks/replay_mr.py", "--n", "60", "--test-n", "20", "--seeds", "0,1", "--out", str(stem)], tmp_path)
+    text = stem.with_suffix(".md").read_text()
+    for row in ["robust SLM (mean ± sd, 2 seeds)", "naive SLM", "answered-but-wrong", "expected calibration error",
+                "Command (from the repository root)", "load average"]:
+        assert row in text, row
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert len(data["per_seed"]["robust"]) == 2 and "llm_auroc" in data["mean"]["naive"]
+    assert data["mean"]["robust"]["llm_accuracy"] == pytest.approx(
+        float(re.search(r"gpt-3.5 labels right[^|]*\| ([\d.]+)", text).group(1)) / 100, abs=1e-3)
 
 
 def test_quality_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> None:

@@ -36,7 +36,7 @@ def _results(task_ids: list[int]) -> list[ItemResult]:
         out.append(ItemResult(
             str(tid), "positive", 0.55 if flagged else 0.9 + i / 1000,
             {"positive": 0.55 if flagged else 0.9, "negative": 0.45 if flagged else 0.1},
-            suspicious=flagged, reasons=["llm_slm_disagree", "high_loss"] if flagged else [],
+            suspicious=flagged, reasons=["slm_overrules_llm"] if flagged else [],
             suggested_label="negative" if flagged else None, llm_label="positive", slm_label="negative",
             round=1, source="llm"))
     return out

@@ -168,7 +168,7 @@ def test_parser_never_crashes_on_junk(xml: str) -> None:
 def test_render_prediction_flagged_human_and_multilabel() -> None:
     cfg = parse_label_config((SHIPPED / "review.xml").read_text())
     flagged = ItemResult("1", "positive", 0.6, {"positive": 0.6, "negative": 0.4}, suspicious=True,
-                         reasons=["llm_slm_disagree"], suggested_label="negative")
+                         reasons=["label_issue"], suggested_label="negative")
     pred = render_prediction(cfg, flagged, "freeal-r1-abc")
     assert pred["score"] == 0.6 and pred["model_version"] == "freeal-r1-abc"
     assert pred["result"][0]["value"] == {"choices": ["positive"]} and pred["result"][0]["freeal"] == REVIEW_MARKER

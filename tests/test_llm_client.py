@@ -52,3 +52,16 @@ def test_real_endpoint_labels_with_confidence_and_rerun_hits_cache(llm_base_url,
     assert again.stats.calls == 0 and again.stats.cache_hits == len(texts)
     assert [a.label for a in second] == [a.label for a in first]
     assert [a.confidence for a in second] == [a.confidence for a in first]
+
+
+def test_logprob_confidence_tells_apart_labels_that_share_leading_tokens():
+    labels = ["very negative", "very positive", "neutral"]
+    top = [[("very", math.log(0.7)), ("neutral", math.log(0.3))],
+           [(" positive", math.log(0.8)), (" negative", math.log(0.2))]]
+    probs = label_probs_from_logprobs(top, labels)
+    assert probs == pytest.approx({"very positive": 0.56, "very negative": 0.14, "neutral": 0.3})
+
+
+def test_logprob_confidence_counts_a_label_split_into_pieces_once():
+    top = [[("pos", math.log(0.6)), ("neg", math.log(0.4))], [("itive", math.log(0.99)), ("it", math.log(0.01))]]
+    assert label_probs_from_logprobs(top, LABELS) == pytest.approx({"positive": 0.6, "negative": 0.4})

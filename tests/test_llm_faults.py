@@ -339,3 +339,33 @@ def test_cli_server_dead_during_demo_generation_reports_clearly(tmp_path: Path) 
     assert "Traceback" not in done.stderr and LLM_KEY not in done.stdout + done.stderr
     assert "LLM endpoint" in done.stderr and "run the same command again to resume" in done.stderr
     assert (data_dir / "llm_cache.sqlite").exists()  # the one demo answer received is kept
+
+
+@pytest.mark.parametrize("labels", [["very negative", "very positive", "neutral"], ["positive", "negative"]])
+def test_confidence_from_labels_split_into_several_tokens(fake: FakeOpenAI, tmp_path: Path, labels: list[str]) -> None:
+    """The fake splits each label into 3-character tokens and is as sure as its text says: the client
+    must recover that certainty from the per-token logprobs, shared leading tokens included."""
+    from tests.fake_openai import certainty
+
+    client = make_client(fake, tmp_path)
+    texts = [f"item {i}: a {'great' if i % 2 else 'boring'} story" for i in range(12)]
+    for text in texts:
+        answer = client.label(label_messages(text, labels), labels)
+        assert answer.label == choose_label(text, labels)
+        assert answer.confidence == pytest.approx(certainty(text), abs=1e-6)
+    assert len({round(client.label(label_messages(t, labels), labels).confidence, 3) for t in texts}) > 6
+
+
+def test_repeated_identical_rejections_stop_the_run_with_a_hint(fake: FakeOpenAI, tmp_path: Path) -> None:
+    fake.inject("status", times=40, status=400)
+    client = make_client(fake, tmp_path)
+    with pytest.raises(LLMUnavailable, match="rejected 5 requests in a row"):
+        client.label_many([msgs(t) for t in TEXTS], LABELS)
+
+
+def test_mostly_unparseable_answers_stop_the_run(fake: FakeOpenAI, tmp_path: Path) -> None:
+    fake.inject("content", times=60, content="<think>Let me consider the review carefully")
+    client = make_client(fake, tmp_path, min_answers_judged=20)
+    with pytest.raises(LLMUnavailable, match="LLM_MAX_TOKENS or set LLM_NO_THINK"):
+        client.label_many([msgs(f"text {i}") for i in range(60)], LABELS)
+    assert client.stats.thinking_cut >= 20

@@ -138,7 +138,7 @@ def test_ls_client_paging_versions_and_view(label_studio: LabelStudioServer) -> 
 def _result(task_id: int, flagged: bool) -> ItemResult:
     conf = 0.5 + (task_id % 5) / 100 if flagged else 0.95
     return ItemResult(str(task_id), "positive", conf, {"positive": conf, "negative": 1 - conf}, suspicious=flagged,
-                      reasons=["llm_slm_disagree"] if flagged else [], suggested_label="negative" if flagged else None)
+                      reasons=["label_issue"] if flagged else [], suggested_label="negative" if flagged else None)
 
 
 def test_personal_access_token_and_missing_variables(label_studio: LabelStudioServer) -> None:

@@ -39,3 +39,13 @@ def test_label_messages_puts_demos_as_prior_turns():
 def test_parse_generated_texts_strips_numbering_and_duplicates():
     answer = "1. A wonderful, moving film.\n2) a wonderful, moving film.\n- Dull and far too long.\nHere:\n\nok"
     assert parse_generated_texts(answer, 5) == ["A wonderful, moving film.", "Dull and far too long."]
+
+
+@pytest.mark.parametrize("answer", ["not positive", "Not good", "It isn't good.", "not very positive",
+                                    "<think>positive?</think>not negative", "<think>it is positive, so"])
+def test_parse_label_refuses_negated_and_cut_off_answers(answer):
+    assert parse_label(answer, LABELS) is None
+
+
+def test_parse_label_reads_the_answer_after_thinking():
+    assert parse_label("<think>The reviewer hated it.</think>\nnegative", LABELS) == "negative"

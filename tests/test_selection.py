@@ -1,7 +1,7 @@
 """Small-loss split on synthetic noisy labels, and the demo-selection invariants."""
 import numpy as np
 
-from freeal_backend.selection import clean_agreed_pool, demo_pool, k_medoids, retrieve_demos, split_clean_noisy
+from freeal_backend.selection import clean_agreed_pool, demo_pool, kmeans_representatives, retrieve_demos, split_clean_noisy
 
 
 def synthetic_losses(n=2000, noise=0.25, seed=0):
@@ -48,14 +48,14 @@ def test_clean_agreed_pool_keeps_only_agreeing_top_share_and_gold():
     assert {5, 6} <= set(np.concatenate(list(pool.values())).tolist())
 
 
-def test_k_medoids_returns_distinct_members_covering_clusters():
+def test_kmeans_representatives_cover_every_cluster_once():
     rng = np.random.default_rng(2)
     centers = np.eye(4, 16) * 5
     x = np.concatenate([c + rng.normal(0, 0.1, (25, 16)) for c in centers])
-    med = k_medoids(x, 4)
+    med = kmeans_representatives(x, 4)
     assert len(set(med.tolist())) == 4
-    assert sorted({int(m) // 25 for m in med}) == [0, 1, 2, 3]  # one medoid per cluster
-    assert len(k_medoids(x[:3], 10)) == 3
+    assert sorted({int(m) // 25 for m in med}) == [0, 1, 2, 3]  # one representative per cluster
+    assert len(kmeans_representatives(x[:3], 10)) == 3
 
 
 def test_demo_pool_puts_gold_first_and_respects_size():

@@ -1,0 +1,232 @@
+"""Which labels are wrong, and how sure we are: out-of-sample SLM evidence + the LLM's own confidence.
+
+Pure functions over arrays (no I/O, no torch). Inputs per text: the SLM's out-of-sample class
+probabilities (cross-fitted, see slm.py), the label under judgement (the LLM's, -1 when it gave none),
+whether that label is a person's, and optionally the LLM's own per-class probabilities (logprobs).
+
+1. The SLM's probabilities are temperature-scaled against the labels (cross-fitted: calibrated estimates
+   of P(label | text), no gold needed); ``cleanlab`` names the label issues on them (confident learning).
+2. How the labeller errs (the noise transition P(label | true class)) is estimated from anchor points,
+   and inverted to give P(true class | text).
+3. Posterior of the true class: SLM prior x likelihood of the label given each true class (or, when the
+   LLM gave logprobs, x the LLM's own distribution over the class prior: a product of experts). The final
+   label is the posterior's argmax, so strong evidence against the LLM's label overrules it; the score is
+   the posterior of the final label. Texts the LLM left unanswered get the SLM's label, scored below every
+   answered text so they come first in review.
+4. Run health: estimated accuracy of the labels (mean posterior of the given label; unanswered texts
+   count as wrong), agreement and Cohen's kappa between the SLM and the labels. Near-chance labels are
+   said to be so, and then every text is flagged: nothing in such a run can be trusted.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from sklearn.metrics import cohen_kappa_score
+
+log = logging.getLogger(__name__)
+
+NEAR_CHANCE_KAPPA = 0.2  # SLM-vs-label agreement this close to chance: the labels carry (almost) no signal
+POOR_KAPPA = 0.4
+POOR_ACCURACY = 0.75
+
+
+@dataclass
+class Health:
+    """How good the judged labels look without gold."""
+
+    estimated_accuracy: float  # share of all non-human texts whose label is right (unanswered = wrong)
+    answered_accuracy: float  # the same among answered texts
+    coverage: float  # share of non-human texts with a label
+    agreement: float  # out-of-sample SLM argmax == label, among answered texts
+    kappa: float  # Cohen's kappa of that agreement (0 = chance)
+    verdict: str  # ok | poor | near_chance
+    message: str
+
+    def as_dict(self) -> dict[str, float | str]:
+        return asdict(self)
+
+
+@dataclass
+class Judgement:
+    """Per text: final label, calibrated score, review flag and reasons; plus the run's health."""
+
+    labels: np.ndarray  # (n,) final class index
+    scores: np.ndarray  # (n,) probability that the final label is right (unanswered: capped, see module doc)
+    flagged: np.ndarray  # (n,) bool
+    reasons: list[list[str]]
+    posterior: np.ndarray  # (n, classes)
+    issues: np.ndarray  # (n,) bool, cleanlab's label issues among answered texts
+    temperature: float
+    health: Health
+
+
+def temperature_scale(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
+    """Rescale ``probs`` by the temperature that minimises the log-loss of ``labels`` (>= 0) on them."""
+    logp = np.log(np.clip(probs, 1e-12, 1.0))
+    ok = labels >= 0
+    if ok.sum() < 10:
+        return probs, 1.0
+
+    def scaled(t: float) -> np.ndarray:
+        z = logp / t
+        z -= z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def nll(t: float) -> float:
+        p = scaled(t)[ok]
+        return float(-np.log(np.clip(p[np.arange(len(p)), labels[ok]], 1e-12, 1.0)).mean())
+
+    t = float(minimize_scalar(nll, bounds=(0.05, 20.0), method="bounded").x)
+    return scaled(t), t
+
+
+def noise_transition(labels: np.ndarray, probs: np.ndarray, *, anchor_quantile: float = 0.97) -> np.ndarray:
+    """P(label = l | true class = k) as a (k, l) matrix, from anchor points (Patrini et al., 2017).
+
+    ``probs`` must estimate P(label | text) (out of sample, calibrated against the labels). The texts the
+    model is surest belong to class k (top ``1 - anchor_quantile`` of P(k | text)) are taken as truly of
+    class k; their mean predicted label distribution is row k. Falls back to 10 % uniform noise when
+    there are too few labels to tell.
+    """
+    classes = probs.shape[1]
+    ok = labels >= 0
+    fallback = np.full((classes, classes), 0.1 / max(1, classes - 1))
+    np.fill_diagonal(fallback, 0.9)
+    if ok.sum() < 10 * classes:
+        return fallback
+    trans = np.zeros((classes, classes))
+    for k in range(classes):
+        col = probs[:, k]
+        anchors = col >= np.quantile(col, anchor_quantile)
+        trans[k] = probs[anchors].mean(axis=0)
+    trans = np.maximum(trans, 1e-4)
+    return trans / trans.sum(axis=1, keepdims=True)
+
+
+def true_class_probs(noisy_probs: np.ndarray, transition: np.ndarray) -> np.ndarray:
+    """Invert P(label | x) = P(true | x) @ T for P(true | x) (clipped to the simplex)."""
+    try:
+        p = noisy_probs @ np.linalg.inv(transition)
+    except np.linalg.LinAlgError:
+        return noisy_probs
+    p = np.clip(p, 1e-6, None)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def find_issues(labels: np.ndarray, probs: np.ndarray, posterior: np.ndarray) -> np.ndarray:
+    """cleanlab's label issues among texts with a label, as many per class as the posterior expects
+    wrong labels in that class (sum of 1 - P(label right)); the lowest posteriors where cleanlab cannot
+    run (too few texts or classes)."""
+    from cleanlab.filter import find_label_issues
+
+    issues = np.zeros(len(labels), dtype=bool)
+    ok = np.flatnonzero(labels >= 0)
+    if len(ok) == 0:
+        return issues
+    classes = probs.shape[1]
+    right = posterior[ok, labels[ok]]
+    expected = [int(round((1 - right[labels[ok] == j]).sum())) for j in range(classes)]
+    if len(ok) >= 10 * classes and len(np.unique(labels[ok])) == classes:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                issues[ok] = find_label_issues(labels[ok], probs[ok], filter_by="prune_by_noise_rate", n_jobs=1,
+                                               num_to_remove_per_class=expected)
+            return issues
+        except (ValueError, AssertionError) as exc:
+            log.warning("cleanlab could not rank label issues (%s); using the posterior", exc)
+    order = np.argsort(right, kind="stable")[: sum(expected)]
+    issues[ok[order]] = True
+    return issues
+
+
+def _health(labels: np.ndarray, human: np.ndarray, probs: np.ndarray, posterior: np.ndarray) -> Health:
+    judged = ~human
+    answered = judged & (labels >= 0)
+    n_judged, n_answered = int(judged.sum()), int(answered.sum())
+    coverage = n_answered / n_judged if n_judged else 1.0
+    if n_answered == 0:
+        return Health(0.0, 0.0, coverage, 0.0, 0.0, "near_chance",
+                      "the LLM labelled no text: check the endpoint and the label names")
+    lab = labels[answered]
+    pred = probs[answered].argmax(1)
+    agreement = float((pred == lab).mean())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kappa = float(cohen_kappa_score(pred, lab)) if len(np.unique(np.r_[pred, lab])) > 1 else 0.0
+    kappa = 0.0 if np.isnan(kappa) else kappa
+    answered_acc = float(posterior[answered][np.arange(n_answered), lab].mean())
+    est = answered_acc * coverage
+    if kappa < NEAR_CHANCE_KAPPA:
+        verdict = "near_chance"
+        message = (f"the LLM labels look near chance (a cross-checked small model agrees with them at kappa "
+                   f"{kappa:.2f}); do not trust them: use a stronger LLM endpoint (LLM_BASE_URL) or label "
+                   "some tasks by hand")
+    elif kappa < POOR_KAPPA or est < POOR_ACCURACY:
+        verdict = "poor"
+        message = (f"the LLM labels look poor (estimated {est:.0%} right, kappa {kappa:.2f}); review the "
+                   "flagged tasks, and consider a stronger LLM endpoint")
+    else:
+        verdict = "ok"
+        message = f"estimated {est:.0%} of the LLM labels right (kappa {kappa:.2f} with the small model)"
+    return Health(est, answered_acc, coverage, agreement, kappa, verdict, message)
+
+
+def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None,
+          llm_probs: np.ndarray | None = None) -> Judgement:
+    """Final label, score, flag and reasons per text, and the run's health (see the module doc).
+
+    ``probs``: (n, C) out-of-sample SLM probabilities; ``labels``: (n,) given label index or -1;
+    ``human``: (n,) bool, labels given by a person (kept, score 1, never flagged);
+    ``llm_probs``: (n, C) the LLM's per-class probabilities, rows of zeros where it gave none.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=int)
+    n, classes = probs.shape
+    human = np.zeros(n, dtype=bool) if human is None else np.asarray(human, dtype=bool)
+    judged_labels = np.where(human, -1, labels)
+    calibrated, temperature = temperature_scale(probs, judged_labels)  # P(label | x)
+    trans = noise_transition(judged_labels, calibrated)
+    true_probs = true_class_probs(calibrated, trans)  # P(true class | x)
+    prior = np.bincount(labels[labels >= 0], minlength=classes) + 1.0
+    prior = prior / prior.sum()
+    answered = judged_labels >= 0
+    likelihood = np.ones((n, classes))
+    likelihood[answered] = trans[:, judged_labels[answered]].T
+    if llm_probs is not None:
+        q = np.asarray(llm_probs, dtype=np.float64)
+        has_q = answered & (q.sum(axis=1) > 0)
+        q_s = (q[has_q] + 0.01) / (q[has_q] + 0.01).sum(axis=1, keepdims=True)
+        likelihood[has_q] = q_s / prior
+    posterior = true_probs * likelihood
+    posterior /= posterior.sum(axis=1, keepdims=True)
+    final = posterior.argmax(axis=1)
+    final[human] = labels[human]
+    scores = posterior[np.arange(n), final]
+    scores[human] = 1.0
+    unanswered = ~human & ~answered
+    if unanswered.any():
+        floor = scores[answered].min() if answered.any() else 1.0
+        scores[unanswered] = np.minimum(scores[unanswered], floor) * (1 - 1e-6)
+    issues = find_issues(judged_labels, calibrated, posterior)
+    health = _health(labels, human, true_probs, posterior)
+    switched = answered & (final != judged_labels)
+    reasons: list[list[str]] = []
+    for i in range(n):
+        why = []
+        if unanswered[i]:
+            why.append("no_llm_label")
+        if switched[i]:
+            why.append("slm_overrules_llm")
+        if issues[i] and not switched[i]:
+            why.append("label_issue")
+        if health.verdict == "near_chance" and not human[i]:
+            why.append("labels_near_chance")
+        reasons.append(why)
+    flagged = np.array([bool(r) for r in reasons]) & ~human
+    return Judgement(final, scores, flagged, reasons, posterior, issues, temperature, health)

@@ -1,0 +1,98 @@
+"""The verdict on labels (detection.py): final label, score order, flag and run health, on arrays."""
+import numpy as np
+import pytest
+
+from freeal_backend.detection import judge, temperature_scale
+
+
+def _two_class(n: int, rng: np.random.Generator, noise: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A true class, a calibrated SLM (right with the probability it gives its top class, ~80 % on
+    average), and labels with ``noise`` of them flipped."""
+    true = rng.integers(0, 2, n)
+    conf = rng.uniform(0.6, 1.0, n)
+    right = rng.random(n) < conf
+    p1 = np.where(right == (true == 1), conf, 1 - conf)
+    probs = np.stack([1 - p1, p1], axis=1)
+    labels = np.where(rng.random(n) < noise, 1 - true, true)
+    return true, probs, labels
+
+
+def test_unanswered_first_then_wrong_looking_and_human_last():
+    probs = np.array([[0.98, 0.02], [0.9, 0.1], [0.6, 0.4], [0.03, 0.97], [0.2, 0.8]] * 20)
+    labels = np.array([0, 0, 0, 0, -1] * 20)
+    human = np.zeros(len(labels), dtype=bool)
+    human[:4] = True  # a person labelled the first text of each answered kind
+    j = judge(probs, labels, human)
+    order = np.argsort(j.scores, kind="stable")
+    kinds = np.arange(len(labels)) % 5
+    judged = order[~human[order]]
+    assert set(kinds[judged[:20]]) == {4}  # the texts with no LLM label come first
+    assert set(kinds[judged[20:39]]) == {2}  # then the label the SLM doubts most
+    assert (j.labels[(kinds == 3) & ~human] == 1).all()  # the label it strongly contradicts is overruled
+    assert all("slm_overrules_llm" in j.reasons[i] for i in np.flatnonzero((kinds == 3) & ~human))
+    assert (j.scores[human] == 1.0).all() and not j.flagged[human].any()
+    assert (j.labels[human] == labels[human]).all()
+    assert (j.labels[kinds == 4] == probs[kinds == 4].argmax(1)).all()
+    assert all("no_llm_label" in j.reasons[i] for i in np.flatnonzero((kinds == 4) & ~human))
+
+
+def test_strong_evidence_overrules_the_llm_and_weak_evidence_does_not():
+    rng = np.random.default_rng(0)
+    true, probs, labels = _two_class(2000, rng, noise=0.1)
+    probs[0], labels[0] = [0.001, 0.999], 0  # the SLM is all but certain the label is wrong
+    probs[1], labels[1] = [0.35, 0.65], 0  # mild doubt only
+    j = judge(probs, labels)
+    assert j.labels[0] == 1 and j.flagged[0] and "slm_overrules_llm" in j.reasons[0]
+    assert j.labels[1] == 0
+    switched = j.labels != labels
+    assert 0 < switched.mean() < 0.2  # the LLM label stays the rule, not the exception
+
+
+def test_flag_and_score_find_the_wrong_labels_and_score_is_calibrated():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    true, probs, labels = _two_class(4000, rng, noise=0.15)
+    j = judge(probs, labels)
+    wrong_given = labels != true
+    assert roc_auc_score(wrong_given, -j.posterior[np.arange(len(labels)), labels]) > 0.75
+    assert j.flagged[wrong_given].mean() > 3 * j.flagged[~wrong_given].mean()
+    right_final = j.labels == true
+    assert right_final.mean() >= (labels == true).mean() - 0.005  # never worse than keeping every label
+    bins = np.clip((j.scores * 10).astype(int), 0, 9)
+    ece = sum(abs(j.scores[bins == b].mean() - right_final[bins == b].mean()) * (bins == b).mean()
+              for b in range(10) if (bins == b).any())
+    assert ece < 0.06
+    assert j.health.verdict == "ok"
+    assert j.health.estimated_accuracy == pytest.approx((labels == true).mean(), abs=0.06)
+
+
+def test_near_chance_labels_are_said_to_be_so_and_everything_is_flagged():
+    rng = np.random.default_rng(2)
+    probs = rng.dirichlet([1, 1, 1, 1, 1, 1], 600)
+    labels = rng.integers(0, 6, 600)
+    j = judge(probs, labels)
+    assert j.health.verdict == "near_chance" and "stronger LLM" in j.health.message
+    assert j.flagged.all()
+
+
+def test_llm_logprobs_weigh_in():
+    rng = np.random.default_rng(3)
+    true, probs, labels = _two_class(1000, rng, noise=0.1)
+    probs[0], labels[0] = [0.1, 0.9], 0
+    sure = np.zeros((1000, 2))
+    sure[np.arange(1000), labels] = 0.99
+    unsure = sure.copy()
+    unsure[0] = [0.55, 0.45]
+    assert judge(probs, labels, llm_probs=sure).labels[0] == 0  # a very sure LLM keeps its label
+    assert judge(probs, labels, llm_probs=unsure).labels[0] == 1  # an unsure one is overruled
+
+
+def test_temperature_scaling_softens_overconfident_probabilities():
+    rng = np.random.default_rng(4)
+    n = 3000
+    labels = rng.integers(0, 2, n)
+    right = rng.random(n) < 0.8  # 80 % right but always 99 % sure
+    p1 = np.where(right == (labels == 1), 0.99, 0.01)
+    scaled, t = temperature_scale(np.stack([1 - p1, p1], 1), labels)
+    assert t > 1 and scaled.max(1).mean() == pytest.approx(0.8, abs=0.03)
