@@ -64,7 +64,8 @@ def made_labels(rows: list[dict], labels: list[str], n: int, seed_n: int, seed: 
     return picked, weak.predict(vec.transform([r["text"] for r in picked]))
 
 
-def measure(dataset: str, n: int, seed_n: int, seed: int, settings: Settings) -> dict[str, float]:
+def measure(dataset: str, n: int, seed_n: int, seed: int, settings: Settings,
+            keep: dict[str, np.ndarray]) -> dict[str, float]:
     rows = read_jsonl(DATA / dataset / "train.jsonl")
     labels = sorted({r["label"] for r in rows})
     picked, noisy = made_labels(rows, labels, n, seed_n, seed)
@@ -75,6 +76,8 @@ def measure(dataset: str, n: int, seed_n: int, seed: int, settings: Settings) ->
             t = time.perf_counter()
             _, out = run.train_slm(items, [labels[k] for k in noisy], seed_offset=seed)
             train_s = time.perf_counter() - t
+    keep.update({f"{dataset}_seed{seed}_probs": out.oof_probs, f"{dataset}_seed{seed}_labels": noisy,
+                 f"{dataset}_seed{seed}_gold": gold})
     verdict = judge(out.oof_probs, noisy)
     right = verdict.labels == gold
     review = review_scores(verdict.scores, ~right, flagged=verdict.flagged, shares=(0.15,))
@@ -102,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     seeds = [int(s) for s in args.seeds.split(",")]
     per: dict[str, list[dict[str, float]]] = {}
+    kept: dict[str, np.ndarray] = {}
     for dataset in args.datasets.split(","):
         per[dataset] = []
         for seed in seeds:
-            m = measure(dataset, args.n, args.seed_n, seed, settings)
+            m = measure(dataset, args.n, args.seed_n, seed, settings, kept)
             per[dataset].append(m)
             print(f"  {dataset} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()), flush=True)
 
@@ -126,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     stem.with_suffix(".json").write_text(json.dumps(
         {"n": args.n, "seed_n": args.seed_n, "seeds": seeds, "per_seed": per, "load_start": load_start,
          "load_end": loadavg(),
-         "mean": {d: {k: float(np.nanmean([m[k] for m in per[d]])) for k in per[d][0]} for d in per}}, indent=1),
+         "mean": {d: {k: float(np.mean([m[k] for m in per[d]])) for k in per[d][0]} for d in per}}, indent=1),
         encoding="utf-8")
-    print(f"wrote {stem.with_suffix('.md')} and .json")
+    np.savez_compressed(stem.with_suffix(".npz"), **kept)  # out-of-sample probabilities: re-judge offline
+    print(f"wrote {stem.with_suffix('.md')}, .json and .npz")
     return 0
 
 

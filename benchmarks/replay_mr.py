@@ -67,11 +67,12 @@ ROWS = [  # (key, title, percent?)
 
 
 def measure(run: FreeALRun, items: list[Item], llm: list[str | None], gold: np.ndarray, test_lower: object,
-            test_gold: np.ndarray, *, robust: bool, seed: int) -> dict[str, float]:
+            test_gold: np.ndarray, *, robust: bool, seed: int, keep: dict[str, np.ndarray]) -> dict[str, float]:
     y = np.array([LABELS.index(x) if x else -1 for x in llm])
     t0 = time.perf_counter()
     model, out = run.train_slm(items, llm, robust=robust, seed_offset=seed)
     train_s = time.perf_counter() - t0
+    keep[f"{'robust' if robust else 'naive'}_seed{seed}"] = out.oof_probs
     t1 = time.perf_counter()
     verdict = judge(out.oof_probs, y)
     judge_s = time.perf_counter() - t1
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MR replay: {len(items)} training texts, {len(test)} test texts; seeds {seeds}; variants {variants}",
           flush=True)
     per: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    oof: dict[str, np.ndarray] = {}
     phases: dict[str, float] = {}
     peaks: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="freeal-replay-") as tmp:
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             for variant in variants:
                 for seed in seeds:
                     reset_peak_rss()
-                    m = measure(run, items, llm, gold, test_lower, test_gold, robust=variant == "robust", seed=seed)
+                    m = measure(run, items, llm, gold, test_lower, test_gold, robust=variant == "robust", seed=seed,
+                                keep=oof)
                     peaks[variant] = max(peaks.get(variant, 0.0), current_peak_mib())
                     per[variant].append(m)
                     print(f"  {variant} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()), flush=True)
@@ -193,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
          "mean": {v: {k: float(np.nanmean([m[k] for m in per[v]])) for k in per[v][0]} for v in variants},
          "sd": {v: {k: float(np.nanstd([m[k] for m in per[v]])) for k in per[v][0]} for v in variants}},
         indent=1), encoding="utf-8")
-    print(f"\nwrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}")
+    np.savez_compressed(stem.with_suffix(".npz"), labels=np.array([LABELS.index(x) if x else -1 for x in llm]),
+                        gold=gold, **oof)  # the SLM's out-of-sample probabilities: re-judge without retraining
+    print(f"\nwrote {stem.with_suffix('.md')}, .json and .npz")
     return 0
 
 

@@ -6,12 +6,13 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
 
 1. The SLM's probabilities are temperature-scaled against the labels (cross-fitted: calibrated estimates
    of P(label | text), no gold needed); ``cleanlab`` names the label issues on them (confident learning).
-2. How the labeller errs (the noise transition P(label | true class)) is estimated from anchor points,
-   and inverted to give P(true class | text).
+2. How the labeller errs (the noise transition P(label | true class)) is cleanlab's confident joint,
+   inverted to give P(true class | text).
 3. Posterior of the true class: SLM prior x likelihood of the label given each true class (or, when the
-   LLM gave logprobs, x the LLM's own distribution over the class prior: a product of experts). The final
-   label is the posterior's argmax, so strong evidence against the LLM's label overrules it; the score is
-   the posterior of the final label. Texts the LLM left unanswered get the SLM's label, scored below every
+   LLM gave logprobs, x the LLM's own distribution over the class prior: a product of experts). The score
+   is the posterior of the final label. The final label is the LLM's unless the evidence against it is
+   strong: the posterior favours another class under cleanlab's noise estimate *and* under a conservative
+   anchor-point one (a weak SLM makes cleanlab see more noise than there is). Texts the LLM left unanswered get the SLM's label, scored below every
    answered text so they come first in review.
 4. Run health: estimated accuracy of the labels (mean posterior of the given label; unanswered texts
    count as wrong), agreement and Cohen's kappa between the SLM and the labels. Near-chance labels are
@@ -85,27 +86,55 @@ def temperature_scale(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray
     return scaled(t), t
 
 
-def noise_transition(labels: np.ndarray, probs: np.ndarray, *, anchor_quantile: float = 0.97) -> np.ndarray:
-    """P(label = l | true class = k) as a (k, l) matrix, from anchor points (Patrini et al., 2017).
+def noise_transition(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """P(label = l | true class = k) as a (k, l) matrix, from cleanlab's confident joint on the
+    out-of-sample ``probs``. Falls back to 10 % uniform noise when there are too few labels to tell."""
+    from cleanlab.count import estimate_joint
 
-    ``probs`` must estimate P(label | text) (out of sample, calibrated against the labels). The texts the
-    model is surest belong to class k (top ``1 - anchor_quantile`` of P(k | text)) are taken as truly of
-    class k; their mean predicted label distribution is row k. Falls back to 10 % uniform noise when
-    there are too few labels to tell.
-    """
     classes = probs.shape[1]
     ok = labels >= 0
     fallback = np.full((classes, classes), 0.1 / max(1, classes - 1))
     np.fill_diagonal(fallback, 0.9)
-    if ok.sum() < 10 * classes:
+    if ok.sum() < 10 * classes or len(np.unique(labels[ok])) < classes:
         return fallback
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            joint = estimate_joint(labels[ok], probs[ok])  # rows: given label, columns: true class
+    except (ValueError, AssertionError) as exc:
+        log.warning("noise transition not estimable (%s); assuming 10%% label noise", exc)
+        return fallback
+    trans = joint.T + 1e-4  # (true, given), smoothed so no class is impossible
+    return trans / trans.sum(axis=1, keepdims=True)
+
+
+def anchor_transition(probs: np.ndarray, *, anchor_quantile: float = 0.97) -> np.ndarray:
+    """A conservative P(label = l | true class = k) from anchor points (Patrini et al., 2017): the texts
+    the model is surest belong to class k are taken as truly of class k, their mean predicted label
+    distribution is row k. Under noise that hits hard texts (an LLM's) it sees less noise than there is,
+    so it is used only to decide whether the evidence is strong enough to overrule a label."""
+    classes = probs.shape[1]
     trans = np.zeros((classes, classes))
     for k in range(classes):
         col = probs[:, k]
-        anchors = col >= np.quantile(col, anchor_quantile)
-        trans[k] = probs[anchors].mean(axis=0)
+        trans[k] = probs[col >= np.quantile(col, anchor_quantile)].mean(axis=0)
     trans = np.maximum(trans, 1e-4)
     return trans / trans.sum(axis=1, keepdims=True)
+
+
+def posterior_given_label(prior_noisy: np.ndarray, labels: np.ndarray, transition: np.ndarray,
+                          likelihood_override: np.ndarray | None = None) -> np.ndarray:
+    """P(true class | text, label): P(true | text) (from ``prior_noisy`` = P(label | text) inverted through
+    ``transition``) times P(label | true) (or ``likelihood_override`` rows where given), normalised."""
+    prior = true_class_probs(prior_noisy, transition)
+    likelihood = np.ones_like(prior)
+    answered = labels >= 0
+    likelihood[answered] = transition[:, labels[answered]].T
+    if likelihood_override is not None:
+        has = ~np.isnan(likelihood_override[:, 0])
+        likelihood[has] = likelihood_override[has]
+    post = prior * likelihood
+    return post / post.sum(axis=1, keepdims=True)
 
 
 def true_class_probs(noisy_probs: np.ndarray, transition: np.ndarray) -> np.ndarray:
@@ -119,9 +148,8 @@ def true_class_probs(noisy_probs: np.ndarray, transition: np.ndarray) -> np.ndar
 
 
 def find_issues(labels: np.ndarray, probs: np.ndarray, posterior: np.ndarray) -> np.ndarray:
-    """cleanlab's label issues among texts with a label, as many per class as the posterior expects
-    wrong labels in that class (sum of 1 - P(label right)); the lowest posteriors where cleanlab cannot
-    run (too few texts or classes)."""
+    """cleanlab's label issues (confident learning, pruned by its estimated noise rate) among texts with a
+    label; where cleanlab cannot run (too few texts or classes), a posterior below one half."""
     from cleanlab.filter import find_label_issues
 
     issues = np.zeros(len(labels), dtype=bool)
@@ -129,19 +157,15 @@ def find_issues(labels: np.ndarray, probs: np.ndarray, posterior: np.ndarray) ->
     if len(ok) == 0:
         return issues
     classes = probs.shape[1]
-    right = posterior[ok, labels[ok]]
-    expected = [int(round((1 - right[labels[ok] == j]).sum())) for j in range(classes)]
     if len(ok) >= 10 * classes and len(np.unique(labels[ok])) == classes:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                issues[ok] = find_label_issues(labels[ok], probs[ok], filter_by="prune_by_noise_rate", n_jobs=1,
-                                               num_to_remove_per_class=expected)
+                issues[ok] = find_label_issues(labels[ok], probs[ok], filter_by="prune_by_noise_rate", n_jobs=1)
             return issues
         except (ValueError, AssertionError) as exc:
             log.warning("cleanlab could not rank label issues (%s); using the posterior", exc)
-    order = np.argsort(right, kind="stable")[: sum(expected)]
-    issues[ok[order]] = True
+    issues[ok] = posterior[ok, labels[ok]] < 0.5
     return issues
 
 
@@ -192,20 +216,20 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
     judged_labels = np.where(human, -1, labels)
     calibrated, temperature = temperature_scale(probs, judged_labels)  # P(label | x)
     trans = noise_transition(judged_labels, calibrated)
-    true_probs = true_class_probs(calibrated, trans)  # P(true class | x)
-    prior = np.bincount(labels[labels >= 0], minlength=classes) + 1.0
-    prior = prior / prior.sum()
     answered = judged_labels >= 0
-    likelihood = np.ones((n, classes))
-    likelihood[answered] = trans[:, judged_labels[answered]].T
-    if llm_probs is not None:
+    override = None
+    if llm_probs is not None:  # the LLM's own distribution over the class prior: a product of experts
         q = np.asarray(llm_probs, dtype=np.float64)
         has_q = answered & (q.sum(axis=1) > 0)
+        prior = np.bincount(labels[labels >= 0], minlength=classes) + 1.0
+        override = np.full((n, classes), np.nan)
         q_s = (q[has_q] + 0.01) / (q[has_q] + 0.01).sum(axis=1, keepdims=True)
-        likelihood[has_q] = q_s / prior
-    posterior = true_probs * likelihood
-    posterior /= posterior.sum(axis=1, keepdims=True)
-    final = posterior.argmax(axis=1)
+        override[has_q] = q_s / (prior / prior.sum())
+    posterior = posterior_given_label(calibrated, judged_labels, trans, override)
+    strict = posterior_given_label(calibrated, judged_labels, anchor_transition(calibrated), override)
+    final = np.where(answered, judged_labels, posterior.argmax(axis=1))
+    overrule = answered & (strict.argmax(axis=1) != judged_labels) & (posterior.argmax(axis=1) != judged_labels)
+    final[overrule] = posterior[overrule].argmax(axis=1)
     final[human] = labels[human]
     scores = posterior[np.arange(n), final]
     scores[human] = 1.0
@@ -214,7 +238,7 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
         floor = scores[answered].min() if answered.any() else 1.0
         scores[unanswered] = np.minimum(scores[unanswered], floor) * (1 - 1e-6)
     issues = find_issues(judged_labels, calibrated, posterior)
-    health = _health(labels, human, true_probs, posterior)
+    health = _health(labels, human, calibrated, posterior)
     switched = answered & (final != judged_labels)
     reasons: list[list[str]] = []
     for i in range(n):
@@ -223,7 +247,7 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
             why.append("no_llm_label")
         if switched[i]:
             why.append("slm_overrules_llm")
-        if issues[i] and not switched[i]:
+        if (issues[i] or scores[i] < 0.5) and answered[i] and not switched[i]:
             why.append("label_issue")
         if health.verdict == "near_chance" and not human[i]:
             why.append("labels_near_chance")
