@@ -1,4 +1,4 @@
-"""``freeal`` command line: run FreeAL on a file, evaluate a run, serve the Label Studio backend."""
+"""``freeal`` command line: run FreeAL on a file, evaluate or report on a run, serve the Label Studio backend."""
 from __future__ import annotations
 
 import argparse
@@ -19,11 +19,9 @@ from .llm_client import LLMUnavailable
 from .loop import FreeALRun
 from .metrics import flag_scores, label_scores, markdown_table
 from .records import Item
+from .status import RoundLLMStats, stage_title
 
 log = logging.getLogger("freeal")
-
-STAGE_NAMES = {"zero_shot": "LLM zero-shot", "llm_r0": "LLM + self-generated demos"}
-
 
 class ProgressBars:
     """One tqdm bar per stage, fed by the loop's ``on_progress(stage, done, total)`` callback."""
@@ -44,16 +42,6 @@ class ProgressBars:
     def close(self) -> None:
         for bar in self._bars.values():
             bar.close()
-
-
-def stage_title(stage: str) -> str:
-    if stage in STAGE_NAMES:
-        return STAGE_NAMES[stage]
-    if stage.startswith("slm_r"):
-        return f"SLM round {stage[5:]}"
-    if stage.startswith("llm_r"):
-        return f"refined LLM round {stage[5:]}"
-    return stage
 
 
 def evaluation_table(run: FreeALRun) -> str:
@@ -117,13 +105,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     bars = ProgressBars()
     with FreeALRun(settings, labels, run_dir, zero_shot_baseline=args.zero_shot_baseline) as run:
+        cost = RoundLLMStats(run.store, lambda: run._llm)  # LLM calls per round, for `freeal report`
+
+        def progress(stage: str, done: int, total: int) -> None:
+            bars(stage, done, total)
+            cost(stage, done, total)
+
         try:
-            results = run.run(items, on_progress=bars, llm_labels=llm_labels)
+            results = run.run(items, on_progress=progress, llm_labels=llm_labels)
         except LLMUnavailable as exc:
+            cost.finish()
             bars.close()
             print(f"\nerror: {exc}\nstate is saved in {run_dir}; run the same command again to resume.",
                   file=sys.stderr)
             return 3
+        cost.finish()
         bars.close()
         out = Path(args.out) if args.out else run_dir / "labels.jsonl"
         write_results(out, items, results)
@@ -150,6 +146,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with FreeALRun(Settings.from_env(data_dir=args.data_dir), labels, run_dir) as run:
         print(health_line(run))
         print(evaluation_table(run))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write one self-contained HTML file: tables, plots, per-stage accuracy (with gold), flagged texts."""
+    from .html_report import report_page
+    from .status import flagged_items, run_summary
+    from .storage import Store
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "state.sqlite").exists():
+        raise SystemExit(f"error: {run_dir} holds no FreeAL run (no state.sqlite)")
+    store = Store(run_dir / "state.sqlite")
+    try:
+        html = report_page(run_dir.resolve().name, run_summary(store), flagged_items(store, args.max_flagged))
+    finally:
+        store.close()
+    out = Path(args.out) if args.out else run_dir / "report.html"
+    out.write_text(html, encoding="utf-8")
+    print(f"wrote {out}")
     return 0
 
 
@@ -186,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--data-dir")
     ev.set_defaults(func=cmd_eval)
+    rep = sub.add_parser("report", help="write a self-contained HTML report of a run (tables, plots, flagged texts)")
+    rep.add_argument("run_dir")
+    rep.add_argument("--out", help="output HTML file (default RUN_DIR/report.html)")
+    rep.add_argument("--max-flagged", type=int, default=2000, help="list at most this many flagged texts")
+    rep.set_defaults(func=cmd_report)
     serve = sub.add_parser("serve", help="run the Label Studio ML backend (gunicorn)")
     serve.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
     serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))

@@ -22,8 +22,9 @@ from typing import Any
 from freeal_backend.config import Settings
 from freeal_backend.label_config import ClassificationConfig, parse_label_config, render_prediction
 from freeal_backend.loop import FreeALRun
-from freeal_backend.ls_client import Connection, ProjectClient, TaskRecord, connection_from_env
+from freeal_backend.ls_client import Connection, ProjectClient, TaskRecord, connection_from_env, review_view_title
 from freeal_backend.records import Item, ItemResult
+from freeal_backend.status import RoundLLMStats, job_summary, live_title_state, save_round_flagged
 from freeal_backend.storage import Transactional
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,10 @@ CREATE TABLE IF NOT EXISTS projects (
     project_id INTEGER PRIMARY KEY, label_config TEXT, extra_params TEXT, ls_url TEXT, ls_key TEXT, updated REAL);
 """
 STATUS_FIELDS = ("state", "stage", "done", "total", "round", "rounds", "message", "model_version", "flagged",
-                 "tasks", "rerun", "started", "finished")
+                 "tasks", "rerun", "started", "finished", "stage_started", "stage_done0", "view_id")
+# added after the first release: when the current stage began (and its done count then) for the ETA,
+# and the id of the project's review tab in Label Studio
+LATER_COLUMNS = {"stage_started": "REAL", "stage_done0": "INTEGER", "view_id": "INTEGER"}
 
 
 class JobStore(Transactional):
@@ -50,6 +54,11 @@ class JobStore(Transactional):
     def __init__(self, path: Path) -> None:
         super().__init__(path, SCHEMA)
         os.chmod(path, 0o600)  # may hold a Label Studio token handed over by /setup
+        with self.transaction() as db:
+            have = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in LATER_COLUMNS.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     # jobs -----------------------------------------------------------------------------------------
     def claim(self, project_id: int, owner: str, *, stale_s: float) -> bool:
@@ -71,13 +80,21 @@ class JobStore(Transactional):
             return True
 
     def update(self, project_id: int, owner: str, **fields: Any) -> bool:
-        """Set job fields and the heartbeat; False when ``owner`` no longer holds the job."""
-        allowed = {k: v for k, v in fields.items() if k in STATUS_FIELDS}
-        sets = ", ".join(f"{k} = ?" for k in allowed)
+        """Set job fields and the heartbeat; False when ``owner`` no longer holds the job.
+
+        A new ``stage`` also records when it began and its ``done`` count then (the page's rate and ETA)."""
+        allowed = {k: v for k, v in fields.items() if k in STATUS_FIELDS and k not in ("stage_started", "stage_done0")}
+        sets = [f"{k} = ?" for k in allowed]
+        args: list[Any] = list(allowed.values())
+        now = time.time()
+        if "stage" in allowed:  # the right-hand sides see the old row: compare with the stage before
+            sets[:0] = ["stage_started = CASE WHEN stage IS ? THEN stage_started ELSE ? END",
+                        "stage_done0 = CASE WHEN stage IS ? THEN stage_done0 ELSE COALESCE(?, done) END"]
+            args[:0] = [allowed["stage"], now, allowed["stage"], allowed.get("done")]
         with self.transaction() as db:
             cur = db.execute(
-                f"UPDATE jobs SET heartbeat = ?{', ' + sets if sets else ''} WHERE project_id = ? AND owner = ?",
-                (time.time(), *allowed.values(), project_id, owner),
+                f"UPDATE jobs SET heartbeat = ?{''.join(', ' + x for x in sets)} WHERE project_id = ? AND owner = ?",
+                (now, *args, project_id, owner),
             )
             return cur.rowcount == 1
 
@@ -102,6 +119,15 @@ class JobStore(Transactional):
             row = self._db.execute(f"SELECT {', '.join(STATUS_FIELDS)} FROM jobs WHERE project_id = ?",
                                    (project_id,)).fetchone()
         return dict(zip(STATUS_FIELDS, row)) if row else None
+
+    def statuses(self) -> dict[int, dict[str, Any] | None]:
+        """Every project the backend knows (set up or with a job), with its job row or None."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT p.project_id, {', '.join('j.' + f for f in STATUS_FIELDS)} FROM "
+                "(SELECT project_id FROM jobs UNION SELECT project_id FROM projects) p "
+                "LEFT JOIN jobs j ON j.project_id = p.project_id ORDER BY p.project_id").fetchall()
+        return {int(r[0]): dict(zip(STATUS_FIELDS, r[1:])) if r[1] is not None else None for r in rows}
 
     def model_version(self, project_id: int) -> str | None:
         """The last model version pushed to Label Studio for the project."""
@@ -192,12 +218,16 @@ class RunRegistry:
         self._runs: dict[tuple[int, tuple[str, ...]], FreeALRun] = {}
         self._shared: FreeALRun | None = None
 
+    def run_dir(self, project_id: int) -> Path:
+        """Where the project's FreeAL state lives."""
+        return self.settings.data_dir / f"project-{project_id}"
+
     def get(self, project_id: int, labels: tuple[str, ...], task_description: str | None = None) -> FreeALRun:
         with self._lock:
             key = (project_id, labels)
             run = self._runs.get(key)
             if run is None:
-                run_dir = self.settings.data_dir / f"project-{project_id}"
+                run_dir = self.run_dir(project_id)
                 shared = self._shared
                 run = FreeALRun(self.settings, list(labels), run_dir, task_description,
                                 llm=shared.llm if shared else None, encoder=shared.encoder if shared else None)
@@ -241,12 +271,13 @@ class JobManager:
     """Starts and runs the background job of a project in this process."""
 
     def __init__(self, settings: Settings, store: JobStore, runs: RunRegistry, *, stale_s: float = 120.0,
-                 heartbeat_s: float = 5.0) -> None:
+                 heartbeat_s: float = 5.0, title_every_s: float = 5.0) -> None:
         self.settings = settings
         self.store = store
         self.runs = runs
         self.stale_s = stale_s
         self.heartbeat_s = heartbeat_s
+        self.title_every_s = title_every_s
         self.owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
 
     def connection(self, project_id: int) -> Connection:
@@ -278,6 +309,8 @@ class JobManager:
                     log.exception("project %s: FreeAL job failed", project_id)
                     message, state = f"{type(exc).__name__}: {exc}", "failed"
                 if not self.store.finish(project_id, owner, state, message):
+                    if state == "failed":
+                        self._final_title(project_id)
                     return
                 log.info("project %s: running again with the newest annotations", project_id)
         finally:
@@ -287,10 +320,19 @@ class JobManager:
         while not stop.wait(self.heartbeat_s):
             self.store.update(project_id, owner)
 
+    def _final_title(self, project_id: int) -> None:
+        """Leave the review tab's title with the job's end state (a failed job says so)."""
+        try:
+            client = ProjectClient(self.connection(project_id), project_id)
+            ReviewTab(client, self.store, project_id, "", 0.0).show(force=True)
+        except Exception as exc:  # noqa: BLE001 - Label Studio may be what failed; the job row says why
+            log.warning("project %s: review tab title not updated: %s", project_id, exc)
+
     def run_once(self, project_id: int, owner: str) -> str:
         """Fetch every task, run the FreeAL rounds, push predictions and the review view after each round."""
         conn = self.connection(project_id)
         client = ProjectClient(conn, project_id)
+        tab = ReviewTab(client, self.store, project_id, owner, self.title_every_s)
         saved = self.store.project(project_id) or {}
         opts = ProjectOptions.from_extra(saved.get("extra_params"))
         cfg = parse_label_config(client.label_config(), from_name=opts.from_name)
@@ -306,16 +348,24 @@ class JobManager:
         self.store.update(project_id, owner, rounds=rounds, tasks=len(items))
         results: list[ItemResult] = []
         pushed = self.store.model_version(project_id)
+        cost = RoundLLMStats(run.store, lambda: run._llm)  # what the LLM cost, per round, for the status page
         for rnd in range(rounds + 1):
             def progress(stage: str, done: int, total: int, rnd: int = rnd) -> None:
                 self.store.update(project_id, owner, stage=stage, done=done, total=total, round=rnd)
+                tab.show()
 
+            cost.switch(rnd)
             self.store.update(project_id, owner, round=rnd, stage=f"round {rnd} of {rounds}")
             results = run.run(items, rounds=rnd, on_progress=progress)
+            cost.finish()
+            save_round_flagged(run.store, rnd, len(flagged_ids(results)))
             version = run.model_version()
             if pushed == final_version(version, rounds):
                 continue  # same data and settings as the last push: Label Studio already has these results
             self.push(client, cfg, results, version, project_id, owner)
+            tab.show(force=True)
+        self.store.update(project_id, owner, flagged=len(flagged_ids(results)))
+        tab.show(force=True, final=True)
         skipped = f"; {len(no_text)} tasks without text skipped: {no_text[:20]}" if no_text else ""
         health = run.health()
         verdict = f"; label health: {health['message']}" if health else ""
@@ -337,8 +387,37 @@ def push_results(client: ProjectClient, cfg: ClassificationConfig, results: list
         client.delete_model_version(version)  # same data, same version: no duplicates
     client.import_predictions(preds)
     client.replace_freeal_versions(keep=version)
-    client.upsert_review_view()
-    return len(flagged_ids(results))
+    flagged = len(flagged_ids(results))
+    client.upsert_review_view(review_view_title(flagged))
+    return flagged
+
+
+class ReviewTab:
+    """Keeps the review tab's title on the job's live state (``… (412) · round 2/2, 43%``), throttled."""
+
+    def __init__(self, client: ProjectClient, store: JobStore, project_id: int, owner: str, every_s: float) -> None:
+        self.client, self.store, self.project_id, self.owner, self.every_s = client, store, project_id, owner, every_s
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def show(self, *, force: bool = False, final: bool = False) -> None:
+        """Retitle the tab from the job row (at most every ``every_s`` unless ``force``); ``final`` drops the
+        live part (the job ended well). Failures are logged: a title never fails the job."""
+        if not force and time.monotonic() - self._last < self.every_s:
+            return
+        if not self._lock.acquire(blocking=force):
+            return  # another thread is retitling right now
+        try:
+            self._last = time.monotonic()
+            job = job_summary(self.store.status(self.project_id))
+            live = None if final else live_title_state(job)
+            view_id = self.client.upsert_review_view(review_view_title(job["flagged"], live))
+            if self.owner:
+                self.store.update(self.project_id, self.owner, view_id=view_id)
+        except Exception as exc:  # noqa: BLE001 - Label Studio unreachable for a moment: the next call retries
+            log.warning("project %s: review tab title not updated: %s", self.project_id, exc)
+        finally:
+            self._lock.release()
 
 
 def progress_text(status: dict[str, Any]) -> str:

@@ -120,12 +120,13 @@ class ProjectClient:
         self.client.projects.update(id=self.project_id, model_version=keep)
         return old
 
-    def upsert_review_view(self) -> int:
+    def upsert_review_view(self, title: str = REVIEW_VIEW_TITLE) -> int:
         """Create or update the "FreeAL: needs review" tab: exactly the tasks whose FreeAL prediction is
-        flagged and that are still unannotated, least confident first. Returns the view id."""
-        data = review_view_data()
+        flagged and that are still unannotated, least confident first. ``title`` may carry live state after
+        the stable prefix (see :func:`review_view_title`); the tab is found by that prefix. Returns the view id."""
+        data = review_view_data(title)
         for view in self.client.views.list(project=self.project_id):
-            if (view.data or {}).get("title") == REVIEW_VIEW_TITLE:
+            if is_review_view_title((view.data or {}).get("title")):
                 self.client.views.update(id=str(view.id), project=self.project_id, data=data)
                 return int(view.id)
         created = self.client.views.create(project=self.project_id, data=data)
@@ -144,7 +145,18 @@ class ProjectClient:
         return resp.json() if resp.content else None
 
 
-def review_view_data() -> dict[str, Any]:
+def review_view_title(flagged: int | None = None, state: str | None = None) -> str:
+    """``FreeAL: needs review (412) · round 2/2, 43%``: the stable prefix, the flagged count, live state."""
+    title = REVIEW_VIEW_TITLE + (f" ({flagged})" if flagged is not None else "")
+    return f"{title} · {state}" if state else title
+
+
+def is_review_view_title(title: Any) -> bool:
+    """Whether a tab title is FreeAL's review tab (whatever live state follows the prefix)."""
+    return isinstance(title, str) and (title == REVIEW_VIEW_TITLE or title.startswith(REVIEW_VIEW_TITLE + " "))
+
+
+def review_view_data(title: str = REVIEW_VIEW_TITLE) -> dict[str, Any]:
     """Data Manager view payload: tasks whose prediction carries the FreeAL review marker and that nobody
     has annotated yet, least confident first.
 
@@ -153,7 +165,7 @@ def review_view_data() -> dict[str, Any]:
     the numeric id column to an empty value. "Prediction results contains <marker>" is a plain UI filter.
     """
     return {
-        "title": REVIEW_VIEW_TITLE,
+        "title": title,
         "filters": {
             "conjunction": "and",
             "items": [

@@ -3,7 +3,9 @@
 Label Studio 1.23 calls: ``GET /health``, ``POST /setup`` (3 s timeout: nothing heavy here), ``POST /predict``
 (100 s timeout: cached results at once, LLM labels for unseen tasks within a budget, the full FreeAL
 job in the background), ``POST /webhook`` (1 s timeout: acknowledge at once), and ``GET /versions``.
-``POST /train`` is kept for older Label Studio versions. ``GET /status/<project>`` shows the job.
+``POST /train`` is kept for older Label Studio versions. For people: ``GET /`` lists the projects and
+``GET /projects/<id>`` shows one (HTML, refreshing while a job runs); ``GET /status/<id>`` has the same numbers
+as JSON.
 """
 from __future__ import annotations
 
@@ -12,14 +14,17 @@ import hmac
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 
+from freeal_backend import html_report, status as run_status
 from freeal_backend.config import Settings
-from freeal_backend.jobs import JobManager, JobStore, ProjectOptions, RunRegistry, progress_text
+from freeal_backend.jobs import ACTIVE, JobManager, JobStore, ProjectOptions, RunRegistry, progress_text
 from freeal_backend.label_config import (
     ClassificationConfig,
     LabelConfigError,
@@ -35,6 +40,10 @@ from freeal_backend.records import Item, ItemResult
 from freeal_backend.storage import Store
 
 log = logging.getLogger("freeal_backend.server")
+
+PAGE_REFRESH_S = 5  # the status pages reload themselves this often while a job is queued or running
+# the pages run no script and load nothing from another host
+PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'none'"
 
 INITIAL_VERSION = "freeal-llm-only"
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
@@ -85,16 +94,29 @@ class Backend:
             raise BadRequest("label_config is missing and /setup has not been called for this project")
         return parse_label_config(xml, from_name=opts.from_name), opts
 
-    def health(self, project_id: int) -> dict[str, Any] | None:
-        """The project's latest run-health verdict (estimated label accuracy, kappa, verdict, message)."""
-        path = self.settings.data_dir / f"project-{project_id}" / "state.sqlite"
+    @contextmanager
+    def run_store(self, project_id: int) -> Iterator[Store | None]:
+        """The project's FreeAL state, opened for reading (None before its first job wrote any)."""
+        path = self.runs.run_dir(project_id) / "state.sqlite"
         if not path.exists():
-            return None
+            yield None
+            return
         store = Store(path)
         try:
-            return latest_health(store)
+            yield store
         finally:
             store.close()
+
+    def project_status(self, project_id: int, row: dict[str, Any] | None) -> dict[str, Any]:
+        """The numbers ``/status/<id>`` and ``/projects/<id>`` show, for the job row ``row``."""
+        try:
+            ls_url: str | None = self.jobs.connection(project_id).url
+        except MissingCredentialsError:
+            ls_url = None
+        with self.run_store(project_id) as store:
+            data = run_status.project_status(project_id, row, store, ls_url)
+            data["health"] = latest_health(store) if store is not None else None
+            return data
 
     def version(self, project_id: int) -> str:
         return self.store.model_version(project_id) or INITIAL_VERSION
@@ -233,10 +255,25 @@ def create_app(settings: Settings | None = None, server: ServerSettings | None =
         log.exception("unhandled error on %s", request.path)
         return jsonify(error=f"internal error ({type(exc).__name__}); see the backend log"), 500
 
-    @app.get("/")
     @app.get("/health")
     def health() -> Response:
-        return jsonify(status="UP", model_class="FreeAL", data_dir=str(backend.settings.data_dir))
+        return jsonify(status="UP", model_class="FreeAL")
+
+    @app.get("/")
+    def index() -> Response:
+        now = time.time()
+        projects = [{"project": pid, "job": run_status.job_summary(row, now)}
+                    for pid, row in backend.store.statuses().items()]
+        active = any(p["job"]["state"] in ACTIVE for p in projects)
+        return _html(html_report.index_page(projects, refresh_s=PAGE_REFRESH_S if active else None))
+
+    @app.get("/projects/<int:project_id>")
+    def project_page(project_id: int) -> Response:
+        data = backend.project_status(project_id, backend.store.status(project_id))
+        if data["job"]["state"] == "none" and data["run"] is None and backend.store.project(project_id) is None:
+            raise NotFound(f"the backend knows no project {project_id}")
+        active = data["job"]["state"] in ACTIVE
+        return _html(html_report.project_page(data, refresh_s=PAGE_REFRESH_S if active else None))
 
     @app.post("/setup")
     def setup() -> Response:
@@ -304,9 +341,16 @@ def create_app(settings: Settings | None = None, server: ServerSettings | None =
         row = backend.store.status(project_id)
         if row is None:
             return jsonify(error=f"no FreeAL job for project {project_id} yet"), 404
-        return jsonify(project=project_id, progress=progress_text(row), health=backend.health(project_id), **row)
+        return jsonify(progress=progress_text(row), **row, **backend.project_status(project_id, row))
 
     return app
+
+
+def _html(text: str) -> Response:
+    resp = Response(text, mimetype="text/html")
+    resp.headers["Content-Security-Policy"] = PAGE_CSP
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    return resp
 
 
 def _same(given: str | None, expected: str) -> bool:

@@ -26,6 +26,8 @@ CREATE TABLE IF NOT EXISTS slm (round INTEGER NOT NULL, item_id TEXT NOT NULL, p
     loss REAL, clean INTEGER NOT NULL, clean_prob REAL NOT NULL, PRIMARY KEY (round, item_id));
 CREATE TABLE IF NOT EXISTS results (item_id TEXT PRIMARY KEY, record TEXT NOT NULL);
 """
+# columns of ``results`` copied out of the JSON record, so the status page aggregates them in SQL
+RESULT_COLUMNS = {"label": "TEXT", "confidence": "REAL", "suspicious": "INTEGER", "source": "TEXT"}
 
 
 def connect(path: Path, schema: str) -> sqlite3.Connection:
@@ -61,6 +63,10 @@ class Transactional:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of one read-only query (for aggregates computed in SQL, e.g. the status page)."""
+        return self._read(sql, args)
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -71,6 +77,12 @@ class Store(Transactional):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, SCHEMA)
+        if not set(RESULT_COLUMNS) <= {r[1] for r in self._read("PRAGMA table_info(results)")}:
+            with self.transaction() as db:  # a state file from before these columns: add and fill them
+                have = {r[1] for r in db.execute("PRAGMA table_info(results)")}  # again, under the write lock
+                for name in (n for n in RESULT_COLUMNS if n not in have):
+                    db.execute(f"ALTER TABLE results ADD COLUMN {name} {RESULT_COLUMNS[name]}")
+                    db.execute(f"UPDATE results SET {name} = json_extract(record, '$.{name}')")
 
     def _write(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
         with self.transaction() as db:
@@ -178,7 +190,10 @@ class Store(Transactional):
     def set_results(self, results: list[ItemResult]) -> None:
         with self.transaction() as db:
             db.execute("DELETE FROM results")
-            db.executemany("INSERT INTO results VALUES (?, ?)", [(r.item_id, json.dumps(asdict(r))) for r in results])
+            db.executemany("INSERT INTO results (item_id, record, label, confidence, suspicious, source) "
+                           "VALUES (?, ?, ?, ?, ?, ?)",
+                           [(r.item_id, json.dumps(asdict(r)), r.label, r.confidence, int(r.suspicious), r.source)
+                            for r in results])
 
     def results(self, item_ids: Iterable[str] | None = None) -> dict[str, ItemResult]:
         """Stored results by item id: all of them, or only those of ``item_ids`` (cheap for a few)."""

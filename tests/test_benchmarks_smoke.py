@@ -61,3 +61,11 @@ def test_speed_tiny(tmp_path: Path) -> None:
     assert "client / raw throughput ratio" in text
     assert "cache-hit re-run: 0 calls, 3 cache hits (OK)" in text
     assert re.search(r"^\| 40 \|", text, re.M), text
+
+
+def test_status_page_benchmark_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "status_page.md"
+    proc = subprocess.run([sys.executable, "benchmarks/status_page.py", "--n", "300", "--repeat", "2", "--out",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| /projects/1 |" in out.read_text() and "| /status/1 |" in out.read_text()

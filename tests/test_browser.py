@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from label_studio_sdk import LabelStudio
 
-from freeal_backend.jobs import push_results
+from freeal_backend.jobs import JobStore, ReviewTab, push_results
 from freeal_backend.label_config import parse_label_config
-from freeal_backend.ls_client import REVIEW_VIEW_TITLE, Connection, ProjectClient
+from freeal_backend.ls_client import REVIEW_VIEW_TITLE, Connection, ProjectClient, is_review_view_title
 from freeal_backend.records import ItemResult
 from tests.fixtures_ls import LabelStudioServer
 
@@ -53,7 +54,7 @@ def flagged_project(label_studio: LabelStudioServer) -> tuple[int, int, list[int
     ids = sorted(t.task_id for t in pc.iter_tasks(cfg))
     results = _results(ids)
     push_results(pc, cfg, results, "freeal-r1-browser0")
-    view = next(v for v in client.views.list(project=project.id) if v.data.get("title") == REVIEW_VIEW_TITLE)
+    view = next(v for v in client.views.list(project=project.id) if is_review_view_title(v.data.get("title")))
     return project.id, int(view.id), [int(r.item_id) for r in results if r.suspicious]
 
 
@@ -68,11 +69,7 @@ def test_review_view_and_flag_in_labeling_ui(label_studio: LabelStudioServer,
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 900})
-        page.goto(f"{label_studio.url}/user/login/")
-        page.fill("input[name=email]", label_studio.username)
-        page.fill("input[name=password]", label_studio.password)
-        page.click("button[type=submit]")
-        page.wait_for_url(lambda url: "/user/login" not in url)
+        _login(page, label_studio)
 
         page.goto(f"{label_studio.url}/projects/{pid}/data?tab={view_id}")
         expect(page.get_by_text(REVIEW_VIEW_TITLE).first).to_be_visible(timeout=60_000)
@@ -94,3 +91,53 @@ def test_review_view_and_flag_in_labeling_ui(label_studio: LabelStudioServer,
     # the UI did not rewrite the tab: it still lists exactly the flagged tasks
     pc = ProjectClient(Connection(label_studio.url, label_studio.token), pid)
     assert sorted(pc.view_task_ids(view_id)) == sorted(flagged)
+
+
+def _login(page: Any, label_studio: LabelStudioServer) -> None:
+    page.goto(f"{label_studio.url}/user/login/")
+    page.fill("input[name=email]", label_studio.username)
+    page.fill("input[name=password]", label_studio.password)
+    page.click("button[type=submit]")
+    page.wait_for_url(lambda url: "/user/login" not in url)
+
+
+def test_review_tab_title_shows_the_running_job(label_studio: LabelStudioServer,
+                                                flagged_project: tuple[int, int, list[int]], tmp_path: Path) -> None:
+    """While a job runs the tab reads "FreeAL: needs review (3) · round 1/2, 43%"; when it ends, the count only.
+    The backend keeps finding the same tab by its prefix (no second tab).
+
+    Label Studio 1.23 cuts a tab's visible title at about 16 characters ("FreeAL: needs r…"); the whole title
+    is the tab's tooltip (its ``title`` attribute), which is what is checked here."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    pid, view_id, flagged = flagged_project
+    jobs = JobStore(tmp_path / "backend.sqlite")
+    jobs.claim(pid, "me", stale_s=60)
+    jobs.update(pid, "me", state="running", round=1, rounds=2, flagged=len(flagged), stage="llm_r1", done=43, total=100)
+    pc = ProjectClient(Connection(label_studio.url, label_studio.token), pid)
+    tab = ReviewTab(pc, jobs, pid, "me", every_s=5)
+    running = f"{REVIEW_VIEW_TITLE} ({len(flagged)}) · round 1/2, 43%"
+    tab.show(force=True)
+    assert jobs.status(pid)["view_id"] == view_id
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    titles = [(v.data or {}).get("title") for v in client.views.list(project=pid)]
+    assert titles.count(running) == 1 and sum(map(is_review_view_title, titles)) == 1
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        _login(page, label_studio)
+        page.goto(f"{label_studio.url}/projects/{pid}/data?tab={view_id}")
+        expect(page.locator(f'[role=tab][title="{running}"]')).to_be_visible(timeout=60_000)
+        page.screenshot(path=str(tmp_path / "review_tab_running.png"))
+        jobs.update(pid, "me", state="done")
+        tab.show(force=True, final=True)
+        page.reload()
+        final = f"{REVIEW_VIEW_TITLE} ({len(flagged)})"
+        expect(page.locator(f'[role=tab][title="{final}"]')).to_be_visible(timeout=60_000)
+        page.screenshot(path=str(tmp_path / "review_tab_done.png"))
+        browser.close()
+    assert pc.upsert_review_view() == view_id  # found again by its prefix
+    assert sorted(pc.view_task_ids(view_id)) == sorted(flagged)  # retitling kept the filters
+    jobs.close()

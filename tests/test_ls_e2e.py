@@ -20,7 +20,8 @@ import pytest
 from label_studio_sdk import LabelStudio
 
 from freeal_backend.label_config import FLAG_SUSPICIOUS, parse_label_config, render_prediction
-from freeal_backend.ls_client import REVIEW_VIEW_TITLE, Connection, ProjectClient, connection_from_env
+from freeal_backend.ls_client import (REVIEW_VIEW_TITLE, Connection, ProjectClient, connection_from_env,
+                                      is_review_view_title)
 from freeal_backend.records import ItemResult
 from freeal_backend.storage import Store
 from tests.fixtures_ls import LabelStudioServer, free_port
@@ -181,6 +182,15 @@ def test_retrieve_predictions_review_view_and_gold(label_studio: LabelStudioServ
     flagged = review_view_ids(client, pid)
     expected = {tid for tid, p in preds.items() if flag_of(p) == FLAG_SUSPICIOUS}
     assert flagged == expected and status["flagged"] == len(expected)
+    # the ended job left its count in the tab title; the status page and /status show the run
+    titles = [(v.data or {}).get("title") for v in client.views.list(project=pid)]
+    assert f"{REVIEW_VIEW_TITLE} ({len(expected)})" in titles, titles
+    run = status["run"]
+    assert run["tasks"] == N_TASKS and run["final"]["flagged"] == len(expected) and len(run["rounds"]) == 2
+    assert run["rounds"][1]["flagged"] == len(expected) and run["rounds"][0]["llm"]["calls"] is not None
+    assert status["review_tab"]["url"] == f"{label_studio.url}/projects/{pid}/data?tab={status['view_id']}"
+    page = httpx.get(f"{backend.url}/projects/{pid}", timeout=30)
+    assert page.status_code == 200 and "Texts per label after each round" in page.text
 
     # a person labels one task through the API; the webhook makes it gold for the next run
     target = sorted(expected)[0] if expected else task_ids[0]
@@ -235,6 +245,6 @@ def flag_of(pred: dict[str, Any]) -> str | None:
 
 
 def review_view_ids(client: LabelStudio, pid: int) -> set[int]:
-    views = [v for v in client.views.list(project=pid) if (v.data or {}).get("title") == REVIEW_VIEW_TITLE]
+    views = [v for v in client.views.list(project=pid) if is_review_view_title((v.data or {}).get("title"))]
     assert len(views) == 1
     return {int(t.id) for t in client.tasks.list(project=pid, view=views[0].id, fields="task_only", page_size=100)}
