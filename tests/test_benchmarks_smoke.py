@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on a tiny slice (so they cannot rot); numbers are not checked."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures_llm import DATA
+from tests.fixtures_ls import LabelStudioServer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SLM = {"FREEAL_SLM_EPOCHS": "2", "FREEAL_SLM_WARMUP": "1", "FREEAL_DEMOS_PER_LABEL": "2"}
@@ -60,3 +62,15 @@ def test_speed_tiny(tmp_path: Path) -> None:
     assert "client / raw throughput ratio" in text
     assert "cache-hit re-run: 0 calls, 3 cache hits (OK)" in text
     assert re.search(r"^\| 40 \|", text, re.M), text
+
+
+@pytest.mark.ls
+def test_ls_push_tiny(tmp_path: Path, label_studio: LabelStudioServer) -> None:
+    out = tmp_path / "ls_push"
+    _run(["benchmarks/ls_push.py", "--tasks", "12", "--batches", "5,12", "--ls-url", label_studio.url,
+          "--ls-token", label_studio.token, "--out", str(out)], tmp_path)
+    text = out.with_suffix(".md").read_text()
+    assert "Command (from the repository root)" in text and "**extrapolation**" in text
+    assert re.search(r"^\| 5 \| no \|", text, re.M) and re.search(r"^\| 12 \| yes \|", text, re.M), text
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["tasks"] == 12 and [p["batch"] for p in data["pushes"]] == [5, 12]
