@@ -1,4 +1,5 @@
-"""``freeal`` command line: run FreeAL on a file, evaluate or report on a run, serve the Label Studio backend."""
+"""``freeal`` command line: run FreeAL on a file, evaluate or report on a run, serve the Label Studio backend,
+run queue workers."""
 from __future__ import annotations
 
 import argparse
@@ -179,6 +180,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run a worker process for the Redis job queue (FREEAL_QUEUE) until SIGTERM (or, with --burst, until idle)."""
+    settings = Settings.from_env(queue_url=args.queue)
+    if not settings.queue_url:
+        raise SystemExit("error: set FREEAL_QUEUE=redis://host:6379/0 (or --queue): the queue the backend fills")
+    from .jobqueue import work
+    work(settings, burst=args.burst, name=args.name)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freeal", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -213,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "1")))
     serve.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "8")))
     serve.set_defaults(func=cmd_serve)
+    worker = sub.add_parser("worker", help="run project jobs from the Redis queue (FREEAL_QUEUE); start as many "
+                                           "as wanted on the host that holds FREEAL_DATA_DIR (README: Scaling)")
+    worker.add_argument("--queue", help="Redis URL (default FREEAL_QUEUE)")
+    worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    worker.add_argument("--name", help="worker name shown by `rq info` (default freeal-<random>)")
+    worker.set_defaults(func=cmd_worker)
     return parser
 
 

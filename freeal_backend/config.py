@@ -53,6 +53,8 @@ class Settings:
     select_ratio: float = 0.2  # FREEAL_SELECT_RATIO: rho_sel, top share of the clean agreed pool per class
     seed: int = 0  # FREEAL_SEED
     task_description: str | None = None  # FREEAL_TASK: one line telling the LLM what the labels mean
+    queue_url: str | None = None  # FREEAL_QUEUE: redis://host:6379/0 = jobs go to `freeal worker`s; empty = a thread
+    queue_lock_ttl: float = 60.0  # FREEAL_QUEUE_LOCK_TTL: a killed worker's job is resumed this long after
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "Settings":
@@ -70,6 +72,7 @@ class Settings:
             "slm_train_layers": "FREEAL_SLM_TRAIN_LAYERS", "slm_lr": "FREEAL_SLM_LR",
             "slm_batch_size": "FREEAL_SLM_BATCH", "torch_threads": "FREEAL_TORCH_THREADS", "clean_threshold": "FREEAL_CLEAN_THRESHOLD",
             "select_ratio": "FREEAL_SELECT_RATIO", "seed": "FREEAL_SEED", "task_description": "FREEAL_TASK",
+            "queue_url": "FREEAL_QUEUE", "queue_lock_ttl": "FREEAL_QUEUE_LOCK_TTL",
         }
         values: dict[str, Any] = {}
         types = {f.name: f.type for f in fields(cls)}

@@ -1,10 +1,15 @@
 """Background FreeAL jobs, one per Label Studio project, single-flight even across gunicorn workers.
 
 A SQLite file under the data dir (``backend.sqlite``) holds per project: the job row (state, stage,
-progress, heartbeat, owner, rerun request), the human labels that arrived by webhook, and what
-``/setup`` told us. A job is claimed in one ``BEGIN IMMEDIATE`` transaction; a claim whose heartbeat
-is older than ``stale_s`` (a killed worker) may be taken over. A trigger while a job runs sets
-``rerun`` so the running job goes once more with the newest annotations instead of starting a second one.
+progress, heartbeat, owner, rerun request), the human labels that arrived by webhook, what ``/setup``
+told us, and the push journal (which predictions of a version are already in Label Studio).
+
+Where a job runs is the runner's business. :class:`ThreadRunner` (the default) runs it in a thread of
+this process: a job is claimed in one ``BEGIN IMMEDIATE`` transaction; a claim whose heartbeat is older
+than ``stale_s`` (a killed worker) may be taken over; a trigger while a job runs sets ``rerun`` so the
+running job goes once more with the newest annotations instead of starting a second one. With
+``FREEAL_QUEUE`` set, :class:`freeal_backend.jobqueue.QueueRunner` enqueues it to Redis for ``freeal
+worker`` processes instead, with the same single-flight and rerun rules.
 """
 from __future__ import annotations
 
@@ -15,14 +20,17 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from freeal_backend.config import Settings
 from freeal_backend.label_config import ClassificationConfig, parse_label_config, render_prediction
 from freeal_backend.loop import FreeALRun
-from freeal_backend.ls_client import Connection, ProjectClient, TaskRecord, connection_from_env, review_view_title
+from freeal_backend.ls_client import (IMPORT_BATCH, Connection, ProjectClient, TaskRecord, connection_from_env,
+                                       review_view_title)
 from freeal_backend.records import Item, ItemResult
 from freeal_backend.status import RoundLLMStats, job_summary, live_title_state, save_round_flagged
 from freeal_backend.storage import Transactional
@@ -40,6 +48,9 @@ CREATE TABLE IF NOT EXISTS gold (
     updated REAL, PRIMARY KEY (project_id, annotation_id));
 CREATE TABLE IF NOT EXISTS projects (
     project_id INTEGER PRIMARY KEY, label_config TEXT, extra_params TEXT, ls_url TEXT, ls_key TEXT, updated REAL);
+CREATE TABLE IF NOT EXISTS pushed (
+    project_id INTEGER NOT NULL, model_version TEXT NOT NULL, task_id INTEGER NOT NULL, confirmed INTEGER NOT NULL,
+    PRIMARY KEY (project_id, model_version, task_id));
 """
 STATUS_FIELDS = ("state", "stage", "done", "total", "round", "rounds", "message", "model_version", "flagged",
                  "tasks", "rerun", "started", "finished", "stage_started", "stage_done0", "view_id")
@@ -63,21 +74,37 @@ class JobStore(Transactional):
     # jobs -----------------------------------------------------------------------------------------
     def claim(self, project_id: int, owner: str, *, stale_s: float) -> bool:
         """Take the project's job slot; when a live job holds it, ask that job to run again instead."""
-        now = time.time()
         with self.transaction() as db:
             row = db.execute("SELECT state, heartbeat FROM jobs WHERE project_id = ?", (project_id,)).fetchone()
-            if row and row[0] in ACTIVE and now - (row[1] or 0) < stale_s:
+            if row and row[0] in ACTIVE and time.time() - (row[1] or 0) < stale_s:
                 db.execute("UPDATE jobs SET rerun = 1 WHERE project_id = ?", (project_id,))
                 return False
-            db.execute(
-                "INSERT INTO jobs (project_id, state, stage, done, total, message, owner, heartbeat, rerun, started)"
-                " VALUES (?, 'queued', 'queued', 0, 0, '', ?, ?, 0, ?)"
-                " ON CONFLICT(project_id) DO UPDATE SET state='queued', stage='queued', done=0, total=0,"
-                " message='', owner=excluded.owner, heartbeat=excluded.heartbeat, rerun=0, started=excluded.started,"
-                " finished=NULL",
-                (project_id, owner, now, now),
-            )
+            self._queue_row(db, project_id, owner)
             return True
+
+    def take(self, project_id: int, owner: str) -> None:
+        """Make ``owner`` the job's owner unconditionally (the caller holds the project's queue lock)."""
+        with self.transaction() as db:
+            self._queue_row(db, project_id, owner)
+
+    def mark_queued(self, project_id: int) -> None:
+        """Show the job as queued unless one is queued or running already."""
+        with self.transaction() as db:
+            row = db.execute("SELECT state FROM jobs WHERE project_id = ?", (project_id,)).fetchone()
+            if row is None or row[0] not in ACTIVE:
+                self._queue_row(db, project_id, None)
+
+    @staticmethod
+    def _queue_row(db: Any, project_id: int, owner: str | None) -> None:
+        now = time.time()
+        db.execute(
+            "INSERT INTO jobs (project_id, state, stage, done, total, message, owner, heartbeat, rerun, started)"
+            " VALUES (?, 'queued', 'queued', 0, 0, '', ?, ?, 0, ?)"
+            " ON CONFLICT(project_id) DO UPDATE SET state='queued', stage='queued', done=0, total=0,"
+            " message='', owner=excluded.owner, heartbeat=excluded.heartbeat, rerun=0, started=excluded.started,"
+            " finished=NULL",
+            (project_id, owner, now, now),
+        )
 
     def update(self, project_id: int, owner: str, **fields: Any) -> bool:
         """Set job fields and the heartbeat; False when ``owner`` no longer holds the job.
@@ -169,6 +196,32 @@ class JobStore(Transactional):
             rows = self._db.execute("SELECT task_id, labels FROM gold WHERE project_id = ? ORDER BY updated",
                                     (project_id,)).fetchall()
         return {int(t): json.loads(labels) for t, labels in rows}
+
+    # the push journal: per version, the task ids whose prediction was sent (confirmed once stored) --------
+    def pushed(self, project_id: int, version: str) -> tuple[set[int], set[int]]:
+        """Task ids of ``version`` confirmed in Label Studio, and those sent without confirmation."""
+        with self._lock:
+            rows = self._db.execute("SELECT task_id, confirmed FROM pushed WHERE project_id = ? AND model_version = ?",
+                                    (project_id, version)).fetchall()
+        return {t for t, c in rows if c}, {t for t, c in rows if not c}
+
+    def record_push(self, project_id: int, version: str, task_ids: Sequence[int], *, confirmed: bool) -> None:
+        with self.transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO pushed VALUES (?, ?, ?, ?)",
+                           [(project_id, version, t, int(confirmed)) for t in task_ids])
+
+    def forget_push(self, project_id: int, *, version: str | None = None, keep: str | None = None,
+                    unconfirmed_only: bool = False) -> None:
+        """Drop journal rows of ``version`` (or of every version but ``keep``)."""
+        sql, args = "DELETE FROM pushed WHERE project_id = ?", [project_id]
+        if version is not None:
+            sql, args = sql + " AND model_version = ?", [*args, version]
+        if keep is not None:
+            sql, args = sql + " AND model_version != ?", [*args, keep]
+        if unconfirmed_only:
+            sql += " AND confirmed = 0"
+        with self.transaction() as db:
+            db.execute(sql, args)
 
     # what /setup told us ------------------------------------------------------------------------------
     def save_project(self, project_id: int, *, label_config: str, extra_params: dict[str, Any] | None,
@@ -267,16 +320,72 @@ def flagged_ids(results: list[ItemResult]) -> list[int]:
     return [int(r.item_id) for r in results if r.suspicious and r.source != "human"]
 
 
-class JobManager:
-    """Starts and runs the background job of a project in this process."""
+@contextmanager
+def every(interval_s: float, fn: Callable[[], object]) -> Iterator[None]:
+    """Call ``fn`` every ``interval_s`` seconds in a daemon thread while the block runs."""
+    stop = threading.Event()
 
-    def __init__(self, settings: Settings, store: JobStore, runs: RunRegistry, *, stale_s: float = 120.0,
-                 heartbeat_s: float = 5.0, title_every_s: float = 5.0) -> None:
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            fn()
+
+    thread = threading.Thread(target=loop, daemon=True, name="freeal-heartbeat")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+class Runner(Protocol):
+    """Where project jobs run: :class:`ThreadRunner` here, or a queue (``freeal_backend.jobqueue``)."""
+
+    def submit(self, manager: JobManager, project_id: int) -> bool:
+        """Start or enqueue the project's job; False when a queued or running job will serve the request."""
+
+
+class ThreadRunner:
+    """Runs a project's job in a daemon thread of this process (the default, without ``FREEAL_QUEUE``)."""
+
+    def __init__(self, *, stale_s: float = 120.0, heartbeat_s: float = 5.0) -> None:
+        self.stale_s = stale_s
+        self.heartbeat_s = heartbeat_s
+
+    def submit(self, manager: JobManager, project_id: int) -> bool:
+        owner = manager.new_owner()
+        if not manager.store.claim(project_id, owner, stale_s=self.stale_s):
+            return False
+        threading.Thread(target=self._main, args=(manager, project_id, owner), daemon=True,
+                         name=f"freeal-job-{project_id}").start()
+        return True
+
+    def _main(self, manager: JobManager, project_id: int, owner: str) -> None:
+        store = manager.store
+        with every(self.heartbeat_s, lambda: store.update(project_id, owner)):
+            manager.run_until_settled(project_id, owner,
+                                      lambda state, message: store.finish(project_id, owner, state, message))
+
+
+def runner_for(settings: Settings) -> Runner:
+    """The Redis queue when ``FREEAL_QUEUE`` is set, else a thread of this process."""
+    if settings.queue_url:
+        from freeal_backend.jobqueue import QueueRunner  # needs rq and redis only when configured
+
+        return QueueRunner(settings)
+    return ThreadRunner()
+
+
+class JobManager:
+    """Starts project jobs through a :class:`Runner` and runs them (in whatever process the runner picks)."""
+
+    def __init__(self, settings: Settings, store: JobStore, runs: RunRegistry, runner: Runner | None = None,
+                 *, push_batch: int = IMPORT_BATCH, title_every_s: float = 5.0) -> None:
         self.settings = settings
         self.store = store
         self.runs = runs
-        self.stale_s = stale_s
-        self.heartbeat_s = heartbeat_s
+        self.runner = runner if runner is not None else runner_for(settings)
+        self.push_batch = push_batch
         self.title_every_s = title_every_s
         self.owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -285,40 +394,31 @@ class JobManager:
         saved = self.store.project(project_id) or {}
         return connection_from_env(url=saved.get("ls_url"), api_key=saved.get("ls_key"))
 
+    def new_owner(self) -> str:
+        return f"{self.owner_prefix}:{uuid.uuid4().hex[:8]}"
+
     def trigger(self, project_id: int, reason: str) -> bool:
-        """Start the project's job unless one is running (then it is asked to run once more)."""
-        owner = f"{self.owner_prefix}:{uuid.uuid4().hex[:8]}"
-        if not self.store.claim(project_id, owner, stale_s=self.stale_s):
-            log.info("project %s: job already running; rerun requested (%s)", project_id, reason)
+        """Start the project's job unless one is queued or running (then it is asked to run once more)."""
+        if not self.runner.submit(self, project_id):
+            log.info("project %s: job already queued or running; rerun requested (%s)", project_id, reason)
             return False
         log.info("project %s: job queued (%s)", project_id, reason)
-        threading.Thread(target=self._main, args=(project_id, owner), daemon=True,
-                         name=f"freeal-job-{project_id}").start()
         return True
 
-    def _main(self, project_id: int, owner: str) -> None:
-        stop = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(project_id, owner, stop), daemon=True)
-        beat.start()
-        try:
-            while True:
-                try:
-                    message = self.run_once(project_id, owner)
-                    state = "done"
-                except Exception as exc:  # noqa: BLE001 - a job must end in a visible state, never die silently
-                    log.exception("project %s: FreeAL job failed", project_id)
-                    message, state = f"{type(exc).__name__}: {exc}", "failed"
-                if not self.store.finish(project_id, owner, state, message):
-                    if state == "failed":
-                        self._final_title(project_id)
-                    return
-                log.info("project %s: running again with the newest annotations", project_id)
-        finally:
-            stop.set()
-
-    def _heartbeat(self, project_id: int, owner: str, stop: threading.Event) -> None:
-        while not stop.wait(self.heartbeat_s):
-            self.store.update(project_id, owner)
+    def run_until_settled(self, project_id: int, owner: str, finish: Callable[[str, str], bool]) -> None:
+        """Run the job; again for as long as ``finish(state, message)`` says a newer request came."""
+        while True:
+            try:
+                message = self.run_once(project_id, owner)
+                state = "done"
+            except Exception as exc:  # noqa: BLE001 - a job must end in a visible state, never die silently
+                log.exception("project %s: FreeAL job failed", project_id)
+                message, state = f"{type(exc).__name__}: {exc}", "failed"
+            if not finish(state, message):
+                if state == "failed":
+                    self._final_title(project_id)
+                return
+            log.info("project %s: running again with the newest annotations", project_id)
 
     def _final_title(self, project_id: int) -> None:
         """Leave the review tab's title with the job's end state (a failed job says so)."""
@@ -373,20 +473,90 @@ class JobManager:
 
     def push(self, client: ProjectClient, cfg: ClassificationConfig, results: list[ItemResult], version: str,
              project_id: int, owner: str) -> None:
-        """Push one round's results and record the version and flag count in the job status."""
+        """Push one round's results (resuming an interrupted push) and record the version and flag count."""
         self.store.update(project_id, owner, stage=f"pushing {version}", done=0, total=len(results))
-        flagged = push_results(client, cfg, results, version)
+
+        def progress(done: int) -> None:
+            self.store.update(project_id, owner, done=done)
+
+        journal = PushJournal(self.store, project_id)
+        flagged = push_results(client, cfg, results, version, journal, batch=self.push_batch, on_progress=progress)
         self.store.update(project_id, owner, model_version=version, flagged=flagged, done=len(results))
         log.info("project %s: pushed %d predictions (%s), %d flagged", project_id, len(results), version, flagged)
 
 
-def push_results(client: ProjectClient, cfg: ClassificationConfig, results: list[ItemResult], version: str) -> int:
-    """Replace the project's FreeAL predictions with ``version``, refresh the review view; returns #flagged."""
+@dataclass(frozen=True)
+class PushJournal:
+    """One project's push journal in the job store."""
+
+    store: JobStore
+    project_id: int
+
+    def resume_point(self, client: ProjectClient, version: str) -> set[int]:
+        """Task ids whose ``version`` prediction is in Label Studio exactly once; the rest must be sent.
+
+        Batches go one at a time and each is journalled as sent before its request and confirmed after,
+        so at most one batch is in doubt after a crash; Label Studio's count for the version tells
+        whether it landed (Label Studio stores a request of up to 500 predictions in one transaction).
+        A count that fits neither case (a bigger batch stored in part; predictions deleted meanwhile)
+        makes the whole version go again: deleted, then pushed afresh.
+        """
+        confirmed, sent = self.store.pushed(self.project_id, version)
+        in_ls = client.model_versions().get(version, 0)
+        if confirmed or sent:
+            if in_ls == len(confirmed):
+                self.store.forget_push(self.project_id, version=version, unconfirmed_only=True)
+                return confirmed
+            if in_ls == len(confirmed) + len(sent):
+                self.stored(version, sorted(sent))
+                return confirmed | sent
+            log.warning("project %s: Label Studio holds %d predictions of %s, the journal %d (+%d in doubt); "
+                        "pushing the version afresh", self.project_id, in_ls, version, len(confirmed), len(sent))
+        self.store.forget_push(self.project_id, version=version)
+        if in_ls:
+            client.delete_model_version(version)  # same data, same version, no journal: no duplicates
+        return set()
+
+    def sent(self, version: str, task_ids: Sequence[int]) -> None:
+        self.store.record_push(self.project_id, version, task_ids, confirmed=False)
+
+    def stored(self, version: str, task_ids: Sequence[int]) -> None:
+        self.store.record_push(self.project_id, version, task_ids, confirmed=True)
+
+    def keep_only(self, version: str) -> None:
+        """Forget the other versions (Label Studio no longer has them)."""
+        self.store.forget_push(self.project_id, keep=version)
+
+
+def push_results(client: ProjectClient, cfg: ClassificationConfig, results: list[ItemResult], version: str,
+                 journal: PushJournal | None = None, *, batch: int = IMPORT_BATCH,
+                 on_progress: Callable[[int], None] | None = None) -> int:
+    """Make ``version`` the project's only FreeAL predictions, refresh the review view; returns #flagged.
+
+    Predictions go in batches of ``batch``. With a ``journal``, a push interrupted by a crash resumes
+    where it stopped, with no duplicate and no lost prediction; without one, the version is pushed whole.
+    """
     preds = [{"task": int(r.item_id), **render_prediction(cfg, r, version)} for r in results]
-    if version in client.model_versions():
-        client.delete_model_version(version)  # same data, same version: no duplicates
-    client.import_predictions(preds)
+    if journal is not None:
+        done = journal.resume_point(client, version)
+    else:
+        done = set()
+        if version in client.model_versions():
+            client.delete_model_version(version)
+    todo = [p for p in preds if p["task"] not in done]
+    for start in range(0, len(todo), batch):
+        chunk = todo[start : start + batch]
+        ids = [p["task"] for p in chunk]
+        if journal is not None:
+            journal.sent(version, ids)
+        client.import_predictions(chunk, batch=batch)
+        if journal is not None:
+            journal.stored(version, ids)
+        if on_progress is not None:
+            on_progress(len(done) + start + len(chunk))
     client.replace_freeal_versions(keep=version)
+    if journal is not None:
+        journal.keep_only(version)
     flagged = len(flagged_ids(results))
     client.upsert_review_view(review_view_title(flagged))
     return flagged

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 REVIEW_VIEW_TITLE = "FreeAL: needs review"
 FREEAL_VERSION_PREFIX = "freeal-"
 PAGE_SIZE = 100
-IMPORT_BATCH = 500
+IMPORT_BATCH = 500  # Label Studio 1.23 stores up to 500 predictions of one request in one transaction
 
 
 class MissingCredentialsError(RuntimeError):

@@ -3,6 +3,7 @@
 #   .venv      the backend, the embedded LLM (llama-cpp-python, built once and cached as a wheel), test tools
 #   .venv-ls   Label Studio 1.23.2 in its own venv (its pins clash with ours); skip with FREEAL_SKIP_LABEL_STUDIO=1
 #   chromium   Debian's browser for the headless UI test (only as root with apt; otherwise that test skips)
+#   redis      Debian's redis-server for the job-queue tests (only as root with apt; otherwise they skip)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -36,5 +37,10 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get 
   echo "installing Debian chromium for the headless UI test"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "warning: chromium could not be installed; the browser test will be skipped"
+fi
+if ! command -v redis-server >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "installing Debian redis-server for the job-queue tests (the tests start their own; no service is enabled)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+    || echo "warning: redis-server could not be installed; the job-queue tests will be skipped"
 fi
 echo "freeal is set up: .venv/bin/freeal --help"

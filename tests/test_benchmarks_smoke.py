@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures_llm import DATA
+from tests.fixtures_ls import LabelStudioServer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SLM = {"FREEAL_SLM_EPOCHS": "2", "FREEAL_SLM_WARMUP": "1", "FREEAL_DEMOS_PER_LABEL": "2"}
@@ -69,3 +70,15 @@ def test_status_page_benchmark_tiny(tmp_path: Path) -> None:
                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| /projects/1 |" in out.read_text() and "| /status/1 |" in out.read_text()
+
+
+@pytest.mark.ls
+def test_ls_push_tiny(tmp_path: Path, label_studio: LabelStudioServer) -> None:
+    out = tmp_path / "ls_push"
+    _run(["benchmarks/ls_push.py", "--tasks", "12", "--batches", "5,12", "--ls-url", label_studio.url,
+          "--ls-token", label_studio.token, "--out", str(out)], tmp_path)
+    text = out.with_suffix(".md").read_text()
+    assert "Command (from the repository root)" in text and "**extrapolation**" in text
+    assert re.search(r"^\| 5 \| no \|", text, re.M) and re.search(r"^\| 12 \| yes \|", text, re.M), text
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["tasks"] == 12 and [p["batch"] for p in data["pushes"]] == [5, 12]

@@ -1,0 +1,142 @@
+"""Predictions per second pushed into a real Label Studio, and tasks per second read back, for N tasks.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ls_push.py --tasks 10000 --batches 500,2000
+
+It starts Label Studio from ``.venv-ls`` on 127.0.0.1 (SQLite, the test suite's cached migrated data
+dir; or ``--ls-url``/``--ls-token`` for one you run, e.g. on PostgreSQL), creates a project with N
+tasks, reads them back page by page the way the background job does (``ProjectClient.iter_tasks``), and
+pushes N predictions with ``push_results`` (the job's code: journalled batches, then the version
+switch and the review view) once per batch size, each as a new model version (so each push after the
+first also deletes the previous version's N predictions). Writes ``ls_push_n<N>.md`` and ``.json``
+under ``benchmarks/results/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import RESULTS, command_line, fmt_table, loadavg, write_result
+
+from freeal_backend.jobs import JobStore, PushJournal, push_results
+from freeal_backend.label_config import parse_label_config
+from freeal_backend.ls_client import Connection, ProjectClient
+from freeal_backend.records import ItemResult
+from tests.fixtures_ls import LS_BIN, TOKEN, free_port, migrated_template, start_label_studio, stop
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = (ROOT / "label_config" / "review.xml").read_text()
+TASK_IMPORT_CHUNK = 5000
+
+
+def synthetic_texts(n: int) -> list[str]:
+    words = ["good", "bad", "film", "plot", "actors", "boring", "moving", "long", "funny", "script"]
+    return [f"review {i}: " + " ".join(words[(i * k) % len(words)] for k in range(1, 12)) for i in range(n)]
+
+
+def result(task_id: int) -> ItemResult:
+    p = 0.55 + (task_id % 40) / 100
+    flagged = task_id % 7 == 0
+    return ItemResult(str(task_id), "positive", p, {"positive": p, "negative": 1 - p}, suspicious=flagged,
+                      reasons=["llm_slm_disagree"] if flagged else [], suggested_label="negative" if flagged else None)
+
+
+def bench(url: str, token: str, n: int, batches: list[int], page_size: int) -> dict[str, Any]:
+    from label_studio_sdk import LabelStudio
+
+    sdk = LabelStudio(base_url=url, api_key=token, timeout=600)
+    project = sdk.projects.create(title=f"push benchmark {n}", label_config=CONFIG)
+    texts = synthetic_texts(n)
+    t0 = time.perf_counter()
+    for start in range(0, n, TASK_IMPORT_CHUNK):
+        chunk = texts[start : start + TASK_IMPORT_CHUNK]
+        sdk.projects.import_tasks(id=project.id, request=[{"text": t} for t in chunk])
+    import_s = time.perf_counter() - t0
+    client = ProjectClient(Connection(url, token), project.id, timeout=600)
+    cfg = parse_label_config(client.label_config())
+    t0 = time.perf_counter()
+    records = list(client.iter_tasks(cfg, page_size=page_size))
+    read_s = time.perf_counter() - t0
+    assert len(records) == n, (len(records), n)
+    results = [result(r.task_id) for r in records]
+    pushes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        journal = PushJournal(JobStore(Path(tmp) / "backend.sqlite"), project.id)
+        for k, batch in enumerate(batches):
+            version = f"freeal-r{k}-bench{batch}"
+            marks: list[float] = []
+            t0 = time.perf_counter()
+            push_results(client, cfg, results, version, journal, batch=batch,
+                         on_progress=lambda done: marks.append(time.perf_counter()))
+            total_s = time.perf_counter() - t0
+            assert client.model_versions() == {version: n}
+            batches_s = marks[-1] - t0
+            per_batch = [b - a for a, b in zip([t0, *marks], marks)]
+            pushes.append({"batch": batch, "version": version, "push_s": round(total_s, 2),
+                           "batches_s": round(batches_s, 2), "predictions_per_s": round(n / batches_s, 1),
+                           "end_to_end_per_s": round(n / total_s, 1), "replaced_previous": k > 0,
+                           "batch_s": [round(x, 3) for x in per_batch]})
+            print(f"batch {batch}: {n / batches_s:.0f} predictions/s in batches, {total_s:.1f} s in all", flush=True)
+    return {"tasks": n, "task_import_s": round(import_s, 2), "read_s": round(read_s, 2),
+            "read_tasks_per_s": round(n / read_s, 1), "page_size": page_size, "pushes": pushes}
+
+
+def report(data: dict[str, Any]) -> str:
+    n = data["tasks"]
+    rows = [[p["batch"], "yes" if p["replaced_previous"] else "no", p["batches_s"], p["predictions_per_s"],
+             p["batch_s"][1] if len(p["batch_s"]) > 1 else p["batch_s"][0], p["batch_s"][-1],
+             p["push_s"], p["end_to_end_per_s"], 100_000 / p["end_to_end_per_s"] / 60] for p in data["pushes"]]
+    table = fmt_table(["batch size", "deletes previous version", "batches (s)", "predictions/s in batches",
+                       "2nd batch (s)", "last batch (s)", "whole push (s)", "predictions/s whole push",
+                       "100k extrapolated (min)"], rows)
+    return (f"{n} tasks; Label Studio {data['ls']}.\n\n"
+            f"- tasks imported in {data['task_import_s']} s (chunks of {TASK_IMPORT_CHUNK}; not the job's work)\n"
+            f"- read back page by page ({data['page_size']} a page, `fields=all`, as the job does): "
+            f"{data['read_s']} s = {data['read_tasks_per_s']} tasks/s\n\n{table}\n\n"
+            "Seconds of every batch are in the JSON file. \"whole push\" is `push_results` from start to end: the "
+            "journalled batches, deleting the previous FreeAL version (when there is one), selecting the new one "
+            "and the review view. The 100k column is an "
+            f"**extrapolation** from {n} tasks at the measured rate, not a measurement: Label Studio's per-request "
+            "cost may grow with the project size.\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", type=int, default=2000)
+    ap.add_argument("--batches", default="500,2000", help="comma-separated push batch sizes, one push each")
+    ap.add_argument("--page-size", type=int, default=100, help="tasks per page when reading")
+    ap.add_argument("--ls-url", help="an existing Label Studio (default: start one from .venv-ls)")
+    ap.add_argument("--ls-token", help="its API token (legacy or personal access token)")
+    ap.add_argument("--out", help="result path without suffix (default benchmarks/results/ls_push_n<N>)")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    load_start = loadavg()
+    if args.ls_url:
+        data = bench(args.ls_url, args.ls_token or "", args.tasks, batches, args.page_size)
+        data["ls"] = f"at {args.ls_url}"
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            data_dir = Path(tmp) / "ls"
+            shutil.copytree(migrated_template(Path(tmp)), data_dir)
+            port = free_port()
+            proc = start_label_studio(data_dir, port, Path(tmp) / "ls.log")
+            try:
+                data = bench(f"http://127.0.0.1:{port}", TOKEN, args.tasks, batches, args.page_size)
+            finally:
+                stop(proc)
+        data["ls"] = f"`{LS_BIN}` on SQLite, 127.0.0.1"
+    data["command"] = command_line()
+    out = Path(args.out) if args.out else RESULTS / f"ls_push_n{args.tasks}"
+    write_result(out.with_suffix(".md"), f"Pushing predictions into Label Studio: {args.tasks} tasks", report(data),
+                 load_start)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {out.with_suffix('.md')} and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
