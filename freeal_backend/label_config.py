@@ -10,6 +10,9 @@ Controls whose name starts with ``freeal_`` are our own review cue, never the la
   receives the flag itself.
 
 Both are optional: when a project's config lacks them the cue is skipped silently.
+
+Span (NER) projects use a ``<Labels>`` control on the text object instead (:func:`parse_span_config`);
+their predictions are ``labels`` regions with character offsets (:func:`render_span_prediction`).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from freeal_backend.records import ItemResult
+from freeal_backend.spans import Span
 
 REVIEW_PREFIX = "freeal_"
 REVIEW_TEXT_NAME = "freeal_review"
@@ -53,7 +57,15 @@ class AmbiguousChoicesError(LabelConfigError):
 
 
 class UnknownControlError(LabelConfigError):
-    """``from_name`` names no usable ``<Choices>`` control."""
+    """``from_name`` names no usable ``<Choices>`` (or, for spans, ``<Labels>``) control."""
+
+
+class NoLabelsError(LabelConfigError):
+    """No usable ``<Labels>`` control on a text object."""
+
+
+class AmbiguousLabelsError(LabelConfigError):
+    """Several ``<Labels>`` controls and no ``from_name`` to pick one."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,17 @@ class ClassificationConfig:
     data_key: str
     labels: tuple[str, ...]
     multiple: bool
+    review: ReviewCue = ReviewCue()
+
+
+@dataclass(frozen=True)
+class SpanConfig:
+    """The span labelling (NER) task a labeling config describes."""
+
+    from_name: str
+    to_name: str
+    data_key: str
+    labels: tuple[str, ...]
     review: ReviewCue = ReviewCue()
 
 
@@ -154,7 +177,7 @@ def review_text(
     return " ".join(parts)
 
 
-def review_results(cfg: ClassificationConfig, *, suspicious: bool, note: str) -> list[dict[str, Any]]:
+def review_results(cfg: ClassificationConfig | SpanConfig, *, suspicious: bool, note: str) -> list[dict[str, Any]]:
     """Results for the review cue controls present in ``cfg`` (empty when there are none)."""
     out: list[dict[str, Any]] = []
     cue = cfg.review
@@ -227,6 +250,89 @@ def labels_from_result(cfg: ClassificationConfig, result: list[dict[str, Any]]) 
     return found
 
 
+def parse_span_config(xml: str, from_name: str | None = None) -> SpanConfig:
+    """Find the text object and the ``<Labels>`` control of a span labelling (NER) config.
+
+    ``from_name`` picks the ``<Labels>`` control by name when there are several. The label names are the
+    ``<Label value="...">`` values (Label Studio writes the value, not the alias, into region results).
+    Raises a :class:`LabelConfigError` subclass with a readable message otherwise.
+    """
+    root = _parse_xml(xml)
+    texts = _text_objects(root)
+    if not texts:
+        raise NoTextObjectError('the label config has no <Text name="..." value="$field"/> object')
+    candidates = [el for el in root.iter("Labels") if not el.get("name", "").startswith(REVIEW_PREFIX)]
+    control = _pick_control(candidates, texts, from_name, tag="Labels", missing=NoLabelsError,
+                            ambiguous=AmbiguousLabelsError)
+    name = control.get("name") or ""
+    labels = [el.get("value") or "" for el in control.iter("Label") if el.get("value")]
+    if not labels:
+        raise NoLabelsError(f'<Labels name="{name}"> has no static <Label value="..."/> children '
+                            "(dynamic labels from task data are not supported)")
+    if len(set(labels)) != len(labels):
+        raise LabelConfigError(f'<Labels name="{name}"> lists the same label twice')
+    to_name = control.get("toName", "")
+    return SpanConfig(from_name=name, to_name=to_name, data_key=texts[to_name], labels=tuple(labels),
+                      review=_review_cue(root, texts))
+
+
+def span_region(cfg: SpanConfig, text: str, span: Span) -> dict[str, Any]:
+    """One ``labels`` region for ``span`` (character offsets into ``text``, end exclusive)."""
+    if span.label not in cfg.labels:
+        raise ValueError(f"label {span.label!r} is not a label of {cfg.from_name!r}: {list(cfg.labels)}")
+    if not 0 <= span.start < span.end <= len(text):
+        raise ValueError(f"span [{span.start}, {span.end}) is outside the text (length {len(text)})")
+    value = {"start": span.start, "end": span.end, "text": text[span.start:span.end], "labels": [span.label]}
+    assert text[value["start"]:value["end"]] == value["text"]
+    region: dict[str, Any] = {"from_name": cfg.from_name, "to_name": cfg.to_name, "type": "labels", "value": value}
+    if span.score is not None:
+        region["score"] = float(span.score)
+    return region
+
+
+def render_span_prediction(cfg: SpanConfig, text: str, spans: list[Span], model_version: str, *,
+                           score: float | None = None, suspicious: bool = False,
+                           note: str | None = None) -> dict[str, Any]:
+    """One Label Studio prediction for a task's spans (an empty result list when there is no entity).
+
+    ``score`` is the task's confidence; without it, the lowest span score when every span has one, else
+    the prediction carries no score (never a made-up constant). The review cue controls get ``note`` and
+    the flag when the config has them; a flagged prediction's first result item carries ``REVIEW_MARKER``.
+    """
+    result = [span_region(cfg, text, s) for s in sorted(spans)]
+    if score is None and spans and all(s.score is not None for s in spans):
+        score = min(float(s.score) for s in spans if s.score is not None)
+    if note is not None:
+        result.extend(review_results(cfg, suspicious=suspicious, note=note))
+    if suspicious and result:
+        result[0]["freeal"] = REVIEW_MARKER
+    prediction: dict[str, Any] = {"result": result, "model_version": model_version}
+    if score is not None:
+        prediction["score"] = min(1.0, max(0.0, float(score)))
+    return prediction
+
+
+def spans_from_result(cfg: SpanConfig, text: str, result: list[dict[str, Any]]) -> list[Span]:
+    """The spans an annotation's ``result`` gives through the ``<Labels>`` control.
+
+    Regions of other controls, with unknown labels, or whose offsets fall outside ``text`` are ignored.
+    """
+    found: list[Span] = []
+    for region in result or []:
+        if not isinstance(region, dict) or region.get("from_name") != cfg.from_name:
+            continue
+        value = region.get("value")
+        if not isinstance(value, dict):
+            continue
+        start, end, labels = value.get("start"), value.get("end"), value.get("labels")
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(text)):
+            continue
+        for label in labels if isinstance(labels, list) else []:
+            if label in cfg.labels:
+                found.append(Span(start, end, label))
+    return sorted(set(found))
+
+
 def _parse_xml(xml: str) -> ET.Element:
     if not isinstance(xml, str) or not xml.strip():
         raise LabelConfigError("the label config is empty")
@@ -252,24 +358,26 @@ def _text_objects(root: ET.Element) -> dict[str, str]:
     return texts
 
 
-def _pick_control(candidates: list[ET.Element], texts: dict[str, str], from_name: str | None) -> ET.Element:
+def _pick_control(candidates: list[ET.Element], texts: dict[str, str], from_name: str | None, *,
+                  tag: str = "Choices", missing: type[LabelConfigError] = NoChoicesError,
+                  ambiguous: type[LabelConfigError] = AmbiguousChoicesError) -> ET.Element:
     if from_name is not None:
         named = [el for el in candidates if el.get("name") == from_name]
         if not named:
             known = [el.get("name") for el in candidates]
-            raise UnknownControlError(f"no <Choices name={from_name!r}> in the label config (found {known})")
+            raise UnknownControlError(f"no <{tag} name={from_name!r}> in the label config (found {known})")
         control = named[0]
         if control.get("toName") not in texts:
             raise NoTextObjectError(
-                f"<Choices name={from_name!r}> points at {control.get('toName')!r}, which is not a <Text> object"
+                f"<{tag} name={from_name!r}> points at {control.get('toName')!r}, which is not a <Text> object"
             )
         return control
     on_text = [el for el in candidates if el.get("name") and el.get("toName") in texts]
     if not on_text:
-        raise NoChoicesError("the label config has no <Choices> control whose toName is a <Text> object")
+        raise missing(f"the label config has no <{tag}> control whose toName is a <Text> object")
     if len(on_text) > 1:
         names = [el.get("name") for el in on_text]
-        raise AmbiguousChoicesError(f"several <Choices> controls {names}: say which one with from_name")
+        raise ambiguous(f"several <{tag}> controls {names}: say which one with from_name")
     return on_text[0]
 
 

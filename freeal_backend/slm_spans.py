@@ -1,0 +1,370 @@
+"""The small model for spans: a BIO token tagger on the split encoder, robust training, cross-fitted detection.
+
+Training (FreeAL step 2 for spans): warm-up epochs on every sentence; then, each epoch, the per-sentence
+mean token loss goes through the same 2-component GMM small-loss split as texts
+(:func:`freeal_backend.selection.split_clean_noisy`). Clean sentences train on every tag; in a noisy
+sentence only the tags the model already agrees with are trained on, so the doubtful tags (a missed or
+spurious entity) are not memorised while the rest of the sentence still teaches. The classification
+SLM's mixup and augmented-view consistency are left out: they double the cost per epoch, and mixing
+two sentences' BIO tags has no clear meaning.
+
+Detection (:func:`cross_fit`) uses out-of-sample evidence: the sentences are split into K folds, a
+tagger trained on K-1 folds predicts the held-out fold, and its spans are compared with the noisy label's
+spans. Only the top ``train_layers`` encoder layers and the head are trained, over lower-layer states
+computed once for all folds. Measured on 4560 BC5CDR sentences with 2 shared cores (load about 5): the
+default (top layer trained, 2 folds, 3 epochs) took 461 s per round and reached 57.1 test F1 on noisy
+labels; the head alone (3 folds, 8 epochs) 734 s (load 6-9) and 47.6.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoder import Encoder, LowerStates, _layer_out, additive_mask
+from .selection import split_clean_noisy
+from .slm import _batches
+from .spans import IGNORE, Span, bio_labels, bio_to_spans, spans_to_bio
+
+
+@dataclass(frozen=True)
+class SpanSLMConfig:
+    """Defaults: the faster and better of the two settings measured on all of BC5CDR (benchmarks/results/)."""
+
+    epochs: int = 3
+    warmup_epochs: int = 1
+    lr: float = 3e-4  # top encoder layers (when train_layers > 0)
+    head_lr: float = 3e-3
+    weight_decay: float = 0.01
+    batch_size: int = 32
+    dropout: float = 0.1
+    clean_threshold: float = 0.7
+    max_length: int = 128
+    robust: bool = True  # False: plain cross-entropy on every tag
+    seed: int = 0
+
+
+@dataclass
+class Tokenized:
+    """A fast tokenizer's view of the texts, aligned with :meth:`Encoder.lower_states` (same call)."""
+
+    offsets: list[list[tuple[int, int]]]
+    word_ids: list[list[int | None]]
+
+
+def tokenize(encoder: Encoder, texts: Sequence[str], max_length: int) -> Tokenized:
+    """Offsets and word ids with the same truncation as ``encoder.lower_states(texts, max_length=...)``."""
+    enc = encoder.tokenizer(list(texts), truncation=True, max_length=max_length, return_offsets_mapping=True)
+    return Tokenized([[tuple(o) for o in offs] for offs in enc["offset_mapping"]],
+                     [enc.word_ids(i) for i in range(len(texts))])
+
+
+def encode_tags(tok: Tokenized, spans: Sequence[Sequence[Span]], types: Sequence[str]) -> tuple[list[np.ndarray], int]:
+    """Per-text tag ids (IGNORE on special tokens and later sub-tokens) and the count of spans lost to truncation."""
+    out, lost = [], 0
+    for offsets, word_ids, sp in zip(tok.offsets, tok.word_ids, spans):
+        tags, n = spans_to_bio(offsets, word_ids, sp, types)
+        out.append(np.asarray(tags, dtype=np.int64))
+        lost += n
+    return out, lost
+
+
+class SpanTagger(nn.Module):
+    """Copies of the encoder's top layers + dropout + a linear tag head, fed with cached lower states."""
+
+    def __init__(self, encoder: Encoder, train_layers: int, num_tags: int, dropout: float) -> None:
+        super().__init__()
+        self.split = max(0, encoder.num_layers - train_layers)
+        self.top = nn.ModuleList(copy.deepcopy(layer) for layer in encoder.layers[self.split:])
+        for p in self.top.parameters():
+            p.requires_grad_(True)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.hidden_size, num_tags)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        attn = additive_mask(mask, states.dtype)
+        hidden = states
+        for layer in self.top:
+            hidden = _layer_out(layer(hidden, attention_mask=attn))
+        return self.head(self.dropout(hidden))
+
+
+@dataclass
+class TaggerOutput:
+    """What a trained tagger says about the sentences it was trained on."""
+
+    losses: np.ndarray  # (n,) mean token CE against the training tags, NaN where no tag
+    clean: np.ndarray  # (n,) bool, GMM small-loss split
+    clean_prob: np.ndarray
+
+
+def _pad_tags(tags: Sequence[np.ndarray], index: Sequence[int], length: int) -> torch.Tensor:
+    out = torch.full((len(index), length), IGNORE, dtype=torch.long)
+    for j, i in enumerate(index):
+        out[j, : len(tags[i])] = torch.as_tensor(tags[i])
+    return out
+
+
+class SpanModel:
+    """Trains and applies one BIO tagger over cached lower states."""
+
+    def __init__(self, encoder: Encoder, types: Sequence[str], *, train_layers: int = 1,
+                 config: SpanSLMConfig | None = None) -> None:
+        self.encoder = encoder
+        self.types = list(types)
+        self.config = config or SpanSLMConfig()
+        self.num_tags = len(bio_labels(types))
+        torch.manual_seed(self.config.seed)
+        self.model = SpanTagger(encoder, train_layers, self.num_tags, self.config.dropout).to(encoder.device)
+
+    @property
+    def split(self) -> int:
+        return self.model.split
+
+    @torch.no_grad()
+    def token_probs(self, lower: LowerStates, index: Sequence[int] | None = None, batch_size: int = 128
+                    ) -> list[np.ndarray]:
+        """(tokens, tags) probabilities for the texts in ``index`` (all by default), in that order."""
+        self.model.eval()
+        index = list(range(len(lower.states))) if index is None else list(index)
+        out: list[np.ndarray] = [np.zeros(0)] * len(index)
+        order = sorted(range(len(index)), key=lambda j: lower.states[index[j]].shape[0])
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            states, mask = lower.batch([index[j] for j in chunk], self.encoder.device)
+            probs = F.softmax(self.model(states, mask), dim=-1).cpu().numpy()
+            for k, j in enumerate(chunk):
+                out[j] = probs[k, : lower.states[index[j]].shape[0]]
+        return out
+
+    def fit(self, lower: LowerStates, tags: Sequence[np.ndarray], index: Sequence[int] | None = None, *,
+            gold: np.ndarray | None = None, score: bool = True,
+            on_epoch: Callable[[int, int, dict[str, float]], None] | None = None) -> TaggerOutput | None:
+        """Train on the texts in ``index`` (all by default); ``gold`` marks human-labelled texts (always clean).
+
+        With ``score`` (default) the trained tagger then scores its training texts (one more pass): losses
+        and the final clean split. Cross-fitting skips that pass (it scores held-out texts instead).
+        """
+        cfg = self.config
+        device = self.encoder.device
+        index = np.arange(len(tags)) if index is None else np.asarray(index)
+        gold = np.zeros(len(tags), dtype=bool) if gold is None else np.asarray(gold, dtype=bool)
+        rng = np.random.default_rng(cfg.seed)
+        lengths = np.array([lower.states[i].shape[0] for i in index])
+        head = list(self.model.head.parameters())
+        top = [p for p in self.model.top.parameters() if p.requires_grad]
+        optim = torch.optim.AdamW([{"params": top, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}],
+                                  weight_decay=cfg.weight_decay)
+        steps_total = cfg.epochs * ((len(index) + cfg.batch_size - 1) // cfg.batch_size)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: max(0.0, 1 - s / max(1, steps_total)))
+        clean = np.ones(len(tags), dtype=bool)
+        for epoch in range(cfg.epochs):
+            robust_phase = cfg.robust and epoch >= cfg.warmup_epochs
+            if robust_phase:
+                clean = self._split(lower, tags, index, gold)[0]
+            self.model.train()
+            total, steps = 0.0, 0
+            for batch in _batches(lengths, cfg.batch_size, rng):
+                rows = index[batch]
+                states, mask = lower.batch(rows, device)
+                y = _pad_tags(tags, rows, states.shape[1]).to(device)
+                logits = self.model(states, mask)
+                if robust_phase:
+                    noisy = torch.as_tensor(~clean[rows], device=device)[:, None]
+                    disagree = logits.detach().argmax(-1) != y
+                    y = y.masked_fill(noisy & disagree, IGNORE)
+                if not (y != IGNORE).any():
+                    continue
+                loss = F.cross_entropy(logits.reshape(-1, self.num_tags), y.reshape(-1), ignore_index=IGNORE)
+                optim.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(top + head, 1.0)
+                optim.step()
+                sched.step()
+                total += float(loss.detach())
+                steps += 1
+            if on_epoch is not None:
+                on_epoch(epoch + 1, cfg.epochs, {"loss": total / max(1, steps), "clean": float(clean[index].mean())})
+        if not score:
+            return None
+        clean_mask, clean_prob, losses = self._split(lower, tags, index, gold)
+        return TaggerOutput(losses, clean_mask[index], clean_prob[index])
+
+    def _split(self, lower: LowerStates, tags: Sequence[np.ndarray], index: np.ndarray, gold: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Clean mask and clean probability over all texts (only ``index`` is scored; gold is always clean),
+        and the sentence losses of ``index``."""
+        losses = sentence_losses(self.token_probs(lower, index), [tags[i] for i in index])
+        clean = np.ones(len(tags), dtype=bool)
+        prob = np.ones(len(tags))
+        clean[index], prob[index] = split_clean_noisy(losses, threshold=self.config.clean_threshold,
+                                                      seed=self.config.seed)
+        clean |= gold
+        prob[gold] = 1.0
+        return clean, prob, losses
+
+
+def sentence_losses(probs: Sequence[np.ndarray], tags: Sequence[np.ndarray]) -> np.ndarray:
+    """Mean token cross-entropy of each sentence's tags (IGNORE skipped); NaN for a sentence with no tag."""
+    out = np.full(len(tags), np.nan)
+    for i, (p, t) in enumerate(zip(probs, tags)):
+        keep = t != IGNORE
+        if keep.any():
+            out[i] = float(-np.log(np.clip(p[np.flatnonzero(keep), t[keep]], 1e-12, 1.0)).mean())
+    return out
+
+
+# --- detection ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SpanJudgement:
+    """One disagreement between the noisy label and the held-out tagger.
+
+    ``kind``: ``missing`` (the tagger finds an entity the label lacks), ``spurious`` (the label has an
+    entity the tagger does not see), ``wrong_type`` (same boundaries, other type), ``wrong_boundary``
+    (overlapping spans with other boundaries). ``label`` / ``predicted`` are the spans involved.
+    """
+
+    kind: str
+    label: Span | None
+    predicted: Span | None
+
+
+def judge_spans(label: Sequence[Span], predicted: Sequence[Span]) -> list[SpanJudgement]:
+    """Compare a sentence's label spans with predicted spans; exact matches give no judgement.
+
+    Overlapping pairs are matched greedily by overlap length (each span at most once).
+    """
+    exact = set((s.start, s.end, s.label) for s in label) & set((s.start, s.end, s.label) for s in predicted)
+    rest_l = [s for s in label if (s.start, s.end, s.label) not in exact]
+    rest_p = [s for s in predicted if (s.start, s.end, s.label) not in exact]
+    pairs = sorted(((min(a.end, b.end) - max(a.start, b.start), i, j) for i, a in enumerate(rest_l)
+                    for j, b in enumerate(rest_p) if min(a.end, b.end) > max(a.start, b.start)), reverse=True)
+    used_l: set[int] = set()
+    used_p: set[int] = set()
+    out: list[SpanJudgement] = []
+    for _, i, j in pairs:
+        if i in used_l or j in used_p:
+            continue
+        used_l.add(i)
+        used_p.add(j)
+        a, b = rest_l[i], rest_p[j]
+        out.append(SpanJudgement("wrong_type" if (a.start, a.end) == (b.start, b.end) else "wrong_boundary", a, b))
+    out += [SpanJudgement("spurious", s, None) for i, s in enumerate(rest_l) if i not in used_l]
+    out += [SpanJudgement("missing", None, s) for j, s in enumerate(rest_p) if j not in used_p]
+    return sorted(out, key=lambda j: (j.label or j.predicted).start)  # type: ignore[union-attr]
+
+
+def doubt_score(probs: np.ndarray, tags: np.ndarray) -> float:
+    """How likely, under the held-out tagger, the label's most doubtful word tag is wrong: ``max_w 1 - p(tag_w)``.
+
+    Over the tagged words (tokens whose tag is not IGNORE); 0 for no word. Above 0.5 the tagger prefers
+    another tag for some word, which is when :func:`judge_spans` usually finds a disagreement. A maximum,
+    not a product over words, so a long clean sentence does not look doubtful for its length alone.
+    """
+    keep = tags != IGNORE
+    if not keep.any():
+        return 0.0
+    return float(1.0 - probs[np.flatnonzero(keep), tags[keep]].min())
+
+
+def review_note(text: str, judgements: Sequence[SpanJudgement]) -> str:
+    """One line for the ``freeal_review`` TextArea: what the held-out tagger doubts in this sentence."""
+    if not judgements:
+        return "FreeAL: OK."
+
+    def quote(s: Span) -> str:
+        return f'"{text[s.start:s.end]}"'
+
+    parts = []
+    for j in judgements:
+        if j.kind == "missing" and j.predicted is not None:
+            parts.append(f"missing {j.predicted.label} {quote(j.predicted)}")
+        elif j.kind == "spurious" and j.label is not None:
+            parts.append(f"not an entity? {quote(j.label)} ({j.label.label})")
+        elif j.kind == "wrong_type" and j.label is not None and j.predicted is not None:
+            parts.append(f"{quote(j.label)}: {j.predicted.label}, not {j.label.label}?")
+        elif j.label is not None and j.predicted is not None:
+            parts.append(f"{quote(j.label)} should be {quote(j.predicted)} ({j.predicted.label})?")
+    return "FreeAL: NEEDS REVIEW (small model disagrees): " + "; ".join(parts) + "."
+
+
+@dataclass
+class CrossFitResult:
+    """Out-of-fold evidence for every sentence, and the fold taggers (to predict new texts as an ensemble)."""
+
+    predicted: list[list[Span]]  # spans the held-out tagger predicts (score: lowest word-tag probability)
+    judgements: list[list[SpanJudgement]]
+    doubt: np.ndarray  # (n,) see doubt_score
+    losses: np.ndarray  # (n,) held-out mean token loss of the noisy label
+    flagged: np.ndarray  # (n,) bool, doubt >= threshold
+    truncated_spans: int  # label spans past the encoder's max_length, never seen by the tagger
+    models: list[SpanModel] = field(default_factory=list)
+
+    def predict(self, lower: LowerStates, tok: Tokenized, types: Sequence[str]) -> list[list[Span]]:
+        """Spans for new texts from the mean of the fold taggers' tag probabilities."""
+        return ensemble_predict(self.models, lower, tok, types)
+
+
+def ensemble_predict(models: Sequence[SpanModel], lower: LowerStates, tok: Tokenized, types: Sequence[str]
+                     ) -> list[list[Span]]:
+    """Decode the mean tag probabilities of ``models`` into spans (score: the lowest word-tag probability)."""
+    probs = [m.token_probs(lower) for m in models]
+    out = []
+    for i in range(len(lower.states)):
+        p = np.mean([pr[i] for pr in probs], axis=0)
+        out.append(decode(p, tok.offsets[i], tok.word_ids[i], types))
+    return out
+
+
+def decode(probs: np.ndarray, offsets: Sequence[tuple[int, int]], word_ids: Sequence[int | None],
+           types: Sequence[str]) -> list[Span]:
+    """Spans from one text's (tokens, tags) probabilities: argmax tags, score = lowest word-tag probability."""
+    tags = probs.argmax(-1)
+    return bio_to_spans(tags.tolist(), offsets, word_ids, types, probs=probs.max(-1).tolist())
+
+
+def cross_fit(encoder: Encoder, texts: Sequence[str], spans: Sequence[Sequence[Span]], types: Sequence[str], *,
+              folds: int = 2, train_layers: int = 1, config: SpanSLMConfig | None = None,
+              gold: np.ndarray | None = None, doubt_threshold: float = 0.5, lower: LowerStates | None = None,
+              on_fold: Callable[[int, int], None] | None = None) -> CrossFitResult:
+    """Train ``folds`` taggers, each on the other folds, and judge each held-out sentence's label spans.
+
+    ``lower`` may pass precomputed lower states (split = num_layers - train_layers, same max_length).
+    """
+    cfg = config or SpanSLMConfig()
+    n = len(texts)
+    tok = tokenize(encoder, texts, cfg.max_length)
+    tags, lost = encode_tags(tok, spans, types)
+    split = max(0, encoder.num_layers - train_layers)
+    if lower is None:
+        lower = encoder.lower_states(texts, split, max_length=cfg.max_length)
+    gold = np.zeros(n, dtype=bool) if gold is None else np.asarray(gold, dtype=bool)
+    assign = np.random.default_rng(cfg.seed).permutation(n) % max(2, folds)
+    probs: list[np.ndarray] = [np.zeros(0)] * n
+    models: list[SpanModel] = []
+    for k in range(max(2, folds)):
+        held = np.flatnonzero(assign == k)
+        model = SpanModel(encoder, types, train_layers=train_layers, config=cfg)
+        model.fit(lower, tags, np.flatnonzero(assign != k), gold=gold, score=False)
+        for i, p in zip(held, model.token_probs(lower, held)):
+            probs[i] = p
+        models.append(model)
+        if on_fold is not None:
+            on_fold(k + 1, max(2, folds))
+    predicted = [decode(probs[i], tok.offsets[i], tok.word_ids[i], types) for i in range(n)]
+    visible = [[s for s in spans[i] if s.start < _last_end(tok.offsets[i])] for i in range(n)]
+    judgements = [judge_spans(visible[i], predicted[i]) for i in range(n)]
+    doubt = np.array([doubt_score(probs[i], tags[i]) for i in range(n)])
+    doubt[gold] = 0.0
+    return CrossFitResult(predicted, judgements, doubt, sentence_losses(probs, tags), doubt >= doubt_threshold,
+                          lost, models)
+
+
+def _last_end(offsets: Sequence[tuple[int, int]]) -> int:
+    return max((e for _, e in offsets), default=0)
