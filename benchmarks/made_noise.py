@@ -78,14 +78,19 @@ def measure(dataset: str, n: int, seed_n: int, seed: int, settings: Settings,
             train_s = time.perf_counter() - t
     keep.update({f"{dataset}_seed{seed}_probs": out.oof_probs, f"{dataset}_seed{seed}_labels": noisy,
                  f"{dataset}_seed{seed}_gold": gold})
-    verdict = judge(out.oof_probs, noisy)
+    return {**verdict_metrics(out.oof_probs, noisy, gold), "train_s": train_s}
+
+
+def verdict_metrics(probs: np.ndarray, noisy: np.ndarray, gold: np.ndarray) -> dict[str, float]:
+    """Everything measured on the SLM's verdict over its out-of-sample probabilities."""
+    verdict = judge(probs, noisy)
     right = verdict.labels == gold
     review = review_scores(verdict.scores, ~right, flagged=verdict.flagged, shares=(0.15,))
     return {"noise": float((noisy != gold).mean()), "round0_accuracy": float((noisy == gold).mean()),
-            "final_accuracy": float(right.mean()), "slm_oof_accuracy": float((out.oof_probs.argmax(1) == gold).mean()),
+            "final_accuracy": float(right.mean()), "slm_oof_accuracy": float((probs.argmax(1) == gold).mean()),
             **{k: v for k, v in review.items() if k.startswith(("flag_", "top15pct"))}, "auroc": review["auroc"],
             "ece": expected_calibration_error(verdict.scores, right),
-            "estimated_accuracy": verdict.health.estimated_accuracy, "train_s": train_s}
+            "estimated_accuracy": verdict.health.estimated_accuracy}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--out", help="result file stem (default benchmarks/results/made_noise_nN)")
+    ap.add_argument("--rejudge", metavar="STEM", help="only recompute the verdict's numbers of a finished run "
+                                                     "from its saved .npz (after a change to detection.py)")
     args = ap.parse_args(argv)
     if args.threads:
         import torch
@@ -106,10 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     per: dict[str, list[dict[str, float]]] = {}
     kept: dict[str, np.ndarray] = {}
+    rejudged = json.loads(Path(args.rejudge).with_suffix(".json").read_text()) if args.rejudge else None
+    saved = np.load(Path(args.rejudge).with_suffix(".npz")) if args.rejudge else None
     for dataset in args.datasets.split(","):
         per[dataset] = []
-        for seed in seeds:
-            m = measure(dataset, args.n, args.seed_n, seed, settings, kept)
+        for k, seed in enumerate(seeds):
+            if saved is not None and rejudged is not None:  # the training-side number stays the run's
+                m = {**verdict_metrics(*(saved[f"{dataset}_seed{seed}_{x}"] for x in ("probs", "labels", "gold"))),
+                     "train_s": rejudged["per_seed"][dataset][k]["train_s"]}
+                kept.update({f"{dataset}_seed{seed}_{x}": saved[f"{dataset}_seed{seed}_{x}"]
+                             for x in ("probs", "labels", "gold")})
+            else:
+                m = measure(dataset, args.n, args.seed_n, seed, settings, kept)
             per[dataset].append(m)
             print(f"  {dataset} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()), flush=True)
 
@@ -123,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     body = (f"Per data set and seed: {args.n} training texts labelled by a TF-IDF logistic regression trained on "
             f"{args.seed_n} other gold training texts; one cross-fitted SLM round ({settings.slm_folds} folds of "
             f"{settings.slm_epochs} epochs, top {settings.slm_train_layers} MiniLM layers) judges the labels; no LLM.\n\n"
-            + table)
+            + table + ("\n\nVerdict numbers recomputed with `--rejudge` from the run's saved out-of-sample "
+                       "probabilities (detection.py as committed); SLM seconds are the run's." if args.rejudge else ""))
     print("\n" + body)
     stem = Path(args.out) if args.out else RESULTS / f"made_noise_n{args.n}"
     write_result(stem.with_suffix(".md"), "The SLM's verdict on made, instance-dependent label noise", body, load_start)

@@ -66,17 +66,11 @@ ROWS = [  # (key, title, percent?)
 ]
 
 
-def measure(run: FreeALRun, items: list[Item], llm: list[str | None], gold: np.ndarray, test_lower: object,
-            test_gold: np.ndarray, *, robust: bool, seed: int, keep: dict[str, np.ndarray]) -> dict[str, float]:
-    y = np.array([LABELS.index(x) if x else -1 for x in llm])
-    t0 = time.perf_counter()
-    model, out = run.train_slm(items, llm, robust=robust, seed_offset=seed)
-    train_s = time.perf_counter() - t0
-    keep[f"{'robust' if robust else 'naive'}_seed{seed}"] = out.oof_probs
+def verdict_metrics(oof_probs: np.ndarray, y: np.ndarray, gold: np.ndarray) -> dict[str, float]:
+    """Everything measured on the SLM's verdict (detection.py) over its out-of-sample probabilities."""
     t1 = time.perf_counter()
-    verdict = judge(out.oof_probs, y)
+    verdict = judge(oof_probs, y)
     judge_s = time.perf_counter() - t1
-    test_probs, _ = model.evaluate(test_lower)
     unanswered = y < 0
     answered_wrong = ~unanswered & (y != gold)
     final_right = verdict.labels == gold
@@ -86,11 +80,9 @@ def measure(run: FreeALRun, items: list[Item], llm: list[str | None], gold: np.n
     review_llm = review_scores(verdict.scores, answered_wrong | unanswered, unanswered=unanswered,
                                flagged=verdict.flagged)
     switched = ~unanswered & (verdict.labels != y)
-    folds = run.settings.slm_folds
     return {
         "llm_accuracy": float((y == gold).mean()),
-        "slm_oof_accuracy": float((out.oof_probs.argmax(1) == gold).mean()),
-        "slm_test_accuracy": float((test_probs.argmax(1) == test_gold).mean()),
+        "slm_oof_accuracy": float((oof_probs.argmax(1) == gold).mean()),
         "final_accuracy": float(final_right.mean()),
         "switched": float(switched.sum()),
         "switched_right": float(final_right[switched].mean()) if switched.any() else float("nan"),
@@ -99,10 +91,60 @@ def measure(run: FreeALRun, items: list[Item], llm: list[str | None], gold: np.n
         **{k: v for k, v in review_llm.items() if k.startswith(("flag_", "top"))},
         "ece": expected_calibration_error(verdict.scores, final_right),
         "estimated_accuracy": verdict.health.estimated_accuracy, "kappa": verdict.health.kappa,
-        "answered_wrong": float(answered_wrong.sum()), "unanswered": float(unanswered.sum()),
-        "train_s": train_s, "judge_s": judge_s,
-        "train_sps": len(items) * (folds - 1) / folds * len(out.epoch_seconds) / train_s,
+        "answered_wrong": float(answered_wrong.sum()), "unanswered": float(unanswered.sum()), "judge_s": judge_s,
     }
+
+
+def measure(run: FreeALRun, items: list[Item], llm: list[str | None], gold: np.ndarray, test_lower: object,
+            test_gold: np.ndarray, *, robust: bool, seed: int, keep: dict[str, np.ndarray]) -> dict[str, float]:
+    y = np.array([LABELS.index(x) if x else -1 for x in llm])
+    t0 = time.perf_counter()
+    model, out = run.train_slm(items, llm, robust=robust, seed_offset=seed)
+    train_s = time.perf_counter() - t0
+    keep[f"{'robust' if robust else 'naive'}_seed{seed}"] = out.oof_probs
+    test_probs, _ = model.evaluate(test_lower)
+    folds = run.settings.slm_folds
+    return {**verdict_metrics(out.oof_probs, y, gold),
+            "slm_test_accuracy": float((test_probs.argmax(1) == test_gold).mean()), "train_s": train_s,
+            "train_sps": len(items) * (folds - 1) / folds * len(out.epoch_seconds) / train_s}
+
+
+def rejudge(stem: Path) -> int:
+    """Recompute the verdict's numbers from a run's saved out-of-sample probabilities (``stem``.npz) with
+    the current detection.py; training-side numbers (test accuracy, seconds) stay those of the run."""
+    saved = np.load(stem.with_suffix(".npz"))
+    data = json.loads(stem.with_suffix(".json").read_text())
+    for variant, runs in data["per_seed"].items():
+        for seed, m in zip(data["seeds"], runs):
+            m.update(verdict_metrics(saved[f"{variant}_seed{seed}"], saved["labels"], saved["gold"]))
+    md = stem.with_suffix(".md").read_text()
+    head, _, _ = md.partition("| measure (% where a share)")
+    tail = md[md.index("\n\nEncoding the frozen lower layers"):]
+    data["rejudged"] = "verdict numbers recomputed by --rejudge from the saved out-of-sample probabilities"
+    variants = list(data["per_seed"])
+    stem.with_suffix(".md").write_text(head + table(data["per_seed"], variants, len(data["seeds"])) + tail
+                                       + "\n\nVerdict numbers recomputed with `--rejudge " + str(stem)
+                                       + "` from the saved out-of-sample probabilities (detection.py as committed).\n")
+    _write_json(stem, data)
+    print(stem.with_suffix(".md").read_text())
+    return 0
+
+
+def table(per: dict[str, list[dict[str, float]]], variants: list[str], seeds: int) -> str:
+    def cell(values: list[float], percent: bool) -> str:
+        arr = np.array(values, dtype=float) * (100 if percent else 1)
+        digits = 2 if percent or np.nanmean(arr) > 10 else 3
+        return f"{np.nanmean(arr):.{digits}f} ± {np.nanstd(arr):.{digits}f}" if len(arr) > 1 else f"{arr[0]:.{digits}f}"
+
+    return fmt_table(["measure (% where a share)"] + [f"{v} SLM (mean ± sd, {seeds} seeds)" for v in variants],
+                     [[title] + [cell([m[key] for m in per[v]], pct) for v in variants] for key, title, pct in ROWS])
+
+
+def _write_json(stem: Path, data: dict) -> None:
+    per = data["per_seed"]
+    data["mean"] = {v: {k: float(np.nanmean([m[k] for m in per[v]])) for k in per[v][0]} for v in per}
+    data["sd"] = {v: {k: float(np.nanstd([m[k] for m in per[v]])) for k in per[v][0]} for v in per}
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="ignore the back-translations (token dropout is then the augmented view)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--out", help="result file stem (default benchmarks/results/replay_mr[_nN])")
+    ap.add_argument("--rejudge", metavar="STEM", help="only recompute the verdict's numbers of a finished run "
+                                                     "from its saved .npz (after a change to detection.py)")
     args = ap.parse_args(argv)
+    if args.rejudge:
+        return rejudge(Path(args.rejudge))
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -160,13 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {variant} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()), flush=True)
     total = time.perf_counter() - t_start
 
-    def cell(values: list[float], percent: bool) -> str:
-        arr = np.array(values, dtype=float) * (100 if percent else 1)
-        digits = 2 if percent or arr.mean() > 10 else 3
-        return f"{np.nanmean(arr):.{digits}f} ± {np.nanstd(arr):.{digits}f}" if len(arr) > 1 else f"{arr[0]:.{digits}f}"
-
-    table = fmt_table(["measure (% where a share)"] + [f"{v} SLM (mean ± sd, {len(seeds)} seeds)" for v in variants],
-                      [[title] + [cell([m[key] for m in per[v]], pct) for v in variants] for key, title, pct in ROWS])
+    table_md = table(per, variants, len(seeds))
     first = per[variants[0]][0]
     body = "\n".join([
         f"MR training texts: {len(items)}{' (seeded subsample)' if args.n else ' (all)'}, of which "
@@ -180,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "answered texts; unanswered texts are counted apart (they are always flagged). The review order puts "
         "unanswered texts first, then the lowest scores.",
         "",
-        table,
+        table_md,
         "",
         f"Encoding the frozen lower layers: {phases['encode_s']:.1f} s ({phases['encode_sps']:.1f} texts/s, "
         "back-translations included). Peak RSS (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
@@ -190,12 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     stem = Path(args.out) if args.out else RESULTS / (f"replay_mr_n{args.n}" if args.n else "replay_mr")
     write_result(stem.with_suffix(".md"), "MR replay of the FreeAL authors' gpt-3.5-turbo labels: the SLM's verdict",
                  body, load_start)
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"texts": len(items), "test_texts": len(test), "seeds": seeds, "per_seed": per, "phases": phases,
-         "peak_rss_mib": peaks, "total_s": total, "load_start": load_start, "load_end": loadavg(),
-         "mean": {v: {k: float(np.nanmean([m[k] for m in per[v]])) for k in per[v][0]} for v in variants},
-         "sd": {v: {k: float(np.nanstd([m[k] for m in per[v]])) for k in per[v][0]} for v in variants}},
-        indent=1), encoding="utf-8")
+    _write_json(stem, {"texts": len(items), "test_texts": len(test), "seeds": seeds, "per_seed": per,
+                       "phases": phases, "peak_rss_mib": peaks, "total_s": total, "load_start": load_start,
+                       "load_end": loadavg()})
     np.savez_compressed(stem.with_suffix(".npz"), labels=np.array([LABELS.index(x) if x else -1 for x in llm]),
                         gold=gold, **oof)  # the SLM's out-of-sample probabilities: re-judge without retraining
     print(f"\nwrote {stem.with_suffix('.md')}, .json and .npz")

@@ -465,9 +465,9 @@ class JobManager:
             self.push(client, cfg, results, version, project_id, owner)
             tab.show(force=True)
         self.store.update(project_id, owner, flagged=len(flagged_ids(results)))
-        tab.show(force=True, final=True)
-        skipped = f"; {len(no_text)} tasks without text skipped: {no_text[:20]}" if no_text else ""
         health = run.health()
+        tab.show(force=True, final=True, note=health_note(health))
+        skipped = f"; {len(no_text)} tasks without text skipped: {no_text[:20]}" if no_text else ""
         verdict = f"; label health: {health['message']}" if health else ""
         return f"{len(results)} tasks labelled, {len(flagged_ids(results))} flagged for review{skipped}{verdict}"
 
@@ -570,9 +570,9 @@ class ReviewTab:
         self._last = 0.0
         self._lock = threading.Lock()
 
-    def show(self, *, force: bool = False, final: bool = False) -> None:
-        """Retitle the tab from the job row (at most every ``every_s`` unless ``force``); ``final`` drops the
-        live part (the job ended well). Failures are logged: a title never fails the job."""
+    def show(self, *, force: bool = False, final: bool = False, note: str | None = None) -> None:
+        """Retitle the tab from the job row (at most every ``every_s`` unless ``force``); ``final`` replaces the
+        live part with ``note`` (the job ended well). Failures are logged: a title never fails the job."""
         if not force and time.monotonic() - self._last < self.every_s:
             return
         if not self._lock.acquire(blocking=force):
@@ -580,7 +580,7 @@ class ReviewTab:
         try:
             self._last = time.monotonic()
             job = job_summary(self.store.status(self.project_id))
-            live = None if final else live_title_state(job)
+            live = note if final else live_title_state(job)
             view_id = self.client.upsert_review_view(review_view_title(job["flagged"], live))
             if self.owner:
                 self.store.update(self.project_id, self.owner, view_id=view_id)
@@ -588,6 +588,16 @@ class ReviewTab:
             log.warning("project %s: review tab title not updated: %s", self.project_id, exc)
         finally:
             self._lock.release()
+
+
+def health_note(health: dict[str, Any] | None) -> str | None:
+    """The run health in a few words for the review tab's title ("labels look near chance", ...)."""
+    if not health:
+        return None
+    if health["verdict"] == "near_chance":
+        return "LLM labels look near chance: use a stronger LLM"
+    return f"about {float(health['estimated_accuracy']):.0%} of LLM labels right" + (
+        " (poor)" if health["verdict"] == "poor" else "")
 
 
 def progress_text(status: dict[str, Any]) -> str:

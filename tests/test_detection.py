@@ -85,11 +85,11 @@ def test_near_chance_labels_are_said_to_be_so_and_everything_is_flagged():
 def test_llm_logprobs_weigh_in():
     rng = np.random.default_rng(3)
     true, probs, labels = _two_class(1000, rng, noise=0.1)
-    probs[0], labels[0] = [0.1, 0.9], 0
+    probs[0], labels[0] = [0.015, 0.985], 0  # strong evidence against the label, just short of overruling it
     sure = np.zeros((1000, 2))
     sure[np.arange(1000), labels] = 0.99
     unsure = sure.copy()
-    unsure[0] = [0.55, 0.45]
+    unsure[0] = [0.51, 0.49]
     assert judge(probs, labels, llm_probs=sure).labels[0] == 0  # a very sure LLM keeps its label
     assert judge(probs, labels, llm_probs=unsure).labels[0] == 1  # an unsure one is overruled
 

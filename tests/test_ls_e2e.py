@@ -19,6 +19,7 @@ import httpx
 import pytest
 from label_studio_sdk import LabelStudio
 
+from freeal_backend.jobs import health_note
 from freeal_backend.label_config import FLAG_SUSPICIOUS, parse_label_config, render_prediction
 from freeal_backend.ls_client import (REVIEW_VIEW_TITLE, Connection, ProjectClient, connection_from_env,
                                       is_review_view_title)
@@ -182,9 +183,11 @@ def test_retrieve_predictions_review_view_and_gold(label_studio: LabelStudioServ
     flagged = review_view_ids(client, pid)
     expected = {tid for tid, p in preds.items() if flag_of(p) == FLAG_SUSPICIOUS}
     assert flagged == expected and status["flagged"] == len(expected)
-    # the ended job left its count in the tab title; the status page and /status show the run
+    # the ended job left its count and the run health in the tab title; the status page and /status show the run
     titles = [(v.data or {}).get("title") for v in client.views.list(project=pid)]
-    assert f"{REVIEW_VIEW_TITLE} ({len(expected)})" in titles, titles
+    assert f"{REVIEW_VIEW_TITLE} ({len(expected)}) · {health_note(status['health'])}" in titles, titles
+    assert status["health"]["verdict"] in {"ok", "poor", "near_chance"}
+    assert status["health"]["message"] in status["message"]
     run = status["run"]
     assert run["tasks"] == N_TASKS and run["final"]["flagged"] == len(expected) and len(run["rounds"]) == 2
     assert run["rounds"][1]["flagged"] == len(expected) and run["rounds"][0]["llm"]["calls"] is not None
