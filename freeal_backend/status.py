@@ -280,7 +280,7 @@ def run_summary(store: Store) -> dict[str, Any]:
         health = store.get_meta(f"health_r{rnd}") or {}
         saved = store.get_meta(f"round_stats_r{rnd}") or {}
         flagged = saved.get("flagged")
-        if flagged is None and final["results"] and rnd == rounds_done == last:
+        if flagged is None and final["results"] and rnd == last:  # the last SLM round judged the final labels
             flagged = final["flagged"]
         row.update({
             "reannotated": llm.get("reannotated", answered(f"llm_r{rnd}", rnd)),

@@ -189,7 +189,8 @@ def test_retrieve_predictions_review_view_and_gold(label_studio: LabelStudioServ
     assert status["health"]["verdict"] in {"ok", "poor", "near_chance"}
     assert status["health"]["message"] in status["message"]
     run = status["run"]
-    assert run["tasks"] == N_TASKS and run["final"]["flagged"] == len(expected) and len(run["rounds"]) == 2
+    # rounds: 0 (LLM), 1 (SLM + refinement), 2 (the SLM's check of the final labels)
+    assert run["tasks"] == N_TASKS and run["final"]["flagged"] == len(expected) and len(run["rounds"]) == 3
     assert run["rounds"][1]["flagged"] == len(expected) and run["rounds"][0]["llm"]["calls"] is not None
     assert status["review_tab"]["url"] == f"{label_studio.url}/projects/{pid}/data?tab={status['view_id']}"
     page = httpx.get(f"{backend.url}/projects/{pid}", timeout=30)

@@ -33,7 +33,8 @@ def test_cross_fitted_slm_finds_instance_dependent_noise(noisy_sst2):
     error = (noisy != gold).mean()
     assert 0.15 < error < 0.30  # a realistic weak labeller, far from perfect and far from chance
     encoder = Encoder()
-    model = SmallModel(encoder, 2, train_layers=2, config=SLMConfig(epochs=2, warmup_epochs=1, folds=3, lr=2e-4))
+    model = SmallModel(encoder, 2, train_layers=2,
+                       config=SLMConfig(epochs=3, warmup_epochs=1, folds=3, lr=2e-4, robust=False))
     lower = encoder.lower_states(texts, model.split)
     untrained_probs = model._predict(model._new_model(0), lower)[0]
     out = model.fit(lower, noisy)
