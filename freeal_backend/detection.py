@@ -11,9 +11,10 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
 3. Posterior of the true class: SLM prior x likelihood of the label given each true class (or, when the
    LLM gave logprobs, x the LLM's own distribution over the class prior: a product of experts). The score
    is the posterior of the final label. The final label is the LLM's unless the evidence against it is
-   strong: the posterior favours another class under cleanlab's noise estimate *and* under a conservative
-   anchor-point one (a weak SLM makes cleanlab see more noise than there is). Texts the LLM left unanswered get the SLM's label, scored below every
-   answered text so they come first in review.
+   strong: the posterior favours another class under cleanlab's noise estimate *and* a conservative
+   anchor-point posterior gives that class at least ``OVERRULE_AT`` (a weak SLM makes cleanlab see more
+   noise than there is). Texts the LLM left unanswered get the SLM's label, scored below every answered
+   text so they come first in review.
 4. Run health: estimated accuracy of the labels (mean posterior of the given label; unanswered texts
    count as wrong), agreement and Cohen's kappa between the SLM and the labels. Near-chance labels are
    said to be so, and then every text is flagged: nothing in such a run can be trusted.

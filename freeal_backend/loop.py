@@ -420,7 +420,8 @@ class FreeALRun:
                         100 * previous["estimated_accuracy"])
             self.store.set_meta(f"rejected_r{rnd - 1}", True)
             self.store.copy_slm(rnd - 1, rnd)
-            shutil.copyfile(self.run_dir / f"slm_r{rnd - 1}_embeddings.npy", self.run_dir / f"slm_r{rnd}_embeddings.npy")
+            shutil.copyfile(self.run_dir / f"slm_r{rnd - 1}_embeddings.npy",
+                            self.run_dir / f"slm_r{rnd}_embeddings.npy")
             self.store.set_meta(f"health_r{rnd}", previous)
             info["rejected_refinement"] = rnd - 1
         labelled = ~np.isnan(out.losses)

@@ -66,7 +66,8 @@ def kmeans_representatives(embeddings: np.ndarray, k: int, *, seed: int = 0) -> 
 
 def demo_pool(pool: dict[int, np.ndarray], embeddings: np.ndarray, per_class: int, *, seed: int = 0,
               gold: np.ndarray | None = None) -> dict[int, np.ndarray]:
-    """A small, diverse demo pool per class: gold samples first, then k-means representatives of the clean agreed pool."""
+    """A small, diverse demo pool per class: gold samples first, then k-means representatives of the clean
+    agreed pool."""
     gold = np.zeros(len(embeddings), dtype=bool) if gold is None else gold
     out: dict[int, np.ndarray] = {}
     for j, idx in pool.items():
