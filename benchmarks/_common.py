@@ -160,6 +160,15 @@ def pct(x: float) -> str:
     return "—" if x != x else f"{100 * x:.2f}"
 
 
+def mean_sd(values: Sequence[float], percent: bool) -> str:
+    """A table cell over seeds: ``mean ± sd`` (the single value for one seed), in % when ``percent``."""
+    import numpy as np
+
+    arr = np.array(values, dtype=float) * (100 if percent else 1)
+    digits = 2 if percent or np.nanmean(arr) > 10 else 3
+    return f"{np.nanmean(arr):.{digits}f} ± {np.nanstd(arr):.{digits}f}" if len(arr) > 1 else f"{arr[0]:.{digits}f}"
+
+
 def fmt_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """The core's Markdown table with two decimals."""
     return markdown_table(header, rows, digits=2)

@@ -28,7 +28,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, RESULTS, fmt_table, loadavg, read_jsonl, write_result  # noqa: E402
+from _common import DATA, RESULTS, fmt_table, loadavg, mean_sd, read_jsonl, write_result  # noqa: E402
 
 from freeal_backend.config import Settings  # noqa: E402
 from freeal_backend.detection import judge  # noqa: E402
@@ -128,13 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             per[dataset].append(m)
             print(f"  {dataset} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()), flush=True)
 
-    def cell(values: list[float], percent: bool) -> str:
-        arr = np.array(values, dtype=float) * (100 if percent else 1)
-        digits = 2 if percent or np.nanmean(arr) > 10 else 3
-        return f"{np.nanmean(arr):.{digits}f} ± {np.nanstd(arr):.{digits}f}"
-
     table = fmt_table(["measure (% where a share)"] + [f"{d} (mean ± sd, {len(seeds)} seeds)" for d in per],
-                      [[title] + [cell([m[key] for m in per[d]], pct) for d in per] for key, title, pct in ROWS])
+                      [[title] + [mean_sd([m[key] for m in per[d]], pct) for d in per] for key, title, pct in ROWS])
     body = (f"Per data set and seed: {args.n} training texts labelled by a TF-IDF logistic regression trained on "
             f"{args.seed_n} other gold training texts; one cross-fitted SLM round ({settings.slm_folds} folds of "
             f"{settings.slm_epochs} epochs, top {settings.slm_train_layers} MiniLM layers) judges the labels; no LLM.\n\n"

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DATA, RESULTS, current_peak_mib, fmt_table, loadavg, read_jsonl,  # noqa: E402
+from _common import (DATA, RESULTS, current_peak_mib, fmt_table, loadavg, mean_sd, read_jsonl,  # noqa: E402
                      reset_peak_rss, subsample, write_result)
 
 from freeal_backend.config import Settings  # noqa: E402
@@ -131,13 +131,8 @@ def rejudge(stem: Path) -> int:
 
 
 def table(per: dict[str, list[dict[str, float]]], variants: list[str], seeds: int) -> str:
-    def cell(values: list[float], percent: bool) -> str:
-        arr = np.array(values, dtype=float) * (100 if percent else 1)
-        digits = 2 if percent or np.nanmean(arr) > 10 else 3
-        return f"{np.nanmean(arr):.{digits}f} ± {np.nanstd(arr):.{digits}f}" if len(arr) > 1 else f"{arr[0]:.{digits}f}"
-
     return fmt_table(["measure (% where a share)"] + [f"{v} SLM (mean ± sd, {seeds} seeds)" for v in variants],
-                     [[title] + [cell([m[key] for m in per[v]], pct) for v in variants] for key, title, pct in ROWS])
+                     [[title] + [mean_sd([m[key] for m in per[v]], pct) for v in variants] for key, title, pct in ROWS])
 
 
 def _write_json(stem: Path, data: dict) -> None:

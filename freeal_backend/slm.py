@@ -67,24 +67,33 @@ class SLMOutput:
         return self.oof_probs
 
 
-class SLMClassifier(nn.Module):
-    """Copies of the encoder's top layers + dropout + linear head, fed with cached lower-layer states."""
+class TopLayers(nn.Module):
+    """Trainable copies of the encoder's top layers + dropout + a linear head of ``outputs``, fed with
+    cached lower-layer states (the text classifier and the span tagger share it)."""
 
-    def __init__(self, encoder: Encoder, train_layers: int, num_classes: int, dropout: float) -> None:
+    def __init__(self, encoder: Encoder, train_layers: int, outputs: int, dropout: float) -> None:
         super().__init__()
         self.split = max(0, encoder.num_layers - train_layers)
         self.top = nn.ModuleList(copy.deepcopy(layer) for layer in encoder.layers[self.split:])
         for p in self.top.parameters():
             p.requires_grad_(True)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(encoder.hidden_size, num_classes)
+        self.head = nn.Linear(encoder.hidden_size, outputs)
 
-    def pooled(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def hidden(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-token hidden states after the trainable top layers."""
         attn = additive_mask(mask, states.dtype)
         hidden = states
         for layer in self.top:
             hidden = _layer_out(layer(hidden, attention_mask=attn))
-        return mean_pool(hidden, mask)
+        return hidden
+
+
+class SLMClassifier(TopLayers):
+    """The text classifier: top layers, mean pooling, dropout, linear head over the classes."""
+
+    def pooled(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return mean_pool(self.hidden(states, mask), mask)
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled = self.pooled(states, mask)

@@ -17,18 +17,16 @@ labels; the head alone (3 folds, 8 epochs) 734 s (load 6-9) and 47.6.
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .encoder import Encoder, LowerStates, _layer_out, additive_mask
+from .encoder import Encoder, LowerStates
 from .selection import split_clean_noisy
-from .slm import _batches
+from .slm import TopLayers, _batches
 from .spans import IGNORE, Span, bio_labels, bio_to_spans, spans_to_bio
 
 
@@ -74,24 +72,11 @@ def encode_tags(tok: Tokenized, spans: Sequence[Sequence[Span]], types: Sequence
     return out, lost
 
 
-class SpanTagger(nn.Module):
-    """Copies of the encoder's top layers + dropout + a linear tag head, fed with cached lower states."""
-
-    def __init__(self, encoder: Encoder, train_layers: int, num_tags: int, dropout: float) -> None:
-        super().__init__()
-        self.split = max(0, encoder.num_layers - train_layers)
-        self.top = nn.ModuleList(copy.deepcopy(layer) for layer in encoder.layers[self.split:])
-        for p in self.top.parameters():
-            p.requires_grad_(True)
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(encoder.hidden_size, num_tags)
+class SpanTagger(TopLayers):
+    """The span tagger: top layers, dropout and a linear head over the BIO tags of every token."""
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        attn = additive_mask(mask, states.dtype)
-        hidden = states
-        for layer in self.top:
-            hidden = _layer_out(layer(hidden, attention_mask=attn))
-        return self.head(self.dropout(hidden))
+        return self.head(self.dropout(self.hidden(states, mask)))
 
 
 @dataclass
