@@ -27,4 +27,4 @@ USER freeal
 VOLUME /data
 EXPOSE 9090
 HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request,os; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT','9090'), timeout=4)"
-CMD ["gunicorn", "-c", "gunicorn.conf.py", "freeal_backend.wsgi:app"]
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "freeal_backend.labelstudio.wsgi:app"]

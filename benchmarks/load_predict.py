@@ -5,7 +5,7 @@ Bounded in count and time, 127.0.0.1 only:
     .venv/bin/python benchmarks/load_predict.py --requests 2000 --concurrency 8 --tasks-per-request 10
 
 It pre-fills a data dir with the stored results of one finished FreeAL run (``--cached-tasks`` tasks of
-project 1), starts ``gunicorn -c gunicorn.conf.py freeal_backend.wsgi:app`` on a free loopback port (no
+project 1), starts ``gunicorn -c gunicorn.conf.py freeal_backend.labelstudio.wsgi:app`` on a free loopback port (no
 LLM is reachable and no background job is started, so every answer must come from the cache), sends
 the fixed number of requests from ``--concurrency`` client threads (keep-alive connections) or stops at
 ``--time-cap-s``, checks every answer (one prediction per task, in order, score in [0, 1]) and writes
@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from freeal_backend.embedded_llm import stop_process  # noqa: E402
+from freeal_backend.llm.embedded import stop_process  # noqa: E402
 from freeal_backend.records import ItemResult  # noqa: E402
 from freeal_backend.storage import Store  # noqa: E402
 
@@ -101,7 +101,7 @@ def start_gunicorn(data_dir: Path, port: int, workers: int, threads: int, log_pa
         env.pop(var, None)
     gunicorn = Path(sys.executable).with_name("gunicorn")
     cmd = [str(gunicorn), "-c", str(ROOT / "gunicorn.conf.py"), "--access-logfile", "/dev/null",
-           "freeal_backend.wsgi:app"]
+           "freeal_backend.labelstudio.wsgi:app"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
 
 

@@ -22,9 +22,9 @@ from typing import Any
 
 from _common import RESULTS, command_line, fmt_table, loadavg, write_result
 
-from freeal_backend.jobs import JobStore, PushJournal, push_results
-from freeal_backend.label_config import parse_label_config
-from freeal_backend.ls_client import Connection, ProjectClient
+from freeal_backend.labelstudio.jobs import JobStore, PushJournal, push_results
+from freeal_backend.labelstudio.label_config import parse_label_config
+from freeal_backend.labelstudio.client import Connection, ProjectClient
 from freeal_backend.records import ItemResult
 from tests.fixtures_ls import LS_BIN, TOKEN, free_port, migrated_template, start_label_studio, stop
 

@@ -4,7 +4,7 @@ gpt-3.5 answers for a second pass cannot be replayed, so this benchmark makes LL
 bag-of-words classifier (TF-IDF unigrams + bigrams, logistic regression) is trained on ``--seed-n`` gold
 texts of the training split and labels ``--n`` *other* training texts. Its errors depend on the text
 (unseen words, negation, topic) like an LLM's, and it knows nothing of the SLM's encoder. Then one
-cross-fitted SLM round judges those labels (freeal_backend/detection.py), exactly as in a FreeAL run:
+cross-fitted SLM round judges those labels (freeal_backend/slm/detection.py), exactly as in a FreeAL run:
   - round-0 accuracy (the made labels) vs the final labels' accuracy;
   - the review flag and the first 15 % of the review order: share, precision, recall of wrong labels;
   - AUROC of the review order, expected calibration error of the score, the run-health estimate.
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DATA, RESULTS, fmt_table, loadavg, mean_sd, read_jsonl, write_result  # noqa: E402
 
 from freeal_backend.config import Settings  # noqa: E402
-from freeal_backend.detection import judge  # noqa: E402
+from freeal_backend.slm.detection import judge  # noqa: E402
 from freeal_backend.loop import FreeALRun  # noqa: E402
 from freeal_backend.metrics import expected_calibration_error, review_scores  # noqa: E402
 from freeal_backend.records import Item  # noqa: E402

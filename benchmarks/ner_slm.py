@@ -99,7 +99,7 @@ def sentence_flag_scores(corrupted: np.ndarray, flagged: np.ndarray) -> dict[str
 def one_round(encoder: Any, texts: list[str], labels: list[list[Span]], lower: Any, t_lower: float,
               args: argparse.Namespace) -> tuple[Any, dict]:
     """Cross-fitting over precomputed lower states; the round's time adds the lower states' time."""
-    from freeal_backend.slm_spans import SpanSLMConfig, cross_fit
+    from freeal_backend.slm.tagger import SpanSLMConfig, cross_fit
 
     cfg = SpanSLMConfig(epochs=args.epochs, warmup_epochs=args.warmup, lr=args.lr, head_lr=args.head_lr,
                         max_length=args.max_length, seed=args.seed)
@@ -136,7 +136,7 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
-    from freeal_backend.encoder import Encoder
+    from freeal_backend.slm.encoder import Encoder
 
     torch.set_num_threads(args.threads)
     load_start = loadavg()
@@ -151,7 +151,7 @@ def main() -> None:
     test_gold = [spans_from_dicts(r["spans"]) for r in test]
 
     encoder = Encoder()
-    from freeal_backend.slm_spans import tokenize
+    from freeal_backend.slm.tagger import tokenize
 
     report: dict[str, Any] = {"command": command_line(), "args": vars(args), "load_start": load_start,
                               "train_sentences": len(texts), "test_sentences": len(test_texts),

@@ -32,11 +32,11 @@ from _common import (DATA, RESULTS, TASKS, current_peak_mib, fmt_table, loadavg,
 
 from freeal_backend.cli import stage_title  # noqa: E402
 from freeal_backend.config import Settings  # noqa: E402
-from freeal_backend.embedded_llm import EMBEDDED_MODEL, EmbeddedLLMServer  # noqa: E402
+from freeal_backend.llm.embedded import EMBEDDED_MODEL, EmbeddedLLMServer  # noqa: E402
 from freeal_backend.loop import FreeALRun  # noqa: E402
 from freeal_backend.metrics import flag_scores, label_scores  # noqa: E402
 from freeal_backend.records import Item  # noqa: E402
-from freeal_backend.slm import SmallModel  # noqa: E402
+from freeal_backend.slm.classifier import SmallModel  # noqa: E402
 
 STAT_KEYS = ("calls", "cache_hits", "prompt_tokens", "completion_tokens", "failures", "unparsed")
 

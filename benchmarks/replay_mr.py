@@ -1,7 +1,7 @@
 """Replay the FreeAL authors' gpt-3.5-turbo labels on MR: the SLM side alone (no second LLM pass).
 
 Per seed and variant (the FreeAL robust SLM, and the naive one: plain cross-entropy), one cross-fitted
-SLM is trained on the replayed labels and its verdict (freeal_backend/detection.py) gives the final
+SLM is trained on the replayed labels and its verdict (freeal_backend/slm/detection.py) gives the final
 labels, scores and review flags. Measured against gold, apart for the texts the LLM answered wrongly and
 those it left unanswered:
   - final label accuracy (no LLM second pass) and the SLM's own out-of-sample accuracy, test accuracy;
@@ -32,7 +32,7 @@ from _common import (DATA, RESULTS, current_peak_mib, fmt_table, loadavg, mean_s
                      reset_peak_rss, subsample, write_result)
 
 from freeal_backend.config import Settings  # noqa: E402
-from freeal_backend.detection import judge  # noqa: E402
+from freeal_backend.slm.detection import judge  # noqa: E402
 from freeal_backend.loop import FreeALRun  # noqa: E402
 from freeal_backend.metrics import expected_calibration_error, review_scores  # noqa: E402
 from freeal_backend.records import Item  # noqa: E402

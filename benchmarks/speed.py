@@ -32,14 +32,14 @@ from _common import (DATA, RESULTS, TASKS, current_peak_mib, fmt_table, loadavg,
                      read_jsonl, reset_peak_rss, rss_mib, write_result)
 
 from freeal_backend.config import Settings  # noqa: E402
-from freeal_backend.embedded_llm import EMBEDDED_MODEL, EmbeddedLLMServer  # noqa: E402
-from freeal_backend.encoder import Encoder  # noqa: E402
-from freeal_backend.llm_cache import ResponseCache  # noqa: E402
-from freeal_backend.llm_client import TOP_LOGPROBS, LLMClient  # noqa: E402
+from freeal_backend.llm.embedded import EMBEDDED_MODEL, EmbeddedLLMServer  # noqa: E402
+from freeal_backend.slm.encoder import Encoder  # noqa: E402
+from freeal_backend.llm.cache import ResponseCache  # noqa: E402
+from freeal_backend.llm.client import TOP_LOGPROBS, LLMClient  # noqa: E402
 from freeal_backend.loop import FreeALRun  # noqa: E402
-from freeal_backend.prompts import label_messages  # noqa: E402
+from freeal_backend.llm.prompts import label_messages  # noqa: E402
 from freeal_backend.records import Item  # noqa: E402
-from freeal_backend.selection import clean_agreed_pool, demo_pool  # noqa: E402
+from freeal_backend.slm.selection import clean_agreed_pool, demo_pool  # noqa: E402
 
 LABELS = ["negative", "positive"]
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .config import Settings
-from .dataio import read_rows, rows_to_items, write_results
-from .llm_client import LLMUnavailable
-from .loop import FreeALRun
-from .metrics import flag_scores, label_scores, markdown_table
-from .records import Item
-from .status import RoundLLMStats, stage_title
+from freeal_backend.config import Settings
+from freeal_backend.dataio import read_rows, rows_to_items, write_results
+from freeal_backend.llm.client import LLMUnavailable
+from freeal_backend.loop import FreeALRun
+from freeal_backend.metrics import flag_scores, label_scores, markdown_table
+from freeal_backend.records import Item
+from freeal_backend.status import RoundLLMStats, stage_title
 
 log = logging.getLogger("freeal")
 
@@ -142,7 +142,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "state.sqlite").exists():
         raise SystemExit(f"error: {run_dir} holds no FreeAL run (no state.sqlite)")
-    from .storage import Store
+    from freeal_backend.storage import Store
     labels = Store(run_dir / "state.sqlite").get_meta("labels")
     with FreeALRun(Settings.from_env(data_dir=args.data_dir), labels, run_dir) as run:
         print(health_line(run))
@@ -152,9 +152,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write one self-contained HTML file: tables, plots, per-stage accuracy (with gold), flagged texts."""
-    from .html_report import report_page
-    from .status import flagged_items, run_summary
-    from .storage import Store
+    from freeal_backend.html_report import report_page
+    from freeal_backend.status import flagged_items, run_summary
+    from freeal_backend.storage import Store
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "state.sqlite").exists():
@@ -175,7 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gunicorn.app.wsgiapp import run as gunicorn_run
     sys.argv = ["gunicorn", "--bind", f"{args.host}:{args.port}", "--workers", str(args.workers),
                 "--threads", str(args.threads), "--timeout", os.environ.get("GUNICORN_TIMEOUT", "300"),
-                "--access-logfile", "-", "freeal_backend.wsgi:app"]
+                "--access-logfile", "-", "freeal_backend.labelstudio.wsgi:app"]
     gunicorn_run()
     return 0
 
@@ -185,7 +185,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = Settings.from_env(queue_url=args.queue)
     if not settings.queue_url:
         raise SystemExit("error: set FREEAL_QUEUE=redis://host:6379/0 (or --queue): the queue the backend fills")
-    from .jobqueue import work
+    from freeal_backend.labelstudio.jobqueue import work
     work(settings, burst=args.burst, name=args.name)
     return 0
 

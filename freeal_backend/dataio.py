@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .records import Item, ItemResult
+from freeal_backend.records import Item, ItemResult
 
 
 def clean_text(text: str) -> str:

@@ -8,7 +8,7 @@ from collections.abc import Collection, Sequence
 from html import escape
 from typing import Any
 
-from .status import stage_title
+from freeal_backend.status import stage_title
 
 COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
           "#bab0ac"]

@@ -26,19 +26,19 @@ from types import TracebackType
 import numpy as np
 import torch
 
-from .annotate import Progress, annotate_items, generate_demos
-from .config import Settings
-from .dataio import clean_text
-from .detection import Judgement, judge
-from .embedded_llm import EmbeddedLLMServer
-from .encoder import Encoder, LowerStates
-from .llm_cache import ResponseCache
-from .llm_client import LLMClient
-from .prompts import label_messages
-from .records import Item, ItemResult
-from .selection import clean_agreed_pool, demo_pool, nearest_demos, retrieve_demos
-from .slm import SLMConfig, SLMOutput, SmallModel
-from .storage import Store
+from freeal_backend.llm.annotate import Progress, annotate_items, generate_demos
+from freeal_backend.config import Settings
+from freeal_backend.dataio import clean_text
+from freeal_backend.slm.detection import Judgement, judge
+from freeal_backend.llm.embedded import EmbeddedLLMServer
+from freeal_backend.slm.encoder import Encoder, LowerStates
+from freeal_backend.llm.cache import ResponseCache
+from freeal_backend.llm.client import LLMClient
+from freeal_backend.llm.prompts import label_messages
+from freeal_backend.records import Item, ItemResult
+from freeal_backend.slm.selection import clean_agreed_pool, demo_pool, nearest_demos, retrieve_demos
+from freeal_backend.slm.classifier import SLMConfig, SLMOutput, SmallModel
+from freeal_backend.storage import Store
 
 log = logging.getLogger(__name__)
 

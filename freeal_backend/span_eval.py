@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .spans import Span, bio_labels, spans_to_bio, _is_word
+from freeal_backend.spans import Span, bio_labels, spans_to_bio, _is_word
 
 
 def word_offsets(text: str) -> list[tuple[int, int]]:

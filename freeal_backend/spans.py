@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .prompts import Message
+from freeal_backend.llm.prompts import Message
 
 Entity = tuple[str, str]  # (mention text, entity type)
 IGNORE = -100  # label id of tokens that carry no training signal (special tokens, later sub-tokens)

@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .llm_client import LLMClient, LLMStats
-from .ls_client import review_view_title
-from .storage import Store
+from freeal_backend.llm.client import LLMClient, LLMStats
+from freeal_backend.labelstudio.client import review_view_title
+from freeal_backend.storage import Store
 
 HISTOGRAM_BINS = 10
 LLM_COUNTS = ("calls", "cache_hits", "prompt_tokens", "completion_tokens")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from freeal_backend.embedded_llm import EMBEDDED_MODEL, EmbeddedLLMServer
+from freeal_backend.llm.embedded import EMBEDDED_MODEL, EmbeddedLLMServer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

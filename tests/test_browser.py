@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from label_studio_sdk import LabelStudio
 
-from freeal_backend.jobs import JobStore, ReviewTab, push_results
-from freeal_backend.label_config import parse_label_config
-from freeal_backend.ls_client import REVIEW_VIEW_TITLE, Connection, ProjectClient, is_review_view_title
+from freeal_backend.labelstudio.jobs import JobStore, ReviewTab, push_results
+from freeal_backend.labelstudio.label_config import parse_label_config
+from freeal_backend.labelstudio.client import REVIEW_VIEW_TITLE, Connection, ProjectClient, is_review_view_title
 from freeal_backend.records import ItemResult
 from tests.fixtures_ls import LabelStudioServer
 

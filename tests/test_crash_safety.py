@@ -86,10 +86,10 @@ def _kill_once_stored(proc: subprocess.Popen, fake: FakeOpenAI, state: Path, sto
 WORKER = r"""
 import json, sys
 from pathlib import Path
-from freeal_backend.annotate import annotate_items
-from freeal_backend.llm_cache import ResponseCache
-from freeal_backend.llm_client import LLMClient
-from freeal_backend.prompts import label_messages
+from freeal_backend.llm.annotate import annotate_items
+from freeal_backend.llm.cache import ResponseCache
+from freeal_backend.llm.client import LLMClient
+from freeal_backend.llm.prompts import label_messages
 from freeal_backend.records import Item
 from freeal_backend.storage import Store
 

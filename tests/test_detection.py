@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from freeal_backend.detection import judge, temperature_scale
+from freeal_backend.slm.detection import judge, temperature_scale
 
 
 def _two_class(n: int, rng: np.random.Generator, noise: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

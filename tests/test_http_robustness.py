@@ -32,8 +32,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from freeal_backend.config import Settings
-from freeal_backend.embedded_llm import stop_process
-from freeal_backend.server import ServerSettings, create_app
+from freeal_backend.llm.embedded import stop_process
+from freeal_backend.labelstudio.server import ServerSettings, create_app
 from tests.fake_openai import MODEL, FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -541,7 +541,7 @@ def test_gunicorn_two_workers_run_one_job_per_project_and_log_no_keys(tmp_path: 
     for var in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
         env.pop(var, None)
     gunicorn = Path(sys.executable).with_name("gunicorn")
-    proc = subprocess.Popen([str(gunicorn), "-c", str(ROOT / "gunicorn.conf.py"), "freeal_backend.wsgi:app"],
+    proc = subprocess.Popen([str(gunicorn), "-c", str(ROOT / "gunicorn.conf.py"), "freeal_backend.labelstudio.wsgi:app"],
                             cwd=tmp_path, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
 
     def call(method: str, path: str, body: Any = None) -> tuple[int, dict[str, Any]]:

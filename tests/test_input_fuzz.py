@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from freeal_backend.config import Settings
 from freeal_backend.dataio import read_rows, rows_to_items, write_results
 from freeal_backend.loop import FreeALRun
-from freeal_backend.prompts import _PREFIX, label_messages, parse_label
+from freeal_backend.llm.prompts import _PREFIX, label_messages, parse_label
 from freeal_backend.records import Item, ItemResult
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -251,7 +251,7 @@ def test_huge_texts_are_truncated_with_a_warning(tmp_path: Path, caplog: pytest.
 
 from xml.sax.saxutils import quoteattr  # noqa: E402
 
-from freeal_backend.label_config import LabelConfigError, parse_label_config  # noqa: E402
+from freeal_backend.labelstudio.label_config import LabelConfigError, parse_label_config  # noqa: E402
 
 NAMES = st.sampled_from(["text"] * 4 + ["t", "sentiment", "topic", "freeal_flag", "freeal_review", "", "x y", "é"])
 VALUES = st.sampled_from(["$text"] * 4 + ["$t", "text", "$", "$review", "", "$ünï"])

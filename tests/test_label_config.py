@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from freeal_backend.label_config import (
+from freeal_backend.labelstudio.label_config import (
     FLAG_OK,
     FLAG_SUSPICIOUS,
     REVIEW_MARKER,

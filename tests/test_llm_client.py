@@ -3,9 +3,9 @@ import math
 
 import pytest
 
-from freeal_backend.llm_cache import ResponseCache, cache_key
-from freeal_backend.llm_client import LLMClient, label_probs_from_logprobs
-from freeal_backend.prompts import label_messages
+from freeal_backend.llm.cache import ResponseCache, cache_key
+from freeal_backend.llm.client import LLMClient, label_probs_from_logprobs
+from freeal_backend.llm.prompts import label_messages
 
 LABELS = ["negative", "positive"]
 

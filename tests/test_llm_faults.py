@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from freeal_backend.annotate import annotate_items
-from freeal_backend.llm_cache import ResponseCache
-from freeal_backend.llm_client import LLMClient, LLMUnavailable
-from freeal_backend.prompts import label_messages
+from freeal_backend.llm.annotate import annotate_items
+from freeal_backend.llm.cache import ResponseCache
+from freeal_backend.llm.client import LLMClient, LLMUnavailable
+from freeal_backend.llm.prompts import label_messages
 from freeal_backend.records import Item
 from freeal_backend.storage import Store
 from tests.fake_openai import MODEL, FakeOpenAI, choose_label

@@ -19,9 +19,9 @@ import httpx
 import pytest
 from label_studio_sdk import LabelStudio
 
-from freeal_backend.jobs import health_note
-from freeal_backend.label_config import FLAG_SUSPICIOUS, parse_label_config, render_prediction
-from freeal_backend.ls_client import (REVIEW_VIEW_TITLE, Connection, ProjectClient, connection_from_env,
+from freeal_backend.labelstudio.jobs import health_note
+from freeal_backend.labelstudio.label_config import FLAG_SUSPICIOUS, parse_label_config, render_prediction
+from freeal_backend.labelstudio.client import (REVIEW_VIEW_TITLE, Connection, ProjectClient, connection_from_env,
                                       is_review_view_title)
 from freeal_backend.records import ItemResult
 from freeal_backend.storage import Store
@@ -64,7 +64,7 @@ def backend(label_studio: LabelStudioServer, llm_base_url: str,
     log_path = root / "backend.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
-                                 "freeal_backend.wsgi:app"], cwd=ROOT, env=env, stdout=log,
+                                 "freeal_backend.labelstudio.wsgi:app"], cwd=ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -1,7 +1,7 @@
 """Answer parsing and prompt building."""
 import pytest
 
-from freeal_backend.prompts import label_messages, parse_generated_texts, parse_label
+from freeal_backend.llm.prompts import label_messages, parse_generated_texts, parse_label
 
 LABELS = ["negative", "positive"]
 TREC = ["abbreviation", "description", "entity", "human", "location", "number"]

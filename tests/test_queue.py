@@ -20,17 +20,17 @@ import pytest
 from label_studio_sdk import LabelStudio
 
 from freeal_backend.config import Settings
-from freeal_backend.jobs import JobManager, JobStore, PushJournal, RunRegistry, push_results
-from freeal_backend.label_config import parse_label_config
-from freeal_backend.ls_client import IMPORT_BATCH, Connection, ProjectClient
+from freeal_backend.labelstudio.jobs import JobManager, JobStore, PushJournal, RunRegistry, push_results
+from freeal_backend.labelstudio.label_config import parse_label_config
+from freeal_backend.labelstudio.client import IMPORT_BATCH, Connection, ProjectClient
 from freeal_backend.records import ItemResult
-from freeal_backend.server import ServerSettings, create_app
+from freeal_backend.labelstudio.server import ServerSettings, create_app
 from tests.fake_openai import MODEL, FakeOpenAI
 from tests.fixtures_llm import shared_rows
 from tests.fixtures_ls import LabelStudioServer
 
 redis = pytest.importorskip("redis")
-from freeal_backend.jobqueue import QUEUE_NAME, Coordinator, QueueRunner, key  # noqa: E402  (needs redis, rq)
+from freeal_backend.labelstudio.jobqueue import QUEUE_NAME, Coordinator, QueueRunner, key  # noqa: E402  (needs redis, rq)
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTIMENT = (ROOT / "label_config" / "sentiment.xml").read_text()

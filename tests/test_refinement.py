@@ -7,9 +7,9 @@ import pytest
 
 from freeal_backend.config import Settings
 from freeal_backend.dataio import rows_to_items
-from freeal_backend.encoder import Encoder
-from freeal_backend.llm_cache import ResponseCache
-from freeal_backend.llm_client import LLMClient
+from freeal_backend.slm.encoder import Encoder
+from freeal_backend.llm.cache import ResponseCache
+from freeal_backend.llm.client import LLMClient
 from freeal_backend.loop import FreeALRun
 from tests.fake_openai import MODEL, FakeOpenAI
 from tests.fixtures_llm import shared_rows

@@ -1,7 +1,7 @@
 """Small-loss split on synthetic noisy labels, and the demo-selection invariants."""
 import numpy as np
 
-from freeal_backend.selection import clean_agreed_pool, demo_pool, kmeans_representatives, retrieve_demos, split_clean_noisy
+from freeal_backend.slm.selection import clean_agreed_pool, demo_pool, kmeans_representatives, retrieve_demos, split_clean_noisy
 
 
 def synthetic_losses(n=2000, noise=0.25, seed=0):

@@ -5,9 +5,9 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from freeal_backend.detection import judge
-from freeal_backend.encoder import Encoder
-from freeal_backend.slm import SLMConfig, SmallModel
+from freeal_backend.slm.detection import judge
+from freeal_backend.slm.encoder import Encoder
+from freeal_backend.slm.classifier import SLMConfig, SmallModel
 from tests.fixtures_llm import shared_rows
 
 LABELS = ["negative", "positive"]

@@ -15,7 +15,7 @@ BC5CDR = Path(__file__).resolve().parents[2] / "shared" / "data" / "bc5cdr"
 
 
 def test_judge_spans_kinds() -> None:
-    from freeal_backend.slm_spans import judge_spans
+    from freeal_backend.slm.tagger import judge_spans
 
     label = [Span(0, 5, "Chemical"), Span(10, 15, "Chemical"), Span(20, 30, "Disease"), Span(40, 45, "Disease")]
     pred = [Span(0, 5, "Chemical"), Span(10, 15, "Disease"), Span(20, 25, "Disease"), Span(50, 55, "Chemical")]
@@ -26,7 +26,7 @@ def test_judge_spans_kinds() -> None:
 
 
 def test_review_note_names_every_judgement() -> None:
-    from freeal_backend.slm_spans import judge_spans, review_note
+    from freeal_backend.slm.tagger import judge_spans, review_note
 
     text = "Lithium caused tremor in rats ."
     label = [Span(0, 7, "Disease"), Span(15, 21, "Disease"), Span(25, 29, "Chemical")]
@@ -40,7 +40,7 @@ def test_review_note_names_every_judgement() -> None:
 
 
 def test_doubt_score() -> None:
-    from freeal_backend.slm_spans import doubt_score
+    from freeal_backend.slm.tagger import doubt_score
 
     probs = np.array([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]])
     assert doubt_score(probs, np.array([IGNORE, 0, 1])) == pytest.approx(0.2)
@@ -73,8 +73,8 @@ def tiny() -> dict:
     """200 BC5CDR training sentences (+100 held out) with the real encoder's lower states, one torch thread."""
     import torch
 
-    from freeal_backend.encoder import Encoder
-    from freeal_backend.slm_spans import SpanSLMConfig, tokenize
+    from freeal_backend.slm.encoder import Encoder
+    from freeal_backend.slm.tagger import SpanSLMConfig, tokenize
 
     torch.set_num_threads(1)
     train, test = _rows("train", 200), _rows("train", 100, skip=200)
@@ -90,7 +90,7 @@ def tiny() -> dict:
 
 
 def test_tiny_tagger_beats_untrained(tiny: dict) -> None:
-    from freeal_backend.slm_spans import SpanModel, encode_tags, ensemble_predict, tokenize
+    from freeal_backend.slm.tagger import SpanModel, encode_tags, ensemble_predict, tokenize
 
     encoder, cfg = tiny["encoder"], tiny["cfg"]
 
@@ -110,7 +110,7 @@ def test_tiny_tagger_beats_untrained(tiny: dict) -> None:
 def test_cross_fit_finds_planted_spurious_spans(tiny: dict) -> None:
     """A spurious Chemical on the first plain word of 20 sentences: the held-out tagger must call it
     spurious and rank those sentences as more doubtful."""
-    from freeal_backend.slm_spans import cross_fit
+    from freeal_backend.slm.tagger import cross_fit
 
     texts, gold = tiny["texts"], tiny["gold"]
     planted: dict[int, Span] = {}

@@ -265,7 +265,7 @@ def test_bio_by_hand() -> None:
 def test_bio_round_trip_on_all_bc5cdr_training_sentences() -> None:
     from transformers import AutoTokenizer
 
-    from freeal_backend.encoder import default_encoder_path
+    from freeal_backend.slm.encoder import default_encoder_path
 
     tokenizer = AutoTokenizer.from_pretrained(str(default_encoder_path()), local_files_only=True)
     rows = bc5cdr("train")

@@ -20,12 +20,12 @@ from werkzeug.serving import make_server
 
 from freeal_backend.cli import main as cli_main
 from freeal_backend.config import Settings
-from freeal_backend.jobs import JobStore, ReviewTab
+from freeal_backend.labelstudio.jobs import JobStore, ReviewTab
 from freeal_backend.loop import FreeALRun
-from freeal_backend.ls_client import REVIEW_VIEW_TITLE
+from freeal_backend.labelstudio.client import REVIEW_VIEW_TITLE
 from freeal_backend.metrics import label_scores
 from freeal_backend.records import Item, ItemResult
-from freeal_backend.server import ServerSettings, create_app
+from freeal_backend.labelstudio.server import ServerSettings, create_app
 from freeal_backend.status import run_summary
 from freeal_backend.storage import Store
 

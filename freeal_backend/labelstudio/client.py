@@ -15,7 +15,7 @@ from typing import Any
 
 from label_studio_sdk import LabelStudio
 
-from freeal_backend.label_config import REVIEW_MARKER, ClassificationConfig, labels_from_result
+from freeal_backend.labelstudio.label_config import REVIEW_MARKER, ClassificationConfig, labels_from_result
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ Where a job runs is the runner's business. :class:`ThreadRunner` (the default) r
 this process: a job is claimed in one ``BEGIN IMMEDIATE`` transaction; a claim whose heartbeat is older
 than ``stale_s`` (a killed worker) may be taken over; a trigger while a job runs sets ``rerun`` so the
 running job goes once more with the newest annotations instead of starting a second one. With
-``FREEAL_QUEUE`` set, :class:`freeal_backend.jobqueue.QueueRunner` enqueues it to Redis for ``freeal
+``FREEAL_QUEUE`` set, :class:`freeal_backend.labelstudio.jobqueue.QueueRunner` enqueues it to Redis for ``freeal
 worker`` processes instead, with the same single-flight and rerun rules.
 """
 from __future__ import annotations
@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from freeal_backend.config import Settings
-from freeal_backend.label_config import ClassificationConfig, parse_label_config, render_prediction
+from freeal_backend.labelstudio.label_config import ClassificationConfig, parse_label_config, render_prediction
 from freeal_backend.loop import FreeALRun
-from freeal_backend.ls_client import (IMPORT_BATCH, Connection, ProjectClient, TaskRecord, connection_from_env,
+from freeal_backend.labelstudio.client import (IMPORT_BATCH, Connection, ProjectClient, TaskRecord, connection_from_env,
                                        review_view_title)
 from freeal_backend.records import Item, ItemResult
 from freeal_backend.status import RoundLLMStats, job_summary, live_title_state, save_round_flagged
@@ -339,7 +339,7 @@ def every(interval_s: float, fn: Callable[[], object]) -> Iterator[None]:
 
 
 class Runner(Protocol):
-    """Where project jobs run: :class:`ThreadRunner` here, or a queue (``freeal_backend.jobqueue``)."""
+    """Where project jobs run: :class:`ThreadRunner` here, or a queue (``freeal_backend.labelstudio.jobqueue``)."""
 
     def submit(self, manager: JobManager, project_id: int) -> bool:
         """Start or enqueue the project's job; False when a queued or running job will serve the request."""
@@ -370,7 +370,7 @@ class ThreadRunner:
 def runner_for(settings: Settings) -> Runner:
     """The Redis queue when ``FREEAL_QUEUE`` is set, else a thread of this process."""
     if settings.queue_url:
-        from freeal_backend.jobqueue import QueueRunner  # needs rq and redis only when configured
+        from freeal_backend.labelstudio.jobqueue import QueueRunner  # needs rq and redis only when configured
 
         return QueueRunner(settings)
     return ThreadRunner()

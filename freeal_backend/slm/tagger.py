@@ -2,7 +2,7 @@
 
 Training (FreeAL step 2 for spans): warm-up epochs on every sentence; then, each epoch, the per-sentence
 mean token loss goes through the same 2-component GMM small-loss split as texts
-(:func:`freeal_backend.selection.split_clean_noisy`). Clean sentences train on every tag; in a noisy
+(:func:`freeal_backend.slm.selection.split_clean_noisy`). Clean sentences train on every tag; in a noisy
 sentence only the tags the model already agrees with are trained on, so the doubtful tags (a missed or
 spurious entity) are not memorised while the rest of the sentence still teaches. The classification
 SLM's mixup and augmented-view consistency are left out: they double the cost per epoch, and mixing
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .encoder import Encoder, LowerStates
-from .selection import split_clean_noisy
-from .slm import TopLayers, _batches
-from .spans import IGNORE, Span, bio_labels, bio_to_spans, spans_to_bio
+from freeal_backend.slm.encoder import Encoder, LowerStates
+from freeal_backend.slm.selection import split_clean_noisy
+from freeal_backend.slm.classifier import TopLayers, _batches
+from freeal_backend.spans import IGNORE, Span, bio_labels, bio_to_spans, spans_to_bio
 
 
 @dataclass(frozen=True)

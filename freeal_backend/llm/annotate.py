@@ -7,10 +7,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import openai
 
-from .llm_client import LLMAnswer, LLMClient, LLMUnavailable, MalformedResponse
-from .prompts import Message, demo_generation_messages, parse_generated_texts
-from .records import Item
-from .storage import Store
+from freeal_backend.llm.client import LLMAnswer, LLMClient, LLMUnavailable, MalformedResponse
+from freeal_backend.llm.prompts import Message, demo_generation_messages, parse_generated_texts
+from freeal_backend.records import Item
+from freeal_backend.storage import Store
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import Encoder, LowerStates, _layer_out, additive_mask, mean_pool
-from .selection import split_clean_noisy
+from freeal_backend.slm.encoder import Encoder, LowerStates, _layer_out, additive_mask, mean_pool
+from freeal_backend.slm.selection import split_clean_noisy
 
 log = logging.getLogger(__name__)
 

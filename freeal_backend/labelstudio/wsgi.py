@@ -1,10 +1,10 @@
-"""WSGI entry point for gunicorn: ``gunicorn -c gunicorn.conf.py freeal_backend.wsgi:app``."""
+"""WSGI entry point for gunicorn: ``gunicorn -c gunicorn.conf.py freeal_backend.labelstudio.wsgi:app``."""
 from __future__ import annotations
 
 import logging
 import os
 
-from freeal_backend.server import create_app
+from freeal_backend.labelstudio.server import create_app
 
 logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
                     format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")

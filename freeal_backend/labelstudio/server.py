@@ -22,10 +22,11 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, NotFound
 
-from freeal_backend import html_report, status as run_status
+from freeal_backend import html_report
+from freeal_backend import status as run_status
 from freeal_backend.config import Settings
-from freeal_backend.jobs import ACTIVE, JobManager, JobStore, ProjectOptions, RunRegistry, progress_text
-from freeal_backend.label_config import (
+from freeal_backend.labelstudio.jobs import ACTIVE, JobManager, JobStore, ProjectOptions, RunRegistry, progress_text
+from freeal_backend.labelstudio.label_config import (
     ClassificationConfig,
     LabelConfigError,
     labels_from_result,
@@ -33,13 +34,13 @@ from freeal_backend.label_config import (
     render_prediction,
     review_results,
 )
-from freeal_backend.llm_client import LLMUnavailable
+from freeal_backend.llm.client import LLMUnavailable
 from freeal_backend.loop import FreeALRun, latest_health
-from freeal_backend.ls_client import MissingCredentialsError, project_id_from_uid
+from freeal_backend.labelstudio.client import MissingCredentialsError, project_id_from_uid
 from freeal_backend.records import Item, ItemResult
 from freeal_backend.storage import Store
 
-log = logging.getLogger("freeal_backend.server")
+log = logging.getLogger("freeal_backend.labelstudio.server")
 
 PAGE_REFRESH_S = 5  # the status pages reload themselves this often while a job is queued or running
 # the pages run no script and load nothing from another host

@@ -13,8 +13,8 @@ from typing import Any
 
 import openai
 
-from .llm_cache import ResponseCache, cache_key
-from .prompts import Message, label_token_prefixes, parse_label, strip_thinking
+from freeal_backend.llm.cache import ResponseCache, cache_key
+from freeal_backend.llm.prompts import Message, label_token_prefixes, parse_label, strip_thinking
 
 log = logging.getLogger(__name__)
 

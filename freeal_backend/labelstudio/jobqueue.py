@@ -30,7 +30,7 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 
 from freeal_backend.config import Settings
-from freeal_backend.jobs import JobManager, JobStore, RunRegistry, every
+from freeal_backend.labelstudio.jobs import JobManager, JobStore, RunRegistry, every
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .storage import Transactional
+from freeal_backend.storage import Transactional
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, model TEXT, value TEXT NOT NULL, created REAL);"
 

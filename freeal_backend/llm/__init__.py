@@ -1,0 +1,1 @@
+"""The LLM side: OpenAI-compatible client, response cache, embedded offline model, prompts, annotation stages."""
