@@ -15,11 +15,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from freeal_backend.config import Settings
-from freeal_backend.dataio import read_rows, rows_to_items, write_results
+from freeal_backend.dataio import infer_task_type, read_rows, rows_to_items, write_results
 from freeal_backend.llm.client import LLMUnavailable
 from freeal_backend.loop import FreeALRun
+from freeal_backend.loop_spans import RUN_TYPES, run_type
 from freeal_backend.metrics import flag_scores, label_scores, markdown_table
 from freeal_backend.records import Item
+from freeal_backend.span_eval import entity_scores
+from freeal_backend.spans import decode_spans
 from freeal_backend.status import RoundLLMStats, stage_title
 
 log = logging.getLogger("freeal")
@@ -47,6 +50,8 @@ class ProgressBars:
 
 def evaluation_table(run: FreeALRun) -> str:
     """Per-stage accuracy against gold, and the review flag's precision/recall for wrong final labels."""
+    if run.task_type == "ner":
+        return span_evaluation_table(run)
     items = run.store.items()
     gold = {it.item_id: it.gold for it in items if it.gold is not None}
     if not gold:
@@ -55,14 +60,34 @@ def evaluation_table(run: FreeALRun) -> str:
     for stage, pred in run.stage_labels().items():
         sc = label_scores(pred, gold, run.labels)
         rows.append([stage_title(stage), sc["accuracy"], sc["macro_f1"], sc["coverage"]])
-    table = markdown_table(["stage", "accuracy", "macro-F1", "labelled"], rows)
+    return markdown_table(["stage", "accuracy", "macro-F1", "labelled"], rows) + _flag_line(run, gold, "labels")
+
+
+def span_evaluation_table(run: FreeALRun) -> str:
+    """Per-stage entity precision/recall/F1 (seqeval, exact spans) overall and F1 per type; the review
+    flag's precision/recall for sentences whose final spans are not exactly the gold ones."""
+    items = [it for it in run.store.items() if it.gold is not None]
+    if not items:
+        return "(no gold spans in the input: nothing to evaluate)"
+    texts = [it.text for it in items]
+    gold = [decode_spans(it.gold) for it in items]
+    rows = []
+    for stage, pred in run.stage_labels().items():
+        given = [pred.get(it.item_id) for it in items]
+        sc = entity_scores(texts, gold, [decode_spans(p) for p in given], run.labels)
+        rows.append([stage_title(stage), sc["overall"]["precision"], sc["overall"]["recall"], sc["overall"]["f1"],
+                     *(sc[t]["f1"] for t in run.labels), sum(p is not None for p in given) / len(items)])
+    table = markdown_table(["stage", "precision", "recall", "F1", *(f"F1 {t}" for t in run.labels), "answered"], rows)
+    return table + _flag_line(run, {it.item_id: it.gold for it in items}, "sentences")
+
+
+def _flag_line(run: FreeALRun, gold: dict[str, str], what: str) -> str:
     results = run.results()
-    if results:
-        fl = flag_scores({k: r.suspicious for k, r in results.items()}, {k: r.label for k, r in results.items()},
-                         gold)
-        table += (f"\n\nreview flag: {fl['flagged']:.1%} of items flagged; precision {fl['precision']:.4f}, "
-                  f"recall {fl['recall']:.4f} for the {fl['errors']} wrong final labels")
-    return table
+    if not results:
+        return ""
+    fl = flag_scores({k: r.suspicious for k, r in results.items()}, {k: r.label for k, r in results.items()}, gold)
+    return (f"\n\nreview flag: {fl['flagged']:.1%} of items flagged; precision {fl['precision']:.4f}, "
+            f"recall {fl['recall']:.4f} for the {fl['errors']} wrong final {what}")
 
 
 def health_line(run: FreeALRun) -> str:
@@ -74,14 +99,18 @@ def health_line(run: FreeALRun) -> str:
     return f"label health: {shout}{health['message']}"
 
 
-def _labels(arg: str | None, items: Sequence[Item]) -> list[str]:
+def _labels(arg: str | None, items: Sequence[Item], task_type: str) -> list[str]:
     if arg:
-        labels = [x.strip() for x in arg.split(",") if x.strip()]
+        return [x.strip() for x in arg.split(",") if x.strip()]
+    if task_type == "ner":
+        labels = sorted({s.label for it in items for s in decode_spans(it.gold)})
+        if not labels:
+            raise SystemExit("error: give --labels (the entity types; the input has no gold 'spans' to infer them)")
     else:
         labels = sorted({it.gold for it in items if it.gold})
         if not labels:
             raise SystemExit("error: give --labels (the input has no 'label' column to infer them from)")
-        log.info("labels inferred from the input's gold column: %s", ", ".join(labels))
+    log.info("labels inferred from the input's gold: %s", ", ".join(labels))
     return labels
 
 
@@ -94,8 +123,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.limit:
         random.Random(settings.seed).shuffle(rows)
         rows = rows[: args.limit]
-    items = rows_to_items(rows)
-    labels = _labels(args.labels, items)
+    task_type = args.task_type or infer_task_type(rows)
+    items = rows_to_items(rows, task_type=task_type)
+    labels = _labels(args.labels, items, task_type)
     llm_labels = None
     if args.llm_labels:
         given = read_rows(Path(args.llm_labels)) if args.llm_labels != "input" else rows
@@ -105,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                else settings.data_dir / "runs" / f"{source.parent.name}-{source.stem}")
     start = time.perf_counter()
     bars = ProgressBars()
-    with FreeALRun(settings, labels, run_dir, zero_shot_baseline=args.zero_shot_baseline) as run:
+    with run_type(task_type)(settings, labels, run_dir, zero_shot_baseline=args.zero_shot_baseline) as run:
         cost = RoundLLMStats(run.store, lambda: run._llm)  # LLM calls per round, for `freeal report`
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -143,8 +173,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not (run_dir / "state.sqlite").exists():
         raise SystemExit(f"error: {run_dir} holds no FreeAL run (no state.sqlite)")
     from freeal_backend.storage import Store
-    labels = Store(run_dir / "state.sqlite").get_meta("labels")
-    with FreeALRun(Settings.from_env(data_dir=args.data_dir), labels, run_dir) as run:
+    store = Store(run_dir / "state.sqlite")
+    labels, task_type = store.get_meta("labels"), store.get_meta("task_type") or "classification"
+    store.close()
+    with run_type(task_type)(Settings.from_env(data_dir=args.data_dir), labels, run_dir) as run:
         print(health_line(run))
         print(evaluation_table(run))
     return 0
@@ -196,7 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="label a JSONL/CSV file with FreeAL")
     run.add_argument("input", help="JSONL or CSV with a 'text' column (optional 'label' = gold, for evaluation)")
-    run.add_argument("--labels", help="comma-separated label set (default: the gold labels found in the input)")
+    run.add_argument("--labels", help="comma-separated label set, or entity types for ner (default: those of the "
+                     "gold labels or spans found in the input)")
+    run.add_argument("--task-type", choices=sorted(RUN_TYPES),
+                     help="classification, or ner for span labels (default: ner when rows carry 'spans' or "
+                          "'human_spans' lists)")
     run.add_argument("--task", help="one sentence telling the LLM what to classify")
     run.add_argument("--rounds", type=int, help="FreeAL rounds (default FREEAL_ROUNDS or 2)")
     run.add_argument("--out", help="output JSONL (default RUN_DIR/labels.jsonl)")

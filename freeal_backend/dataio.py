@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from freeal_backend.records import Item, ItemResult
+from freeal_backend.spans import encode_spans, spans_from_dicts
 
 
 def clean_text(text: str) -> str:
@@ -55,13 +56,42 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def rows_to_items(rows: Sequence[dict[str, Any]], *, gold_field: str = "label") -> list[Item]:
+def rows_to_items(rows: Sequence[dict[str, Any]], *, gold_field: str = "label", task_type: str = "classification"
+                  ) -> list[Item]:
     """Items from rows: ``id`` (else the row number), ``text``, gold ``label`` for evaluation,
-    ``human_label`` (trusted), ``augmented``/``backtranslation`` (an augmented view)."""
+    ``human_label`` (trusted), ``augmented``/``backtranslation`` (an augmented view).
+
+    For ``ner``: gold ``spans`` and trusted ``human_spans``, each a list of ``{"start", "end", "label"}``
+    (code points, end exclusive), become encoded span labels.
+    """
+    if task_type == "ner":
+        return [Item(item_id=str(row.get("id", n)), text=clean_text(str(row["text"])),
+                     human_label=_span_label(row, "human_spans", n), gold=_span_label(row, "spans", n))
+                for n, row in enumerate(rows)]
     return [Item(item_id=str(row.get("id", n)), text=clean_text(str(row["text"])),
                  human_label=row.get("human_label") or None, gold=row.get(gold_field) or None,
                  augmented=row.get("augmented") or row.get("backtranslation") or None)
             for n, row in enumerate(rows)]
+
+
+def infer_task_type(rows: Sequence[dict[str, Any]]) -> str:
+    """``ner`` when the rows carry ``spans`` or ``human_spans`` lists, else ``classification``."""
+    return "ner" if any(isinstance(r.get("spans") or r.get("human_spans"), list) for r in rows) else "classification"
+
+
+def _span_label(row: dict[str, Any], key: str, n: int) -> str | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    text = str(row["text"])
+    try:
+        spans = spans_from_dicts(value)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"row {n}: '{key}' must be a list of {{start, end, label}} objects ({exc})") from exc
+    bad = [s for s in spans if not 0 <= s.start < s.end <= len(text)]
+    if bad:
+        raise ValueError(f"row {n}: '{key}' has spans outside the text: {[(s.start, s.end) for s in bad[:3]]}")
+    return encode_spans(spans)
 
 
 def write_results(path: Path, items: Sequence[Item], results: Sequence[ItemResult]) -> None:

@@ -19,7 +19,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -33,8 +33,8 @@ from freeal_backend.slm.detection import Judgement, judge
 from freeal_backend.llm.embedded import EmbeddedLLMServer
 from freeal_backend.slm.encoder import Encoder, LowerStates
 from freeal_backend.llm.cache import ResponseCache
-from freeal_backend.llm.client import LLMClient
-from freeal_backend.llm.prompts import label_messages
+from freeal_backend.llm.client import LLMAnswer, LLMClient, Parse, label_parser
+from freeal_backend.llm.prompts import Message, label_messages
 from freeal_backend.records import Item, ItemResult
 from freeal_backend.slm.selection import clean_agreed_pool, demo_pool, nearest_demos, retrieve_demos
 from freeal_backend.slm.classifier import SLMConfig, SLMOutput, SmallModel
@@ -69,6 +69,10 @@ class FreeALRun:
             raise ValueError(f"{self.run_dir} holds a run with labels {stored}, not {self.labels}; "
                              "use another run directory")
         self.store.set_meta("labels", self.labels)
+        kind = self.store.get_meta("task_type")
+        if kind is not None and kind != self.task_type:
+            raise ValueError(f"{self.run_dir} holds a {kind} run, not {self.task_type}; use another run directory")
+        self.store.set_meta("task_type", self.task_type)
         self._llm = llm
         self._encoder = encoder
         self._server: EmbeddedLLMServer | None = None
@@ -143,10 +147,8 @@ class FreeALRun:
         progress = on_progress or (lambda stage, done, total: None)
         if self.zero_shot_baseline:
             todo = self._unlabelled(items)
-            self._timed("zero_shot", lambda: annotate_items(
-                self.llm, self.store, "zero_shot", todo,
-                lambda i: label_messages(todo[i].text, self.labels, task_description=self.task_description),
-                self.labels, on_progress=progress, check_unparsed=False))
+            self._timed("zero_shot", lambda: self._annotate("zero_shot", todo, lambda i: [], progress,
+                                                            check_unparsed=False))
         self._timed("demos", lambda: self._stage_demos(items))
         self._timed("llm_r0", lambda: self._stage_llm_r0(items, progress))
         for rnd in range(1, rounds + 1):
@@ -178,17 +180,14 @@ class FreeALRun:
         demo_emb = self.encoder.embed([d[0] for d in demos]) if demos else None
         emb = self.encoder.embed([it.text for it in items]) if demos else None
 
-        def build(i: int) -> list[dict[str, str]]:
+        def build(i: int) -> list[Message]:
             chosen = ([demos[j] for j in nearest_demos(emb[i], demo_emb, self.shots)]
                       if demos and emb is not None and demo_emb is not None else [])
-            return label_messages(items[i].text, self.labels, chosen, self.task_description)
+            return self._messages(items[i], chosen)
 
-        answers = self.llm.label_many([build(i) for i in range(len(items))], self.labels, deadline=deadline)
-        return [ItemResult(it.item_id, a.label if a else None, a.confidence if a else None,
-                           dict(a.probs) if a else {}, suspicious=True, reasons=["not_yet_reviewed_by_slm"],
-                           llm_label=a.label if a else None, llm_confidence=a.confidence if a else None,
-                           round=0, source="llm")
-                for it, a in zip(items, answers)]
+        answers = self.llm.answer_many([(build(i), self._parser(it)) for i, it in enumerate(items)],
+                                       deadline=deadline, max_tokens=self.answer_tokens, expected=self.unparsed_means)
+        return [self._quick_result(it, a) for it, a in zip(items, answers)]
 
     def stage_labels(self) -> dict[str, dict[str, str | None]]:
         """Labels per stage (for evaluation): zero_shot, llm_r0, slm_rN, llm_rN (refined), final."""
@@ -204,7 +203,7 @@ class FreeALRun:
         rnd = 1
         while self.store.stage_done(f"slm_r{rnd}"):
             slm = self.store.slm(rnd)
-            out[f"slm_r{rnd}"] = {k: self.labels[int(np.argmax(v["probs"]))] for k, v in slm.items()}
+            out[f"slm_r{rnd}"] = {k: self._slm_label(v) for k, v in slm.items()}
             if self.store.stage_done(f"llm_r{rnd}"):
                 out[f"llm_r{rnd}"] = dict(zip(ids, self._current(items, rnd)[0]))
             rnd += 1
@@ -213,6 +212,79 @@ class FreeALRun:
             out["final"] = {k: r.label for k, r in results.items()}
         return out
 
+    # the task: class labels (span tasks override these, see loop_spans.py) ------------------------------
+    task_type = "classification"
+    zero_shot_fallback = False  # round 0 without demonstrations when the LLM wrote none (else an error)
+
+    @property
+    def n_groups(self) -> int:
+        """Groups the clean agreed pool and the retrieved demos are balanced over (here: the classes)."""
+        return len(self.labels)
+
+    answer_tokens: int | None = None  # max_tokens of an annotation request (None: LLM_MAX_TOKENS)
+
+    @property
+    def unparsed_means(self) -> str:
+        return f"name no label {self.labels}"
+
+    def _unknown_labels(self, labels: Iterable[str]) -> set[str]:
+        """The labels (as stored) that name something outside the label set."""
+        return {lab for lab in labels if lab not in self.labels}
+
+    def _messages(self, item: Item, demos: Sequence[tuple[str, str]]) -> list[Message]:
+        """The annotation request for ``item`` with ``(text, label)`` demonstrations."""
+        return label_messages(item.text, self.labels, demos, self.task_description)
+
+    def _parser(self, item: Item) -> Parse:
+        return label_parser(self.labels)
+
+    def _annotate(self, stage: str, todo: Sequence[Item], demos_for: Callable[[int], list[tuple[str, str]]],
+                  progress: Progress, *, check_unparsed: bool = True) -> None:
+        """Annotate ``todo`` for ``stage``, item i with the demonstrations ``demos_for(i)``."""
+        annotate_items(self.llm, self.store, stage, todo, lambda i: self._messages(todo[i], demos_for(i)),
+                       lambda i: self._parser(todo[i]), on_progress=progress, check_unparsed=check_unparsed,
+                       max_tokens=self.answer_tokens, expected=self.unparsed_means)
+
+    def _write_demos(self, texts: Sequence[str]) -> tuple[list[tuple[str, str]], dict[str, int]]:
+        """Round 0: the LLM's own ``(text, label)`` demonstrations, and how many per label."""
+        demos = generate_demos(self.llm, self.labels, texts, self.demos_per_label,
+                               task_description=self.task_description, seed=self.settings.seed)
+        return ([(text, label) for label, written in demos.items() for text in written],
+                {label: len(v) for label, v in demos.items()})
+
+    def _fit_slm(self, items: Sequence[Item], labels: Sequence[str | None], rnd: int,
+                 progress: Progress) -> dict[str, object]:
+        """Cross-fit SLM round ``rnd`` on ``labels``; store its out-of-sample output, model and embeddings."""
+        model, out = self.train_slm(items, labels, seed_offset=rnd, progress=progress)
+        np.save(self.run_dir / f"slm_r{rnd}_embeddings.npy", out.embeddings)
+        model.save(self.run_dir / f"slm_r{rnd}.pt")
+        self.store.set_slm(rnd, [(it.item_id, out.probs[i].tolist(),
+                                  None if np.isnan(out.losses[i]) else float(out.losses[i]),
+                                  bool(out.clean[i]), float(out.clean_prob[i])) for i, it in enumerate(items)])
+        labelled = ~np.isnan(out.losses)
+        return {"epoch_seconds": [round(x, 2) for x in out.epoch_seconds],
+                "clean": int(out.clean[labelled].sum()), "labelled": int(labelled.sum())}
+
+    def _slm_groups(self, items: Sequence[Item], rnd: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per item: group of its current label (-1: none), the SLM's group, the SLM's confidence."""
+        slm = self.store.slm(rnd)
+        probs = np.array([slm[it.item_id]["probs"] for it in items])
+        labels, _ = self._current(items, rnd - 1)
+        y = np.array([self.labels.index(lab) if lab is not None else -1 for lab in labels])
+        return y, probs.argmax(1), probs.max(1)
+
+    def _slm_label(self, row: dict[str, object]) -> str:
+        """The label an SLM round's stored row predicts."""
+        return self.labels[int(np.argmax(row["probs"]))]  # type: ignore[arg-type]
+
+    def _quick_result(self, item: Item, answer: LLMAnswer | None) -> ItemResult:
+        """A result from the LLM's answer alone (``quick_label``)."""
+        a = answer
+        return ItemResult(item.item_id, a.label if a else None, a.confidence if a else None,
+                          dict(a.probs) if a else {}, suspicious=True, reasons=["not_yet_reviewed_by_slm"],
+                          llm_label=a.label if a else None, llm_confidence=a.confidence if a else None,
+                          round=0, source="llm")
+
     # stages -------------------------------------------------------------------------------------------
     def _prepare(self, items: Sequence[Item]) -> list[Item]:
         ids = [it.item_id for it in items]
@@ -220,7 +292,7 @@ class FreeALRun:
             raise ValueError("item ids must be unique")
         if not items:
             raise ValueError("no items to label")
-        unknown = {it.human_label for it in items if it.human_label and it.human_label not in self.labels}
+        unknown = self._unknown_labels(it.human_label for it in items if it.human_label)
         if unknown:
             raise ValueError(f"human labels {sorted(unknown)} are not in the label set {self.labels}")
         limit = self.settings.max_chars
@@ -258,7 +330,7 @@ class FreeALRun:
         return [it for it in items if not it.human_label]
 
     def _import_llm_labels(self, items: Sequence[Item], llm_labels: dict[str, str | None]) -> None:
-        unknown = {lab for lab in llm_labels.values() if lab is not None and lab not in self.labels}
+        unknown = self._unknown_labels(lab for lab in llm_labels.values() if lab is not None)
         if unknown:
             raise ValueError(f"precomputed LLM labels {sorted(unknown)} are not in the label set {self.labels}")
         have = self.store.annotations("llm_r0")
@@ -272,12 +344,9 @@ class FreeALRun:
         have = self.store.annotations("llm_r0")
         if all(it.item_id in have for it in self._unlabelled(items)):
             return  # every text already has a round-0 label (imported): no demonstrations needed
-        texts = [it.text for it in items]
-        demos = generate_demos(self.llm, self.labels, texts, self.demos_per_label,
-                               task_description=self.task_description, seed=self.settings.seed)
-        for label, written in demos.items():
-            self.store.set_demos(label, written)
-        self.store.mark_stage("demos", {label: len(v) for label, v in demos.items()})
+        demos, info = self._write_demos([it.text for it in items])
+        self.store.set_demos(demos)
+        self.store.mark_stage("demos", info)
 
     def _embeddings(self, items: Sequence[Item]) -> np.ndarray:
         """Frozen-encoder embeddings of the items, cached on disk by content."""
@@ -295,16 +364,16 @@ class FreeALRun:
         todo = [it for it in self._unlabelled(items) if it.item_id not in have or have[it.item_id]["error"]]
         if not todo:
             return
-        if not demos:
+        if not demos and not self.zero_shot_fallback:
             raise RuntimeError("round 0 has no demonstrations: the LLM wrote none and no human labels exist")
+        if not demos:
+            log.warning("round 0 has no demonstrations (the LLM wrote none that could be used): asking without")
+            self._annotate("llm_r0", todo, lambda i: [], progress)
+            return
         emb = self._embeddings(todo)
         demo_emb = self.encoder.embed([d[0] for d in demos], max_length=self.settings.max_length)
-
-        def build(i: int) -> list[dict[str, str]]:
-            chosen = [(demos[j][0], demos[j][1]) for j in nearest_demos(emb[i], demo_emb, self.shots)]
-            return label_messages(todo[i].text, self.labels, chosen, self.task_description)
-
-        annotate_items(self.llm, self.store, "llm_r0", todo, build, self.labels, on_progress=progress)
+        self._annotate("llm_r0", todo, lambda i: [demos[j] for j in nearest_demos(emb[i], demo_emb, self.shots)],
+                       progress)
 
     def _label_sources(self, upto_round: int) -> list[str]:
         """The LLM stages whose labels count up to refinement ``upto_round`` (rejected rounds left out)."""
@@ -403,16 +472,10 @@ class FreeALRun:
         if self.store.stage_done(f"slm_r{rnd}"):
             return
         labels, _ = self._current(items, rnd - 1)
-        model, out = self.train_slm(items, labels, seed_offset=rnd, progress=progress)
-        np.save(self.run_dir / f"slm_r{rnd}_embeddings.npy", out.embeddings)
-        model.save(self.run_dir / f"slm_r{rnd}.pt")
-        self.store.set_slm(rnd, [(it.item_id, out.probs[i].tolist(),
-                                  None if np.isnan(out.losses[i]) else float(out.losses[i]),
-                                  bool(out.clean[i]), float(out.clean_prob[i])) for i, it in enumerate(items)])
+        info = self._fit_slm(items, labels, rnd, progress)
         health = self._judge(items, rnd).health
         self.store.set_meta(f"health_r{rnd}", health.as_dict())
-        info: dict[str, object] = {"estimated_accuracy": health.estimated_accuracy, "verdict": health.verdict,
-                                   "epoch_seconds": [round(x, 2) for x in out.epoch_seconds]}
+        info.update(estimated_accuracy=health.estimated_accuracy, verdict=health.verdict)
         previous = self.store.get_meta(f"health_r{rnd - 1}") if rnd > 1 else None
         if previous and health.estimated_accuracy < previous["estimated_accuracy"] - REJECT_MARGIN:
             log.warning("round %d's refined labels look worse than round %d's (estimated accuracy %.1f%% < %.1f%%):"
@@ -424,8 +487,6 @@ class FreeALRun:
                             self.run_dir / f"slm_r{rnd}_embeddings.npy")
             self.store.set_meta(f"health_r{rnd}", previous)
             info["rejected_refinement"] = rnd - 1
-        labelled = ~np.isnan(out.losses)
-        info.update(clean=int(out.clean[labelled].sum()), labelled=int(labelled.sum()))
         self.store.mark_stage(f"slm_r{rnd}", info)
         if health.verdict != "ok":
             log.warning("SLM round %d: %s", rnd, health.message)
@@ -437,14 +498,11 @@ class FreeALRun:
         SLM confidence) and human labels keep their labels; every other text is re-annotated (the paper),
         or only the lowest-scored ``refine_share`` of them (a budget knob for endpoints paid per call).
         """
-        slm = self.store.slm(rnd)
         emb = np.load(self.run_dir / f"slm_r{rnd}_embeddings.npy")
-        probs = np.array([slm[it.item_id]["probs"] for it in items])
         gold = np.array([bool(it.human_label) for it in items])
-        labels, _ = self._current(items, rnd - 1)
-        y = np.array([self.labels.index(lab) if lab is not None else -1 for lab in labels])
-        n_cls = len(self.labels)
-        pool = clean_agreed_pool(y, probs.argmax(1), probs.max(1), n_cls, ratio=self.settings.select_ratio, gold=gold)
+        y, pred, conf = self._slm_groups(items, rnd)
+        n_cls = self.n_groups
+        pool = clean_agreed_pool(y, pred, conf, n_cls, ratio=self.settings.select_ratio, gold=gold)
         chosen = demo_pool(pool, emb, max(1, self.settings.demo_pool_size // n_cls), seed=self.settings.seed,
                            gold=gold)
         pool_idx = np.concatenate([chosen[j] for j in range(n_cls)]).astype(int)
@@ -471,18 +529,17 @@ class FreeALRun:
         emb = np.load(self.run_dir / f"slm_r{rnd}_embeddings.npy")
         todo_idx, pool_idx, pool_cls = self.refinement_scope(items, rnd)
         todo = [items[i] for i in todo_idx]
-        n_cls = len(self.labels)
+        labels, _ = self._current(items, rnd - 1)
 
-        def build(k: int) -> list[dict[str, str]]:
+        def demos_for(k: int) -> list[tuple[str, str]]:
             i = todo_idx[k]
-            picks = retrieve_demos(emb[i], emb[pool_idx], pool_cls, self.shots, n_cls,
+            picks = retrieve_demos(emb[i], emb[pool_idx], pool_cls, self.shots, self.n_groups,
                                    exclude=np.flatnonzero(pool_idx == i))
-            demos = [(items[pool_idx[p]].text, self.labels[pool_cls[p]]) for p in picks]
-            return label_messages(items[i].text, self.labels, demos, self.task_description)
+            return [(items[pool_idx[p]].text, str(labels[pool_idx[p]])) for p in picks]
 
         before = {k for k, v in self.store.annotations(stage).items() if not v["error"]}
         if todo:
-            annotate_items(self.llm, self.store, stage, todo, build, self.labels, on_progress=progress)
+            self._annotate(stage, todo, demos_for, progress)
         answers = self.store.annotations(stage)
         failed = sum(1 for it in todo if answers.get(it.item_id, {}).get("error"))
         if any(answers.get(it.item_id, {}).get("label") is not None and it.item_id not in before for it in todo):

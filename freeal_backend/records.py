@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Item:
     """One text to label.
 
-    ``human_label`` is a trusted (gold) label given by a person; it is never re-labelled.
+    ``human_label`` is a trusted (gold) label given by a person; it is never re-labelled. For span tasks
+    labels are encoded span lists (``spans.encode_spans``).
     ``gold`` is only for evaluation (a held-out true label) and is never shown to the LLM or SLM.
     """
 
@@ -36,3 +38,7 @@ class ItemResult:
     slm_prob: float | None = None
     round: int = 0
     source: str = "llm"  # llm | slm | human
+    # span tasks: ``label`` is the encoded span list (spans.encode_spans); these give it in full
+    spans: list[dict[str, Any]] | None = None  # {"start", "end", "label", "text", "score"}
+    suggested_spans: list[dict[str, Any]] | None = None  # the small model's spans, when it disagrees
+    note: str | None = None  # what the small model doubts, in words

@@ -543,3 +543,27 @@ def bio_to_spans(tags: Sequence[int], offsets: Sequence[tuple[int, int]], word_i
 def spans_from_dicts(items: Sequence[dict[str, Any]]) -> list[Span]:
     """Spans from ``{"start", "end", "label"}`` dicts (the shared data sets' format)."""
     return sorted(Span(int(d["start"]), int(d["end"]), str(d["label"])) for d in items)
+
+
+# --- spans as one stored label -----------------------------------------------------------------------
+
+def encode_spans(spans: Sequence[Span]) -> str:
+    """A sentence's spans as one canonical label string (``[[start, end, type], ...]``, sorted; scores
+    left out), so span answers are stored, cached, compared and counted like class labels."""
+    return json.dumps([[s.start, s.end, s.label] for s in sorted(spans)], ensure_ascii=False, separators=(",", ":"))
+
+
+def decode_spans(label: str | None, scores: dict[str, float] | None = None) -> list[Span]:
+    """Inverse of :func:`encode_spans`; ``scores`` (by :func:`span_key`) become the spans' scores."""
+    if not label:
+        return []
+    scores = scores or {}
+    out = []
+    for s, e, t in json.loads(label):
+        out.append(Span(int(s), int(e), str(t), scores.get(f"{int(s)}:{int(e)}:{t}")))
+    return out
+
+
+def span_key(span: Span) -> str:
+    """``"start:end:type"``: the key of a span's confidence in an answer's ``probs``."""
+    return f"{span.start}:{span.end}:{span.label}"

@@ -135,14 +135,16 @@ class Store(Transactional):
             db.execute("DELETE FROM meta WHERE key LIKE 'health_r%' OR key LIKE 'rejected_r%'")
 
     # demos ------------------------------------------------------------------------------------------
-    def set_demos(self, label: str, texts: list[str]) -> None:
+    def set_demos(self, demos: list[tuple[str, str]]) -> None:
+        """Replace the self-generated demonstrations with ``(text, label)`` pairs (for spans the label is
+        the encoded span list, see ``spans.encode_spans``)."""
         with self.transaction() as db:
-            db.execute("DELETE FROM demos WHERE label = ?", (label,))
-            db.executemany("INSERT INTO demos VALUES (?, ?, ?)", [(label, i, t) for i, t in enumerate(texts)])
+            db.execute("DELETE FROM demos")
+            db.executemany("INSERT INTO demos VALUES (?, ?, ?)", [(label, i, text) for i, (text, label) in enumerate(demos)])
 
     def demos(self) -> list[tuple[str, str]]:
         """(text, label) pairs of the self-generated demonstrations."""
-        return [(r[1], r[0]) for r in self._read("SELECT label, text FROM demos ORDER BY label, pos")]
+        return [(r[1], r[0]) for r in self._read("SELECT label, text FROM demos ORDER BY pos")]
 
     # LLM annotations ----------------------------------------------------------------------------------
     def add_annotation(self, stage: str, item_id: str, label: str | None, confidence: float | None,

@@ -24,6 +24,10 @@ Faults are queued with :meth:`FakeOpenAI.inject` and each one is consumed by one
 and, for the whole server: ``delay`` (seconds added to every answer), :meth:`hold_after` (answer ``n``
 requests, then keep every further one waiting until :meth:`release`) and :meth:`die_after` (answer ``n``
 requests, then close the listening socket and drop every request: connection refused from then on).
+
+A span request (system prompt ``Entity types: ...``, last user turn ``Text: ...\nEntities:``) is answered
+with a JSON entity list by a suffix rule (:func:`choose_entities`), with per-token logprobs when asked; a
+span demo-generation request gets sentences with their entities.
 :meth:`stop` / :meth:`start` take the server away and bring it back on the same port.
 
 Every request is recorded (:attr:`log`): the key of its messages, the labelled text, the retry count the
@@ -61,6 +65,11 @@ NEGATIVE_WORDS = {"bad", "worst", "dull", "boring", "awful", "terrible", "mess",
 _LABELS = re.compile(r"from this list: (.*?)\. Reply with the label only", re.DOTALL)
 _DEMO_LABEL = re.compile(r'whose label is "(.*?)"')
 _DEMO_COUNT = re.compile(r"Write (\d+) new")
+_TYPES = re.compile(r"Entity types: (.*?)\. Answer with a JSON list")
+_SPAN_DEMO = re.compile(r"Together they should contain entities of every type \((.*?)\)")
+# the span rule (a crude, deterministic "LLM"): suffixes of chemical and disease names
+_CHEMICAL = re.compile(r"^[a-z][a-z-]*(ine|ol|ide|ate|one|in|am|il|an)$")
+_DISEASE = re.compile(r"^[a-z][a-z-]*(itis|emia|osis|pathy|oma|algia|ia|ure|ity)$")
 
 
 def request_key(messages: list[dict[str, Any]]) -> str:
@@ -73,7 +82,7 @@ def labelled_text(messages: list[dict[str, Any]]) -> str | None:
     for msg in reversed(messages):
         if msg.get("role") == "user":
             content = str(msg.get("content") or "")
-            m = re.match(r"^Text: (.*)\nLabel:$", content, re.DOTALL)
+            m = re.match(r"^Text: (.*)\n(?:Label|Entities):$", content, re.DOTALL)
             return m.group(1) if m else None
     return None
 
@@ -122,6 +131,33 @@ def label_logprobs(label: str, labels: list[str], sure: float, top: int) -> list
         out.append({"token": piece, "logprob": math.log(nxt[piece]), "bytes": list(piece.encode()),
                     "top_logprobs": [{"token": tok, "logprob": math.log(p), "bytes": list(tok.encode())}
                                      for tok, p in alts]})
+    return out
+
+
+def choose_entities(text: str, types: list[str]) -> list[dict[str, str]]:
+    """The span rule: lower-case words with chemical-like or disease-like endings, typed by the first
+    entity type whose name mentions chemicals / diseases (else the first / second type); each mention once."""
+    lower = [t.lower() for t in types]
+    chem = next((types[i] for i, t in enumerate(lower) if "chem" in t or "drug" in t), types[0])
+    dis = next((types[i] for i, t in enumerate(lower) if "dis" in t), types[-1])
+    out: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for word in re.findall(r"[A-Za-z][A-Za-z-]+", text):
+        w = word.lower()
+        kind = dis if _DISEASE.match(w) else chem if _CHEMICAL.match(w) and len(w) > 5 else None
+        if kind and word not in seen:
+            seen.add(word)
+            out.append({"text": word, "type": kind})
+    return out
+
+
+def text_logprobs(content: str, sure: float) -> list[dict[str, Any]]:
+    """Per-token logprobs of a free-text answer (3-character tokens): letters at ``sure``, the rest certain."""
+    out = []
+    for piece in tokens_of(content):
+        p = sure if any(ch.isalpha() for ch in piece) else 0.999
+        out.append({"token": piece, "logprob": math.log(p), "bytes": list(piece.encode()),
+                    "top_logprobs": [{"token": piece, "logprob": math.log(p), "bytes": list(piece.encode())}]})
     return out
 
 
@@ -333,6 +369,24 @@ class FakeOpenAI:
             if body.get("logprobs"):
                 logprobs = {"content": label_logprobs(content, labels, certainty(text),
                                                       int(body.get("top_logprobs") or 5))}
+        elif _TYPES.search(system) and text is not None:
+            types = [x.strip() for x in _TYPES.search(system).group(1).split(",") if x.strip()]
+            content = json.dumps(choose_entities(text, types))
+            if body.get("logprobs"):
+                logprobs = {"content": text_logprobs(content, certainty(text))}
+        elif _SPAN_DEMO.search(last_user):
+            with self._lock:
+                self.demo_requests += 1
+            types = [x.strip() for x in _SPAN_DEMO.search(last_user).group(1).split(",") if x.strip()]
+            count = int(_DEMO_COUNT.search(last_user).group(1)) if _DEMO_COUNT.search(last_user) else 3
+            seed = body.get("seed", 0)
+            drugs, ills = ["lidocaine", "haloperidol", "cisplatin", "nicotine"], ["hepatitis", "anemia", "neuropathy"]
+            demos = []
+            for i in range(count):
+                drug, ill = drugs[(seed + i) % len(drugs)], ills[(seed + i) % len(ills)]
+                demos.append({"text": f"Case {seed}-{i}: {drug} given to patients caused {ill} in some.",
+                              "entities": choose_entities(f"{drug} {ill}", types)})
+            content = json.dumps(demos)
         elif _DEMO_LABEL.search(last_user):
             with self._lock:
                 self.demo_requests += 1

@@ -88,7 +88,7 @@ import json, sys
 from pathlib import Path
 from freeal_backend.llm.annotate import annotate_items
 from freeal_backend.llm.cache import ResponseCache
-from freeal_backend.llm.client import LLMClient
+from freeal_backend.llm.client import LLMClient, label_parser
 from freeal_backend.llm.prompts import label_messages
 from freeal_backend.records import Item
 from freeal_backend.storage import Store
@@ -100,7 +100,8 @@ labels = ["positive", "negative"]
 client = LLMClient(base_url, "fake-gpt", ResponseCache(run_dir / "llm_cache.sqlite"), concurrency=4, timeout=10,
                    max_retries=2)
 store = Store(run_dir / "state.sqlite")
-annotate_items(client, store, "llm_r0", items, lambda i: label_messages(items[i].text, labels), labels)
+annotate_items(client, store, "llm_r0", items, lambda i: label_messages(items[i].text, labels),
+               lambda i: label_parser(labels))
 store.mark_stage("llm_r0")
 print(json.dumps(client.stats.as_dict()), flush=True)
 """

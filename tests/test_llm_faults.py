@@ -21,7 +21,7 @@ import pytest
 
 from freeal_backend.llm.annotate import annotate_items
 from freeal_backend.llm.cache import ResponseCache
-from freeal_backend.llm.client import LLMClient, LLMUnavailable
+from freeal_backend.llm.client import LLMClient, LLMUnavailable, label_parser
 from freeal_backend.llm.prompts import label_messages
 from freeal_backend.records import Item
 from freeal_backend.storage import Store
@@ -174,7 +174,8 @@ def test_server_dying_mid_stage_loses_nothing_and_resume_asks_nothing_twice(fake
     fake.die_after(12)
     client = make_client(fake, tmp_path, max_retries=1)
     with pytest.raises(LLMUnavailable) as info:
-        annotate_items(client, store, "llm_r0", items, lambda i: msgs(items[i].text), LABELS)
+        annotate_items(client, store, "llm_r0", items, lambda i: msgs(items[i].text),
+                       lambda i: label_parser(LABELS))
     message = str(info.value)
     assert "failed 3 requests in a row" in message and "re-run to resume" in message
     assert "Connection error" in message or "APIConnectionError" in message
@@ -193,7 +194,7 @@ def test_server_dying_mid_stage_loses_nothing_and_resume_asks_nothing_twice(fake
     fake.reset_log()
     store = Store(tmp_path / "state.sqlite")
     client = make_client(fake, tmp_path, max_retries=1)
-    annotate_items(client, store, "llm_r0", items, lambda i: msgs(items[i].text), LABELS)
+    annotate_items(client, store, "llm_r0", items, lambda i: msgs(items[i].text), lambda i: label_parser(LABELS))
     second = fake.label_requests()
     assert not set(second) & set(first_answers), "finished items were requested again"
     assert sum(second.values()) == len(items) - 12

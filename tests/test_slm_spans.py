@@ -15,7 +15,7 @@ BC5CDR = Path(__file__).resolve().parents[2] / "shared" / "data" / "bc5cdr"
 
 
 def test_judge_spans_kinds() -> None:
-    from freeal_backend.slm.tagger import judge_spans
+    from freeal_backend.slm.detection import judge_spans
 
     label = [Span(0, 5, "Chemical"), Span(10, 15, "Chemical"), Span(20, 30, "Disease"), Span(40, 45, "Disease")]
     pred = [Span(0, 5, "Chemical"), Span(10, 15, "Disease"), Span(20, 25, "Disease"), Span(50, 55, "Chemical")]
@@ -26,7 +26,7 @@ def test_judge_spans_kinds() -> None:
 
 
 def test_review_note_names_every_judgement() -> None:
-    from freeal_backend.slm.tagger import judge_spans, review_note
+    from freeal_backend.slm.detection import judge_spans, review_note
 
     text = "Lithium caused tremor in rats ."
     label = [Span(0, 7, "Disease"), Span(15, 21, "Disease"), Span(25, 29, "Chemical")]

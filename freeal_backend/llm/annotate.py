@@ -1,4 +1,4 @@
-"""LLM-side stages: self-generated demonstrations (round 0) and resumable batch annotation."""
+"""LLM-side stages: self-generated demonstrations (round 0, labels or spans) and resumable batch annotation."""
 from __future__ import annotations
 
 import logging
@@ -7,9 +7,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import openai
 
-from freeal_backend.llm.client import LLMAnswer, LLMClient, LLMUnavailable, MalformedResponse
+from freeal_backend.llm.client import LLMAnswer, LLMClient, LLMUnavailable, MalformedResponse, Parse
 from freeal_backend.llm.prompts import Message, demo_generation_messages, parse_generated_texts
 from freeal_backend.records import Item
+from freeal_backend.spans import Span, parse_generated_span_demos, span_demo_generation_messages
 from freeal_backend.storage import Store
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,39 @@ def generate_demos(client: LLMClient, labels: Sequence[str], texts: Sequence[str
     return demos
 
 
+def generate_span_demos(client: LLMClient, types: Sequence[str], texts: Sequence[str], count: int, *,
+                        task_description: str | None = None, seed: int = 0, style_examples: int = 4,
+                        attempts: int = 4, max_tokens: int = 1024) -> list[tuple[str, list[Span]]]:
+    """Round 0 for spans: the LLM writes ``count`` texts in the style of sampled unlabeled texts, with
+    their entities located in them (a text whose entities cannot all be located is dropped)."""
+    rng = np.random.default_rng(seed)
+    found: list[tuple[str, list[Span]]] = []
+    for attempt in range(attempts):
+        if len(found) >= count:
+            break
+        sample = [texts[i] for i in rng.choice(len(texts), size=min(style_examples, len(texts)), replace=False)]
+        messages = span_demo_generation_messages(types, sample, count - len(found), task_description)
+        try:
+            answer = client.chat(messages, temperature=0.8, max_tokens=max_tokens, seed=seed + attempt)
+        except (openai.APIError, MalformedResponse) as exc:
+            raise LLMUnavailable(f"the LLM endpoint failed while writing demonstrations ({type(exc).__name__}: "
+                                 f"{exc}); finished answers are saved, re-run to resume") from exc
+        copied = {t.strip().casefold() for t in sample} | {t.casefold() for t, _ in found}
+        for text, spans in parse_generated_span_demos(answer["content"], types, count - len(found)):
+            if text.casefold() not in copied:
+                found.append((text, spans))
+                copied.add(text.casefold())
+    if not found:
+        log.warning("the LLM wrote no usable demonstration with entities of %s", list(types))
+    return found
+
+
 def annotate_items(client: LLMClient, store: Store, stage: str, items: Sequence[Item],
-                   build: Callable[[int], list[Message]], labels: Sequence[str], *,
-                   on_progress: Progress | None = None, check_unparsed: bool = True) -> dict[str, LLMAnswer]:
-    """Label ``items`` (``build(i)`` gives item i's messages), storing each answer as it lands.
+                   build: Callable[[int], list[Message]], parser: Callable[[int], Parse], *,
+                   on_progress: Progress | None = None, check_unparsed: bool = True, max_tokens: int | None = None,
+                   expected: str = "give no usable answer") -> dict[str, LLMAnswer]:
+    """Annotate ``items`` (``build(i)`` gives item i's messages, ``parser(i)`` reads its answer), storing
+    each answer as it lands.
 
     Items with a stored answer for ``stage`` are skipped, so an interrupted stage resumes where it
     stopped; failed requests are stored with their error and retried on the next run.
@@ -71,5 +101,6 @@ def annotate_items(client: LLMClient, store: Store, stage: str, items: Sequence[
         if on_progress:
             on_progress(stage, finished, total)
 
-    client.label_many([build(i) for i in todo], labels, on_answer=landed, check_unparsed=check_unparsed)
+    client.answer_many([(build(i), parser(i)) for i in todo], on_answer=landed, check_unparsed=check_unparsed,
+                       max_tokens=max_tokens, expected=expected)
     return answers

@@ -110,6 +110,21 @@ def label_probs_from_logprobs(top_logprobs: list[list[tuple[str, float]]], label
     return {lab: m / total for lab, m in mass.items()} if total > 0 else {}
 
 
+Parse = Callable[[dict[str, Any]], LLMAnswer]  # a chat completion (see LLMClient.chat) -> answer
+
+
+def label_parser(labels: Sequence[str]) -> Parse:
+    """Parse a class-label answer; its confidence and per-label probabilities come from logprobs."""
+    def parse(value: dict[str, Any]) -> LLMAnswer:
+        raw = value["content"]
+        label = parse_label(raw, labels)
+        probs = label_probs_from_logprobs([[tuple(t) for t in pos] for pos in value["top_logprobs"]], labels)
+        if label is None:
+            return LLMAnswer(None, None, probs, raw)
+        return LLMAnswer(label, probs.get(label) if probs else None, probs, raw)
+    return parse
+
+
 class LLMClient:
     """Talks to any OpenAI-compatible ``/v1/chat/completions`` endpoint through the ``openai`` client.
 
@@ -140,7 +155,8 @@ class LLMClient:
 
     def chat(self, messages: list[Message], *, logprobs: bool = False, deadline: float | None = None,
              **params: Any) -> dict[str, Any]:
-        """One chat completion (cached): ``{"content", "top_logprobs", "usage"}``.
+        """One chat completion (cached): ``{"content", "top_logprobs", "tokens", "usage"}`` (``tokens``: every
+        answer token with its logprob; ``top_logprobs``: the alternatives at the first positions).
 
         With a ``deadline`` (a ``time.monotonic()`` value) the request gets only the time left, without
         retries, and raises :class:`DeadlinePassed` when none is left.
@@ -167,12 +183,14 @@ class LLMClient:
             raise MalformedResponse("malformed response from the LLM endpoint (no choices[0].message)")
         choice = response.choices[0]
         top: list[list[tuple[str, float]]] = []
+        tokens: list[tuple[str, float]] = []
         if choice.logprobs is not None and choice.logprobs.content:
             for tok in choice.logprobs.content[:LOGPROB_POSITIONS]:
                 alts = [(alt.token, alt.logprob) for alt in (tok.top_logprobs or [])]
                 top.append(alts or [(tok.token, tok.logprob)])
+            tokens = [(tok.token, tok.logprob) for tok in choice.logprobs.content]
         usage = response.usage
-        value = {"content": choice.message.content or "", "top_logprobs": top,
+        value = {"content": choice.message.content or "", "top_logprobs": top, "tokens": tokens,
                  "usage": {"prompt_tokens": getattr(usage, "prompt_tokens", 0) or 0,
                            "completion_tokens": getattr(usage, "completion_tokens", 0) or 0}}
         self.stats.add(calls=1, prompt_tokens=value["usage"]["prompt_tokens"],
@@ -180,23 +198,37 @@ class LLMClient:
         self.cache.put(key, self.model, value)
         return value
 
+    def answer(self, messages: list[Message], parse: Parse, *, deadline: float | None = None,
+               max_tokens: int | None = None) -> LLMAnswer:
+        """Ask once and ``parse`` the completion (see :meth:`chat`); an answer whose ``label`` is None
+        counts as unparsed."""
+        params = dict(self.label_params) if max_tokens is None else {**self.label_params, "max_tokens": max_tokens}
+        value = self.chat(messages, logprobs=self.logprobs, deadline=deadline, **params)
+        answer = parse(value)
+        if answer.label is None:
+            self.stats.add(unparsed=1)
+            if strip_thinking(value["content"] or "") is None:
+                self.stats.add(thinking_cut=1)
+        return answer
+
     def label(self, messages: list[Message], labels: Sequence[str], *, deadline: float | None = None) -> LLMAnswer:
         """Ask for one label; confidence from logprobs when the endpoint returns them, else None."""
-        value = self.chat(messages, logprobs=self.logprobs, deadline=deadline, **self.label_params)
-        raw = value["content"]
-        label = parse_label(raw, labels)
-        if label is None and strip_thinking(raw or "") is None:
-            self.stats.add(thinking_cut=1)
-        probs = label_probs_from_logprobs([[tuple(t) for t in pos] for pos in value["top_logprobs"]], labels)
-        if label is None:
-            self.stats.add(unparsed=1)
-            return LLMAnswer(None, None, probs, raw)
-        return LLMAnswer(label, probs.get(label) if probs else None, probs, raw)
+        return self.answer(messages, label_parser(labels), deadline=deadline)
 
     def label_many(self, requests: Sequence[list[Message]], labels: Sequence[str], *,
                    on_answer: Callable[[int, LLMAnswer], None] | None = None,
                    deadline: float | None = None, check_unparsed: bool = True) -> list[LLMAnswer | None]:
-        """Label many prompts with bounded concurrency; ``on_answer(i, answer)`` runs as each one lands.
+        """Label many prompts (see :meth:`answer_many`)."""
+        parse = label_parser(labels)
+        return self.answer_many([(m, parse) for m in requests], on_answer=on_answer, deadline=deadline,
+                                check_unparsed=check_unparsed, expected=f"name no label {list(labels)}")
+
+    def answer_many(self, requests: Sequence[tuple[list[Message], Parse]], *,
+                    on_answer: Callable[[int, LLMAnswer], None] | None = None,
+                    deadline: float | None = None, check_unparsed: bool = True, max_tokens: int | None = None,
+                    expected: str = "give no usable answer") -> list[LLMAnswer | None]:
+        """Ask many ``(messages, parse)`` requests with bounded concurrency; ``on_answer(i, answer)`` runs as
+        each one lands.
 
         With a ``deadline`` (``time.monotonic()`` value; for callers that must answer in time, like
         ``/predict``) every request is cut at it, without retries; prompts not answered by then stay None.
@@ -205,15 +237,17 @@ class LLMClient:
         Raises :class:`LLMUnavailable` after ``max_consecutive_failures`` such failures in a row, after
         ``max_same_rejections`` identical 4xx answers in a row (the endpoint refuses the request shape, e.g.
         ``logprobs``), or once more than ``max_unparsed_share`` of at least ``min_answers_judged`` answers
-        name no label (set ``check_unparsed=False`` for a baseline expected to fail); answers already
-        delivered through ``on_answer`` are kept by the caller.
+        are unparsed (set ``check_unparsed=False`` for a baseline expected to fail); answers already
+        delivered through ``on_answer`` are kept by the caller. ``expected`` completes the error message
+        ("N of M LLM answers <expected>").
         """
         results: list[LLMAnswer | None] = [None] * len(requests)
         consecutive = 0
         rejections: list[str] = []
         answered = unparsed = 0
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = {pool.submit(self.label, msgs, labels, deadline=deadline): i for i, msgs in enumerate(requests)}
+            futures = {pool.submit(self.answer, msgs, parse, deadline=deadline, max_tokens=max_tokens): i
+                       for i, (msgs, parse) in enumerate(requests)}
             try:
                 for future in as_completed(futures):
                     i = futures[future]
@@ -255,8 +289,7 @@ class LLMClient:
                                 and unparsed > self.max_unparsed_share * answered):
                             hint = ("; answers were cut off while thinking: raise LLM_MAX_TOKENS or set LLM_NO_THINK=1"
                                     if self.stats.thinking_cut else f"; e.g. {answer.raw!r}")
-                            raise LLMUnavailable(f"{unparsed} of {answered} LLM answers name no label "
-                                                 f"{list(labels)}{hint}")
+                            raise LLMUnavailable(f"{unparsed} of {answered} LLM answers {expected}{hint}")
             finally:
                 for future in futures:
                     future.cancel()

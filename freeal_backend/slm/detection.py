@@ -18,16 +18,22 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
 4. Run health: estimated accuracy of the labels (mean posterior of the given label; unanswered texts
    count as wrong), agreement and Cohen's kappa between the SLM and the labels. Near-chance labels are
    said to be so, and then every text is flagged: nothing in such a run can be trusted.
+5. Spans (``judge_span_labels``): the held-out tagger's spans are compared with the label's
+   (``judge_spans``: missing, spurious, wrong type, wrong boundary); a sentence is flagged when the tagger
+   doubts the label and disagrees with it. Health as above, with kappa over word-level BIO tags.
 """
 from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import cohen_kappa_score
+
+from freeal_backend.spans import Span
 
 log = logging.getLogger(__name__)
 
@@ -188,19 +194,24 @@ def _health(labels: np.ndarray, human: np.ndarray, probs: np.ndarray, posterior:
         kappa = float(cohen_kappa_score(pred, lab)) if len(np.unique(np.r_[pred, lab])) > 1 else 0.0
     kappa = 0.0 if np.isnan(kappa) else kappa
     answered_acc = float(posterior[answered][np.arange(n_answered), lab].mean())
-    est = answered_acc * coverage
+    return _verdict(answered_acc * coverage, answered_acc, coverage, agreement, kappa, "labels")
+
+
+def _verdict(est: float, answered_acc: float, coverage: float, agreement: float, kappa: float,
+             what: str) -> Health:
+    """Health from the estimates: near chance, poor or ok, with the message a user reads."""
     if kappa < NEAR_CHANCE_KAPPA:
         verdict = "near_chance"
-        message = (f"the LLM labels look near chance (a cross-checked small model agrees with them at kappa "
+        message = (f"the LLM {what} look near chance (a cross-checked small model agrees with them at kappa "
                    f"{kappa:.2f}); do not trust them: use a stronger LLM endpoint (LLM_BASE_URL) or label "
                    "some tasks by hand")
     elif kappa < POOR_KAPPA or est < POOR_ACCURACY:
         verdict = "poor"
-        message = (f"the LLM labels look poor (estimated {est:.0%} right, kappa {kappa:.2f}); review the "
+        message = (f"the LLM {what} look poor (estimated {est:.0%} right, kappa {kappa:.2f}); review the "
                    "flagged tasks, and consider a stronger LLM endpoint")
     else:
         verdict = "ok"
-        message = f"estimated {est:.0%} of the LLM labels right (kappa {kappa:.2f} with the small model)"
+        message = f"estimated {est:.0%} of the LLM {what} right (kappa {kappa:.2f} with the small model)"
     return Health(est, answered_acc, coverage, agreement, kappa, verdict, message)
 
 
@@ -261,3 +272,128 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
         reasons.append(why)
     flagged = np.array([bool(r) for r in reasons]) & ~human
     return Judgement(final, scores, flagged, reasons, posterior, issues, temperature, health)
+
+
+# --- spans -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SpanJudgement:
+    """One disagreement between the noisy label and the held-out tagger.
+
+    ``kind``: ``missing`` (the tagger finds an entity the label lacks), ``spurious`` (the label has an
+    entity the tagger does not see), ``wrong_type`` (same boundaries, other type), ``wrong_boundary``
+    (overlapping spans with other boundaries). ``label`` / ``predicted`` are the spans involved.
+    """
+
+    kind: str
+    label: Span | None
+    predicted: Span | None
+
+
+def judge_spans(label: Sequence[Span], predicted: Sequence[Span]) -> list[SpanJudgement]:
+    """Compare a sentence's label spans with predicted spans; exact matches give no judgement.
+
+    Overlapping pairs are matched greedily by overlap length (each span at most once).
+    """
+    exact = set((s.start, s.end, s.label) for s in label) & set((s.start, s.end, s.label) for s in predicted)
+    rest_l = [s for s in label if (s.start, s.end, s.label) not in exact]
+    rest_p = [s for s in predicted if (s.start, s.end, s.label) not in exact]
+    pairs = sorted(((min(a.end, b.end) - max(a.start, b.start), i, j) for i, a in enumerate(rest_l)
+                    for j, b in enumerate(rest_p) if min(a.end, b.end) > max(a.start, b.start)), reverse=True)
+    used_l: set[int] = set()
+    used_p: set[int] = set()
+    out: list[SpanJudgement] = []
+    for _, i, j in pairs:
+        if i in used_l or j in used_p:
+            continue
+        used_l.add(i)
+        used_p.add(j)
+        a, b = rest_l[i], rest_p[j]
+        out.append(SpanJudgement("wrong_type" if (a.start, a.end) == (b.start, b.end) else "wrong_boundary", a, b))
+    out += [SpanJudgement("spurious", s, None) for i, s in enumerate(rest_l) if i not in used_l]
+    out += [SpanJudgement("missing", None, s) for j, s in enumerate(rest_p) if j not in used_p]
+    return sorted(out, key=lambda j: (j.label or j.predicted).start)  # type: ignore[union-attr]
+
+
+def review_note(text: str, judgements: Sequence[SpanJudgement]) -> str:
+    """One line for the ``freeal_review`` TextArea: what the held-out tagger doubts in this sentence."""
+    if not judgements:
+        return "FreeAL: OK."
+
+    def quote(s: Span) -> str:
+        return f'"{text[s.start:s.end]}"'
+
+    parts = []
+    for j in judgements:
+        if j.kind == "missing" and j.predicted is not None:
+            parts.append(f"missing {j.predicted.label} {quote(j.predicted)}")
+        elif j.kind == "spurious" and j.label is not None:
+            parts.append(f"not an entity? {quote(j.label)} ({j.label.label})")
+        elif j.kind == "wrong_type" and j.label is not None and j.predicted is not None:
+            parts.append(f"{quote(j.label)}: {j.predicted.label}, not {j.label.label}?")
+        elif j.label is not None and j.predicted is not None:
+            parts.append(f"{quote(j.label)} should be {quote(j.predicted)} ({j.predicted.label})?")
+    return "FreeAL: NEEDS REVIEW (small model disagrees): " + "; ".join(parts) + "."
+
+
+@dataclass
+class SpanVerdict:
+    """Per sentence: score, review flag, reasons and the held-out tagger's disagreements; the run's health."""
+
+    scores: np.ndarray  # (n,) 1 - doubt (see slm/tagger.py doubt_score); human 1, unanswered 0
+    flagged: np.ndarray  # (n,) bool
+    reasons: list[list[str]]
+    judgements: list[list[SpanJudgement]]
+    health: Health
+
+
+def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequence[Sequence[Span]],
+                      doubt: np.ndarray, human: np.ndarray, word_tags: Callable[[int, Sequence[Span]], list[str]]
+                      ) -> SpanVerdict:
+    """The verdict on span labels from the held-out tagger's spans and doubt (pure, no model).
+
+    ``labels``: per sentence the label spans, None where the LLM gave no usable answer; ``predicted``:
+    the held-out tagger's spans; ``doubt``: its doubt about the label (>= 0.5: it prefers another tag
+    for some word); ``word_tags(i, spans)``: sentence i's word-level BIO tags for ``spans`` (for kappa).
+    A sentence is flagged when the LLM gave no answer or the tagger doubts the label and disagrees with
+    it (a missing, spurious, wrong-type or wrong-boundary span); its score is ``1 - doubt``.
+    Health: agreement = share of answered sentences whose label the tagger reproduces exactly; kappa over
+    the word tags of the answered sentences; estimated accuracy = mean score x coverage.
+    """
+    n = len(labels)
+    human = np.asarray(human, dtype=bool)
+    answered = np.array([lab is not None for lab in labels]) & ~human
+    judgements = [judge_spans(labels[i] or [], predicted[i]) if answered[i] else [] for i in range(n)]
+    scores = np.where(answered, 1.0 - np.asarray(doubt, dtype=np.float64), 0.0)
+    scores[human] = 1.0
+    reasons: list[list[str]] = []
+    for i in range(n):
+        if human[i]:
+            reasons.append([])
+        elif not answered[i]:
+            reasons.append(["no_llm_label"])
+        elif judgements[i] and doubt[i] >= 0.5:
+            reasons.append(sorted({j.kind for j in judgements[i]}))
+        else:
+            reasons.append([])
+    judged = ~human
+    n_judged, n_answered = int(judged.sum()), int(answered.sum())
+    coverage = n_answered / n_judged if n_judged else 1.0
+    if n_answered == 0:
+        health = Health(0.0, 0.0, coverage, 0.0, 0.0, "near_chance",
+                        "the LLM gave no usable entity list: check the endpoint and the entity types")
+    else:
+        agreement = float(np.mean([not judgements[i] for i in np.flatnonzero(answered)]))
+        gold_tags, pred_tags = [], []
+        for i in np.flatnonzero(answered):
+            gold_tags += word_tags(int(i), labels[i] or [])
+            pred_tags += word_tags(int(i), predicted[i])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kappa = (float(cohen_kappa_score(pred_tags, gold_tags))
+                     if len(set(pred_tags) | set(gold_tags)) > 1 else 0.0)
+        kappa = 0.0 if np.isnan(kappa) else kappa
+        answered_acc = float(scores[answered].mean())
+        health = _verdict(answered_acc * coverage, answered_acc, coverage, agreement, kappa, "entity lists")
+    flagged = np.array([bool(r) for r in reasons]) & ~human
+    return SpanVerdict(scores, flagged, reasons, judgements, health)

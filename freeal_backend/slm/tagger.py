@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from freeal_backend.slm.encoder import Encoder, LowerStates
+from freeal_backend.slm.detection import SpanJudgement, judge_spans
+from freeal_backend.slm.encoder import Encoder, LowerStates, mean_pool
 from freeal_backend.slm.selection import split_clean_noisy
 from freeal_backend.slm.classifier import TopLayers, _batches
 from freeal_backend.spans import IGNORE, Span, bio_labels, bio_to_spans, spans_to_bio
@@ -206,45 +207,6 @@ def sentence_losses(probs: Sequence[np.ndarray], tags: Sequence[np.ndarray]) -> 
 
 # --- detection ---------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class SpanJudgement:
-    """One disagreement between the noisy label and the held-out tagger.
-
-    ``kind``: ``missing`` (the tagger finds an entity the label lacks), ``spurious`` (the label has an
-    entity the tagger does not see), ``wrong_type`` (same boundaries, other type), ``wrong_boundary``
-    (overlapping spans with other boundaries). ``label`` / ``predicted`` are the spans involved.
-    """
-
-    kind: str
-    label: Span | None
-    predicted: Span | None
-
-
-def judge_spans(label: Sequence[Span], predicted: Sequence[Span]) -> list[SpanJudgement]:
-    """Compare a sentence's label spans with predicted spans; exact matches give no judgement.
-
-    Overlapping pairs are matched greedily by overlap length (each span at most once).
-    """
-    exact = set((s.start, s.end, s.label) for s in label) & set((s.start, s.end, s.label) for s in predicted)
-    rest_l = [s for s in label if (s.start, s.end, s.label) not in exact]
-    rest_p = [s for s in predicted if (s.start, s.end, s.label) not in exact]
-    pairs = sorted(((min(a.end, b.end) - max(a.start, b.start), i, j) for i, a in enumerate(rest_l)
-                    for j, b in enumerate(rest_p) if min(a.end, b.end) > max(a.start, b.start)), reverse=True)
-    used_l: set[int] = set()
-    used_p: set[int] = set()
-    out: list[SpanJudgement] = []
-    for _, i, j in pairs:
-        if i in used_l or j in used_p:
-            continue
-        used_l.add(i)
-        used_p.add(j)
-        a, b = rest_l[i], rest_p[j]
-        out.append(SpanJudgement("wrong_type" if (a.start, a.end) == (b.start, b.end) else "wrong_boundary", a, b))
-    out += [SpanJudgement("spurious", s, None) for i, s in enumerate(rest_l) if i not in used_l]
-    out += [SpanJudgement("missing", None, s) for j, s in enumerate(rest_p) if j not in used_p]
-    return sorted(out, key=lambda j: (j.label or j.predicted).start)  # type: ignore[union-attr]
-
-
 def doubt_score(probs: np.ndarray, tags: np.ndarray) -> float:
     """How likely, under the held-out tagger, the label's most doubtful word tag is wrong: ``max_w 1 - p(tag_w)``.
 
@@ -258,27 +220,6 @@ def doubt_score(probs: np.ndarray, tags: np.ndarray) -> float:
     return float(1.0 - probs[np.flatnonzero(keep), tags[keep]].min())
 
 
-def review_note(text: str, judgements: Sequence[SpanJudgement]) -> str:
-    """One line for the ``freeal_review`` TextArea: what the held-out tagger doubts in this sentence."""
-    if not judgements:
-        return "FreeAL: OK."
-
-    def quote(s: Span) -> str:
-        return f'"{text[s.start:s.end]}"'
-
-    parts = []
-    for j in judgements:
-        if j.kind == "missing" and j.predicted is not None:
-            parts.append(f"missing {j.predicted.label} {quote(j.predicted)}")
-        elif j.kind == "spurious" and j.label is not None:
-            parts.append(f"not an entity? {quote(j.label)} ({j.label.label})")
-        elif j.kind == "wrong_type" and j.label is not None and j.predicted is not None:
-            parts.append(f"{quote(j.label)}: {j.predicted.label}, not {j.label.label}?")
-        elif j.label is not None and j.predicted is not None:
-            parts.append(f"{quote(j.label)} should be {quote(j.predicted)} ({j.predicted.label})?")
-    return "FreeAL: NEEDS REVIEW (small model disagrees): " + "; ".join(parts) + "."
-
-
 @dataclass
 class CrossFitResult:
     """Out-of-fold evidence for every sentence, and the fold taggers (to predict new texts as an ensemble)."""
@@ -290,6 +231,7 @@ class CrossFitResult:
     flagged: np.ndarray  # (n,) bool, doubt >= threshold
     truncated_spans: int  # label spans past the encoder's max_length, never seen by the tagger
     models: list[SpanModel] = field(default_factory=list)
+    embeddings: np.ndarray | None = None  # (n, K*hidden) pooled top-layer states of the K taggers (retrieval)
 
     def predict(self, lower: LowerStates, tok: Tokenized, types: Sequence[str]) -> list[list[Span]]:
         """Spans for new texts from the mean of the fold taggers' tag probabilities."""
@@ -317,10 +259,13 @@ def decode(probs: np.ndarray, offsets: Sequence[tuple[int, int]], word_ids: Sequ
 def cross_fit(encoder: Encoder, texts: Sequence[str], spans: Sequence[Sequence[Span]], types: Sequence[str], *,
               folds: int = 2, train_layers: int = 1, config: SpanSLMConfig | None = None,
               gold: np.ndarray | None = None, doubt_threshold: float = 0.5, lower: LowerStates | None = None,
+              labelled: np.ndarray | None = None, with_embeddings: bool = False,
               on_fold: Callable[[int, int], None] | None = None) -> CrossFitResult:
     """Train ``folds`` taggers, each on the other folds, and judge each held-out sentence's label spans.
 
     ``lower`` may pass precomputed lower states (split = num_layers - train_layers, same max_length).
+    ``labelled`` (default: all) marks the sentences with a label to train on; the others are only
+    predicted. ``with_embeddings`` adds the taggers' pooled states (for demo retrieval).
     """
     cfg = config or SpanSLMConfig()
     n = len(texts)
@@ -330,13 +275,14 @@ def cross_fit(encoder: Encoder, texts: Sequence[str], spans: Sequence[Sequence[S
     if lower is None:
         lower = encoder.lower_states(texts, split, max_length=cfg.max_length)
     gold = np.zeros(n, dtype=bool) if gold is None else np.asarray(gold, dtype=bool)
+    labelled = np.ones(n, dtype=bool) if labelled is None else np.asarray(labelled, dtype=bool)
     assign = np.random.default_rng(cfg.seed).permutation(n) % max(2, folds)
     probs: list[np.ndarray] = [np.zeros(0)] * n
     models: list[SpanModel] = []
     for k in range(max(2, folds)):
         held = np.flatnonzero(assign == k)
         model = SpanModel(encoder, types, train_layers=train_layers, config=cfg)
-        model.fit(lower, tags, np.flatnonzero(assign != k), gold=gold, score=False)
+        model.fit(lower, tags, np.flatnonzero((assign != k) & labelled), gold=gold, score=False)
         for i, p in zip(held, model.token_probs(lower, held)):
             probs[i] = p
         models.append(model)
@@ -347,8 +293,26 @@ def cross_fit(encoder: Encoder, texts: Sequence[str], spans: Sequence[Sequence[S
     judgements = [judge_spans(visible[i], predicted[i]) for i in range(n)]
     doubt = np.array([doubt_score(probs[i], tags[i]) for i in range(n)])
     doubt[gold] = 0.0
+    emb = pooled_embeddings(models, lower) if with_embeddings else None
     return CrossFitResult(predicted, judgements, doubt, sentence_losses(probs, tags), doubt >= doubt_threshold,
-                          lost, models)
+                          lost, models, emb)
+
+
+@torch.no_grad()
+def pooled_embeddings(models: Sequence[SpanModel], lower: LowerStates, batch_size: int = 128) -> np.ndarray:
+    """Per text: the L2-normalised concatenation of each tagger's mean-pooled top-layer states."""
+    n = len(lower.states)
+    parts = []
+    for m in models:
+        m.model.eval()
+        out = np.zeros((n, m.encoder.hidden_size), dtype=np.float32)
+        for start in range(0, n, batch_size):
+            index = list(range(start, min(start + batch_size, n)))
+            states, mask = lower.batch(index, m.encoder.device)
+            out[start:start + len(index)] = mean_pool(m.model.hidden(states, mask), mask).cpu().numpy()
+        parts.append(out)
+    emb = np.concatenate(parts, axis=1)
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(min=1e-12)
 
 
 def _last_end(offsets: Sequence[tuple[int, int]]) -> int:

@@ -1,0 +1,227 @@
+"""FreeAL for spans (NER): the loop of ``loop.py`` with a sentence's entity list as its label.
+
+Everything but the task is :class:`~freeal_backend.loop.FreeALRun`'s: the stages, durable state, cache,
+resume, refinement scope, and setting aside a refinement that looks worse. What differs:
+
+* **Labels** are encoded span lists (``spans.encode_spans``): stored, cached and compared like class
+  labels. The LLM answers a JSON entity list; mentions are located in the text by the rules of
+  ``spans.locate_mentions`` (dropped mentions are counted per stage); a span's confidence is the lowest
+  probability of the answer tokens that spell it, when the endpoint gives logprobs, else none.
+* **Round 0**: the LLM writes sentences in the style of sampled texts *with* their entities; when it
+  writes none that can be located, round 0 asks without demonstrations.
+* **SLM**: a cross-fitted BIO tagger (``slm/tagger.py``) on the same split encoder; its verdict is
+  ``detection.judge_span_labels`` (missing, spurious, wrong-type, wrong-boundary spans; run health).
+* **Clean agreed pool**: sentences whose label the held-out tagger reproduces exactly, least doubtful
+  first, grouped by the type of their first entity (or "no entity"), so retrieved demos cover every type.
+* **Final**: the LLM's spans (the tagger suggests, it never overrules an answer), the sentence score
+  ``1 - doubt``, the flag, the tagger's spans as a suggestion and a review note naming the doubtful spans.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from freeal_backend.llm.annotate import Progress, generate_span_demos
+from freeal_backend.llm.client import LLMAnswer, Parse
+from freeal_backend.llm.prompts import Message
+from freeal_backend.loop import FreeALRun
+from freeal_backend.records import Item, ItemResult
+from freeal_backend.slm.detection import SpanVerdict, judge_span_labels, review_note
+from freeal_backend.slm.tagger import SpanSLMConfig, cross_fit
+from freeal_backend.span_eval import bio_tags
+from freeal_backend.spans import (PROMPT_MAX_CHARS, Span, decode_spans, encode_spans, entities_of, locate_mentions,
+                                  parse_entities, span_confidences, span_key, span_messages)
+
+log = logging.getLogger(__name__)
+
+SPAN_ANSWER_TOKENS = 256  # max_tokens of an entity-list answer (LLM_MAX_TOKENS when larger)
+SPAN_TRAIN_LAYERS = 1  # top encoder layers the tagger fine-tunes (benchmarks/results/ner_slm.md)
+
+
+def span_dicts(text: str, spans: Sequence[Span]) -> list[dict[str, Any]]:
+    """Spans as output records: start, end (code points, end exclusive), label, text, score."""
+    return [{"start": s.start, "end": s.end, "label": s.label, "text": text[s.start:s.end], "score": s.score}
+            for s in spans]
+
+
+class SpanRun(FreeALRun):
+    """One FreeAL run over sentences whose labels are entity spans; ``labels`` are the entity types."""
+
+    task_type = "ner"
+    zero_shot_fallback = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._dropped: Counter[str] = Counter()
+        self._dropped_lock = threading.Lock()
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.labels) + 1  # the first entity's type, or no entity
+
+    @property
+    def answer_tokens(self) -> int:  # type: ignore[override]
+        return max(SPAN_ANSWER_TOKENS, self.settings.llm_max_tokens)
+
+    @property
+    def unparsed_means(self) -> str:
+        return f"give no JSON list of entities of types {self.labels}"
+
+    def _unknown_labels(self, labels: Iterable[str]) -> set[str]:
+        unknown: set[str] = set()
+        for lab in labels:
+            try:
+                unknown |= {s.label for s in decode_spans(lab) if s.label not in self.labels}
+            except (ValueError, TypeError):
+                unknown.add(lab)
+        return unknown
+
+    def _messages(self, item: Item, demos: Sequence[tuple[str, str]]) -> list[Message]:
+        shown = [(text, entities_of(text, decode_spans(label))) for text, label in demos]
+        return span_messages(item.text, self.labels, shown, self.task_description)
+
+    def _parser(self, item: Item) -> Parse:
+        def parse(value: dict[str, Any]) -> LLMAnswer:
+            raw = value["content"]
+            entities, stats = parse_entities(raw, self.labels)
+            if not stats.parsed:
+                return LLMAnswer(None, None, {}, raw)
+            tokens = [(str(t), float(lp)) for t, lp in value.get("tokens") or []]
+            scores = span_confidences(raw, tokens, entities)
+            spans, dropped = locate_mentions(item.text, entities, scores=scores, limit=PROMPT_MAX_CHARS)
+            with self._dropped_lock:
+                self._dropped.update(dropped)
+            probs = {span_key(s): float(s.score) for s in spans if s.score is not None}
+            sure = [lp for _, lp in tokens]
+            confidence = float(np.exp(min(sure))) if sure and "".join(t for t, _ in tokens) == raw else None
+            return LLMAnswer(encode_spans(spans), confidence, probs, raw)
+        return parse
+
+    def _annotate(self, stage: str, todo: Sequence[Item], demos_for: Any, progress: Progress, *,
+                  check_unparsed: bool = True) -> None:
+        self._dropped.clear()
+        super()._annotate(stage, todo, demos_for, progress, check_unparsed=check_unparsed)
+        if self._dropped:
+            counts = dict(self._dropped)
+            log.info("%s: mentions the LLM named but that are not whole words of the text, dropped: %s", stage, counts)
+            self.store.set_meta(f"dropped_mentions_{stage}", counts)
+
+    def _write_demos(self, texts: Sequence[str]) -> tuple[list[tuple[str, str]], dict[str, int]]:
+        written = generate_span_demos(self.llm, self.labels, texts, self.demos_per_label * len(self.labels),
+                                      task_description=self.task_description, seed=self.settings.seed)
+        per_type = Counter(s.label for _, spans in written for s in spans)
+        return ([(text, encode_spans(spans)) for text, spans in written],
+                {"texts": len(written), **{t: per_type[t] for t in self.labels}})
+
+    # the small model -------------------------------------------------------------------------------------
+    def _fit_slm(self, items: Sequence[Item], labels: Sequence[str | None], rnd: int,
+                 progress: Progress) -> dict[str, object]:
+        split = max(0, self.encoder.num_layers - SPAN_TRAIN_LAYERS)
+        lower, _ = self._lower_states(items, split, progress)
+        s = self.settings
+        cfg = SpanSLMConfig(epochs=s.slm_epochs, warmup_epochs=s.slm_warmup_epochs, max_length=s.max_length,
+                            robust=s.slm_robust, seed=s.seed + rnd)
+        res = cross_fit(self.encoder, [it.text for it in items],
+                        [decode_spans(lab) if lab is not None else [] for lab in labels], self.labels,
+                        folds=self.settings.slm_folds, train_layers=SPAN_TRAIN_LAYERS, config=cfg,
+                        gold=np.array([bool(it.human_label) for it in items]), lower=lower,
+                        labelled=np.array([lab is not None for lab in labels]), with_embeddings=True,
+                        on_fold=lambda k, n: progress("slm", k, n))
+        assert res.embeddings is not None
+        np.save(self.run_dir / f"slm_r{rnd}_embeddings.npy", res.embeddings)
+        torch.save({"types": self.labels, "folds": [m.model.state_dict() for m in res.models]},
+                   self.run_dir / f"slm_r{rnd}.pt")
+        self.store.set_slm(rnd, [
+            (it.item_id, {"predicted": encode_spans(res.predicted[i]), "doubt": float(res.doubt[i]),
+                          "scores": {span_key(s): s.score for s in res.predicted[i] if s.score is not None}},
+             None if np.isnan(res.losses[i]) else float(res.losses[i]), not bool(res.flagged[i]),
+             1.0 - float(res.doubt[i]))
+            for i, it in enumerate(items)])
+        return {"labelled": int(sum(lab is not None for lab in labels)), "doubtful": int(res.flagged.sum()),
+                "truncated_spans": res.truncated_spans}
+
+    def _predicted(self, items: Sequence[Item], rnd: int) -> tuple[list[list[Span]], np.ndarray]:
+        """SLM round ``rnd``'s held-out spans and doubt per item."""
+        slm = self.store.slm(rnd)
+        rows = [slm[it.item_id]["probs"] for it in items]
+        return ([decode_spans(r["predicted"], r["scores"]) for r in rows], np.array([r["doubt"] for r in rows]))
+
+    def _judge(self, items: Sequence[Item], rnd: int) -> SpanVerdict:  # type: ignore[override]
+        labels, _ = self._current(items, rnd - 1)
+        predicted, doubt = self._predicted(items, rnd)
+        texts = [it.text for it in items]
+        return judge_span_labels([decode_spans(lab) if lab is not None else None for lab in labels], predicted,
+                                 doubt, np.array([bool(it.human_label) for it in items]),
+                                 lambda i, spans: bio_tags(texts[i], spans, self.labels))
+
+    def _slm_groups(self, items: Sequence[Item], rnd: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        labels, _ = self._current(items, rnd - 1)
+        verdict = self._judge(items, rnd)
+        y = np.array([-1 if lab is None else self._group(decode_spans(lab)) for lab in labels])
+        agreed = np.array([lab is not None and not verdict.judgements[i] for i, lab in enumerate(labels)])
+        return y, np.where(agreed, y, -2), verdict.scores
+
+    def _group(self, spans: Sequence[Span]) -> int:
+        return self.labels.index(min(spans).label) if spans else len(self.labels)
+
+    def _slm_label(self, row: dict[str, object]) -> str:
+        return str(row["probs"]["predicted"])  # type: ignore[index]
+
+    def _quick_result(self, item: Item, answer: LLMAnswer | None) -> ItemResult:
+        a = answer
+        spans = decode_spans(a.label, a.probs) if a and a.label is not None else []
+        return ItemResult(item.item_id, a.label if a else None, a.confidence if a else None, {},
+                          suspicious=True, reasons=["not_yet_reviewed_by_slm"], llm_label=a.label if a else None,
+                          llm_confidence=a.confidence if a else None, round=0, source="llm",
+                          spans=span_dicts(item.text, spans))
+
+    def _final(self, items: Sequence[Item], rounds: int) -> list[ItemResult]:
+        labels, _ = self._current(items, rounds)
+        latest = self._latest_answers(items, rounds)
+        llm_conf = self._llm_confidences(items, rounds)
+        if rounds:
+            verdict = self._judge(items, rounds + 1)
+            predicted, _ = self._predicted(items, rounds + 1)
+        results = []
+        for i, (it, lab) in enumerate(zip(items, labels)):
+            if it.human_label:
+                results.append(ItemResult(it.item_id, it.human_label, 1.0, round=rounds, source="human",
+                                          llm_label=None, spans=span_dicts(it.text, decode_spans(it.human_label))))
+                continue
+            given = decode_spans(lab, latest.get(it.item_id, {}).get("probs")) if lab is not None else None
+            if not rounds:
+                results.append(ItemResult(it.item_id, lab, llm_conf[it.item_id], suspicious=lab is None,
+                                          reasons=["no_llm_label"] if lab is None else [], llm_label=lab,
+                                          llm_confidence=llm_conf[it.item_id], round=0,
+                                          spans=span_dicts(it.text, given or [])))
+                continue
+            pred = predicted[i]
+            flagged = bool(verdict.flagged[i])
+            final = given if given is not None else pred
+            note = (review_note(it.text, verdict.judgements[i]) if given is not None
+                    else "FreeAL: NEEDS REVIEW (the LLM gave no usable answer; the spans are the small model's).")
+            results.append(ItemResult(
+                it.item_id, encode_spans(final), float(verdict.scores[i]), suspicious=flagged,
+                reasons=verdict.reasons[i], llm_label=lab, llm_confidence=llm_conf[it.item_id],
+                slm_label=encode_spans(pred), round=rounds, source="llm" if given is not None else "slm",
+                spans=span_dicts(it.text, final),
+                suggested_spans=span_dicts(it.text, pred) if flagged and encode_spans(pred) != encode_spans(final)
+                else None, note=note if flagged else None))
+        return results
+
+
+RUN_TYPES: dict[str, type[FreeALRun]] = {"classification": FreeALRun, "ner": SpanRun}
+
+
+def run_type(task_type: str) -> type[FreeALRun]:
+    """The run class of a task type (``classification`` or ``ner``)."""
+    try:
+        return RUN_TYPES[task_type]
+    except KeyError:
+        raise ValueError(f"unknown task type {task_type!r}; use one of {sorted(RUN_TYPES)}") from None

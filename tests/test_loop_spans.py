@@ -1,0 +1,135 @@
+"""FreeAL for spans through the same loop, store and CLI: BC5CDR sentences labelled by a real
+OpenAI-compatible server (the deterministic fake, over HTTP) through the real openai client."""
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from freeal_backend.config import Settings
+from freeal_backend.dataio import infer_task_type, rows_to_items
+from freeal_backend.llm.cache import ResponseCache
+from freeal_backend.llm.client import LLMClient
+from freeal_backend.loop_spans import SpanRun
+from freeal_backend.slm.encoder import Encoder
+from freeal_backend.spans import decode_spans, encode_spans
+from tests.fake_openai import MODEL, FakeOpenAI, choose_entities
+from tests.fixtures_llm import shared_rows
+
+TYPES = ["Chemical", "Disease"]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return Encoder()
+
+
+def make_run(tmp_path, fake, encoder, **overrides):
+    settings = Settings(data_dir=tmp_path, llm_base_url=fake.base_url, llm_model=MODEL, shots=4,
+                        demos_per_label=2, slm_folds=2, **overrides)
+    client = LLMClient(fake.base_url, MODEL, ResponseCache(tmp_path / "llm_cache.sqlite"), concurrency=2,
+                       max_retries=0)
+    return SpanRun(settings, TYPES, tmp_path / "run", llm=client, encoder=encoder)
+
+
+def test_span_rows_become_encoded_labels_and_the_task_type_is_inferred():
+    rows = shared_rows("bc5cdr", n=3)
+    assert infer_task_type(rows) == "ner" and infer_task_type([{"text": "a", "label": "x"}]) == "classification"
+    items = rows_to_items(rows, task_type="ner")
+    for row, it in zip(rows, items):
+        spans = decode_spans(it.gold)
+        assert [(s.start, s.end, s.label) for s in spans] == sorted((d["start"], d["end"], d["label"])
+                                                                   for d in row["spans"])
+    with pytest.raises(ValueError, match="outside the text"):
+        rows_to_items([{"text": "short", "spans": [{"start": 2, "end": 40, "label": "Chemical"}]}], task_type="ner")
+
+
+def test_span_loop_labels_judges_and_refines_every_sentence_outside_the_pool(tmp_path, encoder):
+    rows = shared_rows("bc5cdr", n=90, stride=17)
+    for r in rows[:3]:
+        r["human_spans"] = r["spans"]
+    items = rows_to_items(rows, task_type="ner")
+    human = {it.text for it in items if it.human_label}
+    with FakeOpenAI() as fake, make_run(tmp_path, fake, encoder) as run:
+        results = run.run(items, rounds=1)
+        todo, pool_idx, _ = run.refinement_scope(items, 1)
+        r0 = run.store.annotations("llm_r0")
+        refined = run.store.annotations("llm_r1")
+        asked = Counter(r.text for r in fake.records() if r.answered and r.text is not None)
+        stages = run.store.stages()
+        health = run.health()
+        table_stages = run.stage_labels()
+    assert len(results) == len(items)
+    assert not human & set(asked)  # a person's spans are never sent to the LLM
+    assert set(refined) == {items[i].item_id for i in todo}  # everything outside the agreed pool, re-asked
+    assert 0 < len(pool_idx) and not set(pool_idx.tolist()) & set(todo)
+    assert stages["demos"]["texts"] > 0  # round 0 had self-written demonstrations with entities
+    # the LLM's answers are the fake's rule, located in the text, with per-span confidence from logprobs
+    for it in items:
+        if it.human_label:
+            continue
+        expected = {e["text"] for e in choose_entities(it.text, TYPES)}
+        spans = decode_spans(r0[it.item_id]["label"], r0[it.item_id]["probs"])
+        assert {it.text[s.start:s.end] for s in spans} <= expected
+        assert all(s.score is not None and 0 < s.score <= 1 for s in spans)
+    by_id = {it.item_id: it for it in items}
+    scores = set()
+    for res in results:
+        text = by_id[res.item_id].text
+        assert res.spans is not None and encode_spans(decode_spans(res.label)) == res.label
+        for s in res.spans:
+            assert text[s["start"]:s["end"]] == s["text"] and s["label"] in TYPES
+        if by_id[res.item_id].human_label:
+            assert res.source == "human" and res.label == by_id[res.item_id].human_label and not res.suspicious
+            continue
+        scores.add(round(res.confidence, 4))
+        assert 0.0 <= res.confidence <= 1.0
+        if res.suspicious:
+            assert res.reasons and res.note and res.note.startswith("FreeAL: NEEDS REVIEW")
+            assert set(res.reasons) <= {"missing", "spurious", "wrong_type", "wrong_boundary", "no_llm_label"}
+    assert len(scores) > 5  # scores vary with the evidence, never a constant
+    assert health is not None and 0.0 <= health["estimated_accuracy"] <= 1.0 and "entity lists" in health["message"]
+    assert {"llm_r0", "slm_r1", "llm_r1", "final"} <= set(table_stages)
+
+
+def test_span_run_resumes_without_asking_again(tmp_path, encoder):
+    items = rows_to_items(shared_rows("bc5cdr", n=40, stride=31), task_type="ner")
+    with FakeOpenAI() as fake:
+        with make_run(tmp_path, fake, encoder) as run:
+            first = run.run(items, rounds=1)
+        calls = fake.answered()
+        with make_run(tmp_path, fake, encoder) as run:
+            second = run.run(items, rounds=1)
+        assert fake.answered() == calls  # cached and stored: nothing paid for is asked twice
+    assert [r.label for r in first] == [r.label for r in second]
+
+
+def test_a_classification_run_dir_refuses_a_span_run(tmp_path, encoder):
+    from freeal_backend.loop import FreeALRun
+    FreeALRun(Settings(data_dir=tmp_path), TYPES, tmp_path / "run").close()
+    with pytest.raises(ValueError, match="classification run, not ner"):
+        SpanRun(Settings(data_dir=tmp_path), TYPES, tmp_path / "run")
+
+
+def test_cli_runs_and_evaluates_a_span_file(tmp_path):
+    rows = shared_rows("bc5cdr", n=40, stride=29)
+    data = tmp_path / "ner.jsonl"
+    data.write_text("".join(json.dumps({"text": r["text"], "spans": r["spans"]}) + "\n" for r in rows))
+    with FakeOpenAI() as fake:
+        env = {"LLM_BASE_URL": fake.base_url, "LLM_MODEL": MODEL, "FREEAL_SHOTS": "4", "FREEAL_SLM_FOLDS": "2",
+               "FREEAL_TORCH_THREADS": "1", "PATH": "/usr/bin:/bin"}
+        run_dir = tmp_path / "run"
+        out = subprocess.run([sys.executable, "-m", "freeal_backend.cli", "run", str(data), "--rounds", "1",
+                              "--run-dir", str(run_dir), "--data-dir", str(tmp_path)],
+                             capture_output=True, text=True, env=env, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        ev = subprocess.run([sys.executable, "-m", "freeal_backend.cli", "eval", str(run_dir)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "F1 Chemical" in out.stdout and "F1 Disease" in ev.stdout and "wrong final sentences" in ev.stdout
+    lines = [json.loads(x) for x in (run_dir / "labels.jsonl").read_text().splitlines()]
+    assert len(lines) == len(rows)
+    for line in lines:
+        for s in line["spans"]:
+            assert line["text"][s["start"]:s["end"]] == s["text"]
