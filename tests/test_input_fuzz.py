@@ -251,7 +251,7 @@ def test_huge_texts_are_truncated_with_a_warning(tmp_path: Path, caplog: pytest.
 
 from xml.sax.saxutils import quoteattr  # noqa: E402
 
-from freeal_backend.labelstudio.label_config import LabelConfigError, parse_label_config  # noqa: E402
+from freeal_backend.labelstudio.label_config import LabelConfigError, parse_task_config  # noqa: E402
 
 NAMES = st.sampled_from(["text"] * 4 + ["t", "sentiment", "topic", "freeal_flag", "freeal_review", "", "x y", "é"])
 VALUES = st.sampled_from(["$text"] * 4 + ["$t", "text", "$", "$review", "", "$ünï"])
@@ -296,7 +296,7 @@ def xml_configs(draw: st.DrawFn, depth: int = 0) -> str:
 @given(xml=st.one_of(xml_configs(), st.text(ANY_CHAR, max_size=80)), from_name=st.none() | NAMES.filter(bool))
 def test_label_config_parser_accepts_or_refuses_clearly(xml: str, from_name: str | None) -> None:
     try:
-        cfg = parse_label_config(xml, from_name=from_name)
+        cfg = parse_task_config(xml, from_name=from_name)
     except LabelConfigError as exc:
         assert str(exc)
         event("refused")

@@ -15,7 +15,7 @@ from typing import Any
 
 from label_studio_sdk import LabelStudio
 
-from freeal_backend.labelstudio.label_config import REVIEW_MARKER, ClassificationConfig, labels_from_result
+from freeal_backend.labelstudio.label_config import REVIEW_MARKER, TaskConfig, human_labels
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +81,15 @@ class ProjectClient:
         """The project's labeling config XML."""
         return self.client.projects.get(id=self.project_id).label_config or ""
 
-    def iter_tasks(self, cfg: ClassificationConfig, *, page_size: int = PAGE_SIZE) -> Iterator[TaskRecord]:
+    def iter_tasks(self, cfg: TaskConfig, *, page_size: int = PAGE_SIZE) -> Iterator[TaskRecord]:
         """Yield every task page by page, with the labels of its latest submitted (non-skipped) annotation."""
         pager = self.client.tasks.list(project=self.project_id, fields="all", page_size=page_size)
         for task in pager:
             data = task.data or {}
             text = data.get(cfg.data_key)
-            labels, ann_id = latest_human_labels(cfg, _dump_list(getattr(task, "annotations", None)))
-            yield TaskRecord(int(task.id), text if isinstance(text, str) else None, tuple(labels), ann_id)
+            text = text if isinstance(text, str) else None
+            labels, ann_id = latest_human_labels(cfg, _dump_list(getattr(task, "annotations", None)), text)
+            yield TaskRecord(int(task.id), text, tuple(labels), ann_id)
 
     def import_predictions(self, predictions: Sequence[dict[str, Any]], *, batch: int = IMPORT_BATCH) -> int:
         """Store predictions (``task``, ``result``, ``score``, ``model_version``) with the bulk endpoint."""
@@ -179,12 +180,14 @@ def review_view_data(title: str = REVIEW_VIEW_TITLE) -> dict[str, Any]:
     }
 
 
-def latest_human_labels(cfg: ClassificationConfig, annotations: list[dict[str, Any]]) -> tuple[list[str], int | None]:
-    """Labels (and annotation id) of the most recently updated submitted annotation naming a known label."""
+def latest_human_labels(cfg: TaskConfig, annotations: list[dict[str, Any]], text: str | None = None
+                        ) -> tuple[list[str], int | None]:
+    """Labels (and annotation id) of the most recently updated submitted annotation naming a known label
+    (for spans: any submitted annotation; one without regions says "no entity")."""
     usable = [a for a in annotations if isinstance(a, dict) and not a.get("was_cancelled")]
     usable.sort(key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), int(a.get("id") or 0)))
     for ann in reversed(usable):
-        labels = labels_from_result(cfg, ann.get("result") or [])
+        labels = human_labels(cfg, ann.get("result") or [], text)
         if labels:
             return labels, int(ann["id"]) if str(ann.get("id", "")).isdigit() else None
     return [], None

@@ -20,15 +20,16 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from freeal_backend.config import Settings
-from freeal_backend.labelstudio.label_config import ClassificationConfig, parse_label_config, render_prediction
+from freeal_backend.labelstudio.label_config import TaskConfig, parse_task_config, render_task_prediction
 from freeal_backend.loop import FreeALRun
+from freeal_backend.loop_spans import run_type
 from freeal_backend.labelstudio.client import (IMPORT_BATCH, Connection, ProjectClient, TaskRecord, connection_from_env,
                                        review_view_title)
 from freeal_backend.records import Item, ItemResult
@@ -268,22 +269,24 @@ class RunRegistry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
-        self._runs: dict[tuple[int, tuple[str, ...]], FreeALRun] = {}
+        self._runs: dict[tuple[int, str, tuple[str, ...]], FreeALRun] = {}
         self._shared: FreeALRun | None = None
 
     def run_dir(self, project_id: int) -> Path:
         """Where the project's FreeAL state lives."""
         return self.settings.data_dir / f"project-{project_id}"
 
-    def get(self, project_id: int, labels: tuple[str, ...], task_description: str | None = None) -> FreeALRun:
+    def get(self, project_id: int, labels: tuple[str, ...], task_description: str | None = None, *,
+            task_type: str = "classification") -> FreeALRun:
         with self._lock:
-            key = (project_id, labels)
+            key = (project_id, task_type, labels)
             run = self._runs.get(key)
             if run is None:
                 run_dir = self.run_dir(project_id)
                 shared = self._shared
-                run = FreeALRun(self.settings, list(labels), run_dir, task_description,
-                                llm=shared.llm if shared else None, encoder=shared.encoder if shared else None)
+                run = run_type(task_type)(self.settings, list(labels), run_dir, task_description,
+                                          llm=shared.llm if shared else None,
+                                          encoder=shared.encoder if shared else None)
                 self._shared = self._shared or run
                 self._runs[key] = run
             if task_description:
@@ -435,7 +438,7 @@ class JobManager:
         tab = ReviewTab(client, self.store, project_id, owner, self.title_every_s)
         saved = self.store.project(project_id) or {}
         opts = ProjectOptions.from_extra(saved.get("extra_params"))
-        cfg = parse_label_config(client.label_config(), from_name=opts.from_name)
+        cfg = parse_task_config(client.label_config(), from_name=opts.from_name)
         self.store.update(project_id, owner, state="running", stage="fetching tasks", done=0, total=0)
         records = list(client.iter_tasks(cfg))
         self.store.replace_gold(project_id, [(r.annotation_id, r.task_id, list(r.human_labels))
@@ -443,7 +446,8 @@ class JobManager:
         items, no_text = build_items(records, self.store.gold(project_id))
         if not items:
             raise ValueError(f"no task has text in data[{cfg.data_key!r}] (the label config's <Text value>)")
-        run = self.runs.get(project_id, cfg.labels, opts.task_description)
+        run = self.runs.get(project_id, cfg.labels, opts.task_description, task_type=cfg.task_type)
+        texts = {it.item_id: it.text for it in items}
         rounds = opts.rounds if opts.rounds is not None else self.settings.rounds
         self.store.update(project_id, owner, rounds=rounds, tasks=len(items))
         results: list[ItemResult] = []
@@ -462,7 +466,7 @@ class JobManager:
             version = run.model_version()
             if pushed == final_version(version, rounds):
                 continue  # same data and settings as the last push: Label Studio already has these results
-            self.push(client, cfg, results, version, project_id, owner)
+            self.push(client, cfg, results, version, project_id, owner, texts)
             tab.show(force=True)
         self.store.update(project_id, owner, flagged=len(flagged_ids(results)))
         health = run.health()
@@ -471,8 +475,8 @@ class JobManager:
         verdict = f"; label health: {health['message']}" if health else ""
         return f"{len(results)} tasks labelled, {len(flagged_ids(results))} flagged for review{skipped}{verdict}"
 
-    def push(self, client: ProjectClient, cfg: ClassificationConfig, results: list[ItemResult], version: str,
-             project_id: int, owner: str) -> None:
+    def push(self, client: ProjectClient, cfg: TaskConfig, results: list[ItemResult], version: str,
+             project_id: int, owner: str, texts: Mapping[str, str]) -> None:
         """Push one round's results (resuming an interrupted push) and record the version and flag count."""
         self.store.update(project_id, owner, stage=f"pushing {version}", done=0, total=len(results))
 
@@ -480,7 +484,8 @@ class JobManager:
             self.store.update(project_id, owner, done=done)
 
         journal = PushJournal(self.store, project_id)
-        flagged = push_results(client, cfg, results, version, journal, batch=self.push_batch, on_progress=progress)
+        flagged = push_results(client, cfg, results, version, journal, texts=texts, batch=self.push_batch,
+                               on_progress=progress)
         self.store.update(project_id, owner, model_version=version, flagged=flagged, done=len(results))
         log.info("project %s: pushed %d predictions (%s), %d flagged", project_id, len(results), version, flagged)
 
@@ -528,15 +533,20 @@ class PushJournal:
         self.store.forget_push(self.project_id, keep=version)
 
 
-def push_results(client: ProjectClient, cfg: ClassificationConfig, results: list[ItemResult], version: str,
-                 journal: PushJournal | None = None, *, batch: int = IMPORT_BATCH,
-                 on_progress: Callable[[int], None] | None = None) -> int:
+def push_results(client: ProjectClient, cfg: TaskConfig, results: list[ItemResult], version: str,
+                 journal: PushJournal | None = None, *, texts: Mapping[str, str] | None = None,
+                 batch: int = IMPORT_BATCH, on_progress: Callable[[int], None] | None = None) -> int:
     """Make ``version`` the project's only FreeAL predictions, refresh the review view; returns #flagged.
 
     Predictions go in batches of ``batch``. With a ``journal``, a push interrupted by a crash resumes
     where it stopped, with no duplicate and no lost prediction; without one, the version is pushed whole.
+    ``texts`` (task id -> text) are needed for span tasks: every region's offsets are checked against them.
     """
-    preds = [{"task": int(r.item_id), **render_prediction(cfg, r, version)} for r in results]
+    if texts is None and cfg.task_type != "classification":
+        raise ValueError("span predictions need the task texts to check their offsets")
+    texts = texts or {}
+    preds = [{"task": int(r.item_id), **render_task_prediction(cfg, r, texts.get(r.item_id, ""), version)}
+             for r in results]
     if journal is not None:
         done = journal.resume_point(client, version)
     else:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from freeal_backend.records import ItemResult
-from freeal_backend.spans import Span
+from freeal_backend.spans import Span, encode_spans
 
 REVIEW_PREFIX = "freeal_"
 REVIEW_TEXT_NAME = "freeal_review"
@@ -89,6 +89,7 @@ class ClassificationConfig:
     labels: tuple[str, ...]
     multiple: bool
     review: ReviewCue = ReviewCue()
+    task_type = "classification"
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,30 @@ class SpanConfig:
     data_key: str
     labels: tuple[str, ...]
     review: ReviewCue = ReviewCue()
+    task_type = "ner"
+
+
+TaskConfig = ClassificationConfig | SpanConfig
+
+
+def parse_task_config(xml: str, from_name: str | None = None) -> TaskConfig:
+    """The task of a labeling config: ``<Choices>`` on a text (classification) or ``<Labels>`` (spans).
+
+    ``from_name`` picks the control by name; a config with both kinds and no ``from_name`` is ambiguous.
+    """
+    root = _parse_xml(xml)
+    kinds = [tag for tag in ("Choices", "Labels")
+             if any(el.get("name") == from_name if from_name else not el.get("name", "").startswith(REVIEW_PREFIX)
+                    and el.get("perRegion", "false").lower() != "true" for el in root.iter(tag))]
+    if len(kinds) == 2 and from_name is None:
+        raise AmbiguousChoicesError("the label config has both <Choices> and <Labels> controls: say which one "
+                                    "FreeAL labels with from_name")
+    if kinds == ["Labels"]:
+        return parse_span_config(xml, from_name)
+    if not kinds and from_name is None:
+        raise NoChoicesError("the label config has no <Choices> (classification) or <Labels> (spans) control "
+                             "whose toName is a <Text> object")
+    return parse_label_config(xml, from_name)
 
 
 def parse_label_config(xml: str, from_name: str | None = None) -> ClassificationConfig:
@@ -312,10 +337,11 @@ def render_span_prediction(cfg: SpanConfig, text: str, spans: list[Span], model_
     return prediction
 
 
-def spans_from_result(cfg: SpanConfig, text: str, result: list[dict[str, Any]]) -> list[Span]:
+def spans_from_result(cfg: SpanConfig, text: str | None, result: list[dict[str, Any]]) -> list[Span]:
     """The spans an annotation's ``result`` gives through the ``<Labels>`` control.
 
-    Regions of other controls, with unknown labels, or whose offsets fall outside ``text`` are ignored.
+    Regions of other controls, with unknown labels, or whose offsets fall outside ``text`` (when known)
+    are ignored.
     """
     found: list[Span] = []
     for region in result or []:
@@ -325,7 +351,8 @@ def spans_from_result(cfg: SpanConfig, text: str, result: list[dict[str, Any]]) 
         if not isinstance(value, dict):
             continue
         start, end, labels = value.get("start"), value.get("end"), value.get("labels")
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(text)):
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end
+                and (text is None or end <= len(text))):
             continue
         for label in labels if isinstance(labels, list) else []:
             if label in cfg.labels:
@@ -401,3 +428,30 @@ def _review_cue(root: ET.Element, texts: dict[str, str]) -> ReviewCue:
             flag_name, flag_to = REVIEW_FLAG_NAME, el.get("toName")
             flag_choices = tuple(_choice_values(el))
     return ReviewCue(text_name, text_to, flag_name, flag_to, flag_choices)
+
+
+def human_labels(cfg: TaskConfig, result: list[dict[str, Any]], text: str | None) -> list[str]:
+    """The labels a submitted annotation gives, as FreeAL stores them: the chosen classes, or for spans
+    one encoded span list (an annotation with no region says "no entity": that is a label too)."""
+    if isinstance(cfg, ClassificationConfig):
+        return labels_from_result(cfg, result)
+    return [encode_spans(spans_from_result(cfg, text, result))]
+
+
+def render_task_prediction(cfg: TaskConfig, res: ItemResult, text: str, model_version: str) -> dict[str, Any]:
+    """One Label Studio prediction for a FreeAL result of either task type (``text``: the task's text)."""
+    if isinstance(cfg, ClassificationConfig):
+        return render_prediction(cfg, res, model_version)
+    suspicious = bool(res.suspicious) and res.source != "human"
+    if res.source == "human":
+        note = "FreeAL: human label (gold)."
+    elif res.note:
+        note = res.note
+    elif suspicious:
+        why = "; ".join(REASON_TEXT.get(r, r) for r in res.reasons) or "flagged by the small model"
+        note = f"FreeAL: NEEDS REVIEW ({why})."
+    else:
+        note = "FreeAL: OK."
+    spans = [Span(int(d["start"]), int(d["end"]), str(d["label"]), d.get("score")) for d in res.spans or []]
+    return render_span_prediction(cfg, text, spans, model_version, score=res.confidence, suspicious=suspicious,
+                                  note=note)

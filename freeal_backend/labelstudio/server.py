@@ -29,13 +29,16 @@ from freeal_backend.labelstudio.jobs import ACTIVE, JobManager, JobStore, Projec
 from freeal_backend.labelstudio.label_config import (
     ClassificationConfig,
     LabelConfigError,
-    labels_from_result,
-    parse_label_config,
-    render_prediction,
+    TaskConfig,
+    human_labels,
+    parse_task_config,
+    render_task_prediction,
     review_results,
 )
 from freeal_backend.llm.client import LLMUnavailable
 from freeal_backend.loop import FreeALRun, latest_health
+from freeal_backend.loop_spans import span_dicts
+from freeal_backend.spans import decode_spans
 from freeal_backend.labelstudio.client import MissingCredentialsError, project_id_from_uid
 from freeal_backend.records import Item, ItemResult
 from freeal_backend.storage import Store
@@ -87,13 +90,13 @@ class Backend:
         self.runs = RunRegistry(settings)
         self.jobs = JobManager(settings, self.store, self.runs)
 
-    def config_for(self, project_id: int, label_config: Any) -> tuple[ClassificationConfig, ProjectOptions]:
+    def config_for(self, project_id: int, label_config: Any) -> tuple[TaskConfig, ProjectOptions]:
         saved = self.store.project(project_id) or {}
         opts = ProjectOptions.from_extra(saved.get("extra_params"))
         xml = label_config if isinstance(label_config, str) and label_config.strip() else saved.get("label_config")
         if not xml:
             raise BadRequest("label_config is missing and /setup has not been called for this project")
-        return parse_label_config(xml, from_name=opts.from_name), opts
+        return parse_task_config(xml, from_name=opts.from_name), opts
 
     @contextmanager
     def run_store(self, project_id: int) -> Iterator[Store | None]:
@@ -132,14 +135,14 @@ class Backend:
             return
         self.jobs.trigger(project_id, reason)
 
-    def predict(self, project_id: int, cfg: ClassificationConfig, opts: ProjectOptions,
+    def predict(self, project_id: int, cfg: TaskConfig, opts: ProjectOptions,
                 tasks: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
         """Exactly one prediction per task, in task order, and how many tasks FreeAL had not seen."""
         texts = task_texts(cfg, tasks)
         version = self.version(project_id)
         gold = self.store.gold(project_id)
         try:
-            run = self.runs.get(project_id, cfg.labels, opts.task_description)
+            run = self.runs.get(project_id, cfg.labels, opts.task_description, task_type=cfg.task_type)
         except ValueError as exc:  # e.g. the project's label set changed since its FreeAL run
             raise BadRequest(str(exc)) from exc
         cached = run.results([str(t["id"]) for t in tasks])  # only these tasks: cost independent of project size
@@ -147,17 +150,16 @@ class Backend:
         unseen: list[Item] = []
         for task in tasks:
             tid = int(task["id"])
-            if tid in gold and gold[tid][0] in cfg.labels:
-                human = ItemResult(str(tid), gold[tid][0], 1.0, {lab: float(lab == gold[tid][0]) for lab in cfg.labels},
-                                   source="human")
-                out[tid] = render_prediction(cfg, human, version)
+            human = human_result(cfg, str(tid), gold[tid][0], texts[tid]) if tid in gold else None
+            if human is not None:
+                out[tid] = render_task_prediction(cfg, human, texts[tid], version)
             elif str(tid) in cached and cached[str(tid)].label is not None:
-                out[tid] = render_prediction(cfg, cached[str(tid)], version)
+                out[tid] = render_task_prediction(cfg, cached[str(tid)], texts[tid], version)
             else:
                 unseen.append(Item(str(tid), texts[tid][: self.settings.max_chars]))
         if unseen:
             for res in self.quick_label(run, unseen):
-                out[int(res.item_id)] = render_prediction(cfg, res, version)
+                out[int(res.item_id)] = render_task_prediction(cfg, res, texts[int(res.item_id)], version)
         for item in unseen:
             if int(item.item_id) not in out:
                 note = "FreeAL: queued; the background job will label this task."
@@ -185,7 +187,22 @@ class Backend:
         return done
 
 
-def task_texts(cfg: ClassificationConfig, tasks: list[dict[str, Any]]) -> dict[int, str]:
+def human_result(cfg: TaskConfig, task_id: str, label: str, text: str) -> ItemResult | None:
+    """A person's label as a result to show back (None when it no longer fits the config's labels)."""
+    if isinstance(cfg, ClassificationConfig):
+        if label not in cfg.labels:
+            return None
+        return ItemResult(task_id, label, 1.0, {lab: float(lab == label) for lab in cfg.labels}, source="human")
+    try:
+        spans = decode_spans(label)
+    except (ValueError, TypeError):
+        return None
+    if any(s.label not in cfg.labels or s.end > len(text) for s in spans):
+        return None
+    return ItemResult(task_id, label, 1.0, source="human", spans=span_dicts(text, spans))
+
+
+def task_texts(cfg: TaskConfig, tasks: list[dict[str, Any]]) -> dict[int, str]:
     """The text of each task, or :class:`BadRequest` naming the tasks that lack it."""
     texts, missing = {}, []
     for task in tasks:
@@ -283,7 +300,7 @@ def create_app(settings: Settings | None = None, server: ServerSettings | None =
         extra = body.get("extra_params") if isinstance(body.get("extra_params"), dict) else {}
         schema = body.get("schema")
         opts = ProjectOptions.from_extra(extra)
-        parse_label_config(schema if isinstance(schema, str) else "", from_name=opts.from_name)
+        parse_task_config(schema if isinstance(schema, str) else "", from_name=opts.from_name)
         hostname = body.get("hostname") if isinstance(body.get("hostname"), str) else None
         token = body.get("access_token") if isinstance(body.get("access_token"), str) else None
         backend.store.save_project(pid, label_config=schema, extra_params=extra, ls_url=hostname, ls_key=token)
@@ -379,5 +396,8 @@ def _record_annotation(backend: Backend, pid: int, body: dict[str, Any]) -> None
         raise BadRequest("annotation event without a task id")
     project = body.get("project") if isinstance(body.get("project"), dict) else {}
     cfg, _ = backend.config_for(pid, project.get("label_config"))
-    labels = [] if ann.get("was_cancelled") else labels_from_result(cfg, ann.get("result") or [])
+    data = (body.get("task") or {}).get("data") if isinstance(body.get("task"), dict) else None
+    text = data.get(cfg.data_key) if isinstance(data, dict) else None
+    labels = [] if ann.get("was_cancelled") else human_labels(cfg, ann.get("result") or [],
+                                                               text if isinstance(text, str) else None)
     backend.store.set_gold(pid, ann["id"], task, labels)
