@@ -215,13 +215,12 @@ class FreeALRun:
     # the task: class labels (span tasks override these, see loop_spans.py) ------------------------------
     task_type = "classification"
     zero_shot_fallback = False  # round 0 without demonstrations when the LLM wrote none (else an error)
+    answer_tokens: int | None = None  # max_tokens of an annotation request (None: LLM_MAX_TOKENS)
 
     @property
     def n_groups(self) -> int:
         """Groups the clean agreed pool and the retrieved demos are balanced over (here: the classes)."""
         return len(self.labels)
-
-    answer_tokens: int | None = None  # max_tokens of an annotation request (None: LLM_MAX_TOKENS)
 
     @property
     def unparsed_means(self) -> str:

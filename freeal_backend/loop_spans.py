@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -103,8 +103,8 @@ class SpanRun(FreeALRun):
             return LLMAnswer(encode_spans(spans), confidence, probs, raw)
         return parse
 
-    def _annotate(self, stage: str, todo: Sequence[Item], demos_for: Any, progress: Progress, *,
-                  check_unparsed: bool = True) -> None:
+    def _annotate(self, stage: str, todo: Sequence[Item], demos_for: Callable[[int], list[tuple[str, str]]],
+                  progress: Progress, *, check_unparsed: bool = True) -> None:
         self._dropped.clear()
         super()._annotate(stage, todo, demos_for, progress, check_unparsed=check_unparsed)
         if self._dropped:

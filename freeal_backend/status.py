@@ -189,8 +189,18 @@ def _changes(store: Store, rnd: int) -> list[tuple[str, str | None, str | None, 
                        "WHERE a.stage = ? AND a.label IS NOT NULL GROUP BY 1, 2, 3", (f"llm_r{rnd}",))
 
 
+def _label_name(label: str | None, spans: bool) -> str:
+    """How a label is counted on the page; for span runs, the entity types a sentence has (bounded)."""
+    if label is None:
+        return NO_LABEL
+    if not spans:
+        return label
+    types = sorted({str(t) for _, _, t in json.loads(label)})
+    return " + ".join(types) if types else "no entity"
+
+
 def _label_rounds(store: Store, rounds: int, memo_key: Callable[[str, int], tuple[Any, ...] | None],
-                  with_gold: bool) -> list[dict[str, Any]]:
+                  with_gold: bool, spans: bool = False) -> list[dict[str, Any]]:
     """Per round 0..rounds: texts per current label, labels changed, accuracy against gold (if any)."""
     out = []
     counts = _memo(memo_key("round", 0), lambda: _round0(store, with_gold))
@@ -204,7 +214,8 @@ def _label_rounds(store: Store, rounds: int, memo_key: Callable[[str, int], tupl
             changed = sum(n for new, old, _, n in rows if new != old)
         per_label: dict[str, int] = {}
         for (label, _), n in counts.items():
-            per_label[label or NO_LABEL] = per_label.get(label or NO_LABEL, 0) + n
+            name = _label_name(label, spans)
+            per_label[name] = per_label.get(name, 0) + n
         n_gold = sum(n for (_, gold), n in counts.items() if gold is not None)
         correct = sum(n for (label, gold), n in counts.items() if gold is not None and label == gold)
         out.append({"round": rnd, "label_counts": {k: v for k, v in per_label.items() if v},
@@ -212,7 +223,7 @@ def _label_rounds(store: Store, rounds: int, memo_key: Callable[[str, int], tupl
     return out
 
 
-def _final(store: Store, with_gold: bool) -> dict[str, Any]:
+def _final(store: Store, with_gold: bool, spans: bool = False) -> dict[str, Any]:
     """The stored final results: flagged count, texts per label, score histogram (flagged vs not), accuracy."""
     hist = {"flagged": [0] * HISTOGRAM_BINS, "not_flagged": [0] * HISTOGRAM_BINS}
     labels: dict[str, int] = {}
@@ -222,7 +233,8 @@ def _final(store: Store, with_gold: bool) -> dict[str, Any]:
             f"SELECT source, suspicious, label, MIN(CAST(confidence * {HISTOGRAM_BINS} AS INTEGER), "
             f"{HISTOGRAM_BINS - 1}), COUNT(*) FROM results GROUP BY 1, 2, 3, 4"):
         total += n
-        labels[label or NO_LABEL] = labels.get(label or NO_LABEL, 0) + n
+        name = _label_name(label, spans)
+        labels[name] = labels.get(name, 0) + n
         if source == "human":
             human += n
             continue
@@ -241,11 +253,12 @@ def _final(store: Store, with_gold: bool) -> dict[str, Any]:
 
 
 def _slm_accuracy(store: Store, rnd: int, labels: list[str]) -> float | None:
-    """Accuracy of SLM round ``rnd``'s argmax against gold (only for runs with gold, e.g. CLI evaluation)."""
+    """Accuracy of SLM round ``rnd``'s argmax (for spans: its exact span list) against gold (only for runs
+    with gold, e.g. CLI evaluation)."""
     rows = store.query("SELECT s.probs, i.gold FROM slm s JOIN items i ON i.item_id = s.item_id "
                        "WHERE s.round = ? AND i.gold IS NOT NULL", (rnd,))
-    hits = [labels[max(range(len(p)), key=p.__getitem__)] == gold for p, gold in
-            ((json.loads(probs), gold) for probs, gold in rows)]
+    hits = [(p["predicted"] if isinstance(p, dict) else labels[max(range(len(p)), key=p.__getitem__)]) == gold
+            for p, gold in ((json.loads(probs), gold) for probs, gold in rows)]
     return sum(hits) / len(hits) if hits else None
 
 
@@ -265,9 +278,10 @@ def run_summary(store: Store) -> dict[str, Any]:
         end = f"slm_r{rnd + 1}" if f"slm_r{rnd + 1}" in done_at else ("final" if rnd == 0 else f"llm_r{rnd}")
         return (path, data_hash, what, rnd, done_at[end]) if end in done_at else None
 
-    history = _label_rounds(store, last, memo_key, gold > 0) if tasks else []
+    spans = store.get_meta("task_type") == "ner"
+    history = _label_rounds(store, last, memo_key, gold > 0, spans) if tasks else []
     final = _memo((path, data_hash, "final", done_at["final"]) if "final" in done_at else None,
-                  lambda: _final(store, gold > 0))
+                  lambda: _final(store, gold > 0, spans))
 
     def answered(stage: str, rnd: int) -> int:
         return _memo(memo_key(f"answered {stage}", rnd),
@@ -321,6 +335,15 @@ def flagged_items(store: Store, limit: int = 1000) -> list[dict[str, Any]]:
     out = []
     for item_id, text, record in rows:
         rec = json.loads(record)
-        out.append({"id": item_id, "text": text, "label": rec.get("label"), "confidence": rec.get("confidence"),
-                    "suggested": rec.get("suggested_label"), "reasons": rec.get("reasons") or []})
+        label, suggested = rec.get("label"), rec.get("suggested_label")
+        if rec.get("spans") is not None:  # a span run: the spans in words
+            label = _spans_text(rec["spans"])
+            suggested = _spans_text(rec["suggested_spans"]) if rec.get("suggested_spans") is not None else None
+        out.append({"id": item_id, "text": text, "label": label, "confidence": rec.get("confidence"),
+                    "suggested": suggested, "reasons": rec.get("reasons") or []})
     return out
+
+
+def _spans_text(spans: list[dict[str, Any]]) -> str:
+    """``"lidocaine" Chemical; "hepatitis" Disease`` (or ``no entity``)."""
+    return "; ".join(f'"{s["text"]}" {s["label"]}' for s in spans) or "no entity"

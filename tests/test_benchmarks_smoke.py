@@ -82,3 +82,17 @@ def test_ls_push_tiny(tmp_path: Path, label_studio: LabelStudioServer) -> None:
     assert re.search(r"^\| 5 \| no \|", text, re.M) and re.search(r"^\| 12 \| yes \|", text, re.M), text
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["tasks"] == 12 and [p["batch"] for p in data["pushes"]] == [5, 12]
+
+
+def test_ner_loop_tiny(tmp_path: Path) -> None:
+    from tests.fake_openai import MODEL, FakeOpenAI
+
+    stem = tmp_path / "ner_loop"
+    with FakeOpenAI() as fake:
+        _run(["benchmarks/ner_loop.py", "--n", "16", "--stride", "50", "--out", str(stem)], tmp_path,
+             LLM_BASE_URL=fake.base_url, LLM_MODEL=MODEL, FREEAL_SLM_FOLDS="2", FREEAL_SHOTS="2")
+    text = stem.with_suffix(".md").read_text()
+    for row in ["Entities per stage", "| llm_r0 |", "| final |", "Review flag", "ECE", "Command (from the repository root)"]:
+        assert row in text, row
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert data["n"] == 16 and set(data["stages"]) >= {"llm_r0", "slm_r1", "llm_r1", "final"}

@@ -93,8 +93,10 @@ def test_span_loop_labels_judges_and_refines_every_sentence_outside_the_pool(tmp
     assert {"llm_r0", "slm_r1", "llm_r1", "final"} <= set(table_stages)
 
 
-def test_span_run_resumes_without_asking_again(tmp_path, encoder):
-    items = rows_to_items(shared_rows("bc5cdr", n=40, stride=31), task_type="ner")
+def test_span_run_resumes_without_asking_again_and_keeps_long_documents_in_bounds(tmp_path, encoder, caplog):
+    rows = shared_rows("bc5cdr", n=40, stride=31)
+    long_doc = " ".join(r["text"] for r in shared_rows("bc5cdr", n=400))[:20_000]  # a 20k-character document
+    items = rows_to_items(rows + [{"text": long_doc}], task_type="ner")
     with FakeOpenAI() as fake:
         with make_run(tmp_path, fake, encoder) as run:
             first = run.run(items, rounds=1)
@@ -103,6 +105,12 @@ def test_span_run_resumes_without_asking_again(tmp_path, encoder):
             second = run.run(items, rounds=1)
         assert fake.answered() == calls  # cached and stored: nothing paid for is asked twice
     assert [r.label for r in first] == [r.label for r in second]
+    assert "truncated" in caplog.text
+    long_result = first[-1]
+    assert long_result.spans and max(s["end"] for s in long_result.spans) <= 4000  # FREEAL_MAX_CHARS
+    assert all(long_doc[s["start"]:s["end"]] == s["text"] for s in long_result.spans)
+    with pytest.raises(ValueError, match="labels"):  # the <Labels> changed after a run: a clear refusal
+        SpanRun(Settings(data_dir=tmp_path), ["Chemical", "Gene"], tmp_path / "run")
 
 
 def test_a_classification_run_dir_refuses_a_span_run(tmp_path, encoder):
@@ -126,7 +134,12 @@ def test_cli_runs_and_evaluates_a_span_file(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         ev = subprocess.run([sys.executable, "-m", "freeal_backend.cli", "eval", str(run_dir)],
                             capture_output=True, text=True, env=env, timeout=300)
+        rep = subprocess.run([sys.executable, "-m", "freeal_backend.cli", "report", str(run_dir)],
+                             capture_output=True, text=True, env=env, timeout=300)
     assert ev.returncode == 0, ev.stderr[-3000:]
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    html = (run_dir / "report.html").read_text()
+    assert "Chemical" in html and "[[" not in html  # sentences counted by entity type, not by raw span lists
     assert "F1 Chemical" in out.stdout and "F1 Disease" in ev.stdout and "wrong final sentences" in ev.stdout
     lines = [json.loads(x) for x in (run_dir / "labels.jsonl").read_text().splitlines()]
     assert len(lines) == len(rows)

@@ -138,6 +138,9 @@ def test_span_predictions_review_tab_and_gold(label_studio: LabelStudioServer, s
         note = next(r["value"]["text"][0] for r in preds[tid]["result"] if r["from_name"] == "freeal_review")
         assert note.startswith("FreeAL: NEEDS REVIEW")
 
+    page = httpx.get(f"{span_backend.url}/projects/{pid}", timeout=30)  # the status page knows span runs
+    assert page.status_code == 200 and ("no entity" in page.text or "Chemical" in page.text)
+
     # a person's spans (a region in the emoji / CRLF text) arrive through the webhook as gold for the next run
     target = sorted(hard)[0]
     text = texts[target]

@@ -49,23 +49,26 @@ def generate_demos(client: LLMClient, labels: Sequence[str], texts: Sequence[str
 
 def generate_span_demos(client: LLMClient, types: Sequence[str], texts: Sequence[str], count: int, *,
                         task_description: str | None = None, seed: int = 0, style_examples: int = 4,
-                        attempts: int = 4, max_tokens: int = 1024) -> list[tuple[str, list[Span]]]:
+                        attempts: int | None = None, per_request: int = 4, tokens_per_text: int = 96
+                        ) -> list[tuple[str, list[Span]]]:
     """Round 0 for spans: the LLM writes ``count`` texts in the style of sampled unlabeled texts, with
-    their entities located in them (a text whose entities cannot all be located is dropped)."""
+    their entities located in them (a text whose entities cannot all be located is dropped); at most
+    ``per_request`` texts per request, ``attempts`` requests (default: twice the requests needed)."""
     rng = np.random.default_rng(seed)
     found: list[tuple[str, list[Span]]] = []
-    for attempt in range(attempts):
+    for attempt in range(attempts or 2 * -(-count // per_request)):
         if len(found) >= count:
             break
         sample = [texts[i] for i in rng.choice(len(texts), size=min(style_examples, len(texts)), replace=False)]
-        messages = span_demo_generation_messages(types, sample, count - len(found), task_description)
+        ask = min(per_request, count - len(found))
+        messages = span_demo_generation_messages(types, sample, ask, task_description)
         try:
-            answer = client.chat(messages, temperature=0.8, max_tokens=max_tokens, seed=seed + attempt)
+            answer = client.chat(messages, temperature=0.8, max_tokens=tokens_per_text * ask, seed=seed + attempt)
         except (openai.APIError, MalformedResponse) as exc:
             raise LLMUnavailable(f"the LLM endpoint failed while writing demonstrations ({type(exc).__name__}: "
                                  f"{exc}); finished answers are saved, re-run to resume") from exc
         copied = {t.strip().casefold() for t in sample} | {t.casefold() for t, _ in found}
-        for text, spans in parse_generated_span_demos(answer["content"], types, count - len(found)):
+        for text, spans in parse_generated_span_demos(answer["content"], types, ask):
             if text.casefold() not in copied:
                 found.append((text, spans))
                 copied.add(text.casefold())
