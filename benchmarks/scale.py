@@ -111,8 +111,11 @@ def child(mode: str, n: int, out: Path, embed_upto: int) -> None:
                 lower = phase("encode_lower", lambda: run._lower_states(items, split, lambda *a: None)[0])
                 order = np.argsort(lower.lengths, kind="stable")
                 batch = settings.slm_batch_size
-                phase("read_states", lambda: [lower.batch(order[s:s + batch], run.encoder.device)
-                                              for s in range(0, n, batch)][-1])
+                def read_all() -> None:
+                    for start in range(0, n, batch):
+                        lower.batch(order[start:start + batch], run.encoder.device)
+
+                phase("read_states", read_all)
                 seconds["cache_gib"] = float(lower.lengths.sum()) * lower.hidden * 2 / 2**30
     out.write_text(json.dumps({"seconds": seconds, "peak_mib": peaks}))
 
