@@ -22,7 +22,11 @@ log = logging.getLogger(__name__)
 REVIEW_VIEW_TITLE = "FreeAL: needs review"
 FREEAL_VERSION_PREFIX = "freeal-"
 PAGE_SIZE = 100
-IMPORT_BATCH = 500  # Label Studio 1.23 stores up to 500 predictions of one request in one transaction
+# Label Studio 1.23 stores a request of up to 500 predictions in one transaction (its batched import writes
+# 500 per transaction; its default import writes a whole request in one). The default import also recounts
+# every task of the project per request, so there bigger requests would be faster: turn the batched import
+# on instead (README "Scaling", docker-compose.yml), which keeps 500 one transaction and the journal exact.
+IMPORT_BATCH = 500
 
 
 class MissingCredentialsError(RuntimeError):
