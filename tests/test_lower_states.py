@@ -92,3 +92,9 @@ def test_embed_pools_the_cached_states_of_the_whole_encoder(encoder, texts):
     np.testing.assert_allclose(emb, ref, atol=1e-6)
     single = encoder.embed([texts[5]])[0]  # unbatched, no padding
     np.testing.assert_allclose(emb[5], single, atol=1e-3)
+
+
+def test_tokenize_in_chunks_matches_one_call(encoder, texts):
+    whole = encoder.tokenizer(texts, truncation=True, max_length=16)["input_ids"]
+    assert encoder.tokenize(texts, 16, chunk=7) == whole
+    assert any(len(x) == 16 for x in whole) and len(set(map(len, whole))) > 1  # truncated and varied

@@ -116,8 +116,14 @@ class Encoder:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def tokenize(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
-        return self.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    def tokenize(self, texts: Sequence[str], max_length: int, *, chunk: int = 1024) -> list[list[int]]:
+        """Token ids per text, ``chunk`` texts per tokenizer call: one call over all texts holds a full
+        encoding object per text (~7 KB) until it returns, memory the process then keeps."""
+        ids: list[list[int]] = []
+        for start in range(0, len(texts), chunk):
+            part = list(texts[start:start + chunk])
+            ids.extend(self.tokenizer(part, truncation=True, max_length=max_length)["input_ids"])
+        return ids
 
     def _run(self, ids: list[list[int]], split: int, batch_size: int,
              on_batch: Callable[[int], None] | None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
