@@ -30,7 +30,7 @@ from _common import LS_FAST_PREDICTION_IMPORT, RESULTS, command_line, fmt_table,
 
 from freeal_backend.labelstudio.jobs import JobStore, PushJournal, push_results
 from freeal_backend.labelstudio.label_config import parse_label_config
-from freeal_backend.labelstudio.client import Connection, ProjectClient
+from freeal_backend.labelstudio.client import PAGE_SIZE, Connection, ProjectClient
 from freeal_backend.records import ItemResult
 from tests.fixtures_ls import LS_BIN, TOKEN, free_port, migrated_template, start_label_studio, stop
 
@@ -102,7 +102,8 @@ def report(data: dict[str, Any]) -> str:
     return (f"{n} tasks; Label Studio {data['ls']}; batched prediction import "
             f"(`{LS_FAST_PREDICTION_IMPORT}`): {data['fast_import']}.\n\n"
             f"- tasks imported in {data['task_import_s']} s (chunks of {TASK_IMPORT_CHUNK}; not the job's work)\n"
-            f"- read back page by page ({data['page_size']} a page, `fields=all`, as the job does): "
+            f"- read back page by page ({data['page_size']} a page, `fields=all` as the job does; "
+            f"the job reads {PAGE_SIZE} a page): "
             f"{data['read_s']} s = {data['read_tasks_per_s']} tasks/s\n\n{table}\n\n"
             "Seconds of every batch are in the JSON file. \"whole push\" is `push_results` from start to end: the "
             "journalled batches, deleting the previous FreeAL version (when there is one), selecting the new one "
