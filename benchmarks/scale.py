@@ -222,7 +222,8 @@ def main() -> int:
         fake.kill()
         fake.wait()
     s = Settings.from_env()
-    data["settings"] = (f"FREEAL_TORCH_THREADS={env['FREEAL_TORCH_THREADS']}, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, "
+    data["settings"] = (f"FREEAL_TORCH_THREADS={env['FREEAL_TORCH_THREADS']}, "
+                        f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, "
                         f"SLM epochs {s.slm_epochs}, folds {s.slm_folds}, trained layers {s.slm_train_layers}, "
                         f"batch {s.slm_batch_size}, max_length {s.max_length}, LLM concurrency {s.llm_concurrency}")
     out = Path(args.out) if args.out else RESULTS / "scale"
