@@ -9,22 +9,28 @@ pushes N predictions with ``push_results`` (the job's code: journalled batches, 
 switch and the review view) once per batch size, each as a new model version (so each push after the
 first also deletes the previous version's N predictions). Writes ``ls_push_n<N>.md`` and ``.json``
 under ``benchmarks/results/``.
+
+``LS_FAST_PREDICTION_IMPORT=1`` starts that Label Studio with its batched prediction import on (the
+feature flag ``fflag_fix_back_4620_…``, off by default in 1.23; docker-compose.yml turns it on): without it
+each import request recounts the predictions of every task in the project. Results then go to
+``ls_push_n<N>_fastimport``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, command_line, fmt_table, loadavg, write_result
+from _common import LS_FAST_PREDICTION_IMPORT, RESULTS, command_line, fmt_table, loadavg, write_result
 
 from freeal_backend.labelstudio.jobs import JobStore, PushJournal, push_results
 from freeal_backend.labelstudio.label_config import parse_label_config
-from freeal_backend.labelstudio.client import Connection, ProjectClient
+from freeal_backend.labelstudio.client import PAGE_SIZE, Connection, ProjectClient
 from freeal_backend.records import ItemResult
 from tests.fixtures_ls import LS_BIN, TOKEN, free_port, migrated_template, start_label_studio, stop
 
@@ -93,9 +99,11 @@ def report(data: dict[str, Any]) -> str:
     table = fmt_table(["batch size", "deletes previous version", "batches (s)", "predictions/s in batches",
                        "2nd batch (s)", "last batch (s)", "whole push (s)", "predictions/s whole push",
                        "100k extrapolated (min)"], rows)
-    return (f"{n} tasks; Label Studio {data['ls']}.\n\n"
+    return (f"{n} tasks; Label Studio {data['ls']}; batched prediction import "
+            f"(`{LS_FAST_PREDICTION_IMPORT}`): {data['fast_import']}.\n\n"
             f"- tasks imported in {data['task_import_s']} s (chunks of {TASK_IMPORT_CHUNK}; not the job's work)\n"
-            f"- read back page by page ({data['page_size']} a page, `fields=all`, as the job does): "
+            f"- read back page by page ({data['page_size']} a page, `fields=all` as the job does; "
+            f"the job reads {PAGE_SIZE} a page): "
             f"{data['read_s']} s = {data['read_tasks_per_s']} tasks/s\n\n{table}\n\n"
             "Seconds of every batch are in the JSON file. \"whole push\" is `push_results` from start to end: the "
             "journalled batches, deleting the previous FreeAL version (when there is one), selecting the new one "
@@ -115,10 +123,14 @@ def main() -> int:
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     load_start = loadavg()
+    fast = os.environ.get("LS_FAST_PREDICTION_IMPORT") == "1"
     if args.ls_url:
         data = bench(args.ls_url, args.ls_token or "", args.tasks, batches, args.page_size)
         data["ls"] = f"at {args.ls_url}"
+        data["fast_import"] = "as that server is set up"
     else:
+        if fast:  # inherited by the Label Studio started below
+            os.environ[LS_FAST_PREDICTION_IMPORT] = "true"
         with tempfile.TemporaryDirectory() as tmp:
             data_dir = Path(tmp) / "ls"
             shutil.copytree(migrated_template(Path(tmp)), data_dir)
@@ -129,8 +141,9 @@ def main() -> int:
             finally:
                 stop(proc)
         data["ls"] = f"`{LS_BIN}` on SQLite, 127.0.0.1"
+        data["fast_import"] = "on" if fast else "off (Label Studio's default)"
     data["command"] = command_line()
-    out = Path(args.out) if args.out else RESULTS / f"ls_push_n{args.tasks}"
+    out = Path(args.out) if args.out else RESULTS / f"ls_push_n{args.tasks}{'_fastimport' if fast else ''}"
     write_result(out.with_suffix(".md"), f"Pushing predictions into Label Studio: {args.tasks} tasks", report(data),
                  load_start)
     out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")

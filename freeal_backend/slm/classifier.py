@@ -182,10 +182,10 @@ class SmallModel:
                  batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
         """(probs, normalised pooled embeddings) of one model for ``index`` (default: every text), in order."""
         model.eval()
-        index = np.arange(len(lower.states)) if index is None else np.asarray(index, dtype=int)
+        index = np.arange(len(lower)) if index is None else np.asarray(index, dtype=int)
         probs = np.zeros((len(index), self.num_classes), dtype=np.float32)
         emb = np.zeros((len(index), self.encoder.hidden_size), dtype=np.float32)
-        lengths = np.array([lower.states[i].shape[0] for i in index])
+        lengths = lower.lengths[index]
         order = np.argsort(lengths, kind="stable")
         for start in range(0, len(index), batch_size):
             pos = order[start:start + batch_size]
@@ -256,7 +256,7 @@ class SmallModel:
         device = self.encoder.device
         rng = np.random.default_rng(cfg.seed + 7919 * fold)
         gen = torch.Generator().manual_seed(cfg.seed + fold)
-        lengths = np.array([s.shape[0] for s in lower.states])
+        lengths = lower.lengths
         params = [p for p in model.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
         steps_per_epoch = max(1, -(-len(train) // cfg.batch_size))

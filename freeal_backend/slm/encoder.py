@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,22 +33,51 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@dataclass
 class LowerStates:
-    """Cached output of the frozen lower layers: one (length, hidden) tensor per text."""
+    """Cached output of the frozen lower layers: one (length, hidden) float16 block per text.
 
-    states: list[torch.Tensor]
+    The blocks lie end to end in one anonymous file on disk (``O_TMPFILE`` where the OS has it: never
+    visible, freed when this object is dropped), indexed by per-text row offsets and lengths; a batch is
+    read with positional reads, so memory stays O(batch) whatever the number of texts (the OS page cache
+    may keep the file, but it is not the process's memory and is given back under pressure).
+    """
+
+    def __init__(self, lengths: Sequence[int], hidden: int, *, directory: str | Path | None = None) -> None:
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.hidden = hidden
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+        self._row_bytes = hidden * 2
+        self._file = tempfile.TemporaryFile(dir=directory, prefix="freeal-lower-")
+        self._file.truncate(int(self.lengths.sum()) * self._row_bytes)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def write(self, i: int, state: np.ndarray) -> None:
+        """Store text ``i``'s (length, hidden) states (cast to float16)."""
+        block = np.ascontiguousarray(state, dtype=np.float16)
+        if block.shape != (self.lengths[i], self.hidden):
+            raise ValueError(f"text {i}: states of shape {block.shape}, expected ({self.lengths[i]}, {self.hidden})")
+        os.pwrite(self._file.fileno(), block.data, int(self.offsets[i]) * self._row_bytes)
+
+    def read(self, i: int) -> np.ndarray:
+        """Text ``i``'s (length, hidden) float16 states."""
+        out = np.empty((self.lengths[i], self.hidden), dtype=np.float16)
+        got = os.preadv(self._file.fileno(), [out.data], int(self.offsets[i]) * self._row_bytes)
+        if got != out.nbytes:
+            raise OSError(f"short read of lower states for text {i}: {got} of {out.nbytes} bytes")
+        return out
 
     def batch(self, index: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad the selected texts' states to their longest length: (states, 0/1 mask)."""
-        rows = [self.states[i] for i in index]
-        length = max(r.shape[0] for r in rows)
-        hidden = rows[0].shape[1]
-        out = torch.zeros(len(rows), length, hidden, dtype=torch.float32)
-        mask = torch.zeros(len(rows), length, dtype=torch.float32)
-        for j, r in enumerate(rows):
-            out[j, : r.shape[0]] = r.float()
-            mask[j, : r.shape[0]] = 1.0
+        index = [int(i) for i in index]
+        length = int(max(self.lengths[i] for i in index))
+        out = torch.zeros(len(index), length, self.hidden, dtype=torch.float32)
+        mask = torch.zeros(len(index), length, dtype=torch.float32)
+        for j, i in enumerate(index):
+            n = int(self.lengths[i])
+            out[j, :n] = torch.from_numpy(self.read(i))
+            mask[j, :n] = 1.0
         return out.to(device), mask.to(device)
 
 
@@ -87,16 +116,19 @@ class Encoder:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def tokenize(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
-        return self.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    def tokenize(self, texts: Sequence[str], max_length: int, *, chunk: int = 1024) -> list[list[int]]:
+        """Token ids per text, ``chunk`` texts per tokenizer call: one call over all texts holds a full
+        encoding object per text (~7 KB) until it returns, memory the process then keeps."""
+        ids: list[list[int]] = []
+        for start in range(0, len(texts), chunk):
+            part = list(texts[start:start + chunk])
+            ids.extend(self.tokenizer(part, truncation=True, max_length=max_length)["input_ids"])
+        return ids
 
-    @torch.no_grad()
-    def lower_states(self, texts: Sequence[str], split: int, *, max_length: int = 128, batch_size: int = 64,
-                     on_batch: Callable[[int], None] | None = None) -> LowerStates:
-        """Run embeddings + layers[:split] once (length-sorted, dynamic padding); keep fp16 copies on CPU."""
-        ids = self.tokenize(texts, max_length)
+    def _run(self, ids: list[list[int]], split: int, batch_size: int,
+             on_batch: Callable[[int], None] | None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Embeddings + layers[:split] over length-sorted batches (dynamic padding): (text indices, hidden)."""
         order = np.argsort([len(x) for x in ids], kind="stable")
-        states: list[torch.Tensor | None] = [None] * len(ids)
         pad = self.tokenizer.pad_token_id or 0
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
@@ -110,24 +142,40 @@ class Encoder:
             attn = additive_mask(mask.to(self.device), hidden.dtype)
             for layer in self.layers[:split]:
                 hidden = _layer_out(layer(hidden, attention_mask=attn))
-            for j, i in enumerate(chunk):
-                states[i] = hidden[j, : len(ids[i])].to("cpu", torch.float16).clone()
+            yield chunk, hidden
             if on_batch is not None:
                 on_batch(len(chunk))
-        return LowerStates([s for s in states if s is not None])
+
+    @torch.no_grad()
+    def lower_states(self, texts: Sequence[str], split: int, *, max_length: int = 128, batch_size: int = 64,
+                     on_batch: Callable[[int], None] | None = None,
+                     directory: str | Path | None = None) -> LowerStates:
+        """Run embeddings + layers[:split] once; keep float16 copies in a file under ``directory``
+        (default: the system's temporary directory), written batch by batch."""
+        ids = self.tokenize(texts, max_length)
+        lower = LowerStates([len(x) for x in ids], self.hidden_size, directory=directory)
+        for chunk, hidden in self._run(ids, split, batch_size, on_batch):
+            rows = hidden.to("cpu", torch.float16).numpy()
+            for j, i in enumerate(chunk):
+                lower.write(i, rows[j, : len(ids[i])])
+        return lower
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str], *, max_length: int = 128, batch_size: int = 64,
               on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-        """L2-normalised mean-pooled sentence embeddings from the whole (frozen) encoder."""
-        lower = self.lower_states(texts, self.num_layers, max_length=max_length, batch_size=batch_size,
-                                  on_batch=on_batch)
+        """L2-normalised mean-pooled sentence embeddings from the whole (frozen) encoder.
+
+        Pooled batch by batch (nothing per token is kept); the states are rounded through float16 first,
+        as the lower-state cache stores them, so both routes give the same embeddings.
+        """
+        ids = self.tokenize(texts, max_length)
         out = np.zeros((len(texts), self.hidden_size), dtype=np.float32)
-        for start in range(0, len(texts), batch_size):
-            index = list(range(start, min(start + batch_size, len(texts))))
-            hidden, mask = lower.batch(index, self.device)
-            pooled = mean_pool(hidden, mask)
-            out[start:start + len(index)] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+        for chunk, hidden in self._run(ids, self.num_layers, batch_size, on_batch):
+            mask = torch.zeros(hidden.shape[:2], dtype=torch.float32, device=hidden.device)
+            for j, i in enumerate(chunk):
+                mask[j, : len(ids[i])] = 1.0
+            pooled = mean_pool(hidden.to(torch.float16).float(), mask)
+            out[chunk] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
         return out
 
 

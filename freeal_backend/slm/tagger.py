@@ -117,15 +117,15 @@ class SpanModel:
                     ) -> list[np.ndarray]:
         """(tokens, tags) probabilities for the texts in ``index`` (all by default), in that order."""
         self.model.eval()
-        index = list(range(len(lower.states))) if index is None else list(index)
+        index = list(range(len(lower))) if index is None else list(index)
         out: list[np.ndarray] = [np.zeros(0)] * len(index)
-        order = sorted(range(len(index)), key=lambda j: lower.states[index[j]].shape[0])
+        order = sorted(range(len(index)), key=lambda j: lower.lengths[index[j]])
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             states, mask = lower.batch([index[j] for j in chunk], self.encoder.device)
             probs = F.softmax(self.model(states, mask), dim=-1).cpu().numpy()
             for k, j in enumerate(chunk):
-                out[j] = probs[k, : lower.states[index[j]].shape[0]]
+                out[j] = probs[k, : lower.lengths[index[j]]]
         return out
 
     def fit(self, lower: LowerStates, tags: Sequence[np.ndarray], index: Sequence[int] | None = None, *,
@@ -141,7 +141,7 @@ class SpanModel:
         index = np.arange(len(tags)) if index is None else np.asarray(index)
         gold = np.zeros(len(tags), dtype=bool) if gold is None else np.asarray(gold, dtype=bool)
         rng = np.random.default_rng(cfg.seed)
-        lengths = np.array([lower.states[i].shape[0] for i in index])
+        lengths = lower.lengths[index]
         head = list(self.model.head.parameters())
         top = [p for p in self.model.top.parameters() if p.requires_grad]
         optim = torch.optim.AdamW([{"params": top, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}],
@@ -243,7 +243,7 @@ def ensemble_predict(models: Sequence[SpanModel], lower: LowerStates, tok: Token
     """Decode the mean tag probabilities of ``models`` into spans (score: the lowest word-tag probability)."""
     probs = [m.token_probs(lower) for m in models]
     out = []
-    for i in range(len(lower.states)):
+    for i in range(len(lower)):
         p = np.mean([pr[i] for pr in probs], axis=0)
         out.append(decode(p, tok.offsets[i], tok.word_ids[i], types))
     return out
