@@ -422,12 +422,13 @@ class FreeALRun:
                 done += n
                 progress("encode", done, total)
 
-            lower = self.encoder.lower_states([it.text for it in items], split,
-                                              max_length=self.settings.max_length, on_batch=tick)
+            lower = self.encoder.lower_states([it.text for it in items], split, max_length=self.settings.max_length,
+                                              on_batch=tick, directory=self.run_dir)
             aug = None
             if any(it.augmented for it in items):
                 aug = self.encoder.lower_states([it.augmented or it.text for it in items], split,
-                                                max_length=self.settings.max_length, on_batch=tick)
+                                                max_length=self.settings.max_length, on_batch=tick,
+                                                directory=self.run_dir)
             self._lower = (key, lower, aug)
         return self._lower[1], self._lower[2]
 
