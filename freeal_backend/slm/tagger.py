@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from freeal_backend.slm.detection import SpanJudgement, judge_spans
+from freeal_backend.slm.detection import SPAN_FLAG_BELOW, SpanJudgement, judge_spans, span_clean_probability
 from freeal_backend.slm.encoder import Encoder, LowerStates, mean_pool
 from freeal_backend.slm.selection import split_clean_noisy
 from freeal_backend.slm.classifier import TopLayers, _batches
@@ -320,9 +320,10 @@ class CrossFitResult:
     judgements: list[list[SpanJudgement]]
     doubt: np.ndarray  # (n,) see doubt_score
     losses: np.ndarray  # (n,) held-out mean token loss of the noisy label
-    flagged: np.ndarray  # (n,) bool, doubt >= threshold
+    flagged: np.ndarray  # (n,) bool: the tagger disagrees and clean_prob < SPAN_FLAG_BELOW
     truncated_spans: int  # label spans past the encoder's max_length, never seen by the tagger
     models: list[SpanModel] = field(default_factory=list)
+    clean_prob: np.ndarray | None = None  # (n,) P(label spans right), detection.span_clean_probability
     embeddings: np.ndarray | None = None  # (n, K*hidden) pooled top-layer states of the K taggers (retrieval)
 
     def predict(self, lower: LowerStates, tok: Tokenized, types: Sequence[str]) -> list[list[Span]]:
@@ -392,7 +393,7 @@ def viterbi_bio(probs: np.ndarray, num_types: int) -> np.ndarray:
 
 def cross_fit(encoder: Encoder, texts: Sequence[str], spans: Sequence[Sequence[Span]], types: Sequence[str], *,
               folds: int = 2, train_layers: int = 1, config: SpanSLMConfig | None = None,
-              gold: np.ndarray | None = None, doubt_threshold: float = 0.5, lower: LowerStates | None = None,
+              gold: np.ndarray | None = None, lower: LowerStates | None = None,
               labelled: np.ndarray | None = None, with_embeddings: bool = False,
               on_fold: Callable[[int, int], None] | None = None) -> CrossFitResult:
     """Train ``folds`` taggers, each on the other folds, and judge each held-out sentence's label spans.
@@ -429,9 +430,12 @@ def cross_fit(encoder: Encoder, texts: Sequence[str], spans: Sequence[Sequence[S
     judgements = [judge_spans(visible[i], predicted[i]) for i in range(n)]
     doubt = np.array([doubt_score(probs[i], tags[i]) for i in range(n)])
     doubt[gold] = 0.0
+    clean_prob = span_clean_probability(doubt, labelled & ~gold, seed=cfg.seed)
+    clean_prob[gold] = 1.0
+    flagged = np.array([bool(j) for j in judgements]) & (clean_prob < SPAN_FLAG_BELOW) & labelled & ~gold
     emb = pooled_embeddings(models, lower) if with_embeddings else None
-    return CrossFitResult(predicted, judgements, doubt, sentence_losses(probs, tags), doubt >= doubt_threshold,
-                          lost, models, emb)
+    return CrossFitResult(predicted, judgements, doubt, sentence_losses(probs, tags), flagged, lost, models,
+                          clean_prob, emb)
 
 
 @torch.no_grad()
