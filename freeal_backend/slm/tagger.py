@@ -40,8 +40,8 @@ class SpanSLMConfig:
 
     epochs: int = 3
     warmup_epochs: int = 1
-    lr: float = 3e-4  # top encoder layers (when train_layers > 0)
-    head_lr: float = 3e-3
+    lr: float = 6e-4  # top encoder layers (when train_layers > 0)
+    head_lr: float = 1e-2  # head and word-feature embeddings
     weight_decay: float = 0.01
     batch_size: int = 32
     dropout: float = 0.1
