@@ -227,9 +227,12 @@ def render(report: dict[str, Any], args: argparse.Namespace) -> str:
             rows.append(f1_row(f"SLM on {name} labels, test (fold ensemble)", report[name]["test"]))
     lines = [f"{report['train_sentences']} training and {report['test_sentences']} test sentences; "
              f"{args.folds}-fold cross-fitting, top {args.train_layers} encoder layer(s) + BIO head trained, "
-             f"{args.epochs} epochs ({args.warmup} warm-up{', plain CE' if args.plain else ''}), lr {args.lr} (layers) / {args.head_lr} (head), "
-             f"word features {'off' if args.no_word_features else 'on'}, {'argmax' if args.unconstrained else 'BIO-valid Viterbi'} decoding, "
-             f"max length {args.max_length}, {args.threads} torch threads. Noise per gold entity: miss {args.miss}, type swap {args.swap}, boundary shift "
+             f"{args.epochs} epochs ({args.warmup} warm-up{', plain CE' if args.plain else ''}), "
+             f"lr {args.lr} (layers) / {args.head_lr} (head), word features "
+             f"{'off' if args.no_word_features else 'on'}, "
+             f"{'argmax' if args.unconstrained else 'BIO-valid Viterbi'} decoding, max length {args.max_length}, "
+             f"{args.threads} torch threads. Noise per gold entity: miss {args.miss}, type swap {args.swap}, "
+             f"boundary shift "
              f"{args.shift}; {args.spurious} spurious spans per sentence on average; "
              f"{100 * report['corrupted_sentences']:.1f}% of training sentences corrupted.", "",
              "### Entity scores (seqeval, %)", "", fmt_table(header, rows), ""]

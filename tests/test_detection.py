@@ -106,7 +106,8 @@ def test_temperature_scaling_softens_overconfident_probabilities():
 
 def _bimodal_doubt(rng: np.random.Generator, n_right: int, n_wrong: int) -> np.ndarray:
     """Held-out doubt of labels the tagger reproduces (worst word loss ~ 0.02) and of wrong ones (~ 2)."""
-    loss = np.concatenate([np.exp(rng.normal(np.log(0.02), 0.8, n_right)), np.exp(rng.normal(np.log(2.0), 0.6, n_wrong))])
+    loss = np.concatenate([np.exp(rng.normal(np.log(0.02), 0.8, n_right)),
+                           np.exp(rng.normal(np.log(2.0), 0.6, n_wrong))])
     return 1.0 - np.exp(-loss)
 
 

@@ -144,8 +144,9 @@ def test_ner_benchmark_runs_on_a_tiny_slice(tmp_path: Path) -> None:
                            "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()
-    for row in ["noisy labels themselves", "SLM on noisy labels, test", "SLM on gold labels, train", "top 15% by doubt", "P(right) < 0.5 and disputed", "ECE",
-                "Span judgements", "peak RSS", "Command (from the repository root)"]:
+    for row in ["noisy labels themselves", "SLM on noisy labels, test", "SLM on gold labels, train", "top 15% by doubt",
+                "P(right) < 0.5 and disputed", "ECE", "Span judgements", "peak RSS",
+                "Command (from the repository root)"]:
         assert row in text, row
     assert json.loads(out.with_suffix(".json").read_text())["train_sentences"] == 40
 

@@ -79,7 +79,8 @@ def word_shape(word: str) -> str:
     """``Xx``-style shape with runs collapsed (``"L-Dopa2"`` -> ``"X-Xxd"``), at most 8 characters."""
     out: list[str] = []
     for ch in word:
-        c = "X" if ch.isupper() else "x" if ch.islower() else "d" if ch.isdigit() else ch if len(ch.encode()) == 1 else "u"
+        c = ("X" if ch.isupper() else "x" if ch.islower() else "d" if ch.isdigit()
+             else ch if len(ch.encode()) == 1 else "u")
         if not out or out[-1] != c:
             out.append(c)
     return "".join(out)[:8]
