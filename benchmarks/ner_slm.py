@@ -110,7 +110,7 @@ def one_round(encoder: Any, texts: list[str], labels: list[list[Span]], lower: A
     from freeal_backend.slm.tagger import SpanSLMConfig, cross_fit
 
     cfg = SpanSLMConfig(epochs=args.epochs, warmup_epochs=args.warmup, lr=args.lr, head_lr=args.head_lr,
-                        max_length=args.max_length, seed=args.seed, robust=not args.plain,
+                        max_length=args.max_length, seed=args.seed, robust=args.robust and not args.plain,
                         word_features=not args.no_word_features, constrained=not args.unconstrained)
     reset_peak_rss()
     t0 = time.perf_counter()
@@ -135,7 +135,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=d.warmup_epochs)
     ap.add_argument("--lr", type=float, default=d.lr, help="top encoder layers")
     ap.add_argument("--head-lr", type=float, default=d.head_lr, help="head and word-feature embeddings")
-    ap.add_argument("--plain", action="store_true", help="plain cross-entropy (no small-loss split)")
+    ap.add_argument("--robust", action="store_true", default=d.robust,
+                    help="small-loss split after warm-up (before 2026-11-25 23:55 the default)")
+    ap.add_argument("--plain", action="store_true", help="plain cross-entropy (the default now; overrides --robust)")
     ap.add_argument("--no-word-features", action="store_true")
     ap.add_argument("--unconstrained", action="store_true", help="argmax decoding instead of BIO-valid Viterbi")
     ap.add_argument("--max-length", type=int, default=128)
@@ -227,7 +229,7 @@ def render(report: dict[str, Any], args: argparse.Namespace) -> str:
             rows.append(f1_row(f"SLM on {name} labels, test (fold ensemble)", report[name]["test"]))
     lines = [f"{report['train_sentences']} training and {report['test_sentences']} test sentences; "
              f"{args.folds}-fold cross-fitting, top {args.train_layers} encoder layer(s) + BIO head trained, "
-             f"{args.epochs} epochs ({args.warmup} warm-up{', plain CE' if args.plain else ''}), "
+             f"{args.epochs} epochs ({args.warmup} warm-up{', small-loss split' if args.robust and not args.plain else ', plain CE'}), "
              f"lr {args.lr} (layers) / {args.head_lr} (head), word features "
              f"{'off' if args.no_word_features else 'on'}, "
              f"{'argmax' if args.unconstrained else 'BIO-valid Viterbi'} decoding, max length {args.max_length}, "
