@@ -229,7 +229,8 @@ def render(report: dict[str, Any], args: argparse.Namespace) -> str:
             rows.append(f1_row(f"SLM on {name} labels, test (fold ensemble)", report[name]["test"]))
     lines = [f"{report['train_sentences']} training and {report['test_sentences']} test sentences; "
              f"{args.folds}-fold cross-fitting, top {args.train_layers} encoder layer(s) + BIO head trained, "
-             f"{args.epochs} epochs ({args.warmup} warm-up{', small-loss split' if args.robust and not args.plain else ', plain CE'}), "
+             f"{args.epochs} epochs ({args.warmup} warm-up"
+             f"{', small-loss split' if args.robust and not args.plain else ', plain CE'}), "
              f"lr {args.lr} (layers) / {args.head_lr} (head), word features "
              f"{'off' if args.no_word_features else 'on'}, "
              f"{'argmax' if args.unconstrained else 'BIO-valid Viterbi'} decoding, max length {args.max_length}, "

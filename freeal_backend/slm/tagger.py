@@ -1,6 +1,7 @@
 """The small model for spans: a BIO token tagger on the split encoder, robust training, cross-fitted detection.
 
-Training (FreeAL step 2 for spans): warm-up epochs on every sentence; then, each epoch, the per-sentence
+Training (FreeAL step 2 for spans) is plain cross-entropy by default; with ``SpanSLMConfig.robust`` (measured
+no better on BC5CDR with made noise, and slower): warm-up epochs on every sentence; then, each epoch, the per-sentence
 mean token loss goes through the same 2-component GMM small-loss split as texts
 (:func:`freeal_backend.slm.selection.split_clean_noisy`). Clean sentences train on every tag; in a noisy
 sentence only the tags the model already agrees with are trained on, so the doubtful tags (a missed or
