@@ -141,7 +141,7 @@ class SpanRun(FreeALRun):
             (it.item_id, {"predicted": encode_spans(res.predicted[i]), "doubt": float(res.doubt[i]),
                           "scores": {span_key(s): s.score for s in res.predicted[i] if s.score is not None}},
              None if np.isnan(res.losses[i]) else float(res.losses[i]), not bool(res.flagged[i]),
-             1.0 - float(res.doubt[i]))
+             float(res.clean_prob[i]) if res.clean_prob is not None else 1.0 - float(res.doubt[i]))
             for i, it in enumerate(items)])
         return {"labelled": int(sum(lab is not None for lab in labels)), "doubtful": int(res.flagged.sum()),
                 "truncated_spans": res.truncated_spans}

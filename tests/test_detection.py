@@ -102,3 +102,52 @@ def test_temperature_scaling_softens_overconfident_probabilities():
     p1 = np.where(right == (labels == 1), 0.99, 0.01)
     scaled, t = temperature_scale(np.stack([1 - p1, p1], 1), labels)
     assert t > 1 and scaled.max(1).mean() == pytest.approx(0.8, abs=0.03)
+
+
+def _bimodal_doubt(rng: np.random.Generator, n_right: int, n_wrong: int) -> np.ndarray:
+    """Held-out doubt of labels the tagger reproduces (worst word loss ~ 0.02) and of wrong ones (~ 2)."""
+    loss = np.concatenate([np.exp(rng.normal(np.log(0.02), 0.8, n_right)),
+                           np.exp(rng.normal(np.log(2.0), 0.6, n_wrong))])
+    return 1.0 - np.exp(-loss)
+
+
+def test_span_clean_probability_is_calibrated_on_a_bimodal_run() -> None:
+    from freeal_backend.slm.detection import span_clean_probability
+
+    rng = np.random.default_rng(0)
+    doubt = _bimodal_doubt(rng, 700, 300)
+    wrong = np.arange(1000) >= 700
+    p = span_clean_probability(doubt)
+    assert abs((1 - p).mean() - 0.3) < 0.05  # estimated error rate
+    assert p[~wrong].mean() > 0.9 and p[wrong].mean() < 0.1
+    order = np.argsort(doubt)
+    assert np.all(np.diff(p[order]) <= 1e-9)  # more doubt, never more probably right
+    assert (1 - doubt[wrong]).mean() < 0.2 < p[~wrong].min()  # 1 - doubt alone would call right labels doubtful
+    few = span_clean_probability(doubt[:10])
+    assert np.allclose(few, 1 - doubt[:10])
+    include = np.arange(1000) % 2 == 0
+    part = span_clean_probability(doubt, include)
+    assert np.allclose(part[~include], 1 - doubt[~include]) and part[include & wrong].mean() < 0.1
+
+
+def test_judge_span_labels_flags_disputed_doubtful_sentences_only() -> None:
+    from freeal_backend.slm.detection import judge_span_labels
+    from freeal_backend.spans import Span
+
+    rng = np.random.default_rng(1)
+    doubt = _bimodal_doubt(rng, 70, 30)
+    a, b = Span(0, 5, "Chemical"), Span(10, 15, "Disease")
+    labels: list = [[a] for _ in range(100)]
+    predicted = [[a] for _ in range(100)]
+    for i in range(70, 100):
+        predicted[i] = [a, b]  # the tagger finds a missing span in the doubtful ones
+    predicted[5] = [a, b]  # a disagreement without doubt: not flagged
+    labels[6] = None  # no answer: flagged, score 0
+    human = np.zeros(100, dtype=bool)
+    human[99] = True
+    v = judge_span_labels(labels, predicted, doubt, human, lambda i, spans: ["B-Chemical" if spans else "O"])
+    assert v.reasons[6] == ["no_llm_label"] and v.scores[6] == 0.0 and v.flagged[6]
+    assert not v.flagged[5] and v.scores[5] > 0.9
+    assert v.flagged[70:99].all() and v.reasons[70] == ["missing"] and (v.scores[70:99] < 0.5).all()
+    assert not v.flagged[99] and v.scores[99] == 1.0
+    assert v.flagged.sum() == 30

@@ -99,9 +99,12 @@ def test_tiny_tagger_beats_untrained(tiny: dict) -> None:
         return entity_scores(tiny["test_texts"], tiny["test_gold"], pred, TYPES)["overall"]["f1"]
 
     before = test_f1(SpanModel(encoder, TYPES, train_layers=1, config=cfg))
-    tags, _ = encode_tags(tokenize(encoder, tiny["texts"], cfg.max_length), tiny["gold"], TYPES)
+    tok = tokenize(encoder, tiny["texts"], cfg.max_length)
+    tags, _ = encode_tags(tok, tiny["gold"], TYPES)
     trained = SpanModel(encoder, TYPES, train_layers=1, config=cfg)
-    out = trained.fit(tiny["lower"], tags)
+    with pytest.raises(ValueError, match="word features"):
+        trained.fit(tiny["lower"], tags)
+    out = trained.fit(tiny["lower"], tags, features=tok.features)
     after = test_f1(trained)
     assert after > before + 0.2, (before, after)
     assert out is not None and out.losses.shape == (200,) and out.clean.mean() > 0.5
@@ -142,6 +145,54 @@ def test_ner_benchmark_runs_on_a_tiny_slice(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()
     for row in ["noisy labels themselves", "SLM on noisy labels, test", "SLM on gold labels, train", "top 15% by doubt",
-                "Span judgements", "peak RSS", "Command (from the repository root)"]:
+                "P(right) < 0.5 and disputed", "ECE", "Span judgements", "peak RSS",
+                "Command (from the repository root)"]:
         assert row in text, row
     assert json.loads(out.with_suffix(".json").read_text())["train_sentences"] == 40
+
+
+def test_word_shape_and_features() -> None:
+    from freeal_backend.slm.tagger import FEATURE_KINDS, word_features, word_shape
+
+    assert word_shape("L-Dopa2") == "X-Xxd" and word_shape("NaCl") == "XxXx" and word_shape("12.5") == "d.d"
+    text = "Lithium caused LITHIUM-induced tremor"
+    # tokens: [CLS] lith ##ium caused lithium - induced tremor [SEP] (word ids as a fast tokenizer gives them)
+    offsets = [(0, 0), (0, 4), (4, 7), (8, 14), (15, 22), (22, 23), (23, 30), (31, 37), (0, 0)]
+    word_ids = [None, 0, 0, 1, 2, 3, 4, 5, None]
+    f = word_features(text, offsets, word_ids, buckets=1 << 12)
+    assert f.shape == (9, len(FEATURE_KINDS)) and (f[0] == 0).all() and (f[-1] == 0).all()
+    assert (f[1] == f[2]).all()  # sub-tokens share their word's features
+    kinds = {k: i for i, k in enumerate(FEATURE_KINDS)}
+    for k in ("word", "prefix3", "suffix3", "suffix4"):  # lower-cased: "Lithium" and "LITHIUM" agree ...
+        assert f[1, kinds[k]] == f[4, kinds[k]], k
+    assert f[1, kinds["shape"]] != f[4, kinds["shape"]]  # ... but not in shape
+    assert f[4, kinds["chunk_shape"]] == f[6, kinds["chunk_shape"]] != f[7, kinds["chunk_shape"]]
+    assert ((f[1:-1] > 0) & (f[1:-1] < 1 << 12)).all()
+    assert (word_features(text, offsets, word_ids, buckets=1 << 12) == f).all()  # not salted per process
+
+
+def test_constrained_decode_never_opens_with_inside() -> None:
+    from freeal_backend.slm.tagger import decode, viterbi_bio
+
+    # tags: O, B-Chemical, I-Chemical, B-Disease, I-Disease; four one-token words
+    offsets, word_ids = [(0, 0), (0, 3), (4, 7), (8, 11), (12, 15), (0, 0)], [None, 0, 1, 2, 3, None]
+    probs = np.full((6, 5), 0.01)
+    probs[1:5] = [[0.6, 0.1, 0.28, 0.01, 0.01],  # argmax O; I-Chemical second
+                  [0.05, 0.04, 0.5, 0.01, 0.4],  # argmax I-Chemical, after O
+                  [0.05, 0.04, 0.3, 0.01, 0.6],  # argmax I-Disease, after I-Chemical
+                  [0.9, 0.03, 0.03, 0.02, 0.02]]
+    free = decode(probs, offsets, word_ids, TYPES, constrained=False)
+    assert [(s.start, s.end, s.label) for s in free] == [(4, 7, "Chemical"), (8, 11, "Disease")]
+    best = viterbi_bio(probs[1:5], 2)
+    names = ["O", "B-C", "I-C", "B-D", "I-D"]
+    for a, b in zip([0, *best[:-1]], best):  # valid: I-T only after B-T / I-T
+        assert names[b][0] != "I" or names[a][1:] == names[b][1:] and names[a] != "O", [names[t] for t in best]
+    got = decode(probs, offsets, word_ids, TYPES)
+    # brute force over all 5^4 sequences agrees with Viterbi
+    import itertools
+    valid = [seq for seq in itertools.product(range(5), repeat=4)
+             if all(names[b][0] != "I" or (names[a] != "O" and names[a][1:] == names[b][1:])
+                    for a, b in zip((0,) + seq[:-1], seq))]
+    brute = max(valid, key=lambda seq: sum(np.log(probs[1 + w, t]) for w, t in enumerate(seq)))
+    assert list(best) == list(brute)
+    assert all(s.score is not None and 0 < s.score <= 1 for s in got)

@@ -19,8 +19,11 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
    count as wrong), agreement and Cohen's kappa between the SLM and the labels. Near-chance labels are
    said to be so, and then every text is flagged: nothing in such a run can be trusted.
 5. Spans (``judge_span_labels``): the held-out tagger's spans are compared with the label's
-   (``judge_spans``: missing, spurious, wrong type, wrong boundary); a sentence is flagged when the tagger
-   doubts the label and disagrees with it. Health as above, with kappa over word-level BIO tags.
+   (``judge_spans``: missing, spurious, wrong type, wrong boundary). The score of a sentence, P(its
+   spans are right), is the small-loss posterior of its held-out doubt (``span_clean_probability``: a
+   2-component GMM over the log of its worst word's loss, fitted on the run's own sentences, no gold);
+   a sentence is flagged when that is below ``SPAN_FLAG_BELOW`` and the tagger disagrees with the label.
+   Health as above, with kappa over word-level BIO tags.
 """
 from __future__ import annotations
 
@@ -33,10 +36,13 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import cohen_kappa_score
 
+from freeal_backend.slm.selection import split_clean_noisy
 from freeal_backend.spans import Span
 
 log = logging.getLogger(__name__)
 
+SPAN_FLAG_BELOW = 0.5  # a sentence whose spans are more likely wrong than right (and disputed) is flagged
+SPAN_GMM_MIN = 20  # fewer sentences than this: no mixture, P(right) = 1 - doubt
 NEAR_CHANCE_KAPPA = 0.2  # SLM-vs-label agreement this close to chance: the labels carry (almost) no signal
 POOR_KAPPA = 0.4
 POOR_ACCURACY = 0.75
@@ -340,11 +346,32 @@ def review_note(text: str, judgements: Sequence[SpanJudgement]) -> str:
 class SpanVerdict:
     """Per sentence: score, review flag, reasons and the held-out tagger's disagreements; the run's health."""
 
-    scores: np.ndarray  # (n,) 1 - doubt (see slm/tagger.py doubt_score); human 1, unanswered 0
+    scores: np.ndarray  # (n,) P(spans right), see span_clean_probability; human 1, unanswered 0
     flagged: np.ndarray  # (n,) bool
     reasons: list[list[str]]
     judgements: list[list[SpanJudgement]]
     health: Health
+
+
+def span_clean_probability(doubt: np.ndarray, include: np.ndarray | None = None, *, seed: int = 0) -> np.ndarray:
+    """P(a sentence's label spans are right) from the held-out tagger's doubt, without gold.
+
+    ``doubt`` is ``1 - min_w p(label tag_w)`` (slm/tagger.py ``doubt_score``); its worst word's loss
+    ``-log(1 - doubt)`` on a log scale is bimodal over a run (labels the tagger reproduces vs labels with
+    an error), so a 2-component Gaussian mixture fitted on the ``include``d sentences (default: all) gives
+    each sentence the posterior of the low-loss component: the FreeAL small-loss split, used as a
+    probability. The raw ``1 - doubt`` is far too low for a tagger that is itself wrong on many words
+    (on BC5CDR with made noise: mean 0.28 against 0.51 right, ECE 0.23; the posterior: ECE 0.10).
+    Fewer than ``SPAN_GMM_MIN`` included sentences: ``1 - doubt``. Excluded sentences get ``1 - doubt``.
+    """
+    doubt = np.clip(np.asarray(doubt, dtype=np.float64), 0.0, 1.0)
+    include = np.ones(len(doubt), dtype=bool) if include is None else np.asarray(include, dtype=bool)
+    out = 1.0 - doubt
+    if include.sum() < SPAN_GMM_MIN:
+        return out
+    worst_loss = np.log(-np.log(np.clip(1.0 - doubt[include], 1e-12, 1.0)) + 1e-4)
+    out[include] = split_clean_noisy(worst_loss, seed=seed)[1]
+    return out
 
 
 def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequence[Sequence[Span]],
@@ -355,8 +382,9 @@ def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequen
     ``labels``: per sentence the label spans, None where the LLM gave no usable answer; ``predicted``:
     the held-out tagger's spans; ``doubt``: its doubt about the label (>= 0.5: it prefers another tag
     for some word); ``word_tags(i, spans)``: sentence i's word-level BIO tags for ``spans`` (for kappa).
-    A sentence is flagged when the LLM gave no answer or the tagger doubts the label and disagrees with
-    it (a missing, spurious, wrong-type or wrong-boundary span); its score is ``1 - doubt``.
+    A sentence's score is P(its spans are right) (:func:`span_clean_probability` over the answered
+    sentences); it is flagged when the LLM gave no answer, or the score is below ``SPAN_FLAG_BELOW`` and
+    the tagger disagrees with the label (a missing, spurious, wrong-type or wrong-boundary span).
     Health: agreement = share of answered sentences whose label the tagger reproduces exactly; kappa over
     the word tags of the answered sentences; estimated accuracy = mean score x coverage.
     """
@@ -364,7 +392,7 @@ def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequen
     human = np.asarray(human, dtype=bool)
     answered = np.array([lab is not None for lab in labels]) & ~human
     judgements = [judge_spans(labels[i] or [], predicted[i]) if answered[i] else [] for i in range(n)]
-    scores = np.where(answered, 1.0 - np.asarray(doubt, dtype=np.float64), 0.0)
+    scores = np.where(answered, span_clean_probability(doubt, answered), 0.0)
     scores[human] = 1.0
     reasons: list[list[str]] = []
     for i in range(n):
@@ -372,7 +400,7 @@ def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequen
             reasons.append([])
         elif not answered[i]:
             reasons.append(["no_llm_label"])
-        elif judgements[i] and doubt[i] >= 0.5:
+        elif judgements[i] and scores[i] < SPAN_FLAG_BELOW:
             reasons.append(sorted({j.kind for j in judgements[i]}))
         else:
             reasons.append([])
