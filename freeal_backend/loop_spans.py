@@ -14,7 +14,8 @@ resume, refinement scope, and setting aside a refinement that looks worse. What 
 * **Clean agreed pool**: sentences whose label the held-out tagger reproduces exactly, least doubtful
   first, grouped by the type of their first entity (or "no entity"), so retrieved demos cover every type.
 * **Final**: the LLM's spans (the tagger suggests, it never overrules an answer), the sentence score
-  ``1 - doubt``, the flag, the tagger's spans as a suggestion and a review note naming the doubtful spans.
+  P(spans right) (``detection.span_clean_probability``), the flag, the tagger's spans as a suggestion and
+  a review note naming the doubtful spans.
 """
 from __future__ import annotations
 
@@ -206,6 +207,10 @@ class SpanRun(FreeALRun):
             final = given if given is not None else pred
             note = (review_note(it.text, verdict.judgements[i]) if given is not None
                     else "FreeAL: NEEDS REVIEW (the LLM gave no usable answer; the spans are the small model's).")
+            if "labels_near_chance" in verdict.reasons[i]:
+                doubts = note.split(": ", 2)[2] if verdict.judgements[i] else ""
+                note = ("FreeAL: NEEDS REVIEW (the LLM's entity lists in this run look near chance: use a stronger "
+                        "LLM or label by hand)." + (f" Small model: {doubts}" if doubts else ""))
             results.append(ItemResult(
                 it.item_id, encode_spans(final), float(verdict.scores[i]), suspicious=flagged,
                 reasons=verdict.reasons[i], llm_label=lab, llm_confidence=llm_conf[it.item_id],

@@ -145,9 +145,27 @@ def test_judge_span_labels_flags_disputed_doubtful_sentences_only() -> None:
     labels[6] = None  # no answer: flagged, score 0
     human = np.zeros(100, dtype=bool)
     human[99] = True
-    v = judge_span_labels(labels, predicted, doubt, human, lambda i, spans: ["B-Chemical" if spans else "O"])
+    v = judge_span_labels(labels, predicted, doubt, human, lambda i, spans: [
+        "B-Chemical" if a in spans else "O", "B-Disease" if b in spans else "O", "O"])
+    assert v.health.verdict != "near_chance"
     assert v.reasons[6] == ["no_llm_label"] and v.scores[6] == 0.0 and v.flagged[6]
     assert not v.flagged[5] and v.scores[5] > 0.9
     assert v.flagged[70:99].all() and v.reasons[70] == ["missing"] and (v.scores[70:99] < 0.5).all()
     assert not v.flagged[99] and v.scores[99] == 1.0
     assert v.flagged.sum() == 30
+
+
+def test_span_labels_near_chance_are_said_to_be_so_and_every_sentence_is_flagged() -> None:
+    from freeal_backend.slm.detection import judge_span_labels
+    from freeal_backend.spans import Span
+
+    rng = np.random.default_rng(2)
+    a = Span(0, 5, "Chemical")
+    labels = [[a] if rng.random() < 0.5 else [] for _ in range(200)]  # the tagger's spans are unrelated to them
+    predicted = [[a] if rng.random() < 0.5 else [] for _ in range(200)]
+    doubt = rng.uniform(0.0, 1.0, 200)
+    v = judge_span_labels(labels, predicted, doubt, np.zeros(200, dtype=bool),
+                          lambda i, spans: ["B-Chemical" if spans else "O"])
+    assert v.health.verdict == "near_chance" and "near chance" in v.health.message
+    assert v.flagged.all() and all("labels_near_chance" in r for r in v.reasons)
+    assert (v.scores <= v.health.answered_accuracy + 1e-12).all()

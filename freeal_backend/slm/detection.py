@@ -386,7 +386,8 @@ def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequen
     sentences); it is flagged when the LLM gave no answer, or the score is below ``SPAN_FLAG_BELOW`` and
     the tagger disagrees with the label (a missing, spurious, wrong-type or wrong-boundary span).
     Health: agreement = share of answered sentences whose label the tagger reproduces exactly; kappa over
-    the word tags of the answered sentences; estimated accuracy = mean score x coverage.
+    the word tags of the answered sentences; estimated accuracy = mean score x coverage. Entity lists near
+    chance are said to be so and every sentence is flagged, as for labels.
     """
     n = len(labels)
     human = np.asarray(human, dtype=bool)
@@ -423,5 +424,9 @@ def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequen
         kappa = 0.0 if np.isnan(kappa) else kappa
         answered_acc = float(scores[answered].mean())
         health = _verdict(answered_acc * coverage, answered_acc, coverage, agreement, kappa, "entity lists")
+    if health.verdict == "near_chance":  # as for labels: say so, flag every sentence, no score above the estimate
+        scores[~human] = np.minimum(scores[~human], health.answered_accuracy)
+        for i in np.flatnonzero(~human):
+            reasons[i].append("labels_near_chance")
     flagged = np.array([bool(r) for r in reasons]) & ~human
     return SpanVerdict(scores, flagged, reasons, judgements, health)

@@ -451,7 +451,7 @@ def cross_fit(encoder: Encoder, texts: Sequence[str], spans: Sequence[Sequence[S
 @torch.no_grad()
 def pooled_embeddings(models: Sequence[SpanModel], lower: LowerStates, batch_size: int = 128) -> np.ndarray:
     """Per text: the L2-normalised concatenation of each tagger's mean-pooled top-layer states."""
-    n = len(lower.states)
+    n = len(lower)
     parts = []
     for m in models:
         m.model.eval()
