@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +64,11 @@ def test_review_view_and_flag_in_labeling_ui(label_studio: LabelStudioServer,
                                              flagged_project: tuple[int, int, list[int]]) -> None:
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     pid, view_id, flagged = flagged_project
     ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 900})
-        _login(page, label_studio)
+    with logged_in_page(label_studio) as page:
 
         page.goto(f"{label_studio.url}/projects/{pid}/data?tab={view_id}")
         expect(page.get_by_text(REVIEW_VIEW_TITLE).first).to_be_visible(timeout=60_000)
@@ -86,11 +85,25 @@ def test_review_view_and_flag_in_labeling_ui(label_studio: LabelStudioServer,
         expect(page.get_by_text("Suggested label: negative").first).to_be_visible()
         page.wait_for_timeout(1000)
         page.screenshot(path=str(ARTIFACTS / "flagged_task.png"), full_page=True)
-        browser.close()
 
     # the UI did not rewrite the tab: it still lists exactly the flagged tasks
     pc = ProjectClient(Connection(label_studio.url, label_studio.token), pid)
     assert sorted(pc.view_task_ids(view_id)) == sorted(flagged)
+
+
+@contextmanager
+def logged_in_page(label_studio: LabelStudioServer) -> Iterator[Any]:
+    """A headless Chromium page (1440 x 900) logged in to the test Label Studio; closed on exit."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            _login(page, label_studio)
+            yield page
+        finally:
+            browser.close()
 
 
 def _login(page: Any, label_studio: LabelStudioServer) -> None:
@@ -110,7 +123,7 @@ def test_review_tab_title_shows_the_running_job(label_studio: LabelStudioServer,
     is the tab's tooltip (its ``title`` attribute), which is what is checked here."""
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     pid, view_id, flagged = flagged_project
     jobs = JobStore(tmp_path / "backend.sqlite")
@@ -124,10 +137,7 @@ def test_review_tab_title_shows_the_running_job(label_studio: LabelStudioServer,
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
     titles = [(v.data or {}).get("title") for v in client.views.list(project=pid)]
     assert titles.count(running) == 1 and sum(map(is_review_view_title, titles)) == 1
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 900})
-        _login(page, label_studio)
+    with logged_in_page(label_studio) as page:
         page.goto(f"{label_studio.url}/projects/{pid}/data?tab={view_id}")
         expect(page.locator(f'[role=tab][title="{running}"]')).to_be_visible(timeout=60_000)
         page.screenshot(path=str(tmp_path / "review_tab_running.png"))
@@ -137,7 +147,6 @@ def test_review_tab_title_shows_the_running_job(label_studio: LabelStudioServer,
         final = f"{REVIEW_VIEW_TITLE} ({len(flagged)})"
         expect(page.locator(f'[role=tab][title="{final}"]')).to_be_visible(timeout=60_000)
         page.screenshot(path=str(tmp_path / "review_tab_done.png"))
-        browser.close()
     assert pc.upsert_review_view() == view_id  # found again by its prefix
     assert sorted(pc.view_task_ids(view_id)) == sorted(flagged)  # retitling kept the filters
     jobs.close()

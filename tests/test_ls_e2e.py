@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,19 +49,15 @@ class BackendServer:
     log_path: Path
 
 
-@pytest.fixture(scope="module")
-def backend(label_studio: LabelStudioServer, llm_base_url: str,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendServer]:
-    """The FreeAL backend under gunicorn on 127.0.0.1, talking to the test Label Studio and embedded LLM."""
-    root = tmp_path_factory.mktemp("backend")
+@contextmanager
+def serve_backend(root: Path, label_studio: LabelStudioServer, **settings: str) -> Iterator[BackendServer]:
+    """The FreeAL backend under gunicorn on 127.0.0.1, talking to the test Label Studio; ``settings`` are
+    environment variables on top of a clean environment (no inherited FREEAL_/LLM_/BASIC_AUTH_ variables)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FREEAL_", "LLM_", "BASIC_AUTH_"))}
-    env.update(
-        LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token, LLM_BASE_URL=llm_base_url,
-        FREEAL_DATA_DIR=str(root / "data"), FREEAL_ROUNDS="1", FREEAL_SLM_EPOCHS="4", FREEAL_SLM_WARMUP="1",
-        FREEAL_DEMOS_PER_LABEL="3", FREEAL_SHOTS="4", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-        HOST="127.0.0.1", PORT=str(port), WORKERS="2", THREADS="4", FREEAL_PREDICT_BUDGET_S="15",
-    )
+    env.update(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token,
+               FREEAL_DATA_DIR=str(root / "data"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HOST="127.0.0.1", PORT=str(port), **settings)
     log_path = root / "backend.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
@@ -73,11 +70,22 @@ def backend(label_studio: LabelStudioServer, llm_base_url: str,
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        ARTIFACTS.mkdir(exist_ok=True)
-        calls = sorted({m.group(1) for m in re.finditer(r"(LS (?:call|webhook) \S+(?: \S+)?)",
-                                                           log_path.read_text(errors="replace"))
-                        if "/status/" not in m.group(1)})  # /status is the test's own polling
-        (ARTIFACTS / "ls_protocol_calls.txt").write_text("\n".join(calls) + "\n")
+
+
+@pytest.fixture(scope="module")
+def backend(label_studio: LabelStudioServer, llm_base_url: str,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendServer]:
+    """The backend with the embedded LLM; afterwards the Label Studio calls it saw go to an artifact."""
+    root = tmp_path_factory.mktemp("backend")
+    with serve_backend(root, label_studio, LLM_BASE_URL=llm_base_url, FREEAL_ROUNDS="1", FREEAL_SLM_EPOCHS="4",
+                       FREEAL_SLM_WARMUP="1", FREEAL_DEMOS_PER_LABEL="3", FREEAL_SHOTS="4", WORKERS="2",
+                       THREADS="4", FREEAL_PREDICT_BUDGET_S="15") as server:
+        yield server
+    ARTIFACTS.mkdir(exist_ok=True)
+    calls = sorted({m.group(1) for m in re.finditer(r"(LS (?:call|webhook) \S+(?: \S+)?)",
+                                                       server.log_path.read_text(errors="replace"))
+                    if "/status/" not in m.group(1)})  # /status is the test's own polling
+    (ARTIFACTS / "ls_protocol_calls.txt").write_text("\n".join(calls) + "\n")
 
 
 def _wait(check: Any, timeout: float, what: str) -> None:

@@ -10,9 +10,6 @@ the plumbing (its span quality is measured in ``benchmarks/ner_loop.py``).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,10 +22,10 @@ from freeal_backend.labelstudio.client import is_review_view_title
 from freeal_backend.labelstudio.label_config import REVIEW_MARKER
 from freeal_backend.storage import Store
 from tests.fake_openai import MODEL, FakeOpenAI
-from tests.fixtures_ls import LabelStudioServer, free_port
+from tests.fixtures_ls import LabelStudioServer
 from tests.fixtures_llm import shared_rows
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, _login
-from tests.test_ls_e2e import ARTIFACTS, ROOT, BackendServer, _wait, wait_job
+from tests.test_browser import CHROMIUM, logged_in_page
+from tests.test_ls_e2e import ARTIFACTS, ROOT, BackendServer, serve_backend, wait_job
 
 pytestmark = pytest.mark.ls
 
@@ -49,28 +46,11 @@ def fake_llm() -> Iterator[FakeOpenAI]:
 @pytest.fixture(scope="module")
 def span_backend(label_studio: LabelStudioServer, fake_llm: FakeOpenAI,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendServer]:
-    root = tmp_path_factory.mktemp("span-backend")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FREEAL_", "LLM_", "BASIC_AUTH_"))}
-    env.update(
-        LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token, LLM_BASE_URL=fake_llm.base_url,
-        LLM_MODEL=MODEL, FREEAL_DATA_DIR=str(root / "data"), FREEAL_ROUNDS="1", FREEAL_SLM_EPOCHS="1",
-        FREEAL_SLM_FOLDS="2", FREEAL_SHOTS="4", FREEAL_DEMOS_PER_LABEL="2", HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1", HOST="127.0.0.1", PORT=str(port), WORKERS="1", THREADS="4",
-        FREEAL_PREDICT_BUDGET_S="15",
-    )
-    log_path = root / "backend.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
-                                 "freeal_backend.labelstudio.wsgi:app"], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, 60, "backend /health")
-        yield BackendServer(url, root / "data", log_path)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with serve_backend(tmp_path_factory.mktemp("span-backend"), label_studio, LLM_BASE_URL=fake_llm.base_url,
+                       LLM_MODEL=MODEL, FREEAL_ROUNDS="1", FREEAL_SLM_EPOCHS="1", FREEAL_SLM_FOLDS="2",
+                       FREEAL_SHOTS="4", FREEAL_DEMOS_PER_LABEL="2", WORKERS="1", THREADS="4",
+                       FREEAL_PREDICT_BUDGET_S="15") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +149,7 @@ def test_span_predictions_review_tab_and_gold(label_studio: LabelStudioServer, s
 def test_flagged_span_task_in_the_labeling_ui(label_studio: LabelStudioServer, span_project: dict[str, Any]) -> None:
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
     pid = span_project["pid"]
@@ -181,10 +161,7 @@ def test_flagged_span_task_in_the_labeling_ui(label_studio: LabelStudioServer, s
     assert with_spans, "no flagged task with spans to show"
     tid = with_spans[0]
     ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 900})
-        _login(page, label_studio)
+    with logged_in_page(label_studio) as page:
         page.goto(f"{label_studio.url}/projects/{pid}/data?tab={view.id}&task={tid}")
         expect(page.get_by_text("NEEDS REVIEW").first).to_be_visible(timeout=60_000)
         highlighted = page.locator(".htx-highlight")
@@ -192,4 +169,3 @@ def test_flagged_span_task_in_the_labeling_ui(label_studio: LabelStudioServer, s
         assert highlighted.count() >= 1
         page.wait_for_timeout(1000)
         page.screenshot(path=str(ARTIFACTS / "flagged_span_task.png"), full_page=True)
-        browser.close()
