@@ -36,8 +36,6 @@ SETTING_VARS = ["LLM_BASE_URL", "LLM_MODEL", "LLM_CONCURRENCY", "FREEAL_SHOTS", 
                 "FREEAL_SLM_BATCH", "FREEAL_CLEAN_THRESHOLD", "FREEAL_SELECT_RATIO", "FREEAL_MAX_LENGTH",
                 "FREEAL_DEMO_POOL", "FREEAL_DEMOS_PER_LABEL", "FREEAL_SLM_FOLDS", "FREEAL_TORCH_THREADS",
                 "LS_FAST_PREDICTION_IMPORT"]
-# Label Studio 1.23's batched prediction import (off by default): a Label Studio setting, see ls_push.py
-LS_FAST_PREDICTION_IMPORT = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -26,13 +26,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import LS_FAST_PREDICTION_IMPORT, RESULTS, command_line, fmt_table, loadavg, write_result
+from _common import RESULTS, command_line, fmt_table, loadavg, write_result
 
 from freeal_backend.labelstudio.jobs import JobStore, PushJournal, push_results
 from freeal_backend.labelstudio.label_config import parse_label_config
 from freeal_backend.labelstudio.client import PAGE_SIZE, Connection, ProjectClient
 from freeal_backend.records import ItemResult
-from tests.fixtures_ls import LS_BIN, TOKEN, free_port, migrated_template, start_label_studio, stop
+from tests.fixtures_ls import BATCHED_IMPORT_FLAG, LS_BIN, TOKEN, free_port, migrated_template, start_label_studio, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = (ROOT / "label_config" / "review.xml").read_text()
@@ -100,7 +100,7 @@ def report(data: dict[str, Any]) -> str:
                        "2nd batch (s)", "last batch (s)", "whole push (s)", "predictions/s whole push",
                        "100k extrapolated (min)"], rows)
     return (f"{n} tasks; Label Studio {data['ls']}; batched prediction import "
-            f"(`{LS_FAST_PREDICTION_IMPORT}`): {data['fast_import']}.\n\n"
+            f"(`{BATCHED_IMPORT_FLAG}`): {data['fast_import']}.\n\n"
             f"- tasks imported in {data['task_import_s']} s (chunks of {TASK_IMPORT_CHUNK}; not the job's work)\n"
             f"- read back page by page ({data['page_size']} a page, `fields=all` as the job does; "
             f"the job reads {PAGE_SIZE} a page): "
@@ -129,13 +129,11 @@ def main() -> int:
         data["ls"] = f"at {args.ls_url}"
         data["fast_import"] = "as that server is set up"
     else:
-        if fast:  # inherited by the Label Studio started below
-            os.environ[LS_FAST_PREDICTION_IMPORT] = "true"
         with tempfile.TemporaryDirectory() as tmp:
             data_dir = Path(tmp) / "ls"
             shutil.copytree(migrated_template(Path(tmp)), data_dir)
             port = free_port()
-            proc = start_label_studio(data_dir, port, Path(tmp) / "ls.log")
+            proc = start_label_studio(data_dir, port, Path(tmp) / "ls.log", batched_import=fast)
             try:
                 data = bench(f"http://127.0.0.1:{port}", TOKEN, args.tasks, batches, args.page_size)
             finally:

@@ -1,10 +1,14 @@
-"""Session fixture: a real Label Studio (``.venv-ls/bin/label-studio``) on 127.0.0.1 with SQLite in a temp dir.
+"""Session fixtures: a real Label Studio (``.venv-ls/bin/label-studio``) on 127.0.0.1 with SQLite in a temp dir.
+
+``label_studio`` runs as ``docker-compose.yml`` ships it, with Label Studio's batched prediction import
+on; ``label_studio_default_import`` (started only by the tests that ask for it) has Label Studio's default.
 
 The first start migrates an empty database (~2 min); that migrated data dir is cached under
 ``~/.cache/freeal-ls-template/<version>`` and copied for later sessions, which then start in seconds.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -15,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +29,8 @@ USERNAME = "admin@example.com"
 PASSWORD = "freeal-test-pass"
 TOKEN = "freeal0test0legacy0token0123456789"
 START_TIMEOUT_S = 420
+# Label Studio 1.23's batched prediction import (off by default; docker-compose.yml turns it on)
+BATCHED_IMPORT_FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class LabelStudioServer:
     password: str
     data_dir: Path
     log_path: Path
+    batched_import: bool = True
 
 
 def free_port() -> int:
@@ -45,9 +53,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def ls_env(data_dir: Path) -> dict[str, str]:
+def ls_env(data_dir: Path, batched_import: bool = True) -> dict[str, str]:
     """Environment for a local test Label Studio that may call an ML backend on loopback."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "DJANGO_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LABEL_STUDIO_", "DJANGO_")) and k != BATCHED_IMPORT_FLAG}
     env.update(
         LABEL_STUDIO_BASE_DATA_DIR=str(data_dir),
         LABEL_STUDIO_USERNAME=USERNAME,
@@ -59,6 +68,8 @@ def ls_env(data_dir: Path) -> dict[str, str]:
         LATEST_VERSION_CHECK="false",  # no call to PyPI at start
         LOG_LEVEL="WARNING",
     )
+    if batched_import:
+        env[BATCHED_IMPORT_FLAG] = "true"
     return env
 
 
@@ -68,13 +79,14 @@ def _ls_version() -> str:
     return found[-1].name.removeprefix("label_studio-").removesuffix(".dist-info") if found else "unknown"
 
 
-def start_label_studio(data_dir: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+def start_label_studio(data_dir: Path, port: int, log_path: Path, *, batched_import: bool = True
+                       ) -> subprocess.Popen[bytes]:
     """Start ``label-studio start`` on 127.0.0.1:port and wait until /health answers."""
     log = log_path.open("ab")
     proc = subprocess.Popen(
         [str(LS_BIN), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
          "--data-dir", str(data_dir)],
-        env=ls_env(data_dir), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env=ls_env(data_dir, batched_import), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -122,9 +134,7 @@ def migrated_template(tmp_root: Path) -> Path:
     return template
 
 
-@pytest.fixture(scope="session")
-def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
-    """A real Label Studio for this test session (skipped only when the binary is absent)."""
+def _serve(tmp_path_factory: pytest.TempPathFactory, batched_import: bool) -> Iterator[LabelStudioServer]:
     if not LS_BIN.exists():
         pytest.skip(f"{LS_BIN} is absent: create it with `python -m venv .venv-ls && "
                     ".venv-ls/bin/pip install label-studio==1.23.2`")
@@ -133,8 +143,34 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
     shutil.copytree(migrated_template(root), data_dir)
     port = free_port()
     log_path = root / "label-studio.log"
-    proc = start_label_studio(data_dir, port, log_path)
+    proc = start_label_studio(data_dir, port, log_path, batched_import=batched_import)
     try:
-        yield LabelStudioServer(f"http://127.0.0.1:{port}", TOKEN, USERNAME, PASSWORD, data_dir, log_path)
+        yield LabelStudioServer(f"http://127.0.0.1:{port}", TOKEN, USERNAME, PASSWORD, data_dir, log_path,
+                                batched_import)
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
+    """A real Label Studio as shipped, batched prediction import on (skipped only when the binary is absent)."""
+    yield from _serve(tmp_path_factory, batched_import=True)
+
+
+@pytest.fixture(scope="session")
+def label_studio_default_import(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
+    """A second real Label Studio with its default prediction import (each request one transaction)."""
+    yield from _serve(tmp_path_factory, batched_import=False)
+
+
+def feature_flags(ls: LabelStudioServer) -> dict[str, object]:
+    """The feature flags the running Label Studio reports at ``/feature-flags/`` (after a session login)."""
+    with httpx.Client(base_url=ls.url, follow_redirects=True, timeout=30) as http:
+        http.get("/user/login/")
+        resp = http.post("/user/login/", data={"email": ls.username, "password": ls.password,
+                                               "csrfmiddlewaretoken": http.cookies.get("csrftoken", "")},
+                         headers={"Referer": f"{ls.url}/user/login/"})
+        resp.raise_for_status()
+        page = http.get("/feature-flags/")
+        page.raise_for_status()
+    return json.loads(page.text.removeprefix("<pre>").removesuffix("</pre>"))

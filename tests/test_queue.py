@@ -27,7 +27,7 @@ from freeal_backend.records import ItemResult
 from freeal_backend.labelstudio.server import ServerSettings, create_app
 from tests.fake_openai import MODEL, FakeOpenAI
 from tests.fixtures_llm import shared_rows
-from tests.fixtures_ls import LabelStudioServer
+from tests.fixtures_ls import BATCHED_IMPORT_FLAG, LabelStudioServer, feature_flags
 
 redis = pytest.importorskip("redis")
 from freeal_backend.labelstudio.jobqueue import QUEUE_NAME, Coordinator, QueueRunner, key  # noqa: E402  (needs redis, rq)
@@ -129,9 +129,15 @@ def results_for(task_ids: list[int]) -> list[ItemResult]:
 
 
 @pytest.mark.ls
+@pytest.mark.parametrize("server", ["label_studio", "label_studio_default_import"],
+                         ids=["batched-import", "default-import"])
 @pytest.mark.parametrize("landed", [False, True], ids=["crash-before-request", "crash-after-request"])
-def test_push_resumes_without_duplicates_or_losses(label_studio: LabelStudioServer, tmp_path: Path,
-                                                   landed: bool) -> None:
+def test_push_resumes_without_duplicates_or_losses(request: pytest.FixtureRequest, tmp_path: Path,
+                                                   server: str, landed: bool) -> None:
+    """As shipped (Label Studio's batched prediction import on) and with Label Studio's default import."""
+    label_studio: LabelStudioServer = request.getfixturevalue(server)
+    flag = feature_flags(label_studio).get(BATCHED_IMPORT_FLAG)
+    assert flag is label_studio.batched_import, f"{BATCHED_IMPORT_FLAG} is {flag} in that Label Studio"
     n, batch = 23, 5  # 5 batches; the 3rd one crashes
     pid, task_ids, _ = make_project(label_studio, n, f"push-resume-{landed}")
     conn = Connection(label_studio.url, label_studio.token)
