@@ -3,17 +3,22 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ls_push.py --tasks 10000 --batches 500,2000
 
 It starts Label Studio from ``.venv-ls`` on 127.0.0.1 (SQLite, the test suite's cached migrated data
-dir; or ``--ls-url``/``--ls-token`` for one you run, e.g. on PostgreSQL), creates a project with N
+dir; with ``--postgres`` on a throwaway PostgreSQL started from the machine's ``initdb``/``postgres``,
+see ``tests/fixtures_postgres.py``, which Label Studio migrates at its first start, minutes; or
+``--ls-url``/``--ls-token`` for one you run), creates a project with N
 tasks, reads them back page by page the way the background job does (``ProjectClient.iter_tasks``), and
 pushes N predictions with ``push_results`` (the job's code: journalled batches, then the version
 switch and the review view) once per batch size, each as a new model version (so each push after the
-first also deletes the previous version's N predictions). Writes ``ls_push_n<N>.md`` and ``.json``
-under ``benchmarks/results/``.
+first also deletes the previous version's N predictions; that deletion is timed on its own). Writes
+``ls_push_n<N>.md`` and ``.json`` (``ls_push_n<N>_postgres`` with ``--postgres``) under ``benchmarks/results/``.
+
+``--postgres`` needs a PostgreSQL driver in ``.venv-ls`` (``psycopg[binary]``, installed by
+scripts/setup.sh).
 
 ``LS_FAST_PREDICTION_IMPORT=1`` starts that Label Studio with its batched prediction import on (the
 feature flag ``fflag_fix_back_4620_…``, off by default in 1.23; docker-compose.yml turns it on): without it
 each import request recounts the predictions of every task in the project. Results then go to
-``ls_push_n<N>_fastimport``.
+``ls_push_n<N>[_postgres]_fastimport``.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from freeal_backend.labelstudio.label_config import parse_label_config
 from freeal_backend.labelstudio.client import PAGE_SIZE, Connection, ProjectClient
 from freeal_backend.records import ItemResult
 from tests.fixtures_ls import BATCHED_IMPORT_FLAG, LS_BIN, TOKEN, free_port, migrated_template, start_label_studio, stop
+from tests.fixtures_postgres import PG_LS_START_TIMEOUT_S, throwaway_postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = (ROOT / "label_config" / "review.xml").read_text()
@@ -51,6 +57,19 @@ def result(task_id: int) -> ItemResult:
                       reasons=["llm_slm_disagree"] if flagged else [], suggested_label="negative" if flagged else None)
 
 
+class TimedClient(ProjectClient):
+    """``ProjectClient`` that records how long each ``delete_model_version`` call takes (the benchmark's only change)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deletes: list[tuple[str, float]] = []
+
+    def delete_model_version(self, version: str) -> None:
+        t0 = time.perf_counter()
+        super().delete_model_version(version)
+        self.deletes.append((version, time.perf_counter() - t0))
+
+
 def bench(url: str, token: str, n: int, batches: list[int], page_size: int) -> dict[str, Any]:
     from label_studio_sdk import LabelStudio
 
@@ -62,7 +81,7 @@ def bench(url: str, token: str, n: int, batches: list[int], page_size: int) -> d
         chunk = texts[start : start + TASK_IMPORT_CHUNK]
         sdk.projects.import_tasks(id=project.id, request=[{"text": t} for t in chunk])
     import_s = time.perf_counter() - t0
-    client = ProjectClient(Connection(url, token), project.id, timeout=600)
+    client = TimedClient(Connection(url, token), project.id, timeout=600)
     cfg = parse_label_config(client.label_config())
     t0 = time.perf_counter()
     records = list(client.iter_tasks(cfg, page_size=page_size))
@@ -75,6 +94,7 @@ def bench(url: str, token: str, n: int, batches: list[int], page_size: int) -> d
         for k, batch in enumerate(batches):
             version = f"freeal-r{k}-bench{batch}"
             marks: list[float] = []
+            client.deletes.clear()
             t0 = time.perf_counter()
             push_results(client, cfg, results, version, journal, batch=batch,
                          on_progress=lambda done: marks.append(time.perf_counter()))
@@ -82,11 +102,15 @@ def bench(url: str, token: str, n: int, batches: list[int], page_size: int) -> d
             assert client.model_versions() == {version: n}
             batches_s = marks[-1] - t0
             per_batch = [b - a for a, b in zip([t0, *marks], marks)]
+            delete_s = sum(s for _, s in client.deletes)
             pushes.append({"batch": batch, "version": version, "push_s": round(total_s, 2),
                            "batches_s": round(batches_s, 2), "predictions_per_s": round(n / batches_s, 1),
                            "end_to_end_per_s": round(n / total_s, 1), "replaced_previous": k > 0,
+                           "delete_previous_s": round(delete_s, 2) if client.deletes else None,
+                           "deleted_per_s": round(n / delete_s, 1) if client.deletes and delete_s else None,
                            "batch_s": [round(x, 3) for x in per_batch]})
-            print(f"batch {batch}: {n / batches_s:.0f} predictions/s in batches, {total_s:.1f} s in all", flush=True)
+            print(f"batch {batch}: {n / batches_s:.0f} predictions/s in batches, {total_s:.1f} s in all"
+                  + (f", deleting the previous version {delete_s:.1f} s" if client.deletes else ""), flush=True)
     return {"tasks": n, "task_import_s": round(import_s, 2), "read_s": round(read_s, 2),
             "read_tasks_per_s": round(n / read_s, 1), "page_size": page_size, "pushes": pushes}
 
@@ -95,19 +119,24 @@ def report(data: dict[str, Any]) -> str:
     n = data["tasks"]
     rows = [[p["batch"], "yes" if p["replaced_previous"] else "no", p["batches_s"], p["predictions_per_s"],
              p["batch_s"][1] if len(p["batch_s"]) > 1 else p["batch_s"][0], p["batch_s"][-1],
+             "-" if p.get("delete_previous_s") is None else p["delete_previous_s"],
+             "-" if p.get("deleted_per_s") is None else p["deleted_per_s"],
              p["push_s"], p["end_to_end_per_s"], 100_000 / p["end_to_end_per_s"] / 60] for p in data["pushes"]]
     table = fmt_table(["batch size", "deletes previous version", "batches (s)", "predictions/s in batches",
-                       "2nd batch (s)", "last batch (s)", "whole push (s)", "predictions/s whole push",
-                       "100k extrapolated (min)"], rows)
+                       "2nd batch (s)", "last batch (s)", "deleting previous version (s)", "deleted predictions/s",
+                       "whole push (s)", "predictions/s whole push", "100k extrapolated (min)"], rows)
+    started = (f"- Label Studio started in {data['ls_start_s']} s (on an empty database: migrations included)\n"
+               if "ls_start_s" in data else "")
     return (f"{n} tasks; Label Studio {data['ls']}; batched prediction import "
-            f"(`{BATCHED_IMPORT_FLAG}`): {data['fast_import']}.\n\n"
+            f"(`{BATCHED_IMPORT_FLAG}`): {data['fast_import']}.\n\n{started}"
             f"- tasks imported in {data['task_import_s']} s (chunks of {TASK_IMPORT_CHUNK}; not the job's work)\n"
             f"- read back page by page ({data['page_size']} a page, `fields=all` as the job does; "
             f"the job reads {PAGE_SIZE} a page): "
             f"{data['read_s']} s = {data['read_tasks_per_s']} tasks/s\n\n{table}\n\n"
             "Seconds of every batch are in the JSON file. \"whole push\" is `push_results` from start to end: the "
             "journalled batches, deleting the previous FreeAL version (when there is one), selecting the new one "
-            "and the review view. The 100k column is an "
+            "and the review view; \"deleting previous version\" is the part of it spent in Label Studio's "
+            "`DELETE /api/projects/<id>/model-versions/` for the previous version's N predictions. The 100k column is an "
             f"**extrapolation** from {n} tasks at the measured rate, not a measurement: Label Studio's per-request "
             "cost may grow with the project size.\n")
 
@@ -119,15 +148,39 @@ def main() -> int:
     ap.add_argument("--page-size", type=int, default=100, help="tasks per page when reading")
     ap.add_argument("--ls-url", help="an existing Label Studio (default: start one from .venv-ls)")
     ap.add_argument("--ls-token", help="its API token (legacy or personal access token)")
+    ap.add_argument("--postgres", action="store_true",
+                    help="start Label Studio on a throwaway PostgreSQL (the machine's initdb/postgres) instead of SQLite")
     ap.add_argument("--out", help="result path without suffix (default benchmarks/results/ls_push_n<N>)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     load_start = loadavg()
     fast = os.environ.get("LS_FAST_PREDICTION_IMPORT") == "1"
+    if args.ls_url and args.postgres:
+        ap.error("--postgres starts its own Label Studio; it does not go with --ls-url")
     if args.ls_url:
         data = bench(args.ls_url, args.ls_token or "", args.tasks, batches, args.page_size)
         data["ls"] = f"at {args.ls_url}"
         data["fast_import"] = "as that server is set up"
+    elif args.postgres:
+        with throwaway_postgres() as pg, tempfile.TemporaryDirectory() as tmp:
+            data_dir = Path(tmp) / "ls"
+            data_dir.mkdir()
+            port = free_port()
+            log_path = Path(tmp) / "ls.log"
+            print(f"{pg.describe()} on port {pg.port}; starting Label Studio on it (migrates first, minutes)",
+                  flush=True)
+            t0 = time.perf_counter()
+            proc = start_label_studio(data_dir, port, log_path, batched_import=fast,
+                                      extra_env=pg.label_studio_env(), timeout_s=PG_LS_START_TIMEOUT_S)
+            ls_start_s = time.perf_counter() - t0
+            print(f"Label Studio answered in {ls_start_s:.0f} s", flush=True)
+            try:
+                data = bench(f"http://127.0.0.1:{port}", TOKEN, args.tasks, batches, args.page_size)
+            finally:
+                stop(proc)
+        data["ls_start_s"] = round(ls_start_s, 1)
+        data["ls"] = f"`{LS_BIN}` on {pg.describe()}"
+        data["fast_import"] = "on" if fast else "off (Label Studio's default)"
     else:
         with tempfile.TemporaryDirectory() as tmp:
             data_dir = Path(tmp) / "ls"
@@ -141,7 +194,8 @@ def main() -> int:
         data["ls"] = f"`{LS_BIN}` on SQLite, 127.0.0.1"
         data["fast_import"] = "on" if fast else "off (Label Studio's default)"
     data["command"] = command_line()
-    out = Path(args.out) if args.out else RESULTS / f"ls_push_n{args.tasks}{'_fastimport' if fast else ''}"
+    suffix = ("_postgres" if args.postgres else "") + ("_fastimport" if fast else "")
+    out = Path(args.out) if args.out else RESULTS / f"ls_push_n{args.tasks}{suffix}"
     write_result(out.with_suffix(".md"), f"Pushing predictions into Label Studio: {args.tasks} tasks", report(data),
                  load_start)
     out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")

@@ -31,6 +31,8 @@ if [ "${FREEAL_SKIP_LABEL_STUDIO:-0}" != "1" ] && ! [ -x .venv-ls/bin/label-stud
   echo "installing Label Studio 1.23.2 into .venv-ls (about 4-5 minutes, ~1 GB)"
   "$PY" -m venv .venv-ls
   .venv-ls/bin/pip install -q "label-studio==1.23.2"
+  # driver for Label Studio on PostgreSQL (benchmarks/ls_push.py --postgres and its slow test only)
+  .venv-ls/bin/pip install -q "psycopg[binary]==3.3.9"
 fi
 
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

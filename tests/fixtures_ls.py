@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +53,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def ls_env(data_dir: Path, batched_import: bool = True) -> dict[str, str]:
-    """Environment for a local test Label Studio that may call an ML backend on loopback."""
+def ls_env(data_dir: Path, batched_import: bool = True, extra_env: Mapping[str, str] | None = None
+           ) -> dict[str, str]:
+    """Environment for a local test Label Studio that may call an ML backend on loopback.
+
+    ``extra_env`` is set last, e.g. ``DJANGO_DB``/``POSTGRE_*`` for a Label Studio on PostgreSQL (the
+    inherited ``LABEL_STUDIO_*``/``DJANGO_*`` variables are dropped, these are not)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("LABEL_STUDIO_", "DJANGO_")) and k != BATCHED_IMPORT_FLAG}
     env.update(
@@ -70,6 +74,7 @@ def ls_env(data_dir: Path, batched_import: bool = True) -> dict[str, str]:
     )
     if batched_import:
         env[BATCHED_IMPORT_FLAG] = "true"
+    env.update(extra_env or {})
     return env
 
 
@@ -79,17 +84,21 @@ def _ls_version() -> str:
     return found[-1].name.removeprefix("label_studio-").removesuffix(".dist-info") if found else "unknown"
 
 
-def start_label_studio(data_dir: Path, port: int, log_path: Path, *, batched_import: bool = True
+def start_label_studio(data_dir: Path, port: int, log_path: Path, *, batched_import: bool = True,
+                       extra_env: Mapping[str, str] | None = None, timeout_s: float = START_TIMEOUT_S
                        ) -> subprocess.Popen[bytes]:
-    """Start ``label-studio start`` on 127.0.0.1:port and wait until /health answers."""
+    """Start ``label-studio start`` on 127.0.0.1:port and wait until /health answers.
+
+    ``extra_env`` goes to ``ls_env`` (e.g. a PostgreSQL database); ``timeout_s`` bounds the wait, which
+    includes migrating an empty database at a first start."""
     log = log_path.open("ab")
     proc = subprocess.Popen(
         [str(LS_BIN), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
          "--data-dir", str(data_dir)],
-        env=ls_env(data_dir, batched_import), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env=ls_env(data_dir, batched_import, extra_env), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.monotonic() + START_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"label-studio exited with {proc.returncode}; see {log_path}")
@@ -101,7 +110,7 @@ def start_label_studio(data_dir: Path, port: int, log_path: Path, *, batched_imp
             pass
         time.sleep(1)
     stop(proc)
-    raise RuntimeError(f"label-studio did not answer /health in {START_TIMEOUT_S}s; see {log_path}")
+    raise RuntimeError(f"label-studio did not answer /health in {timeout_s}s; see {log_path}")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
