@@ -31,7 +31,9 @@ if [ "${FREEAL_SKIP_LABEL_STUDIO:-0}" != "1" ] && ! [ -x .venv-ls/bin/label-stud
   echo "installing Label Studio 1.23.2 into .venv-ls (about 4-5 minutes, ~1 GB)"
   "$PY" -m venv .venv-ls
   .venv-ls/bin/pip install -q "label-studio==1.23.2"
-  # driver for Label Studio on PostgreSQL (benchmarks/ls_push.py --postgres and its slow test only)
+fi
+# driver for Label Studio on PostgreSQL (benchmarks/ls_push.py --postgres and its slow test only)
+if [ -x .venv-ls/bin/python ] && ! .venv-ls/bin/python -c "import psycopg" 2>/dev/null; then
   .venv-ls/bin/pip install -q "psycopg[binary]==3.3.9"
 fi
 
