@@ -24,6 +24,7 @@ from freeal_backend.labelstudio.label_config import (
     render_prediction,
     review_results,
     review_text,
+    review_marker,
 )
 from freeal_backend.records import ItemResult
 
@@ -171,7 +172,8 @@ def test_render_prediction_flagged_human_and_multilabel() -> None:
                          reasons=["label_issue"], suggested_label="negative")
     pred = render_prediction(cfg, flagged, "freeal-r1-abc")
     assert pred["score"] == 0.6 and pred["model_version"] == "freeal-r1-abc"
-    assert pred["result"][0]["value"] == {"choices": ["positive"]} and pred["result"][0]["freeal"] == REVIEW_MARKER
+    assert pred["result"][0]["value"] == {"choices": ["positive"]} and pred["result"][0]["freeal"] == review_marker(
+        "freeal-r1-abc") == f"{REVIEW_MARKER}[freeal-r1-abc]"
     assert REVIEW_MARKER in json.dumps(pred)
     human = ItemResult("2", "negative", 1.0, {}, suspicious=True, source="human")
     assert REVIEW_MARKER not in json.dumps(render_prediction(cfg, human, "v"))  # gold is never flagged

@@ -21,6 +21,7 @@ from freeal_backend.labelstudio.label_config import (
     parse_span_config,
     render_span_prediction,
     spans_from_result,
+    review_marker,
 )
 from freeal_backend.spans import Span
 
@@ -79,7 +80,7 @@ def test_render_span_prediction_offsets_and_review() -> None:
         assert (r["from_name"], r["to_name"]) == ("label", "text")
     assert regions[0]["value"] == {"start": 2, "end": 9, "text": "Lithium", "labels": ["Chemical"]}
     assert [r["score"] for r in regions] == [0.9, 0.4] and pred["score"] == 0.4
-    assert pred["result"][0]["freeal"] == REVIEW_MARKER
+    assert pred["result"][0]["freeal"] == review_marker("freeal-ner-r1")
     flag = next(r for r in pred["result"] if r["from_name"] == "freeal_flag")
     assert flag["value"] == {"choices": [FLAG_SUSPICIOUS]}
     assert spans_from_result(cfg, text, pred["result"]) == sorted(spans)

@@ -127,18 +127,21 @@ def test_ls_client_paging_versions_and_view(label_studio: LabelStudioServer) -> 
     cfg = parse_label_config(pc.label_config())
     tasks = list(pc.iter_tasks(cfg, page_size=3))
     assert len(tasks) == 7 and all(t.text for t in tasks)
+    flagged_before = {tasks[0].task_id, tasks[2].task_id}  # the previous version flagged other tasks
     flagged = {tasks[1].task_id, tasks[4].task_id}
-    for version in ("freeal-r0-a", "freeal-r1-b"):
-        preds = [{"task": t.task_id, **render_prediction(cfg, _result(t.task_id, t.task_id in flagged), version)}
+    for version, marked in (("freeal-r0-a", flagged_before), ("freeal-r1-b", flagged)):
+        preds = [{"task": t.task_id, **render_prediction(cfg, _result(t.task_id, t.task_id in marked), version)}
                  for t in tasks]
         assert pc.import_predictions(preds, batch=4) == 7
-    assert pc.replace_freeal_versions("freeal-r1-b") == ["freeal-r0-a"]
-    assert pc.model_versions() == {"freeal-r1-b": 7}
+    pc.select_version("freeal-r1-b")
     assert client.projects.get(id=project.id).model_version == "freeal-r1-b"
-    view = pc.upsert_review_view()
+    view = pc.upsert_review_view(version="freeal-r1-b")
     least_confident_first = sorted(flagged, key=lambda t: _result(t, True).confidence or 0.0)
+    assert pc.view_task_ids(view) == least_confident_first  # before the previous version is deleted
+    assert pc.delete_other_freeal_versions("freeal-r1-b") == ["freeal-r0-a"]
+    assert pc.model_versions() == {"freeal-r1-b": 7}
+    assert pc.upsert_review_view() == view  # found by its title; no version: any FreeAL version's flag
     assert pc.view_task_ids(view) == least_confident_first
-    assert pc.upsert_review_view() == view
     client.annotations.create(id=tasks[1].task_id, result=[{"from_name": "sentiment", "to_name": "text",
                                                              "type": "choices", "value": {"choices": ["negative"]}}])
     assert pc.view_task_ids(view) == [tasks[4].task_id]  # the queue shrinks as people review

@@ -19,7 +19,7 @@ import pytest
 from label_studio_sdk import LabelStudio
 
 from freeal_backend.labelstudio.client import is_review_view_title
-from freeal_backend.labelstudio.label_config import REVIEW_MARKER
+from freeal_backend.labelstudio.label_config import review_marker
 from freeal_backend.storage import Store
 from tests.fake_openai import MODEL, FakeOpenAI
 from tests.fixtures_ls import LabelStudioServer
@@ -109,7 +109,7 @@ def test_span_predictions_review_tab_and_gold(label_studio: LabelStudioServer, s
         assert {"lidocaine", "hepatitis", "cisplatin"} <= found or {"haloperidol", "neuropathy"} <= found, found
 
     # the review tab lists exactly the predictions carrying the flag marker (each flagged one has the note)
-    marked = {tid for tid, p in preds.items() if p["result"] and p["result"][0].get("freeal") == REVIEW_MARKER}
+    marked = {tid for tid, p in preds.items() if p["result"] and p["result"][0].get("freeal") == review_marker(version)}
     views = [v for v in client.views.list(project=pid) if is_review_view_title((v.data or {}).get("title"))]
     assert len(views) == 1
     listed = {int(t.id) for t in client.tasks.list(project=pid, view=views[0].id, fields="task_only", page_size=100)}

@@ -165,6 +165,34 @@ def test_push_resumes_without_duplicates_or_losses(request: pytest.FixtureReques
     assert again.calls == 0 and again.model_versions() == {"freeal-r1-current": n}
 
 
+@pytest.mark.ls
+def test_a_big_project_gets_only_the_final_round_pushed(label_studio: LabelStudioServer, tmp_path: Path) -> None:
+    """Above FREEAL_PUSH_EVERY_ROUND_MAX tasks, the job pushes the last round only (each replaced version
+    would be deleted by Label Studio one prediction at a time); the review tab follows the pushed version."""
+    n = 12
+    pid, task_ids, _ = make_project(label_studio, n, "final-round-only")
+    pushed: list[str] = []
+
+    class Recording(JobManager):
+        def push(self, client: ProjectClient, *args: Any, **kwargs: Any) -> None:
+            pushed.append(args[2])
+            super().push(client, *args, **kwargs)
+
+    with FakeOpenAI() as fake:
+        settings = Settings(data_dir=tmp_path / "data", llm_base_url=fake.base_url, llm_model=MODEL, rounds=1,
+                            shots=2, demos_per_label=3, slm_epochs=1, push_every_round_max_tasks=n - 1)
+        store = JobStore(tmp_path / "backend.sqlite")
+        store.save_project(pid, label_config=SENTIMENT, extra_params=None, ls_url=label_studio.url,
+                           ls_key=label_studio.token)
+        manager = Recording(settings, store, RunRegistry(settings))
+        assert store.claim(pid, "test", stale_s=600)
+        manager.run_once(pid, "test")
+    assert len(pushed) == 1 and pushed[0].startswith("freeal-r1-")
+    assert_exactly_one(label_studio, pid, task_ids, pushed[0])
+    view = next(v for v in LabelStudio(base_url=label_studio.url, api_key=label_studio.token).views.list(project=pid))
+    assert view.data["filters"]["items"][0]["value"] == f"freeal:needs-review[{pushed[0]}]"
+
+
 # --- workers ------------------------------------------------------------------------------------------------
 
 def worker_env(queue_url: str, data_dir: Path, ls: LabelStudioServer, fake: FakeOpenAI) -> dict[str, str]:

@@ -244,8 +244,11 @@ def test_review_tab_title_is_throttled_and_final() -> None:
         def __init__(self) -> None:
             self.titles: list[str] = []
 
-        def upsert_review_view(self, title: str) -> int:
+            self.versions: list[str | None] = []
+
+        def upsert_review_view(self, title: str, version: str | None = None) -> int:
             self.titles.append(title)
+            self.versions.append(version)
             return 11
 
     class Jobs:
@@ -256,6 +259,9 @@ def test_review_tab_title_is_throttled_and_final() -> None:
         def status(self, project_id: int) -> dict[str, Any]:
             return self.row
 
+        def model_version(self, project_id: int) -> str | None:
+            return self.row.get("model_version")
+
         def update(self, project_id: int, owner: str, **fields: Any) -> bool:
             self.updates.append(fields)
             return True
@@ -265,8 +271,10 @@ def test_review_tab_title_is_throttled_and_final() -> None:
     tab.show()
     tab.show()  # within the minute: skipped
     assert client.titles == [f"{REVIEW_VIEW_TITLE} (412) · round 1/2, 25%"] and jobs.updates == [{"view_id": 11}]
+    assert client.versions == ["freeal-llm-only"]  # nothing pushed yet: the flags of /predict's answers
+    jobs.row["model_version"] = "freeal-r1-abc"
     tab.show(force=True, final=True)
-    assert client.titles[-1] == f"{REVIEW_VIEW_TITLE} (412)"
+    assert client.titles[-1] == f"{REVIEW_VIEW_TITLE} (412)" and client.versions[-1] == "freeal-r1-abc"
 
 
 def test_job_store_records_when_a_stage_began(tmp_path: Path) -> None:

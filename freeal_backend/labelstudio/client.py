@@ -16,12 +16,13 @@ from typing import Any
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.request_options import RequestOptions
 
-from freeal_backend.labelstudio.label_config import REVIEW_MARKER, TaskConfig, human_labels
+from freeal_backend.labelstudio.label_config import REVIEW_MARKER, TaskConfig, human_labels, review_marker
 
 log = logging.getLogger(__name__)
 
 REVIEW_VIEW_TITLE = "FreeAL: needs review"
 FREEAL_VERSION_PREFIX = "freeal-"
+INITIAL_VERSION = FREEAL_VERSION_PREFIX + "llm-only"  # /predict's answers before the first push
 # Tasks are read 1000 a page with only the fields FreeAL uses: Label Studio's task list with every field
 # serializes some thirty computed columns per task and read ~75-110 tasks/s here; id, data and annotations
 # alone read ~230 (100 a page) to ~365 (1000 a page) tasks/s (SQLite, 3000 tasks, 2 shared cores).
@@ -121,25 +122,28 @@ class ProjectClient:
         """Delete every prediction of ``version`` in the project."""
         self._request("DELETE", f"api/projects/{self.project_id}/model-versions/", json={"model_version": version})
 
-    def replace_freeal_versions(self, keep: str) -> list[str]:
-        """Select ``keep`` in the project, then delete predictions of every other ``freeal-*`` version.
+    def select_version(self, version: str) -> None:
+        """Make ``version`` the project's model version: the labeling UI shows its predictions and the Data
+        Manager's "Prediction score" column averages exactly these."""
+        self.client.projects.update(id=self.project_id, model_version=version)
 
-        Selecting the version makes the labeling UI show it and the Data Manager's
-        "Prediction score" column average exactly these predictions. It comes first because deleting
-        is slow: Label Studio 1.23 updates the task's counter once per deleted prediction (a signal),
-        about 30 a second here (SQLite, 2 shared cores).
+    def delete_other_freeal_versions(self, keep: str) -> list[str]:
+        """Delete the predictions of every ``freeal-*`` version but ``keep``; returns the versions deleted.
+
+        Slow in Label Studio 1.23, which updates the task's counter once per deleted prediction (a signal):
+        about 30 a second on SQLite and 40 on PostgreSQL here (2 shared cores), so it runs last.
         """
-        self.client.projects.update(id=self.project_id, model_version=keep)
         old = [v for v in self.model_versions() if v.startswith(FREEAL_VERSION_PREFIX) and v != keep]
         for version in old:
             self.delete_model_version(version)
         return old
 
-    def upsert_review_view(self, title: str = REVIEW_VIEW_TITLE) -> int:
-        """Create or update the "FreeAL: needs review" tab: exactly the tasks whose FreeAL prediction is
-        flagged and that are still unannotated, least confident first. ``title`` may carry live state after
-        the stable prefix (see :func:`review_view_title`); the tab is found by that prefix. Returns the view id."""
-        data = review_view_data(title)
+    def upsert_review_view(self, title: str = REVIEW_VIEW_TITLE, version: str | None = None) -> int:
+        """Create or update the "FreeAL: needs review" tab: exactly the tasks whose ``version`` prediction is
+        flagged (any FreeAL version's when None) and that are still unannotated, least confident first.
+        ``title`` may carry live state after the stable prefix (see :func:`review_view_title`); the tab is
+        found by that prefix. Returns the view id."""
+        data = review_view_data(title, version)
         for view in self.client.views.list(project=self.project_id):
             if is_review_view_title((view.data or {}).get("title")):
                 self.client.views.update(id=str(view.id), project=self.project_id, data=data)
@@ -172,9 +176,9 @@ def is_review_view_title(title: Any) -> bool:
     return isinstance(title, str) and (title == REVIEW_VIEW_TITLE or title.startswith(REVIEW_VIEW_TITLE + " "))
 
 
-def review_view_data(title: str = REVIEW_VIEW_TITLE) -> dict[str, Any]:
-    """Data Manager view payload: tasks whose prediction carries the FreeAL review marker and that nobody
-    has annotated yet, least confident first.
+def review_view_data(title: str = REVIEW_VIEW_TITLE, version: str | None = None) -> dict[str, Any]:
+    """Data Manager view payload: tasks whose prediction carries the FreeAL review marker of ``version``
+    (of any version when None) and that nobody has annotated yet, least confident first.
 
     Only filters the Data Manager UI itself can show are used: 1.23's UI fails to load a project whose
     tab has an operator it does not know (the API accepts ``in_list``), and it rewrites a ``regex`` on
@@ -186,7 +190,7 @@ def review_view_data(title: str = REVIEW_VIEW_TITLE) -> dict[str, Any]:
             "conjunction": "and",
             "items": [
                 {"filter": "filter:tasks:predictions_results", "operator": "contains", "type": "String",
-                 "value": REVIEW_MARKER},
+                 "value": review_marker(version) if version else REVIEW_MARKER},
                 {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
             ],
         },

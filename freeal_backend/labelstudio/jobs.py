@@ -30,8 +30,8 @@ from freeal_backend.config import Settings
 from freeal_backend.labelstudio.label_config import TaskConfig, parse_task_config, render_task_prediction
 from freeal_backend.loop import FreeALRun
 from freeal_backend.loop_spans import run_type
-from freeal_backend.labelstudio.client import (IMPORT_BATCH, Connection, ProjectClient, TaskRecord, connection_from_env,
-                                       review_view_title)
+from freeal_backend.labelstudio.client import (IMPORT_BATCH, INITIAL_VERSION, Connection, ProjectClient, TaskRecord,
+                                       connection_from_env, review_view_title)
 from freeal_backend.records import Item, ItemResult
 from freeal_backend.status import RoundLLMStats, job_summary, live_title_state, save_round_flagged
 from freeal_backend.storage import Transactional
@@ -466,6 +466,8 @@ class JobManager:
             version = run.model_version()
             if pushed == final_version(version, rounds):
                 continue  # same data and settings as the last push: Label Studio already has these results
+            if rnd < rounds and len(items) > self.settings.push_every_round_max_tasks:
+                continue  # a big project gets the final round only: each replaced version is deleted slowly
             self.push(client, cfg, results, version, project_id, owner, texts)
             tab.show(force=True)
         self.store.update(project_id, owner, flagged=len(flagged_ids(results)))
@@ -484,8 +486,11 @@ class JobManager:
             self.store.update(project_id, owner, done=done)
 
         journal = PushJournal(self.store, project_id)
+        def cleanup() -> None:
+            self.store.update(project_id, owner, stage=f"pushed {version}; deleting the previous version's predictions")
+
         flagged = push_results(client, cfg, results, version, journal, texts=texts, batch=self.push_batch,
-                               on_progress=progress)
+                               on_progress=progress, on_cleanup=cleanup)
         self.store.update(project_id, owner, model_version=version, flagged=flagged, done=len(results))
         log.info("project %s: pushed %d predictions (%s), %d flagged", project_id, len(results), version, flagged)
 
@@ -535,12 +540,17 @@ class PushJournal:
 
 def push_results(client: ProjectClient, cfg: TaskConfig, results: list[ItemResult], version: str,
                  journal: PushJournal | None = None, *, texts: Mapping[str, str] | None = None,
-                 batch: int = IMPORT_BATCH, on_progress: Callable[[int], None] | None = None) -> int:
+                 batch: int = IMPORT_BATCH, on_progress: Callable[[int], None] | None = None,
+                 on_cleanup: Callable[[], None] | None = None) -> int:
     """Make ``version`` the project's only FreeAL predictions, refresh the review view; returns #flagged.
+
+    The new version is selected and the review view switched to it before the previous versions are
+    deleted, which Label Studio does one prediction at a time (tens a second).
 
     Predictions go in batches of ``batch``. With a ``journal``, a push interrupted by a crash resumes
     where it stopped, with no duplicate and no lost prediction; without one, the version is pushed whole.
     ``texts`` (task id -> text) are needed for span tasks: every region's offsets are checked against them.
+    ``on_cleanup`` is called once the new version is in and shown, before the old ones are deleted.
     """
     if texts is None and cfg.task_type != "classification":
         raise ValueError("span predictions need the task texts to check their offsets")
@@ -564,11 +574,14 @@ def push_results(client: ProjectClient, cfg: TaskConfig, results: list[ItemResul
             journal.stored(version, ids)
         if on_progress is not None:
             on_progress(len(done) + start + len(chunk))
-    client.replace_freeal_versions(keep=version)
+    client.select_version(version)
+    flagged = len(flagged_ids(results))
+    client.upsert_review_view(review_view_title(flagged), version)  # right now, whatever is deleted below
+    if on_cleanup is not None:
+        on_cleanup()
+    client.delete_other_freeal_versions(keep=version)
     if journal is not None:
         journal.keep_only(version)
-    flagged = len(flagged_ids(results))
-    client.upsert_review_view(review_view_title(flagged))
     return flagged
 
 
@@ -591,7 +604,8 @@ class ReviewTab:
             self._last = time.monotonic()
             job = job_summary(self.store.status(self.project_id))
             live = note if final else live_title_state(job)
-            view_id = self.client.upsert_review_view(review_view_title(job["flagged"], live))
+            version = self.store.model_version(self.project_id) or INITIAL_VERSION
+            view_id = self.client.upsert_review_view(review_view_title(job["flagged"], live), version)
             if self.owner:
                 self.store.update(self.project_id, self.owner, view_id=view_id)
         except Exception as exc:  # noqa: BLE001 - Label Studio unreachable for a moment: the next call retries

@@ -40,6 +40,14 @@ REASON_TEXT = {
 }
 
 
+def review_marker(model_version: str) -> str:
+    """The marker a flagged prediction of ``model_version`` carries: ``freeal:needs-review[<version>]``.
+
+    The review view filters on the selected version's marker, so it is right as soon as a new version is
+    in, while Label Studio is still deleting the previous one (slowly: one prediction at a time)."""
+    return f"{REVIEW_MARKER}[{model_version}]"
+
+
 class LabelConfigError(ValueError):
     """The labeling config cannot be used for FreeAL text classification."""
 
@@ -242,8 +250,8 @@ def render_prediction(cfg: ClassificationConfig, res: ItemResult, model_version:
 
     ``score`` is the final confidence in [0, 1] (0 when there is no label). The choices result carries
     the same score; the per-label confidences go into the review note when the config has one. A flagged
-    prediction's first result item carries ``"freeal": REVIEW_MARKER``, which the Data Manager can filter
-    on ("Prediction results" contains ...) whatever controls the config has.
+    prediction's first result item carries ``"freeal": review_marker(model_version)``, which the Data Manager
+    can filter on ("Prediction results" contains ...) whatever controls the config has.
     """
     score = min(1.0, max(0.0, float(res.confidence))) if res.confidence is not None else 0.0
     labels = predicted_labels(cfg, res.label, res.probs)
@@ -255,7 +263,7 @@ def render_prediction(cfg: ClassificationConfig, res: ItemResult, model_version:
         note = "FreeAL: human label (gold)."
     result.extend(review_results(cfg, suspicious=suspicious, note=note))
     if suspicious and result:
-        result[0]["freeal"] = REVIEW_MARKER
+        result[0]["freeal"] = review_marker(model_version)
     return {"result": result, "score": score, "model_version": model_version}
 
 
@@ -322,7 +330,7 @@ def render_span_prediction(cfg: SpanConfig, text: str, spans: list[Span], model_
 
     ``score`` is the task's confidence; without it, the lowest span score when every span has one, else
     the prediction carries no score (never a made-up constant). The review cue controls get ``note`` and
-    the flag when the config has them; a flagged prediction's first result item carries ``REVIEW_MARKER``.
+    the flag when the config has them; a flagged prediction's first result item carries ``review_marker``.
     """
     result = [span_region(cfg, text, s) for s in sorted(spans)]
     if score is None and spans and all(s.score is not None for s in spans):
@@ -330,7 +338,7 @@ def render_span_prediction(cfg: SpanConfig, text: str, spans: list[Span], model_
     if note is not None:
         result.extend(review_results(cfg, suspicious=suspicious, note=note))
     if suspicious and result:
-        result[0]["freeal"] = REVIEW_MARKER
+        result[0]["freeal"] = review_marker(model_version)
     prediction: dict[str, Any] = {"result": result, "model_version": model_version}
     if score is not None:
         prediction["score"] = min(1.0, max(0.0, float(score)))

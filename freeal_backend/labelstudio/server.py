@@ -39,7 +39,7 @@ from freeal_backend.llm.client import LLMUnavailable
 from freeal_backend.loop import FreeALRun, latest_health
 from freeal_backend.loop_spans import span_dicts
 from freeal_backend.spans import decode_spans
-from freeal_backend.labelstudio.client import MissingCredentialsError, project_id_from_uid
+from freeal_backend.labelstudio.client import INITIAL_VERSION, MissingCredentialsError, project_id_from_uid
 from freeal_backend.records import Item, ItemResult
 from freeal_backend.storage import Store
 
@@ -49,7 +49,6 @@ PAGE_REFRESH_S = 5  # the status pages reload themselves this often while a job 
 # the pages run no script and load nothing from another host
 PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'none'"
 
-INITIAL_VERSION = "freeal-llm-only"
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 TRAIN_EVENTS = ("START_TRAINING",)
 
