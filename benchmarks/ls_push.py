@@ -35,7 +35,7 @@ from _common import RESULTS, command_line, fmt_table, loadavg, write_result
 
 from freeal_backend.labelstudio.jobs import JobStore, PushJournal, push_results
 from freeal_backend.labelstudio.label_config import parse_label_config
-from freeal_backend.labelstudio.client import PAGE_SIZE, Connection, ProjectClient
+from freeal_backend.labelstudio.client import PAGE_SIZE, TASK_FIELDS, Connection, ProjectClient
 from freeal_backend.records import ItemResult
 from tests.fixtures_ls import BATCHED_IMPORT_FLAG, LS_BIN, TOKEN, free_port, migrated_template, start_label_studio, stop
 from tests.fixtures_postgres import PG_LS_START_TIMEOUT_S, throwaway_postgres
@@ -94,16 +94,19 @@ def bench(url: str, token: str, n: int, batches: list[int], page_size: int) -> d
         for k, batch in enumerate(batches):
             version = f"freeal-r{k}-bench{batch}"
             marks: list[float] = []
+            shown: list[float] = []
             client.deletes.clear()
             t0 = time.perf_counter()
             push_results(client, cfg, results, version, journal, batch=batch,
-                         on_progress=lambda done: marks.append(time.perf_counter()))
+                         on_progress=lambda done: marks.append(time.perf_counter()),
+                         on_cleanup=lambda: shown.append(time.perf_counter()))
             total_s = time.perf_counter() - t0
             assert client.model_versions() == {version: n}
             batches_s = marks[-1] - t0
             per_batch = [b - a for a, b in zip([t0, *marks], marks)]
             delete_s = sum(s for _, s in client.deletes)
             pushes.append({"batch": batch, "version": version, "push_s": round(total_s, 2),
+                           "shown_s": round(shown[0] - t0, 2),
                            "batches_s": round(batches_s, 2), "predictions_per_s": round(n / batches_s, 1),
                            "end_to_end_per_s": round(n / total_s, 1), "replaced_previous": k > 0,
                            "delete_previous_s": round(delete_s, 2) if client.deletes else None,
@@ -121,21 +124,23 @@ def report(data: dict[str, Any]) -> str:
              p["batch_s"][1] if len(p["batch_s"]) > 1 else p["batch_s"][0], p["batch_s"][-1],
              "-" if p.get("delete_previous_s") is None else p["delete_previous_s"],
              "-" if p.get("deleted_per_s") is None else p["deleted_per_s"],
-             p["push_s"], p["end_to_end_per_s"], 100_000 / p["end_to_end_per_s"] / 60] for p in data["pushes"]]
+             p["shown_s"], p["push_s"], p["end_to_end_per_s"], 100_000 / p["end_to_end_per_s"] / 60]
+            for p in data["pushes"]]
     table = fmt_table(["batch size", "deletes previous version", "batches (s)", "predictions/s in batches",
                        "2nd batch (s)", "last batch (s)", "deleting previous version (s)", "deleted predictions/s",
-                       "whole push (s)", "predictions/s whole push", "100k extrapolated (min)"], rows)
+                       "new version shown (s)", "whole push (s)", "predictions/s whole push", "100k extrapolated (min)"], rows)
     started = (f"- Label Studio started in {data['ls_start_s']} s (on an empty database: migrations included)\n"
                if "ls_start_s" in data else "")
     return (f"{n} tasks; Label Studio {data['ls']}; batched prediction import "
             f"(`{BATCHED_IMPORT_FLAG}`): {data['fast_import']}.\n\n{started}"
             f"- tasks imported in {data['task_import_s']} s (chunks of {TASK_IMPORT_CHUNK}; not the job's work)\n"
-            f"- read back page by page ({data['page_size']} a page, `fields=all` as the job does; "
-            f"the job reads {PAGE_SIZE} a page): "
+            f"- read back page by page ({data['page_size']} a page, the fields the job reads: "
+            f"`{TASK_FIELDS}`, annotations expanded; the job reads {PAGE_SIZE} a page): "
             f"{data['read_s']} s = {data['read_tasks_per_s']} tasks/s\n\n{table}\n\n"
             "Seconds of every batch are in the JSON file. \"whole push\" is `push_results` from start to end: the "
-            "journalled batches, deleting the previous FreeAL version (when there is one), selecting the new one "
-            "and the review view; \"deleting previous version\" is the part of it spent in Label Studio's "
+            "journalled batches, selecting the new version and switching the review view to it, then deleting the "
+            "previous FreeAL version (when there is one); \"new version shown\" is when the new version is in, selected and the review tab "
+            "switched to it (what people see), before the previous one is deleted; \"deleting previous version\" is the part of it spent in Label Studio's "
             "`DELETE /api/projects/<id>/model-versions/` for the previous version's N predictions. The 100k column is an "
             f"**extrapolation** from {n} tasks at the measured rate, not a measurement: Label Studio's per-request "
             "cost may grow with the project size.\n")
@@ -145,7 +150,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=2000)
     ap.add_argument("--batches", default="500,2000", help="comma-separated push batch sizes, one push each")
-    ap.add_argument("--page-size", type=int, default=100, help="tasks per page when reading")
+    ap.add_argument("--page-size", type=int, default=PAGE_SIZE, help="tasks per page when reading")
     ap.add_argument("--ls-url", help="an existing Label Studio (default: start one from .venv-ls)")
     ap.add_argument("--ls-token", help="its API token (legacy or personal access token)")
     ap.add_argument("--postgres", action="store_true",
