@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,39 @@ class TimedClient(ProjectClient):
         self.deletes.append((version, time.perf_counter() - t0))
 
 
-def bench(url: str, token: str, n: int, batches: list[int], page_size: int) -> dict[str, Any]:
+class AnnotationProbe:
+    """Saves an annotation every ``every_s`` seconds (on tasks from the end of the project, as a person
+    reviewing would) while it runs: can people work while Label Studio deletes the previous version?"""
+
+    def __init__(self, sdk: Any, task_ids: list[int], every_s: float = 2.0) -> None:
+        self.sdk, self.task_ids, self.every_s = sdk, list(reversed(task_ids)), every_s
+        self.saves: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        result = [{"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": ["negative"]}}]
+        for task_id in self.task_ids:
+            if self._stop.is_set():
+                return
+            t0 = time.perf_counter()
+            try:
+                self.sdk.annotations.create(id=task_id, result=result)
+                ok, error = True, None
+            except Exception as exc:  # noqa: BLE001 - what a person saving would see is the measurement
+                ok, error = False, f"{type(exc).__name__}: {getattr(exc, 'status_code', '')}"
+            self.saves.append({"ok": ok, "seconds": round(time.perf_counter() - t0, 2), "error": error})
+            self._stop.wait(self.every_s)
+
+
+def bench(url: str, token: str, n: int, batches: list[int], page_size: int, probe: bool = False) -> dict[str, Any]:
     from label_studio_sdk import LabelStudio
 
     sdk = LabelStudio(base_url=url, api_key=token, timeout=600)
@@ -96,12 +129,21 @@ def bench(url: str, token: str, n: int, batches: list[int], page_size: int) -> d
             marks: list[float] = []
             shown: list[float] = []
             client.deletes.clear()
+            people = AnnotationProbe(LabelStudio(base_url=url, api_key=token, timeout=120),
+                                     [r.task_id for r in records]) if probe and k > 0 else None
+
+            def cleanup() -> None:
+                shown.append(time.perf_counter())
+                if people is not None:
+                    people.start()
+
             t0 = time.perf_counter()
             push_results(client, cfg, results, version, journal, batch=batch,
-                         on_progress=lambda done: marks.append(time.perf_counter()),
-                         on_cleanup=lambda: shown.append(time.perf_counter()))
+                         on_progress=lambda done: marks.append(time.perf_counter()), on_cleanup=cleanup)
             total_s = time.perf_counter() - t0
-            assert client.model_versions() == {version: n}
+            if people is not None:
+                people.stop()
+            assert client.model_versions() == {version: n}, client.model_versions()
             batches_s = marks[-1] - t0
             per_batch = [b - a for a, b in zip([t0, *marks], marks)]
             delete_s = sum(s for _, s in client.deletes)
@@ -111,7 +153,8 @@ def bench(url: str, token: str, n: int, batches: list[int], page_size: int) -> d
                            "end_to_end_per_s": round(n / total_s, 1), "replaced_previous": k > 0,
                            "delete_previous_s": round(delete_s, 2) if client.deletes else None,
                            "deleted_per_s": round(n / delete_s, 1) if client.deletes and delete_s else None,
-                           "batch_s": [round(x, 3) for x in per_batch]})
+                           "batch_s": [round(x, 3) for x in per_batch],
+                           "annotations_during_delete": people.saves if people is not None else None})
             print(f"batch {batch}: {n / batches_s:.0f} predictions/s in batches, {total_s:.1f} s in all"
                   + (f", deleting the previous version {delete_s:.1f} s" if client.deletes else ""), flush=True)
     return {"tasks": n, "task_import_s": round(import_s, 2), "read_s": round(read_s, 2),
@@ -131,6 +174,15 @@ def report(data: dict[str, Any]) -> str:
                        "new version shown (s)", "whole push (s)", "predictions/s whole push", "100k extrapolated (min)"], rows)
     started = (f"- Label Studio started in {data['ls_start_s']} s (on an empty database: migrations included)\n"
                if "ls_start_s" in data else "")
+    for p in data["pushes"]:
+        saves = p.get("annotations_during_delete")
+        if saves is not None:
+            ok = [x["seconds"] for x in saves if x["ok"]]
+            failed = [x for x in saves if not x["ok"]]
+            started += (f"- while push {p['version']} deleted the previous version, a person saving an annotation "
+                        f"every 2 s: {len(ok)} of {len(saves)} saved (slowest {max(ok, default=0):.1f} s), "
+                        f"{len(failed)} failed" + (f" ({failed[0]['error']} after {failed[0]['seconds']} s)"
+                                                   if failed else "") + "\n")
     return (f"{n} tasks; Label Studio {data['ls']}; batched prediction import "
             f"(`{BATCHED_IMPORT_FLAG}`): {data['fast_import']}.\n\n{started}"
             f"- tasks imported in {data['task_import_s']} s (chunks of {TASK_IMPORT_CHUNK}; not the job's work)\n"
@@ -155,6 +207,9 @@ def main() -> int:
     ap.add_argument("--ls-token", help="its API token (legacy or personal access token)")
     ap.add_argument("--postgres", action="store_true",
                     help="start Label Studio on a throwaway PostgreSQL (the machine's initdb/postgres) instead of SQLite")
+    ap.add_argument("--probe-annotations", action="store_true",
+                    help="while a push deletes the previous version, save an annotation every 2 s and report how "
+                         "those saves went (suffix _probe)")
     ap.add_argument("--out", help="result path without suffix (default benchmarks/results/ls_push_n<N>)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -163,7 +218,7 @@ def main() -> int:
     if args.ls_url and args.postgres:
         ap.error("--postgres starts its own Label Studio; it does not go with --ls-url")
     if args.ls_url:
-        data = bench(args.ls_url, args.ls_token or "", args.tasks, batches, args.page_size)
+        data = bench(args.ls_url, args.ls_token or "", args.tasks, batches, args.page_size, args.probe_annotations)
         data["ls"] = f"at {args.ls_url}"
         data["fast_import"] = "as that server is set up"
     elif args.postgres:
@@ -180,7 +235,7 @@ def main() -> int:
             ls_start_s = time.perf_counter() - t0
             print(f"Label Studio answered in {ls_start_s:.0f} s", flush=True)
             try:
-                data = bench(f"http://127.0.0.1:{port}", TOKEN, args.tasks, batches, args.page_size)
+                data = bench(f"http://127.0.0.1:{port}", TOKEN, args.tasks, batches, args.page_size, args.probe_annotations)
             finally:
                 stop(proc)
         data["ls_start_s"] = round(ls_start_s, 1)
@@ -193,13 +248,14 @@ def main() -> int:
             port = free_port()
             proc = start_label_studio(data_dir, port, Path(tmp) / "ls.log", batched_import=fast)
             try:
-                data = bench(f"http://127.0.0.1:{port}", TOKEN, args.tasks, batches, args.page_size)
+                data = bench(f"http://127.0.0.1:{port}", TOKEN, args.tasks, batches, args.page_size, args.probe_annotations)
             finally:
                 stop(proc)
         data["ls"] = f"`{LS_BIN}` on SQLite, 127.0.0.1"
         data["fast_import"] = "on" if fast else "off (Label Studio's default)"
     data["command"] = command_line()
-    suffix = ("_postgres" if args.postgres else "") + ("_fastimport" if fast else "")
+    suffix = ("_postgres" if args.postgres else "") + ("_fastimport" if fast else "") + (
+        "_probe" if args.probe_annotations else "")
     out = Path(args.out) if args.out else RESULTS / f"ls_push_n{args.tasks}{suffix}"
     write_result(out.with_suffix(".md"), f"Pushing predictions into Label Studio: {args.tasks} tasks", report(data),
                  load_start)

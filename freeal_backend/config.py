@@ -58,6 +58,8 @@ class Settings:
     push_every_round_max_tasks: int = 10000  # FREEAL_PUSH_EVERY_ROUND_MAX: projects with at most this many tasks
     #   get each round's predictions in Label Studio as the round ends; bigger ones only the final round's, as
     #   Label Studio deletes a replaced version one prediction at a time (~30-40/s: ~1 h per 100k)
+    keep_old_versions: bool = False  # FREEAL_KEEP_OLD_VERSIONS: leave replaced versions in Label Studio (hidden:
+    #   not selected) instead of deleting them; while Label Studio deletes a version, people's saves wait for it
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "Settings":
@@ -76,7 +78,7 @@ class Settings:
             "slm_batch_size": "FREEAL_SLM_BATCH", "torch_threads": "FREEAL_TORCH_THREADS", "clean_threshold": "FREEAL_CLEAN_THRESHOLD",
             "select_ratio": "FREEAL_SELECT_RATIO", "seed": "FREEAL_SEED", "task_description": "FREEAL_TASK",
             "queue_url": "FREEAL_QUEUE", "queue_lock_ttl": "FREEAL_QUEUE_LOCK_TTL",
-            "push_every_round_max_tasks": "FREEAL_PUSH_EVERY_ROUND_MAX",
+            "push_every_round_max_tasks": "FREEAL_PUSH_EVERY_ROUND_MAX", "keep_old_versions": "FREEAL_KEEP_OLD_VERSIONS",
         }
         values: dict[str, Any] = {}
         types = {f.name: f.type for f in fields(cls)}

@@ -166,6 +166,25 @@ def test_push_resumes_without_duplicates_or_losses(request: pytest.FixtureReques
 
 
 @pytest.mark.ls
+def test_kept_old_versions_stay_hidden_from_the_review_tab(label_studio: LabelStudioServer, tmp_path: Path) -> None:
+    """FREEAL_KEEP_OLD_VERSIONS: the previous version stays in Label Studio, unselected, and the review tab
+    lists only the new version's flagged tasks."""
+    pid, task_ids, _ = make_project(label_studio, 9, "keep-old-versions")
+    conn = Connection(label_studio.url, label_studio.token)
+    cfg = parse_label_config(SENTIMENT)
+    old = [ItemResult(str(t), "negative", 0.6, {"negative": 0.6, "positive": 0.4}, suspicious=t % 2 == 0)
+           for t in task_ids]
+    push_results(ProjectClient(conn, pid), cfg, old, "freeal-r0-old")
+    flagged = push_results(ProjectClient(conn, pid), cfg, results_for(task_ids), "freeal-r1-new", delete_old=False)
+    client = ProjectClient(conn, pid)
+    assert client.model_versions() == {"freeal-r0-old": 9, "freeal-r1-new": 9}
+    assert client.client.projects.get(id=pid).model_version == "freeal-r1-new"
+    view = next(v for v in client.client.views.list(project=pid))
+    assert sorted(client.view_task_ids(int(view.id))) == [t for t in task_ids if t % 3 == 0] and flagged == len(
+        [t for t in task_ids if t % 3 == 0])
+
+
+@pytest.mark.ls
 def test_a_big_project_gets_only_the_final_round_pushed(label_studio: LabelStudioServer, tmp_path: Path) -> None:
     """Above FREEAL_PUSH_EVERY_ROUND_MAX tasks, the job pushes the last round only (each replaced version
     would be deleted by Label Studio one prediction at a time); the review tab follows the pushed version."""

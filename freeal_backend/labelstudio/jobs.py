@@ -486,11 +486,14 @@ class JobManager:
             self.store.update(project_id, owner, done=done)
 
         journal = PushJournal(self.store, project_id)
+        keep = self.settings.keep_old_versions
+
         def cleanup() -> None:
-            self.store.update(project_id, owner, stage=f"pushed {version}; deleting the previous version's predictions")
+            if not keep:
+                self.store.update(project_id, owner, stage=f"pushed {version}; deleting the previous versions")
 
         flagged = push_results(client, cfg, results, version, journal, texts=texts, batch=self.push_batch,
-                               on_progress=progress, on_cleanup=cleanup)
+                               on_progress=progress, on_cleanup=cleanup, delete_old=not keep)
         self.store.update(project_id, owner, model_version=version, flagged=flagged, done=len(results))
         log.info("project %s: pushed %d predictions (%s), %d flagged", project_id, len(results), version, flagged)
 
@@ -541,7 +544,7 @@ class PushJournal:
 def push_results(client: ProjectClient, cfg: TaskConfig, results: list[ItemResult], version: str,
                  journal: PushJournal | None = None, *, texts: Mapping[str, str] | None = None,
                  batch: int = IMPORT_BATCH, on_progress: Callable[[int], None] | None = None,
-                 on_cleanup: Callable[[], None] | None = None) -> int:
+                 on_cleanup: Callable[[], None] | None = None, delete_old: bool = True) -> int:
     """Make ``version`` the project's only FreeAL predictions, refresh the review view; returns #flagged.
 
     The new version is selected and the review view switched to it before the previous versions are
@@ -550,7 +553,8 @@ def push_results(client: ProjectClient, cfg: TaskConfig, results: list[ItemResul
     Predictions go in batches of ``batch``. With a ``journal``, a push interrupted by a crash resumes
     where it stopped, with no duplicate and no lost prediction; without one, the version is pushed whole.
     ``texts`` (task id -> text) are needed for span tasks: every region's offsets are checked against them.
-    ``on_cleanup`` is called once the new version is in and shown, before the old ones are deleted.
+    ``on_cleanup`` is called once the new version is in and shown, before the old ones are deleted;
+    ``delete_old=False`` leaves them in Label Studio (not selected, so neither shown nor in the review tab).
     """
     if texts is None and cfg.task_type != "classification":
         raise ValueError("span predictions need the task texts to check their offsets")
@@ -579,7 +583,8 @@ def push_results(client: ProjectClient, cfg: TaskConfig, results: list[ItemResul
     client.upsert_review_view(review_view_title(flagged), version)  # right now, whatever is deleted below
     if on_cleanup is not None:
         on_cleanup()
-    client.delete_other_freeal_versions(keep=version)
+    if delete_old:
+        client.delete_other_freeal_versions(keep=version)
     if journal is not None:
         journal.keep_only(version)
     return flagged
