@@ -24,8 +24,8 @@ REVIEW_VIEW_TITLE = "FreeAL: needs review"
 FREEAL_VERSION_PREFIX = "freeal-"
 INITIAL_VERSION = FREEAL_VERSION_PREFIX + "llm-only"  # /predict's answers before the first push
 # Tasks are read 1000 a page with only the fields FreeAL uses: Label Studio's task list with every field
-# serializes some thirty computed columns per task and read ~75-110 tasks/s here; id, data and annotations
-# alone read ~230 (100 a page) to ~365 (1000 a page) tasks/s (SQLite, 3000 tasks, 2 shared cores).
+# serializes some thirty computed columns per task and read ~75-130 tasks/s here; id, data and expanded
+# annotations alone read ~390 (100 a page) to ~1480 (1000 a page) tasks/s (SQLite, 3000 tasks, 2 shared cores).
 PAGE_SIZE = 1000
 TASK_FIELDS = "id,data,annotations"
 # with ``include``, each annotation is cut down to its id unless it is also expanded
@@ -131,7 +131,8 @@ class ProjectClient:
         """Delete the predictions of every ``freeal-*`` version but ``keep``; returns the versions deleted.
 
         Slow in Label Studio 1.23, which updates the task's counter once per deleted prediction (a signal):
-        about 30 a second on SQLite and 40 on PostgreSQL here (2 shared cores), so it runs last.
+        30-60 a second on SQLite and on PostgreSQL here (2 shared cores), and people's annotation saves wait
+        for it (benchmarks/results/ls_push_n2000*_probe.md), so it runs last.
         """
         old = [v for v in self.model_versions() if v.startswith(FREEAL_VERSION_PREFIX) and v != keep]
         for version in old:
