@@ -259,9 +259,6 @@ def test_review_tab_title_is_throttled_and_final() -> None:
         def status(self, project_id: int) -> dict[str, Any]:
             return self.row
 
-        def model_version(self, project_id: int) -> str | None:
-            return self.row.get("model_version")
-
         def update(self, project_id: int, owner: str, **fields: Any) -> bool:
             self.updates.append(fields)
             return True

@@ -607,9 +607,10 @@ class ReviewTab:
             return  # another thread is retitling right now
         try:
             self._last = time.monotonic()
-            job = job_summary(self.store.status(self.project_id))
+            row = self.store.status(self.project_id) or {}
+            job = job_summary(row)
             live = note if final else live_title_state(job)
-            version = self.store.model_version(self.project_id) or INITIAL_VERSION
+            version = row.get("model_version") or INITIAL_VERSION
             view_id = self.client.upsert_review_view(review_view_title(job["flagged"], live), version)
             if self.owner:
                 self.store.update(self.project_id, self.owner, view_id=view_id)
