@@ -236,6 +236,30 @@ def test_retrieve_predictions_review_view_and_gold(label_studio: LabelStudioServ
         assert call in calls, call
 
 
+
+def test_the_jobs_reads_do_not_make_label_studio_call_predict(label_studio: LabelStudioServer,
+                                                               backend: BackendServer) -> None:
+    """With "Retrieve predictions automatically" on, Label Studio calls the ML backend's /predict for each
+    page a plain task-list read returns without predictions; the job's reads (``review=1``) must not."""
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    project = client.projects.create(title="auto-retrieve", label_config=(ROOT / "label_config/review.xml").read_text())
+    client.projects.import_tasks(id=project.id, request=[{"text": r["text"]} for r in sst2_rows(5)])
+    client.ml.create(url=backend.url, project=project.id, title="FreeAL")
+    client.projects.update(id=project.id, evaluate_predictions_automatically=True)
+    pc = ProjectClient(Connection(label_studio.url, label_studio.token), project.id)
+
+    def predict_calls() -> int:
+        return backend.log_path.read_text(errors="replace").count("LS call POST /predict")
+
+    before = predict_calls()
+    cfg = parse_label_config(pc.label_config())
+    assert len(list(pc.iter_tasks(cfg, page_size=2))) == 5
+    assert pc.view_task_ids(pc.upsert_review_view()) == []
+    assert predict_calls() == before and not any(pc.model_versions().values())  # no call, no prediction stored
+    # the setting is live: a plain read of the same tasks does call /predict (the trap this test guards)
+    list(client.tasks.list(project=project.id, page_size=2))
+    assert predict_calls() > before
+
 def check_predictions(client: LabelStudio, pid: int, task_ids: list[int], version: str) -> dict[int, dict[str, Any]]:
     """Every task has exactly one prediction, of ``version``, with a score in [0, 1] and a label."""
     out = {}

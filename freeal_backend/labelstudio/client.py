@@ -94,8 +94,12 @@ class ProjectClient:
         return self.client.projects.get(id=self.project_id).label_config or ""
 
     def iter_tasks(self, cfg: TaskConfig, *, page_size: int = PAGE_SIZE) -> Iterator[TaskRecord]:
-        """Yield every task page by page, with the labels of its latest submitted (non-skipped) annotation."""
-        pager = self.client.tasks.list(project=self.project_id, fields="all", include=TASK_FIELDS,
+        """Yield every task page by page, with the labels of its latest submitted (non-skipped) annotation.
+
+        Reads pass ``review=1``: without it, a project with "Retrieve predictions automatically" on makes
+        Label Studio call this backend's ``/predict`` for every page of tasks that have no prediction yet.
+        """
+        pager = self.client.tasks.list(project=self.project_id, fields="all", include=TASK_FIELDS, review=True,
                                        page_size=page_size, request_options=EXPAND_ANNOTATIONS)
         for task in pager:
             data = task.data or {}
@@ -155,7 +159,7 @@ class ProjectClient:
     def view_task_ids(self, view_id: int) -> list[int]:
         """Ids of the tasks a Data Manager view lists, in its order."""
         pager = self.client.tasks.list(project=self.project_id, view=view_id, fields="task_only", include="id",
-                                       page_size=PAGE_SIZE)
+                                       review=True, page_size=PAGE_SIZE)
         return [int(t.id) for t in pager]
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
