@@ -33,7 +33,7 @@ from freeal_backend.slm.detection import Judgement, judge
 from freeal_backend.llm.embedded import EmbeddedLLMServer
 from freeal_backend.slm.encoder import Encoder, LowerStates
 from freeal_backend.llm.cache import ResponseCache
-from freeal_backend.llm.client import LLMAnswer, LLMClient, Parse, label_parser
+from freeal_backend.llm.client import LazyRequests, LLMAnswer, LLMClient, Parse, label_parser
 from freeal_backend.llm.prompts import Message, label_messages
 from freeal_backend.records import Item, ItemResult
 from freeal_backend.slm.selection import clean_agreed_pool, demo_pool, nearest_demos, retrieve_demos
@@ -185,7 +185,7 @@ class FreeALRun:
                       if demos and emb is not None and demo_emb is not None else [])
             return self._messages(items[i], chosen)
 
-        answers = self.llm.answer_many([(build(i), self._parser(it)) for i, it in enumerate(items)],
+        answers = self.llm.answer_many(LazyRequests(len(items), lambda i: (build(i), self._parser(items[i]))),
                                        deadline=deadline, max_tokens=self.answer_tokens, expected=self.unparsed_means)
         return [self._quick_result(it, a) for it, a in zip(items, answers)]
 

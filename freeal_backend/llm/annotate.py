@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import openai
 
-from freeal_backend.llm.client import LLMAnswer, LLMClient, LLMUnavailable, MalformedResponse, Parse
+from freeal_backend.llm.client import (LazyRequests, LLMAnswer, LLMClient, LLMUnavailable, MalformedResponse,
+                                       Parse)
 from freeal_backend.llm.prompts import Message, demo_generation_messages, parse_generated_texts
 from freeal_backend.records import Item
 from freeal_backend.spans import Span, parse_generated_span_demos, span_demo_generation_messages
@@ -80,30 +81,29 @@ def generate_span_demos(client: LLMClient, types: Sequence[str], texts: Sequence
 def annotate_items(client: LLMClient, store: Store, stage: str, items: Sequence[Item],
                    build: Callable[[int], list[Message]], parser: Callable[[int], Parse], *,
                    on_progress: Progress | None = None, check_unparsed: bool = True, max_tokens: int | None = None,
-                   expected: str = "give no usable answer") -> dict[str, LLMAnswer]:
+                   expected: str = "give no usable answer") -> int:
     """Annotate ``items`` (``build(i)`` gives item i's messages, ``parser(i)`` reads its answer), storing
-    each answer as it lands.
+    each answer as it lands; returns how many were asked.
 
     Items with a stored answer for ``stage`` are skipped, so an interrupted stage resumes where it
-    stopped; failed requests are stored with their error and retried on the next run.
+    stopped; failed requests are stored with their error and retried on the next run. Prompts are built
+    only as requests are sent, and answers are not kept in memory: the store has them.
     """
     done = {k for k, v in store.annotations(stage).items() if not v["error"]}
     todo = [i for i, it in enumerate(items) if it.item_id not in done]
+    del done
     total, finished = len(items), len(items) - len(todo)
     if on_progress:
         on_progress(stage, finished, total)
-    answers: dict[str, LLMAnswer] = {}
 
     def landed(j: int, answer: LLMAnswer) -> None:
         nonlocal finished
-        item = items[todo[j]]
-        store.add_annotation(stage, item.item_id, answer.label, answer.confidence, answer.probs, answer.raw,
-                             answer.error)
-        answers[item.item_id] = answer
+        store.add_annotation(stage, items[todo[j]].item_id, answer.label, answer.confidence, answer.probs,
+                             answer.raw, answer.error)
         finished += 1
         if on_progress:
             on_progress(stage, finished, total)
 
-    client.answer_many([(build(i), parser(i)) for i in todo], on_answer=landed, check_unparsed=check_unparsed,
-                       max_tokens=max_tokens, expected=expected)
-    return answers
+    client.answer_many(LazyRequests(len(todo), lambda j: (build(todo[j]), parser(todo[j]))), on_answer=landed,
+                       check_unparsed=check_unparsed, max_tokens=max_tokens, expected=expected, collect=False)
+    return len(todo)

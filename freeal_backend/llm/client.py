@@ -7,7 +7,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,9 +226,13 @@ class LLMClient:
     def answer_many(self, requests: Sequence[tuple[list[Message], Parse]], *,
                     on_answer: Callable[[int, LLMAnswer], None] | None = None,
                     deadline: float | None = None, check_unparsed: bool = True, max_tokens: int | None = None,
-                    expected: str = "give no usable answer") -> list[LLMAnswer | None]:
+                    expected: str = "give no usable answer", collect: bool = True) -> list[LLMAnswer | None]:
         """Ask many ``(messages, parse)`` requests with bounded concurrency; ``on_answer(i, answer)`` runs as
         each one lands.
+
+        ``requests`` may be a lazy sequence (see :class:`LazyRequests`): at most ``4 * concurrency`` are
+        taken from it and in flight at a time, so memory does not grow with the number of requests. With
+        ``collect=False`` the answers are only handed to ``on_answer`` and the returned list is empty.
 
         With a ``deadline`` (``time.monotonic()`` value; for callers that must answer in time, like
         ``/predict``) every request is cut at it, without retries; prompts not answered by then stay None.
@@ -241,56 +245,81 @@ class LLMClient:
         delivered through ``on_answer`` are kept by the caller. ``expected`` completes the error message
         ("N of M LLM answers <expected>").
         """
-        results: list[LLMAnswer | None] = [None] * len(requests)
+        results: list[LLMAnswer | None] = [None] * len(requests) if collect else []
         consecutive = 0
         rejections: list[str] = []
         answered = unparsed = 0
+        window = 4 * self.concurrency
+        pending: dict[Future[LLMAnswer], int] = {}
+        submitted = 0
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = {pool.submit(self.answer, msgs, parse, deadline=deadline, max_tokens=max_tokens): i
-                       for i, (msgs, parse) in enumerate(requests)}
             try:
-                for future in as_completed(futures):
-                    i = futures[future]
-                    try:
-                        answer = future.result()
-                        consecutive = 0
-                    except DeadlinePassed:
-                        continue
-                    except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:  # this prompt refused
-                        self.stats.add(failures=1)
-                        answer = LLMAnswer(None, None, {}, None, error=f"{type(exc).__name__}: {exc}")
-                        rejections = (rejections + [str(exc)])[-self.max_same_rejections:]
-                        if len(rejections) == self.max_same_rejections and len(set(rejections)) == 1:
-                            hint = (" (the endpoint may not support logprobs: set LLM_LOGPROBS=0)"
-                                    if "logprob" in str(exc).lower() else "")
-                            raise LLMUnavailable(f"the LLM endpoint rejected {len(rejections)} requests in a row "
-                                                 f"with the same error{hint}: {exc}") from exc
-                    except (openai.APIError, MalformedResponse) as exc:
-                        if deadline is not None and time.monotonic() >= deadline:
-                            continue  # cut by the caller's deadline, not a failure of the endpoint
-                        self.stats.add(failures=1)
-                        consecutive += 1
-                        answer = LLMAnswer(None, None, {}, None, error=f"{type(exc).__name__}: {exc}")
-                        log.warning("LLM request failed after retries: %s", answer.error)
-                        if consecutive >= self.max_consecutive_failures:
-                            raise LLMUnavailable(
-                                f"the LLM endpoint failed {consecutive} requests in a row ({answer.error}); "
-                                "finished answers are saved, re-run to resume") from exc
-                    else:
-                        rejections = []
-                    results[i] = answer
-                    if on_answer is not None:
-                        on_answer(i, answer)
-                    if answer.error is None:
-                        answered += 1
-                        unparsed += answer.label is None
-                        if (check_unparsed and self.max_unparsed_share is not None
-                                and answered >= self.min_answers_judged
-                                and unparsed > self.max_unparsed_share * answered):
-                            hint = ("; answers were cut off while thinking: raise LLM_MAX_TOKENS or set LLM_NO_THINK=1"
-                                    if self.stats.thinking_cut else f"; e.g. {answer.raw!r}")
-                            raise LLMUnavailable(f"{unparsed} of {answered} LLM answers {expected}{hint}")
+                while submitted < len(requests) or pending:
+                    while submitted < len(requests) and len(pending) < window:
+                        msgs, parse = requests[submitted]
+                        pending[pool.submit(self.answer, msgs, parse, deadline=deadline,
+                                            max_tokens=max_tokens)] = submitted
+                        submitted += 1
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        i = pending.pop(future)
+                        try:
+                            answer = future.result()
+                            consecutive = 0
+                        except DeadlinePassed:
+                            continue
+                        except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:  # prompt refused
+                            self.stats.add(failures=1)
+                            answer = LLMAnswer(None, None, {}, None, error=f"{type(exc).__name__}: {exc}")
+                            rejections = (rejections + [str(exc)])[-self.max_same_rejections:]
+                            if len(rejections) == self.max_same_rejections and len(set(rejections)) == 1:
+                                hint = (" (the endpoint may not support logprobs: set LLM_LOGPROBS=0)"
+                                        if "logprob" in str(exc).lower() else "")
+                                raise LLMUnavailable(f"the LLM endpoint rejected {len(rejections)} requests in a "
+                                                     f"row with the same error{hint}: {exc}") from exc
+                        except (openai.APIError, MalformedResponse) as exc:
+                            if deadline is not None and time.monotonic() >= deadline:
+                                continue  # cut by the caller's deadline, not a failure of the endpoint
+                            self.stats.add(failures=1)
+                            consecutive += 1
+                            answer = LLMAnswer(None, None, {}, None, error=f"{type(exc).__name__}: {exc}")
+                            log.warning("LLM request failed after retries: %s", answer.error)
+                            if consecutive >= self.max_consecutive_failures:
+                                raise LLMUnavailable(
+                                    f"the LLM endpoint failed {consecutive} requests in a row ({answer.error}); "
+                                    "finished answers are saved, re-run to resume") from exc
+                        else:
+                            rejections = []
+                        if collect:
+                            results[i] = answer
+                        if on_answer is not None:
+                            on_answer(i, answer)
+                        if answer.error is None:
+                            answered += 1
+                            unparsed += answer.label is None
+                            if (check_unparsed and self.max_unparsed_share is not None
+                                    and answered >= self.min_answers_judged
+                                    and unparsed > self.max_unparsed_share * answered):
+                                hint = ("; answers were cut off while thinking: raise LLM_MAX_TOKENS or set "
+                                        "LLM_NO_THINK=1" if self.stats.thinking_cut else f"; e.g. {answer.raw!r}")
+                                raise LLMUnavailable(f"{unparsed} of {answered} LLM answers {expected}{hint}")
             finally:
-                for future in futures:
+                for future in pending:
                     future.cancel()
         return results
+
+
+class LazyRequests(Sequence[tuple[list[Message], Parse]]):
+    """``(messages, parse)`` for request i, built only when :meth:`LLMClient.answer_many` takes it."""
+
+    def __init__(self, n: int, build: Callable[[int], tuple[list[Message], Parse]]) -> None:
+        self._n = n
+        self._build = build
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> tuple[list[Message], Parse]:  # type: ignore[override]
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        return self._build(i)
