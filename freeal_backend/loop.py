@@ -347,13 +347,23 @@ class FreeALRun:
         self.store.set_demos(demos)
         self.store.mark_stage("demos", info)
 
-    def _embeddings(self, items: Sequence[Item]) -> np.ndarray:
-        """Frozen-encoder embeddings of the items, cached on disk by content."""
+    def _embeddings(self, items: Sequence[Item], progress: Progress) -> np.ndarray:
+        """Frozen-encoder embeddings of the items, cached on disk by content; computed from the lower
+        states the SLM trains on (:meth:`_lower_states`), so the lower layers run once per run."""
         key = _hash([str(self.encoder.path), [it.text for it in items]])[:16]
         path = self.run_dir / f"embeddings-{key}.npy"
         if path.exists():
             return np.load(path)
-        emb = self.encoder.embed([it.text for it in items], max_length=self.settings.max_length)
+        split = max(0, self.encoder.num_layers - self.settings.slm_train_layers)
+        lower, _ = self._lower_states(items, split, progress)
+        done = 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            progress("embed", done, len(items))
+
+        emb = self.encoder.embed_lower(lower, split, on_batch=tick)
         np.save(path, emb)
         return emb
 
@@ -369,7 +379,8 @@ class FreeALRun:
             log.warning("round 0 has no demonstrations (the LLM wrote none that could be used): asking without")
             self._annotate("llm_r0", todo, lambda i: [], progress)
             return
-        emb = self._embeddings(todo)
+        position = {it.item_id: i for i, it in enumerate(items)}
+        emb = self._embeddings(items, progress)[[position[it.item_id] for it in todo]]
         demo_emb = self.encoder.embed([d[0] for d in demos], max_length=self.settings.max_length)
         self._annotate("llm_r0", todo, lambda i: [demos[j] for j in nearest_demos(emb[i], demo_emb, self.shots)],
                        progress)

@@ -94,6 +94,18 @@ def test_embed_pools_the_cached_states_of_the_whole_encoder(encoder, texts):
     np.testing.assert_allclose(emb[5], single, atol=1e-3)
 
 
+
+def test_embed_lower_continues_the_encoder_from_the_cached_states(encoder, texts):
+    full = encoder.embed(texts[:40], batch_size=16)
+    for split in (0, 2, encoder.num_layers):
+        lower = encoder.lower_states(texts[:40], split, batch_size=16)
+        seen: list[int] = []
+        emb = encoder.embed_lower(lower, split, batch_size=16, on_batch=seen.append)
+        assert sum(seen) == 40
+        # the only difference to one whole pass: the lower states were rounded through float16
+        np.testing.assert_allclose(emb, full, atol=1e-6 if split == encoder.num_layers else 2e-3)
+        assert (np.argsort(-(emb @ emb.T), axis=1)[:, :5] == np.argsort(-(full @ full.T), axis=1)[:, :5]).mean() > 0.95
+
 def test_tokenize_in_chunks_matches_one_call(encoder, texts):
     whole = encoder.tokenizer(texts, truncation=True, max_length=16)["input_ids"]
     assert encoder.tokenize(texts, 16, chunk=7) == whole

@@ -179,6 +179,25 @@ class Encoder:
         return out
 
 
+    @torch.no_grad()
+    def embed_lower(self, lower: LowerStates, split: int, *, batch_size: int = 128,
+                    on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+        """:meth:`embed` continued from cached ``lower`` states of layers[:split]: the frozen layers[split:]
+        and mean pooling, over length-sorted batches (the lower layers are not run a second time)."""
+        out = np.zeros((len(lower), self.hidden_size), dtype=np.float32)
+        order = np.argsort(lower.lengths, kind="stable")
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            hidden, mask = lower.batch(chunk, self.device)
+            attn = additive_mask(mask, hidden.dtype)
+            for layer in self.layers[split:]:
+                hidden = _layer_out(layer(hidden, attention_mask=attn))
+            pooled = mean_pool(hidden.to(torch.float16).float(), mask)
+            out[chunk] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+            if on_batch is not None:
+                on_batch(len(chunk))
+        return out
+
 def _layer_out(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Transformer layers return a tensor or a tuple whose first item is the hidden states."""
     return output[0] if isinstance(output, tuple) else output
