@@ -221,7 +221,9 @@ class SmallModel:
             folds = 1
         oof = np.zeros((n, self.num_classes), dtype=np.float32)
         ensemble = np.zeros((n, self.num_classes), dtype=np.float32)
-        embeddings, seconds = [], []
+        hidden = self.encoder.hidden_size
+        emb = np.zeros((n, folds * hidden), dtype=np.float32)  # filled per fold: no list + concatenate copy
+        seconds: list[float] = []
         self.models = []
         for f in range(folds):
             held = np.flatnonzero(fold_of == f)
@@ -229,9 +231,8 @@ class SmallModel:
             model = self._new_model(cfg.seed * 1000 + f)
             oof[held] = self._train_one(model, lower, labels, gold, augmented, train, held, f, folds, on_epoch,
                                         seconds)
-            probs, emb = self._predict(model, lower)
+            probs, emb[:, f * hidden:(f + 1) * hidden] = self._predict(model, lower)
             ensemble += probs / folds
-            embeddings.append(emb)
             self.models.append(model)
         outside = fold_of < 0
         oof[outside] = ensemble[outside]
@@ -240,7 +241,7 @@ class SmallModel:
                                               seed=cfg.seed)
         clean |= gold
         clean_prob[gold] = 1.0
-        emb = np.concatenate(embeddings, axis=1) / np.sqrt(folds)
+        emb /= np.sqrt(folds)
         return SLMOutput(oof, emb, losses, clean, clean_prob, seconds)
 
     def _train_one(self, model: SLMClassifier, lower: LowerStates, labels: np.ndarray, gold: np.ndarray,
