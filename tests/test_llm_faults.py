@@ -21,7 +21,7 @@ import pytest
 
 from freeal_backend.llm.annotate import annotate_items
 from freeal_backend.llm.cache import ResponseCache
-from freeal_backend.llm.client import LLMClient, LLMUnavailable, label_parser
+from freeal_backend.llm.client import LazyRequests, LLMClient, LLMUnavailable, label_parser
 from freeal_backend.llm.prompts import label_messages
 from freeal_backend.records import Item
 from freeal_backend.storage import Store
@@ -370,3 +370,20 @@ def test_mostly_unparseable_answers_stop_the_run(fake: FakeOpenAI, tmp_path: Pat
     with pytest.raises(LLMUnavailable, match="LLM_MAX_TOKENS or set LLM_NO_THINK"):
         client.label_many([msgs(f"text {i}") for i in range(60)], LABELS)
     assert client.stats.thinking_cut >= 20
+
+
+def test_prompts_are_built_only_as_requests_go_out(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """A lazy request list is read a bounded window ahead of the answers, whatever its length."""
+    client = make_client(fake, tmp_path, concurrency=3)
+    built: list[int] = []
+    answered: list[int] = []
+    ahead: list[int] = []
+
+    def build(i: int) -> tuple[list[dict[str, str]], Any]:
+        built.append(i)
+        ahead.append(len(built) - len(answered))
+        return msgs(f"text number {i}"), label_parser(LABELS)
+
+    out = client.answer_many(LazyRequests(300, build), on_answer=lambda i, a: answered.append(i), collect=False)
+    assert out == [] and sorted(answered) == list(range(300)) and sorted(built) == list(range(300))
+    assert max(ahead) <= 4 * 3 + 1 < 300  # the window, not the whole list
