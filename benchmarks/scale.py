@@ -12,9 +12,13 @@ that size's alone:
 
 - ``--full`` sizes: ``FreeALRun.run`` (the ``freeal run`` path) with 2 rounds: demos, llm_r0 (embeddings
   + retrieval + labelling), slm_r1, llm_r1, slm_r2, llm_r2, slm_r3, then the final results.
-- ``--encode`` sizes: only the encoder stages, which fix the memory of large projects: the sentence
-  embeddings for demo retrieval (whole encoder), the frozen lower layers into the disk cache, and one
-  length-sorted read of every cached state in SLM batches (what each prediction pass reads).
+- ``--encode`` sizes: only the encoder stages, which fix the memory of large projects: the frozen lower
+  layers into the disk cache, the sentence embeddings for demo retrieval (the frozen top layers run on
+  that cache), and one length-sorted read of every cached state in SLM batches (what each prediction
+  pass reads).
+
+Each finished stage prints a line (time, peak RSS, RSS left) to stderr, and a child cut short still
+reports the stages it finished.
 
 Growth exponents are least-squares slopes of log(seconds) or log(peak MiB) on log(N) over the measured
 sizes (1 = linear). Writes ``scale.md`` and ``scale.json`` under ``benchmarks/results/``.
@@ -35,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from _common import (DATA, RESULTS, TASKS, current_peak_mib, fmt_table, loadavg, read_jsonl, reset_peak_rss,
-                     write_result)
+                     rss_mib, write_result)
 
 from freeal_backend.config import Settings
 from freeal_backend.loop import FreeALRun
@@ -64,16 +68,23 @@ def synthetic_texts(n: int) -> list[str]:
 
 
 class MeasuredRun(FreeALRun):
-    """A FreeAL run that also records each stage's peak RSS (reset before the stage)."""
+    """A FreeAL run that also records each stage's peak RSS (reset before the stage) and the RSS it
+    leaves behind, writing what it has after every stage to ``out`` (a run cut short keeps its stages)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, out: Path, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.peaks: dict[str, float] = {}
+        self.after: dict[str, float] = {}
+        self.out = out
 
     def _timed(self, name: str, fn: Any) -> None:
         reset_peak_rss()
         super()._timed(name, fn)
         self.peaks[name] = max(self.peaks.get(name, 0.0), current_peak_mib())
+        self.after[name] = rss_mib()
+        self.out.write_text(json.dumps({"seconds": self.timings, "peak_mib": self.peaks, "rss_after_mib": self.after}))
+        print(f"{time.strftime('%H:%M:%S')} {name}: {self.timings[name]:.1f} s, peak {self.peaks[name]:.0f} MiB, "
+              f"after {self.after[name]:.0f} MiB", file=sys.stderr, flush=True)
 
 
 def child(mode: str, n: int, out: Path, embed_upto: int) -> None:
@@ -87,7 +98,8 @@ def child(mode: str, n: int, out: Path, embed_upto: int) -> None:
     peaks: dict[str, float] = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("FREEAL_SCALE_TMP")) as tmp:
         run_dir = Path(tmp) / "run"
-        with MeasuredRun(settings.with_(data_dir=Path(tmp)), LABELS, run_dir, task_description=TASKS["sst2"]) as run:
+        with MeasuredRun(settings.with_(data_dir=Path(tmp)), LABELS, run_dir, task_description=TASKS["sst2"],
+                         out=out) as run:
             _ = run.encoder  # loaded outside the timings
             if mode == "full":
                 t0 = time.perf_counter()
@@ -95,44 +107,49 @@ def child(mode: str, n: int, out: Path, embed_upto: int) -> None:
                 seconds = dict(run.timings, total=time.perf_counter() - t0)
                 peaks = dict(run.peaks)
                 peaks["total"] = max(peaks.values())
-            else:
-                split = max(0, run.encoder.num_layers - settings.slm_train_layers)
+                out.write_text(json.dumps({"seconds": seconds, "peak_mib": peaks, "rss_after_mib": run.after}))
+                return
+            split = max(0, run.encoder.num_layers - settings.slm_train_layers)
 
-                def phase(name: str, fn: Any) -> Any:
-                    reset_peak_rss()
-                    t0 = time.perf_counter()
-                    value = fn()
-                    seconds[name] = time.perf_counter() - t0
-                    peaks[name] = current_peak_mib()
-                    return value
+            def phase(name: str, fn: Any) -> Any:
+                reset_peak_rss()
+                t0 = time.perf_counter()
+                value = fn()
+                seconds[name] = time.perf_counter() - t0
+                peaks[name] = current_peak_mib()
+                return value
 
-                if n <= embed_upto:
-                    phase("embed", lambda: run._embeddings(items))
-                lower = phase("encode_lower", lambda: run._lower_states(items, split, lambda *a: None)[0])
-                order = np.argsort(lower.lengths, kind="stable")
-                batch = settings.slm_batch_size
-                def read_all() -> None:
-                    for start in range(0, n, batch):
-                        lower.batch(order[start:start + batch], run.encoder.device)
+            lower = phase("encode_lower", lambda: run._lower_states(items, split, lambda *a: None)[0])
+            if n <= embed_upto:  # the top layers from the cached lower states
+                phase("embed", lambda: run._embeddings(items, lambda *a: None))
+            order = np.argsort(lower.lengths, kind="stable")
+            batch = settings.slm_batch_size
 
-                phase("read_states", read_all)
-                seconds["cache_gib"] = float(lower.lengths.sum()) * lower.hidden * 2 / 2**30
+            def read_all() -> None:
+                for start in range(0, n, batch):
+                    lower.batch(order[start:start + batch], run.encoder.device)
+
+            phase("read_states", read_all)
+            seconds["cache_gib"] = float(lower.lengths.sum()) * lower.hidden * 2 / 2**30
     out.write_text(json.dumps({"seconds": seconds, "peak_mib": peaks}))
 
 
 def measure(mode: str, n: int, env: dict[str, str], embed_upto: int) -> dict[str, Any]:
-    """Run one size in a child process; its stage timings, stage peaks and whole-process peak RSS."""
+    """Run one size in a child process (its stage lines go to stderr as they finish); its stage timings,
+    stage peaks and whole-process peak RSS. A child that fails still gives the stages it finished."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--child", mode, "--n", str(n), "--child-out", str(out),
-                               "--embed-upto", str(embed_upto)],
-                              env=env, cwd=ROOT, capture_output=True, text=True)
+                               "--embed-upto", str(embed_upto)], env=env, cwd=ROOT)
         wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise SystemExit(f"{mode} n={n} failed:\n{proc.stderr[-4000:]}")
+        if not out.exists():
+            raise SystemExit(f"{mode} n={n} failed (exit {proc.returncode}) before finishing a stage")
         data = json.loads(out.read_text())
-    return {"mode": mode, "n": n, "wall_s": wall, **data, "process_peak_mib": max(data["peak_mib"].values())}
+    if proc.returncode != 0:
+        print(f"{mode} n={n} failed (exit {proc.returncode}); keeping the stages it finished", file=sys.stderr)
+    return {"mode": mode, "n": n, "wall_s": wall, "exit": proc.returncode, **data,
+            "process_peak_mib": max(data["peak_mib"].values())}
 
 
 def start_fake() -> tuple[subprocess.Popen[str], str]:
@@ -173,17 +190,24 @@ def report(data: dict[str, Any]) -> str:
              "encoder and what earlier stages left in memory)."]
     full, enc = data["full"], data["encode"]
     if full:
-        stages = [s for s in full[-1]["seconds"] if s != "total"] + ["total"]
+        stages = [s for s in full[0]["seconds"] if s != "total"] + ["total"]
         parts.append("## Whole run (`FreeALRun.run`, 2 rounds, fake LLM)\n\n" + table(full, "stage", stages))
+        parts.append("RSS left after each stage (MiB): " + "; ".join(
+            f"N = {r['n']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r.get("rss_after_mib", {}).items())
+            for r in full) + ".")
+        cut = [f"N = {r['n']} (exit {r['exit']})" for r in full if r.get("exit")]
+        if cut:
+            parts.append("**Not finished:** " + ", ".join(cut) + "; its row shows the stages it finished.")
     if enc:
         parts.append("## Encoder stages and the disk-backed lower-state cache\n\n"
-                     + table(enc, "phase", ["embed", "encode_lower", "read_states"])
+                     + table(enc, "phase", ["encode_lower", "embed", "read_states"])
                      + "\n\nCache file (float16, on disk, unlinked): "
                      + ", ".join(f"{r['n']}: {r['seconds']['cache_gib']:.2f} GiB" for r in enc)
                      + ". Peak RSS of the whole child process: "
                      + ", ".join(f"{r['n']}: {r['process_peak_mib']:.0f} MiB" for r in enc) + ".")
-    if full:
-        per_text = {s: full[-1]["seconds"][s] / full[-1]["n"] for s in full[-1]["seconds"]}
+    done = [r for r in full if "total" in r["seconds"]]
+    if done and done[-1]["n"] < 100_000:
+        per_text = {s: done[-1]["seconds"][s] / done[-1]["n"] for s in done[-1]["seconds"]}
         parts.append("**Extrapolated, not measured** — a whole run at 100k texts at the largest measured size's "
                      "per-text rate (valid where the time exponent is about 1): "
                      f"{per_text['total'] * 100_000 / 3600:.1f} h in all, of which SLM stages "
