@@ -103,7 +103,8 @@ def test_scale_tiny(tmp_path: Path) -> None:
     _run(["benchmarks/scale.py", "--full", "40,80", "--encode", "40,80", "--out", str(stem)], tmp_path,
          FREEAL_SLM_EPOCHS="1", FREEAL_SLM_TRAIN_LAYERS="1", OMP_NUM_THREADS="1")
     text = stem.with_suffix(".md").read_text()
-    for row in ["| slm_r1 |", "| total |", "time exponent", "encode_lower", "Command (from the repository root)"]:
+    for row in ["| slm_r1 |", "| total |", "time exponent", "encode_lower", "RSS left after each stage",
+                "Command (from the repository root)"]:
         assert row in text, row
     data = json.loads(stem.with_suffix(".json").read_text())
     assert [r["n"] for r in data["full"]] == [40, 80] and [r["n"] for r in data["encode"]] == [40, 80]
