@@ -109,7 +109,7 @@ def child(mode: str, n: int, out: Path, embed_upto: int) -> None:
                 peaks["total"] = max(peaks.values())
                 out.write_text(json.dumps({"seconds": seconds, "peak_mib": peaks, "rss_after_mib": run.after}))
                 return
-            split = max(0, run.encoder.num_layers - settings.slm_train_layers)
+            split = run.lower_split
 
             def phase(name: str, fn: Any) -> Any:
                 reset_peak_rss()

@@ -119,6 +119,11 @@ class FreeALRun:
             self._encoder = Encoder(self.settings.encoder)
         return self._encoder
 
+    @property
+    def lower_split(self) -> int:
+        """Encoder layers below the SLM's trained ones: their output is the cached lower states."""
+        return max(0, self.encoder.num_layers - self.settings.slm_train_layers)
+
     def close(self) -> None:
         if self._server is not None:
             self._server.stop()
@@ -354,7 +359,7 @@ class FreeALRun:
         path = self.run_dir / f"embeddings-{key}.npy"
         if path.exists():
             return np.load(path)
-        split = max(0, self.encoder.num_layers - self.settings.slm_train_layers)
+        split = self.lower_split
         lower, _ = self._lower_states(items, split, progress)
         done = 0
 
@@ -454,8 +459,7 @@ class FreeALRun:
         """Cross-fit one SLM on ``labels`` (None = unlabelled); human labels are gold. ``robust``: the
         paper's robust recipe (default: FREEAL_SLM_ROBUST)."""
         progress = progress or (lambda stage, done, total: None)
-        split = max(0, self.encoder.num_layers - self.settings.slm_train_layers)
-        lower, aug = self._lower_states(items, split, progress)
+        lower, aug = self._lower_states(items, self.lower_split, progress)
         y = np.array([self.labels.index(lab) if lab is not None else -1 for lab in labels])
         gold = np.array([bool(it.human_label) for it in items])
         model = SmallModel(self.encoder, len(self.labels), train_layers=self.settings.slm_train_layers,

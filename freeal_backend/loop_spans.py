@@ -121,10 +121,13 @@ class SpanRun(FreeALRun):
                 {"texts": len(written), **{t: per_type[t] for t in self.labels}})
 
     # the small model -------------------------------------------------------------------------------------
+    @property
+    def lower_split(self) -> int:
+        return max(0, self.encoder.num_layers - SPAN_TRAIN_LAYERS)
+
     def _fit_slm(self, items: Sequence[Item], labels: Sequence[str | None], rnd: int,
                  progress: Progress) -> dict[str, object]:
-        split = max(0, self.encoder.num_layers - SPAN_TRAIN_LAYERS)
-        lower, _ = self._lower_states(items, split, progress)
+        lower, _ = self._lower_states(items, self.lower_split, progress)
         s = self.settings
         cfg = SpanSLMConfig(epochs=s.slm_epochs, warmup_epochs=s.slm_warmup_epochs, max_length=s.max_length,
                             robust=s.slm_robust, seed=s.seed + rnd)

@@ -81,9 +81,9 @@ def generate_span_demos(client: LLMClient, types: Sequence[str], texts: Sequence
 def annotate_items(client: LLMClient, store: Store, stage: str, items: Sequence[Item],
                    build: Callable[[int], list[Message]], parser: Callable[[int], Parse], *,
                    on_progress: Progress | None = None, check_unparsed: bool = True, max_tokens: int | None = None,
-                   expected: str = "give no usable answer") -> int:
+                   expected: str = "give no usable answer") -> None:
     """Annotate ``items`` (``build(i)`` gives item i's messages, ``parser(i)`` reads its answer), storing
-    each answer as it lands; returns how many were asked.
+    each answer as it lands.
 
     Items with a stored answer for ``stage`` are skipped, so an interrupted stage resumes where it
     stopped; failed requests are stored with their error and retried on the next run. Prompts are built
@@ -106,4 +106,3 @@ def annotate_items(client: LLMClient, store: Store, stage: str, items: Sequence[
 
     client.answer_many(LazyRequests(len(todo), lambda j: (build(todo[j]), parser(todo[j]))), on_answer=landed,
                        check_unparsed=check_unparsed, max_tokens=max_tokens, expected=expected, collect=False)
-    return len(todo)
