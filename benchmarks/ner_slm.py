@@ -174,7 +174,7 @@ def main() -> None:
                               "train_sentences": len(texts), "test_sentences": len(test_texts),
                               "noisy_labels_vs_gold_train": entity_scores(texts, gold, noisy, TYPES),
                               "corrupted_sentences": float(corrupted.mean())}
-    split = encoder.num_layers - args.train_layers
+    split = encoder.split_for(args.train_layers)
     reset_peak_rss()
     report["rss_before_mib"] = rss_mib()
     t0 = time.perf_counter()

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="freeal-replay-") as tmp:
         run_dir = Path(tmp)
         with FreeALRun(settings.with_(data_dir=run_dir), LABELS, run_dir) as run:
-            split = max(0, run.encoder.num_layers - settings.slm_train_layers)
+            split = run.lower_split
             t = time.perf_counter()
             reset_peak_rss()
             run._lower_states(items, split, lambda *a: None)

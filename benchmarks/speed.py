@@ -123,7 +123,7 @@ def bench_slm(sizes: list[int], settings: Settings, tmp: Path) -> tuple[str, lis
         run_dir = tmp / f"slm-{size}"
         with FreeALRun(settings.with_(data_dir=run_dir), LABELS, run_dir, encoder=encoder) as run:
             t0 = time.perf_counter()
-            split = max(0, run.encoder.num_layers - settings.slm_train_layers)
+            split = run.lower_split
             run._lower_states(items, split, lambda *a: None)
             t_enc = time.perf_counter() - t0
             t1 = time.perf_counter()

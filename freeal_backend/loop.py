@@ -122,7 +122,7 @@ class FreeALRun:
     @property
     def lower_split(self) -> int:
         """Encoder layers below the SLM's trained ones: their output is the cached lower states."""
-        return max(0, self.encoder.num_layers - self.settings.slm_train_layers)
+        return self.encoder.split_for(self.settings.slm_train_layers)
 
     def close(self) -> None:
         if self._server is not None:

@@ -123,7 +123,7 @@ class SpanRun(FreeALRun):
     # the small model -------------------------------------------------------------------------------------
     @property
     def lower_split(self) -> int:
-        return max(0, self.encoder.num_layers - SPAN_TRAIN_LAYERS)
+        return self.encoder.split_for(SPAN_TRAIN_LAYERS)
 
     def _fit_slm(self, items: Sequence[Item], labels: Sequence[str | None], rnd: int,
                  progress: Progress) -> dict[str, object]:

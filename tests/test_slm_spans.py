@@ -81,7 +81,7 @@ def tiny() -> dict:
     encoder = Encoder()
     cfg = SpanSLMConfig(epochs=4, warmup_epochs=2, max_length=96)
     texts, test_texts = [r["text"] for r in train], [r["text"] for r in test]
-    split = encoder.num_layers - 1
+    split = encoder.split_for(1)
     return {"encoder": encoder, "cfg": cfg, "texts": texts, "gold": [spans_from_dicts(r["spans"]) for r in train],
             "lower": encoder.lower_states(texts, split, max_length=cfg.max_length),
             "test_texts": test_texts, "test_gold": [spans_from_dicts(r["spans"]) for r in test],

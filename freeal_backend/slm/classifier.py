@@ -73,7 +73,7 @@ class TopLayers(nn.Module):
 
     def __init__(self, encoder: Encoder, train_layers: int, outputs: int, dropout: float) -> None:
         super().__init__()
-        self.split = max(0, encoder.num_layers - train_layers)
+        self.split = encoder.split_for(train_layers)
         self.top = nn.ModuleList(copy.deepcopy(layer) for layer in encoder.layers[self.split:])
         for p in self.top.parameters():
             p.requires_grad_(True)
@@ -156,7 +156,7 @@ class SmallModel:
 
     @property
     def split(self) -> int:
-        return max(0, self.encoder.num_layers - self.train_layers)
+        return self.encoder.split_for(self.train_layers)
 
     def _new_model(self, seed: int) -> SLMClassifier:
         torch.manual_seed(seed)

@@ -147,6 +147,10 @@ class Encoder:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def split_for(self, train_layers: int) -> int:
+        """The layers below the top ``train_layers``: the frozen part whose output the lower-state cache holds."""
+        return max(0, self.num_layers - train_layers)
+
     def tokenize(self, texts: Sequence[str], max_length: int, *, chunk: int = 1024) -> list[list[int]]:
         """Token ids per text, ``chunk`` texts per tokenizer call: one call over all texts holds a full
         encoding object per text (~7 KB) until it returns, memory the process then keeps."""
@@ -205,8 +209,7 @@ class Encoder:
             mask = torch.zeros(hidden.shape[:2], dtype=torch.float32, device=hidden.device)
             for j, i in enumerate(chunk):
                 mask[j, : len(ids[i])] = 1.0
-            pooled = mean_pool(hidden.to(torch.float16).float(), mask)
-            out[chunk] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+            out[chunk] = _sentence_vectors(hidden, mask)
         return out
 
     @torch.no_grad()
@@ -222,11 +225,17 @@ class Encoder:
             attn = additive_mask(mask, hidden.dtype)
             for layer in self.layers[split:]:
                 hidden = _layer_out(layer(hidden, attention_mask=attn))
-            pooled = mean_pool(hidden.to(torch.float16).float(), mask)
-            out[chunk] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+            out[chunk] = _sentence_vectors(hidden, mask)
             if on_batch is not None:
                 on_batch(len(chunk))
         return out
+
+
+def _sentence_vectors(hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """Final states -> L2-normalised mean-pooled rows, rounded through float16 first as the lower-state cache
+    stores them (so :meth:`Encoder.embed` and :meth:`Encoder.embed_lower` give the same vectors)."""
+    pooled = mean_pool(hidden.to(torch.float16).float(), mask)
+    return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
 
 
 def _layer_out(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:

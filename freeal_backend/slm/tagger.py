@@ -408,7 +408,7 @@ def cross_fit(encoder: Encoder, texts: Sequence[str], spans: Sequence[Sequence[S
               on_fold: Callable[[int, int], None] | None = None) -> CrossFitResult:
     """Train ``folds`` taggers, each on the other folds, and judge each held-out sentence's label spans.
 
-    ``lower`` may pass precomputed lower states (split = num_layers - train_layers, same max_length).
+    ``lower`` may pass precomputed lower states (split = ``encoder.split_for(train_layers)``, same max_length).
     ``labelled`` (default: all) marks the sentences with a label to train on; the others are only
     predicted. ``with_embeddings`` adds the taggers' pooled states (for demo retrieval).
     """
@@ -416,7 +416,7 @@ def cross_fit(encoder: Encoder, texts: Sequence[str], spans: Sequence[Sequence[S
     n = len(texts)
     tok = tokenize(encoder, texts, cfg.max_length, cfg.feature_buckets)
     tags, lost = encode_tags(tok, spans, types)
-    split = max(0, encoder.num_layers - train_layers)
+    split = encoder.split_for(train_layers)
     if lower is None:
         lower = encoder.lower_states(texts, split, max_length=cfg.max_length)
     gold = np.zeros(n, dtype=bool) if gold is None else np.asarray(gold, dtype=bool)
