@@ -190,7 +190,7 @@ def report(data: dict[str, Any]) -> str:
              "encoder and what earlier stages left in memory)."]
     full, enc = data["full"], data["encode"]
     if full:
-        stages = [s for s in full[0]["seconds"] if s != "total"] + ["total"]
+        stages = [*dict.fromkeys(s for r in full for s in r["seconds"] if s != "total"), "total"]  # all sizes' stages
         parts.append("## Whole run (`FreeALRun.run`, 2 rounds, fake LLM)\n\n" + table(full, "stage", stages))
         parts.append("RSS left after each stage (MiB): " + "; ".join(
             f"N = {r['n']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r.get("rss_after_mib", {}).items())

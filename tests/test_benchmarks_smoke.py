@@ -109,3 +109,18 @@ def test_scale_tiny(tmp_path: Path) -> None:
     data = json.loads(stem.with_suffix(".json").read_text())
     assert [r["n"] for r in data["full"]] == [40, 80] and [r["n"] for r in data["encode"]] == [40, 80]
     assert all(r["seconds"]["total"] > 0 and r["peak_mib"]["slm_r1"] > 0 for r in data["full"])
+
+
+def test_scale_report_lists_every_sizes_stages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first child cut short must not hide the stages of the children after it."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from scale import report
+
+    cut = {"n": 200, "exit": -15, "seconds": {"demos": 0.1, "llm_r0": 20.0}, "peak_mib": {"demos": 5, "llm_r0": 9},
+           "rss_after_mib": {"demos": 5, "llm_r0": 8}}
+    done = {"n": 100, "exit": 0, "seconds": {"demos": 0.1, "llm_r0": 10.0, "slm_r1": 4.0, "total": 14.1},
+            "peak_mib": {"demos": 5, "llm_r0": 8, "slm_r1": 9, "total": 9}, "rss_after_mib": {"demos": 5}}
+    text = report({"full": [cut, done], "encode": [], "settings": "test"})
+    assert "| slm_r1 | not run | 4.0 s / 9 MiB |" in text
+    assert "| total | not run | 14.1 s / 9 MiB |" in text
+    assert "**Not finished:** N = 200 (exit -15)" in text
