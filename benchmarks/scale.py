@@ -21,7 +21,14 @@ Each finished stage prints a line (time, peak RSS, RSS left) to stderr, and a ch
 reports the stages it finished.
 
 Growth exponents are least-squares slopes of log(seconds) or log(peak MiB) on log(N) over the measured
-sizes (1 = linear). Writes ``scale.md`` and ``scale.json`` under ``benchmarks/results/``.
+sizes (1 = linear). The appended words make the texts of big sizes longer (about 20 words a text at 10k,
+25 at 100k), so whole runs also record the tokens the encoder runs on (after truncation at
+``FREEAL_MAX_LENGTH``) and get a time exponent against tokens too. Writes ``scale.md`` and ``scale.json``
+under ``benchmarks/results/``.
+
+``--render A.json,B.json --out X`` writes the report again from earlier results (several files are
+merged size by size, a later file's run of a size replacing an earlier one's; token counts missing from
+older files are counted from the same synthetic texts).
 """
 from __future__ import annotations
 
@@ -44,6 +51,7 @@ from _common import (DATA, RESULTS, TASKS, current_peak_mib, fmt_table, loadavg,
 from freeal_backend.config import Settings
 from freeal_backend.loop import FreeALRun
 from freeal_backend.records import Item
+from freeal_backend.slm.encoder import Encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["negative", "positive"]
@@ -87,12 +95,18 @@ class MeasuredRun(FreeALRun):
               f"after {self.after[name]:.0f} MiB", file=sys.stderr, flush=True)
 
 
+def count_tokens(texts: list[str], encoder: Encoder, max_length: int) -> int:
+    """Tokens the encoder runs on for ``texts`` (special tokens included, truncated at ``max_length``)."""
+    return sum(len(ids) for ids in encoder.tokenize(texts, max_length))
+
+
 def child(mode: str, n: int, out: Path, embed_upto: int) -> None:
     """One size in this process: write {stage: seconds}, {stage: peak MiB} to ``out`` as JSON."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("FREEAL_TORCH_THREADS", "1")))
-    items = [Item(str(i), t) for i, t in enumerate(synthetic_texts(n))]
+    texts = synthetic_texts(n)
+    items = [Item(str(i), t) for i, t in enumerate(texts)]
     settings = Settings.from_env()
     seconds: dict[str, float] = {}
     peaks: dict[str, float] = {}
@@ -102,12 +116,14 @@ def child(mode: str, n: int, out: Path, embed_upto: int) -> None:
                          out=out) as run:
             _ = run.encoder  # loaded outside the timings
             if mode == "full":
+                tokens = count_tokens(texts, run.encoder, settings.max_length)  # outside the timings too
                 t0 = time.perf_counter()
                 run.run(items, rounds=2)
                 seconds = dict(run.timings, total=time.perf_counter() - t0)
                 peaks = dict(run.peaks)
                 peaks["total"] = max(peaks.values())
-                out.write_text(json.dumps({"seconds": seconds, "peak_mib": peaks, "rss_after_mib": run.after}))
+                out.write_text(json.dumps({"seconds": seconds, "peak_mib": peaks, "rss_after_mib": run.after,
+                                           "tokens": tokens}))
                 return
             split = run.lower_split
 
@@ -173,14 +189,19 @@ def slope(ns: list[int], values: list[float]) -> float:
 
 
 def table(runs: list[dict[str, Any]], key: str, stages: list[str]) -> str:
+    """One row per stage: each size's seconds / peak MiB, then the exponents (against N, and against tokens
+    when every run counted them)."""
     ns = [r["n"] for r in runs]
+    tokens = [r["tokens"] for r in runs] if all("tokens" in r for r in runs) else None
     rows = []
     for stage in stages:
         secs = [r["seconds"].get(stage, float("nan")) for r in runs]
         peaks = [r["peak_mib"].get(stage, float("nan")) for r in runs]
         rows.append([stage, *[f"{s:.1f} s / {p:.0f} MiB" if s == s else "not run" for s, p in zip(secs, peaks)],
-                     f"{slope(ns, secs):.2f}", f"{slope(ns, peaks):.2f}"])
-    return fmt_table([key, *[f"N = {n}" for n in ns], "time exponent", "memory exponent"], rows)
+                     f"{slope(ns, secs):.2f}", *([f"{slope(tokens, secs):.2f}"] if tokens else []),
+                     f"{slope(ns, peaks):.2f}"])
+    return fmt_table([key, *[f"N = {n}" for n in ns], "time exponent",
+                      *(["time exponent per token"] if tokens else []), "memory exponent"], rows)
 
 
 def report(data: dict[str, Any]) -> str:
@@ -195,6 +216,9 @@ def report(data: dict[str, Any]) -> str:
         parts.append("RSS left after each stage (MiB): " + "; ".join(
             f"N = {r['n']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r.get("rss_after_mib", {}).items())
             for r in full) + ".")
+        if all("tokens" in r for r in full):
+            parts.append("Tokens the encoder runs on (after truncation, special tokens included): " + "; ".join(
+                f"N = {r['n']}: {r['tokens']:,} ({r['tokens'] / r['n']:.1f} a text)" for r in full) + ".")
         cut = [f"N = {r['n']} (exit {r['exit']})" for r in full if r.get("exit")]
         if cut:
             parts.append("**Not finished:** " + ", ".join(cut) + "; its row shows the stages it finished.")
@@ -215,6 +239,35 @@ def report(data: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def rendered(paths: list[Path]) -> dict[str, Any]:
+    """Merge earlier results size by size, smallest first (a later file's run of a size replaces an earlier
+    file's; one settings line for all, else an error) and count the tokens of whole runs that lack them,
+    from the same synthetic texts and the default encoder's tokenizer."""
+    files = [json.loads(p.read_text()) for p in paths]
+    settings = {f["settings"] for f in files}
+    if len(settings) != 1:
+        raise SystemExit(f"the results were measured with different settings: {sorted(settings)}")
+    data: dict[str, Any] = {mode: sorted({r["n"]: r for f in files for r in f[mode]}.values(), key=lambda r: r["n"])
+                            for mode in ("full", "encode")}  # a later file's run of a size replaces an earlier one
+    data.update(settings=settings.pop(), rendered_from=[str(p) for p in paths])
+    missing = [r for r in data["full"] if "tokens" not in r]
+    if missing:
+        encoder, max_length = Encoder(), Settings.from_env().max_length
+        if f"max_length {max_length}," not in data["settings"]:
+            raise SystemExit(f"set FREEAL_MAX_LENGTH to the results' max_length ({data['settings']})")
+        for r in missing:
+            r["tokens"] = count_tokens(synthetic_texts(r["n"]), encoder, max_length)
+    return data
+
+
+def write(out: Path, data: dict[str, Any], load_start: str) -> None:
+    """The report as ``out``.md and the data as ``out``.json."""
+    write_result(out.with_suffix(".md"), "Scale: time and memory per stage as the project grows", report(data),
+                 load_start)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {out.with_suffix('.md')} and .json")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", default="2000,5000,10000", help="sizes for whole runs (comma-separated; '' = none)")
@@ -222,6 +275,7 @@ def main() -> int:
     ap.add_argument("--embed-upto", type=int, default=20000,
                     help="measure the sentence embeddings of --encode sizes up to this many texts")
     ap.add_argument("--out", help="result path without suffix (default benchmarks/results/scale)")
+    ap.add_argument("--render", help="comma-separated result JSON files to report again instead of measuring")
     ap.add_argument("--child", choices=["full", "encode"], help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -229,7 +283,11 @@ def main() -> int:
     if args.child:
         child(args.child, args.n, Path(args.child_out), args.embed_upto)
         return 0
+    out = Path(args.out) if args.out else RESULTS / "scale"
     load_start = loadavg()
+    if args.render:
+        write(out, rendered([Path(x) for x in args.render.split(",") if x]), load_start)
+        return 0
     fake, base_url = start_fake()
     env = dict(os.environ, LLM_BASE_URL=base_url, LLM_MODEL="fake-gpt", LLM_API_KEY="none",
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
@@ -250,11 +308,7 @@ def main() -> int:
                         f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, "
                         f"SLM epochs {s.slm_epochs}, folds {s.slm_folds}, trained layers {s.slm_train_layers}, "
                         f"batch {s.slm_batch_size}, max_length {s.max_length}, LLM concurrency {s.llm_concurrency}")
-    out = Path(args.out) if args.out else RESULTS / "scale"
-    write_result(out.with_suffix(".md"), "Scale: time and memory per stage as the project grows", report(data),
-                 load_start)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    print(f"wrote {out.with_suffix('.md')} and .json")
+    write(out, data, load_start)
     return 0
 
 

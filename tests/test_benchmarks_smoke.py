@@ -124,3 +124,28 @@ def test_scale_report_lists_every_sizes_stages(monkeypatch: pytest.MonkeyPatch) 
     assert "| slm_r1 | not run | 4.0 s / 9 MiB |" in text
     assert "| total | not run | 14.1 s / 9 MiB |" in text
     assert "**Not finished:** N = 200 (exit -15)" in text
+
+
+def test_scale_report_gives_the_exponent_per_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Longer texts at bigger sizes: the time exponent against tokens is reported beside the one against N,
+    and results from two files are merged size by size, the later file's run of a size winning (with one
+    settings line, else an error)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from scale import rendered, report
+
+    def run(n: int, tokens: int, secs: float) -> dict[str, object]:
+        return {"n": n, "exit": 0, "tokens": tokens, "seconds": {"slm_r1": secs, "total": secs},
+                "peak_mib": {"slm_r1": n // 10, "total": n // 10}, "rss_after_mib": {"slm_r1": 8}}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"full": [run(200, 9999, 99.0), run(100, 1000, 10.0)], "encode": [], "settings": "s"}))
+    b.write_text(json.dumps({"full": [run(200, 4000, 40.0)], "encode": [], "settings": "s"}))
+    data = rendered([a, b])
+    assert [(r["n"], r["tokens"]) for r in data["full"]] == [(100, 1000), (200, 4000)]
+    text = report(data)
+    assert "| stage | N = 100 | N = 200 | time exponent | time exponent per token | memory exponent |" in text
+    assert "| slm_r1 | 10.0 s / 10 MiB | 40.0 s / 20 MiB | 2.00 | 1.00 | 1.00 |" in text
+    assert "N = 200: 4,000 (20.0 a text)" in text
+    b.write_text(json.dumps({"full": [run(200, 4000, 40.0)], "encode": [], "settings": "other"}))
+    with pytest.raises(SystemExit, match="different settings"):
+        rendered([a, b])
