@@ -23,6 +23,10 @@ def test_unanswered_first_then_wrong_looking_and_human_last():
     probs = np.array(kinds_probs * 40)
     labels = np.array(kinds_labels * 40)
     kinds = np.arange(len(labels)) % 5
+    # most of the texts the SLM is surest of agree with their label (an LLM errs on hard texts; were most
+    # of them contradicted, the SLM would be the one misled); one in eight is contradicted
+    labels[(kinds == 3) & (np.arange(len(labels)) // 5 % 8 != 0)] = 1
+    kinds[(kinds == 3) & (labels == 1)] = 1
     human = np.zeros(len(labels), dtype=bool)
     human[:4] = True  # a person labelled the first text of each answered kind
     j = judge(probs, labels, human)
@@ -35,8 +39,8 @@ def test_unanswered_first_then_wrong_looking_and_human_last():
     assert all("slm_overrules_llm" in j.reasons[i] for i in np.flatnonzero(contradicted))
     agreed = np.isin(kinds, [0, 1]) & ~human
     doubtful = (kinds == 2) & ~human
-    assert j.scores[doubtful].max() < j.scores[agreed].min() and j.flagged[doubtful].all()  # ... the doubtful
-    assert not j.flagged[(kinds == 1) & ~human].any()  # one scores low and is flagged, a sure one is not
+    assert j.scores[doubtful].max() < j.scores[agreed].min()  # ... the doubtful one scores lower
+    assert not j.flagged[(kinds == 1) & ~human].any()  # and a sure one is not flagged
     assert (j.scores[human] == 1.0).all() and not j.flagged[human].any()
     assert (j.labels[human] == labels[human]).all()
 
@@ -82,16 +86,22 @@ def test_near_chance_labels_are_said_to_be_so_and_everything_is_flagged():
     assert j.flagged.all()
 
 
-def test_llm_logprobs_weigh_in():
+def test_llm_logprobs_weigh_in_once_they_prove_informative():
     rng = np.random.default_rng(3)
     true, probs, labels = _two_class(1000, rng, noise=0.1)
     probs[0], labels[0] = [0.015, 0.985], 0  # strong evidence against the label, just short of overruling it
-    sure = np.zeros((1000, 2))
-    sure[np.arange(1000), labels] = 0.99
-    unsure = sure.copy()
-    unsure[0] = [0.51, 0.49]
-    assert judge(probs, labels, llm_probs=sure).labels[0] == 0  # a very sure LLM keeps its label
+    conf = np.where(labels == true, rng.uniform(0.7, 1.0, 1000), rng.uniform(0.5, 0.8, 1000))  # unsure when wrong
+    llm = np.zeros((1000, 2))
+    llm[np.arange(1000), labels] = conf
+    llm[np.arange(1000), 1 - labels] = 1 - conf
+    sure, unsure = llm.copy(), llm.copy()
+    sure[0], unsure[0] = [0.99, 0.01], [0.51, 0.49]
+    assert judge(probs, labels, llm_probs=sure).labels[0] == 0  # a sure LLM keeps its label
     assert judge(probs, labels, llm_probs=unsure).labels[0] == 1  # an unsure one is overruled
+    constant = np.zeros((1000, 2))
+    constant[np.arange(1000), labels] = 0.99
+    constant[0] = [0.51, 0.49]  # one unsure answer among constant ones proves nothing about the LLM
+    assert judge(probs, labels, llm_probs=constant).labels[0] == judge(probs, labels).labels[0] == 0
 
 
 def test_temperature_scaling_softens_overconfident_probabilities():

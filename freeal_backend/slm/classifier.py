@@ -1,26 +1,31 @@
 """The small model (SLM): robust self-training on noisy LLM labels (FreeAL step 2), cross-fitted.
 
-Recipe (FREEAL.md, the authors' trainer): warm-up epochs of plain cross-entropy; then a 2-component GMM
-over each text's training loss averaged over the epochs so far splits clean from noisy; loss = CE(clean)
-+ w * (mixup on clean + consistency between a text and an augmented view: CE on clean, sharpened KL
-towards the other view's detached prediction on the rest), w ramping up linearly from the start.
+Recipe (FREEAL.md, the authors' trainer ``mytrainer.py``): warm-up epochs of plain cross-entropy; then,
+before each epoch, a 2-component GMM over each training text's loss under the model as the previous epoch
+left it (a separate pass in eval mode, no dropout) splits clean from noisy; loss = CE(clean) + w * (mixup
+on clean + consistency between a text and an augmented view: CE on clean, sharpened KL towards the other
+view's detached prediction summed over the rest), w ramping up linearly from the start.
 The texts are split into K folds and K such models are trained, each judging the fold it never saw:
 the split, agreed pool, pseudo-labels and review score downstream all use these out-of-sample
-probabilities, never a model's verdict on labels it memorised. Only the top ``train_layers`` encoder
-layers and the head are trained; the lower layers' output is cached once (see encoder.py).
+probabilities, never a model's verdict on labels it memorised. Copies of a text (same text up to case
+and whitespace) share a fold, and each fold model picks its epoch on an inner split of its own training
+folds, never on the labels it judges. Only the top ``train_layers`` encoder layers and the head are
+trained; the lower layers' output is cached once (see encoder.py).
 """
 from __future__ import annotations
 
 import copy
 import logging
 import time
-from collections.abc import Callable
+import unicodedata
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.model_selection import GroupKFold, GroupShuffleSplit
 from torch import nn
 
 from freeal_backend.slm.encoder import Encoder, LowerStates, _layer_out, additive_mask, mean_pool
@@ -32,6 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SLMConfig:
     epochs: int = 2
+    min_steps: int = 0  # at least this many optimiser steps per fold model (Settings.slm_min_steps: 100)
     warmup_epochs: int = 1  # epochs of plain cross-entropy on every label before the small-loss split
     ramp_epochs: int = 10  # the regulariser weight ramps linearly from 0 at the start over this many epochs
     folds: int = 3  # cross-fitting: each text is judged by a model that never trained on its label
@@ -44,6 +50,7 @@ class SLMConfig:
     temperature: float = 0.85  # consistency: the student's logits are divided by it (sharpened)
     token_drop: float = 0.15
     robust: bool = True  # False: plain cross-entropy on every label (the naive baseline)
+    val_share: float = 0.1  # share of each fold model's training texts held out to pick its epoch
     seed: int = 0
 
 
@@ -60,6 +67,8 @@ class SLMOutput:
     losses: np.ndarray  # (n,) out-of-sample CE against the training label, NaN where unlabelled
     clean: np.ndarray  # (n,) bool, GMM small-loss split of the out-of-sample losses (human labels clean)
     clean_prob: np.ndarray  # (n,)
+    fold: np.ndarray  # (n,) the fold whose model judged the text; -1: judged by every fold model (see above)
+    best_epochs: list[int] = field(default_factory=list)  # per fold model: the epoch it stopped at, from 1
     epoch_seconds: list[float] = field(default_factory=list)
 
     @property
@@ -118,11 +127,56 @@ def _drop_tokens(mask: torch.Tensor, rate: float, gen: torch.Generator) -> torch
 
 def _consistency(logits: torch.Tensor, aug_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """The authors' consistency on noisy samples: each view's sharpened output (logits / T) is pulled
-    towards the other view's detached prediction, symmetric KL averaged over the batch."""
+    towards the other view's detached prediction, symmetric KL *summed* over the noisy samples.
+
+    ``mytrainer.py`` uses ``KLDivLoss(reduction='sum')`` here while its CE and mixup terms are means, so
+    the term weighs as much as the batch holds noisy samples: with batch 32 and a third of it noisy, ~11x
+    a per-sample mean (``batchmean``, used here before). Kept at the authors' scale.
+    """
     def kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return F.kl_div(F.log_softmax(student / temperature, dim=-1), F.softmax(teacher.detach(), dim=-1),
-                        reduction="batchmean")
+                        reduction="sum")
     return 0.5 * (kl(logits, aug_logits) + kl(aug_logits, logits))
+
+
+def text_groups(texts: Sequence[str]) -> np.ndarray:
+    """Group id per text: equal ids for texts identical after NFKC, case folding and collapsing whitespace."""
+    keys: dict[str, int] = {}
+    return np.array([keys.setdefault(" ".join(unicodedata.normalize("NFKC", t).casefold().split()), len(keys))
+                     for t in texts], dtype=np.int64)
+
+
+def group_folds(groups: np.ndarray, eligible: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold per text (-1 outside ``eligible``): the eligible texts' groups shuffled into ``folds`` folds
+    (scikit-learn's GroupKFold), so the copies of a text share a fold. All -1 when fewer than 2 groups."""
+    fold_of = np.full(len(groups), -1)
+    eligible = np.asarray(eligible, dtype=int)
+    k = min(folds, len(np.unique(groups[eligible])))
+    if k < 2:
+        return fold_of
+    splitter = GroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for f, (_, test) in enumerate(splitter.split(eligible, groups=groups[eligible])):
+        fold_of[eligible[test]] = f
+    return fold_of
+
+
+MIN_VALIDATION_GROUPS = 5  # fewer texts (groups) than this to hold out: no early stopping, last epoch kept
+
+
+def inner_split(train: np.ndarray, groups: np.ndarray, gold: np.ndarray, share: float,
+                seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows to train on, rows that pick the epoch): ``share`` of the training groups without a human label
+    (scikit-learn's GroupShuffleSplit); human labels always train. No validation rows when too few."""
+    human_groups = np.unique(groups[train[gold[train]]])
+    candidates = train[~np.isin(groups[train], human_groups)]
+    n_groups = len(np.unique(groups[candidates]))
+    n_val = int(np.ceil(share * n_groups))
+    if n_val < MIN_VALIDATION_GROUPS or n_val >= n_groups:
+        return train, train[:0]
+    _, val = next(GroupShuffleSplit(n_splits=1, test_size=share, random_state=seed)
+                  .split(candidates, groups=groups[candidates]))
+    val_rows = np.sort(candidates[val])
+    return np.setdiff1d(train, val_rows), val_rows
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
@@ -143,7 +197,8 @@ class SmallModel:
 
     Fold model f trains on every label outside fold f (human labels in every fold) and judges fold f, so
     each LLM label is judged by a model that never saw it: detection evidence the SLM has not memorised.
-    Each fold model stops early at the epoch with the lowest held-out loss against the (noisy) labels.
+    Each fold model stops early at the epoch with the lowest loss against the (noisy) labels of an inner
+    validation split of its training folds (``val_share``), never against the fold it judges.
     """
 
     def __init__(self, encoder: Encoder, num_classes: int, *, train_layers: int = 4,
@@ -205,33 +260,34 @@ class SmallModel:
         return probs, emb
 
     def fit(self, lower: LowerStates, labels: np.ndarray, *, gold: np.ndarray | None = None,
-            augmented: LowerStates | None = None, on_epoch: EpochCallback | None = None) -> SLMOutput:
-        """Cross-fit on ``labels`` (class index, -1 = unlabelled); ``gold`` marks human labels (always clean)."""
+            augmented: LowerStates | None = None, groups: np.ndarray | None = None,
+            on_epoch: EpochCallback | None = None) -> SLMOutput:
+        """Cross-fit on ``labels`` (class index, -1 = unlabelled); ``gold`` marks human labels (always clean);
+        ``groups`` (see :func:`text_groups`; default: every text its own) keeps copies of a text in one fold."""
         cfg = self.config
         labels = np.asarray(labels)
         n = len(labels)
         gold = np.zeros(n, dtype=bool) if gold is None else np.asarray(gold, dtype=bool)
+        groups = np.arange(n) if groups is None else np.asarray(groups)
         labelled = labels >= 0
-        judged = np.flatnonzero(labelled & ~gold)
-        folds = min(cfg.folds, len(judged))
-        fold_of = np.full(n, -1)
-        fold_of[np.random.default_rng(cfg.seed).permutation(judged)] = np.arange(len(judged)) % max(1, folds)
-        if folds < 2:  # too few labels to hold any out: one model, in-sample evidence
-            fold_of[:] = -1
-            folds = 1
+        fold_of = group_folds(groups, np.flatnonzero(labelled & ~gold), cfg.folds, cfg.seed)
+        folds = max(1, int(fold_of.max()) + 1)  # 1: too few labels to hold any out, in-sample evidence
         oof = np.zeros((n, self.num_classes), dtype=np.float32)
         ensemble = np.zeros((n, self.num_classes), dtype=np.float32)
         hidden = self.encoder.hidden_size
         emb = np.zeros((n, folds * hidden), dtype=np.float32)  # filled per fold: no list + concatenate copy
         seconds: list[float] = []
+        best_epochs: list[int] = []
         self.models = []
         for f in range(folds):
             held = np.flatnonzero(fold_of == f)
-            train = np.flatnonzero(labelled & (fold_of != f))
+            train, val = inner_split(np.flatnonzero(labelled & (fold_of != f)), groups, gold, cfg.val_share,
+                                     cfg.seed + f)
             model = self._new_model(cfg.seed * 1000 + f)
-            oof[held] = self._train_one(model, lower, labels, gold, augmented, train, held, f, folds, on_epoch,
-                                        seconds)
+            best_epochs.append(self._train_one(model, lower, labels, gold, augmented, train, val, f, folds,
+                                               on_epoch, seconds))
             probs, emb[:, f * hidden:(f + 1) * hidden] = self._predict(model, lower)
+            oof[held] = probs[held]
             ensemble += probs / folds
             self.models.append(model)
         outside = fold_of < 0
@@ -242,16 +298,25 @@ class SmallModel:
         clean |= gold
         clean_prob[gold] = 1.0
         emb /= np.sqrt(folds)
-        return SLMOutput(oof, emb, losses, clean, clean_prob, seconds)
+        return SLMOutput(oof, emb, losses, clean, clean_prob, fold_of, best_epochs, seconds)
+
+    def epochs_for(self, n_train: int) -> int:
+        """Epochs for a fold model that trains on ``n_train`` texts: ``epochs``, or more when that would be fewer
+        than ``min_steps`` optimiser steps (the inner split still picks the best epoch)."""
+        cfg = self.config
+        steps_per_epoch = max(1, -(-n_train // cfg.batch_size))
+        return max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
 
     def _train_one(self, model: SLMClassifier, lower: LowerStates, labels: np.ndarray, gold: np.ndarray,
-                   augmented: LowerStates | None, train: np.ndarray, held: np.ndarray, fold: int, folds: int,
-                   on_epoch: EpochCallback | None, seconds: list[float]) -> np.ndarray:
-        """Train one fold model on ``train``; returns its probabilities on ``held`` at the best epoch.
+                   augmented: LowerStates | None, train: np.ndarray, val: np.ndarray, fold: int, folds: int,
+                   on_epoch: EpochCallback | None, seconds: list[float]) -> int:
+        """Train one fold model on ``train``; leave it at the epoch with the lowest loss on ``val`` (the last
+        epoch when ``val`` is empty) and return that epoch (from 1).
 
         Recipe: AdamW (no decay on biases/LayerNorm), linear lr decay to 0, warm-up epochs of plain CE;
-        robust epochs keep CE on the small-loss side of a GMM over each text's training loss averaged over
-        the epochs so far (not the latest, memorising one); mixup and consistency ramp up from the start.
+        each robust epoch first scores every training text with the model as the last epoch left it, in
+        eval mode (the authors' separate pass: no dropout, no half-trained early batches), and keeps CE on
+        the small-loss side of a GMM over those losses; mixup and consistency ramp up from the start.
         """
         cfg = self.config
         device = self.encoder.device
@@ -261,19 +326,18 @@ class SmallModel:
         params = [p for p in model.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
         steps_per_epoch = max(1, -(-len(train) // cfg.batch_size))
-        total_steps = steps_per_epoch * cfg.epochs
+        epochs = self.epochs_for(len(train))
+        total_steps = steps_per_epoch * epochs
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: max(0.0, 1.0 - step / total_steps))
         targets = torch.as_tensor(np.where(labels >= 0, labels, 0), dtype=torch.long)
-        loss_sum = np.zeros(len(labels))
-        loss_count = np.zeros(len(labels))
         clean = np.ones(len(labels), dtype=bool)
-        best: tuple[float, dict[str, torch.Tensor] | None, np.ndarray] = (np.inf, None, np.zeros((len(held), 0)))
+        best_loss, best_state, best_epoch = np.inf, None, epochs
         step = 0
-        for epoch in range(cfg.epochs):
+        for epoch in range(epochs):
             start = time.perf_counter()
             if cfg.robust and epoch >= cfg.warmup_epochs:
-                seen = np.where(loss_count > 0, loss_sum / np.maximum(loss_count, 1), np.nan)
-                seen[np.setdiff1d(np.arange(len(labels)), train)] = np.nan
+                seen = np.full(len(labels), np.nan)
+                seen[train] = self._losses(self._predict(model, lower, train)[0], labels[train])
                 clean, _ = split_clean_noisy(np.where(gold, np.nan, seen), threshold=cfg.clean_threshold,
                                              seed=cfg.seed)
                 clean |= gold
@@ -285,8 +349,6 @@ class SmallModel:
                 logits, pooled = model(states, mask)
                 y = targets[index].to(device)
                 ce = F.cross_entropy(logits, y, reduction="none")
-                loss_sum[index] += ce.detach().cpu().numpy()
-                loss_count[index] += 1
                 is_clean = torch.as_tensor(clean[index], device=device)
                 loss = ce[is_clean].mean() if is_clean.any() else logits.sum() * 0
                 if cfg.robust:
@@ -300,18 +362,19 @@ class SmallModel:
                 sched.step()
                 step += 1
                 total += float(loss.detach())
-            held_probs = self._predict(model, lower, held)[0] if len(held) else np.zeros((0, self.num_classes))
-            held_loss = float(np.nanmean(self._losses(held_probs, labels[held]))) if len(held) else -epoch
-            if held_loss < best[0]:
-                best = (held_loss, copy.deepcopy(model.state_dict()), held_probs)
+            val_loss = float("nan")
+            if len(val):
+                val_loss = float(np.mean(self._losses(self._predict(model, lower, val)[0], labels[val])))
+                if val_loss < best_loss:
+                    best_loss, best_epoch = val_loss, epoch + 1
+                    best_state = copy.deepcopy(model.state_dict()) if epoch + 1 < epochs else None
             seconds.append(time.perf_counter() - start)
             if on_epoch is not None:
-                on_epoch(fold * cfg.epochs + epoch + 1, folds * cfg.epochs,
-                         {"loss": total / steps_per_epoch, "held_out_loss": held_loss,
-                          "clean": float(clean[train].mean())})
-        if best[1] is not None:
-            model.load_state_dict(best[1])
-        return best[2]
+                on_epoch(fold * epochs + epoch + 1, folds * epochs,
+                         {"loss": total / steps_per_epoch, "val_loss": val_loss, "clean": float(clean[train].mean())})
+        if best_state is not None and best_epoch < epochs:
+            model.load_state_dict(best_state)
+        return best_epoch
 
     def _regularisers(self, model: SLMClassifier, index: np.ndarray, logits: torch.Tensor, pooled: torch.Tensor,
                       y: torch.Tensor, is_clean: torch.Tensor, lower: LowerStates, augmented: LowerStates | None,

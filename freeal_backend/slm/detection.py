@@ -8,16 +8,21 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
    of P(label | text), no gold needed); ``cleanlab`` names the label issues on them (confident learning).
 2. How the labeller errs (the noise transition P(label | true class)) is cleanlab's confident joint,
    inverted to give P(true class | text).
-3. Posterior of the true class: SLM prior x likelihood of the label given each true class (or, when the
-   LLM gave logprobs, x the LLM's own distribution over the class prior: a product of experts). The score
-   is the posterior of the final label. The final label is the LLM's unless the evidence against it is
-   strong: the posterior favours another class under cleanlab's noise estimate *and* a conservative
-   anchor-point posterior gives that class at least ``OVERRULE_AT`` (a weak SLM makes cleanlab see more
-   noise than there is). Texts the LLM left unanswered get the SLM's label, scored below every answered
-   text so they come first in review.
+3. Posterior of the true class: SLM prior x likelihood of the label given each true class. The LLM's
+   logprob confidence in its label counts only as calibrated out of sample (``llm_likelihood_ratio``: a
+   cross-fitted latent-class EM learns P(label right | confidence), isotonic in the confidence; constant
+   or uninformative confidences change nothing). The score is the posterior of the final label. The
+   final label is the LLM's unless the evidence against it is strong: the posterior and a conservative
+   anchor-point posterior (anchors from out-of-sample rows only: human rows are trained on) pick the same
+   other class, the latter with at least ``OVERRULE_AT``. A *weak judge* (labels agree with it on fewer
+   than ``WEAK_JUDGE_BELOW`` of its surest texts, ``anchor_agreement``: an LLM errs on hard texts, so the
+   small model is the one misled there) overrules nothing, and its scores are the conservative
+   posterior's. Texts the LLM left unanswered get the SLM's label, scored below every answered text.
 4. Run health: estimated accuracy of the labels (mean posterior of the given label; unanswered texts
-   count as wrong), agreement and Cohen's kappa between the SLM and the labels. Near-chance labels are
-   said to be so, and then every text is flagged: nothing in such a run can be trusted.
+   count as wrong), agreement and Cohen's kappa between the SLM and the labels, and which side looks weak.
+   The labels are near chance only when the SLM finds no more evidence for them than for shuffled labels
+   (``above_chance``, a permutation test); then every text is flagged. A low kappa above chance, or a
+   weak judge, is said to be the small model's weakness, not the labels'.
 5. Spans (``judge_span_labels``): the held-out tagger's spans are compared with the label's
    (``judge_spans``: missing, spurious, wrong type, wrong boundary). The score of a sentence, P(its
    spans are right), is the small-loss posterior of its held-out doubt (``span_clean_probability``: a
@@ -48,6 +53,11 @@ POOR_KAPPA = 0.4
 POOR_ACCURACY = 0.75
 OVERRULE_AT = 0.99  # the conservative posterior must give another class this much to overrule a label (TREC with
 #   made noise: at 0.5, 3 % of labels changed and the final labels lost 0.7 points; at 0.99, 0.4 % and 0.3)
+CHANCE_PERMUTATIONS = 199  # label permutations for the near-chance test
+CHANCE_P = 0.01  # labels are near chance when shuffled labels get this often as much evidence from the small model
+WEAK_JUDGE_BELOW = 0.8  # labels agree with the small model's surest texts less than this: the judge is misled
+LLM_CALIBRATION_MIN = 50  # fewer answers with a confidence than this: the LLM's confidence is not used
+LLM_CALIBRATION_FOLDS = 5
 
 
 @dataclass
@@ -61,6 +71,7 @@ class Health:
     kappa: float  # Cohen's kappa of that agreement (0 = chance)
     verdict: str  # ok | poor | near_chance
     message: str
+    weak_side: str = ""  # labels | judge (the small model) | "" (neither looks weak)
 
     def as_dict(self) -> dict[str, float | str]:
         return asdict(self)
@@ -137,6 +148,20 @@ def anchor_transition(probs: np.ndarray, *, anchor_quantile: float = 0.97) -> np
     return trans / trans.sum(axis=1, keepdims=True)
 
 
+def anchor_agreement(probs: np.ndarray, labels: np.ndarray, *, anchor_quantile: float = 0.97) -> float:
+    """Share of labels that agree with the small model on its surest texts (per class, the top
+    ``1 - anchor_quantile`` by its probability for that class; mean over classes), among texts with a label.
+    An LLM errs on hard texts, so there nearly every label should agree; when many do not, the small model
+    is confidently wrong (misled), and its verdict is not to be trusted over the labels."""
+    ok = labels >= 0
+    shares = []
+    for k in range(probs.shape[1]):
+        col = probs[ok, k]
+        if len(col):
+            shares.append(float((labels[ok][col >= np.quantile(col, anchor_quantile)] == k).mean()))
+    return float(np.mean(shares)) if shares else 1.0
+
+
 def posterior_given_label(prior_noisy: np.ndarray, labels: np.ndarray, transition: np.ndarray,
                           likelihood_override: np.ndarray | None = None) -> np.ndarray:
     """P(true class | text, label): P(true | text) (from ``prior_noisy`` = P(label | text) inverted through
@@ -184,14 +209,87 @@ def find_issues(labels: np.ndarray, probs: np.ndarray, posterior: np.ndarray) ->
     return issues
 
 
-def _health(labels: np.ndarray, human: np.ndarray, probs: np.ndarray, posterior: np.ndarray) -> Health:
+def llm_likelihood_ratio(confidence: np.ndarray, p_right: np.ndarray, *, folds: int = LLM_CALIBRATION_FOLDS,
+                         iterations: int = 20, seed: int = 0) -> np.ndarray:
+    """How much the LLM's own confidence in its label should move the odds that the label is right.
+
+    ``confidence``: per text the LLM's probability for the label it gave (NaN where it gave none);
+    ``p_right``: P(label right) from the small model alone. The LLM's confidence is taken at face value
+    nowhere: a latent-class EM (label right / wrong) learns P(right | confidence) as an isotonic function of
+    the confidence, each fold's function fitted on the other folds' responsibilities (cross-fitted, so a
+    text's own label never calibrates its own confidence). Returns the likelihood ratio
+    P(confidence | right) / P(confidence | wrong) per text: 1 where there is no confidence, where fewer
+    than ``LLM_CALIBRATION_MIN`` texts have one, and wherever the confidence carries no information (a
+    constant 0.99 gets ratio 1 everywhere).
+    """
+    from sklearn.isotonic import IsotonicRegression
+
+    conf = np.asarray(confidence, dtype=np.float64)
+    prior = np.clip(np.asarray(p_right, dtype=np.float64), 1e-6, 1 - 1e-6)
+    ratio = np.ones(len(conf))
+    has = np.flatnonzero(~np.isnan(conf))
+    if len(has) < LLM_CALIBRATION_MIN or np.ptp(conf[has]) == 0:
+        return ratio
+    fold = np.empty(len(has), dtype=int)
+    fold[np.random.default_rng(seed).permutation(len(has))] = np.arange(len(has)) % folds
+    x, logit0 = conf[has], np.log(prior[has] / (1 - prior[has]))
+    log_lr = np.zeros(len(has))
+    for _ in range(iterations):
+        resp = 1.0 / (1.0 + np.exp(-(logit0 + log_lr)))
+        new = np.empty(len(has))
+        for f in range(folds):
+            fit = fold != f
+            iso = IsotonicRegression(y_min=0.02, y_max=0.98, out_of_bounds="clip").fit(x[fit], resp[fit])
+            h = iso.predict(x[~fit])
+            base = float(np.clip(resp[fit].mean(), 0.02, 0.98))
+            new[~fit] = np.log(h / (1 - h)) - np.log(base / (1 - base))
+        if np.abs(new - log_lr).max() < 1e-4:
+            log_lr = new
+            break
+        log_lr = new
+    ratio[has] = np.exp(log_lr)
+    return ratio
+
+
+def _weigh_label(posterior: np.ndarray, labels: np.ndarray, ratio: np.ndarray) -> np.ndarray:
+    """Multiply each answered text's posterior of its given label by ``ratio`` and renormalise."""
+    out = posterior.copy()
+    answered = np.flatnonzero(labels >= 0)
+    out[answered, labels[answered]] *= ratio[answered]
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def overrule(labels: np.ndarray, posterior: np.ndarray, conservative: np.ndarray) -> np.ndarray:
+    """The final label per text: the given one (or, where there is none, the posterior's argmax), unless
+    both posteriors pick the same other class and the conservative one gives it at least ``OVERRULE_AT``."""
+    pick, strict = posterior.argmax(axis=1), conservative.argmax(axis=1)
+    answered = labels >= 0
+    switch = answered & (pick == strict) & (pick != labels) & (conservative.max(axis=1) >= OVERRULE_AT)
+    return np.where(answered & ~switch, labels, pick)
+
+
+def above_chance(probs: np.ndarray, labels: np.ndarray, *, permutations: int = CHANCE_PERMUTATIONS,
+                 seed: int = 0) -> float:
+    """Permutation p-value of the small model's out-of-sample evidence for the labels: how often the mean
+    log-probability it gives shuffled labels reaches the one it gives the real ones. Small: the labels carry
+    signal the small model learnt, whatever kappa says (a rare class or a weak model keeps kappa low)."""
+    logp = np.log(np.clip(probs, 1e-12, 1.0))
+    rows = np.arange(len(labels))
+    real = logp[rows, labels].mean()
+    rng = np.random.default_rng(seed)
+    hits = sum(logp[rows, rng.permutation(labels)].mean() >= real for _ in range(permutations))
+    return (1 + hits) / (1 + permutations)
+
+
+def _health(labels: np.ndarray, human: np.ndarray, probs: np.ndarray, posterior: np.ndarray,
+            judge_agreement: float) -> Health:
     judged = ~human
     answered = judged & (labels >= 0)
     n_judged, n_answered = int(judged.sum()), int(answered.sum())
     coverage = n_answered / n_judged if n_judged else 1.0
     if n_answered == 0:
         return Health(0.0, 0.0, coverage, 0.0, 0.0, "near_chance",
-                      "the LLM labelled no text: check the endpoint and the label names")
+                      "the LLM labelled no text: check the endpoint and the label names", weak_side="labels")
     lab = labels[answered]
     pred = probs[answered].argmax(1)
     agreement = float((pred == lab).mean())
@@ -200,32 +298,47 @@ def _health(labels: np.ndarray, human: np.ndarray, probs: np.ndarray, posterior:
         kappa = float(cohen_kappa_score(pred, lab)) if len(np.unique(np.r_[pred, lab])) > 1 else 0.0
     kappa = 0.0 if np.isnan(kappa) else kappa
     answered_acc = float(posterior[answered][np.arange(n_answered), lab].mean())
-    return _verdict(answered_acc * coverage, answered_acc, coverage, agreement, kappa, "labels")
+    p_value = above_chance(probs[answered], lab)
+    return _verdict(answered_acc * coverage, answered_acc, coverage, agreement, kappa, "labels", p_value=p_value,
+                    weak_judge=judge_agreement < WEAK_JUDGE_BELOW)
 
 
 def _verdict(est: float, answered_acc: float, coverage: float, agreement: float, kappa: float,
-             what: str) -> Health:
-    """Health from the estimates: near chance, poor or ok, with the message a user reads."""
-    if kappa < NEAR_CHANCE_KAPPA:
-        verdict = "near_chance"
-        message = (f"the LLM {what} look near chance (a cross-checked small model agrees with them at kappa "
-                   f"{kappa:.2f}); do not trust them: use a stronger LLM endpoint (LLM_BASE_URL) or label "
-                   "some tasks by hand")
-    elif kappa < POOR_KAPPA or est < POOR_ACCURACY:
-        verdict = "poor"
-        message = (f"the LLM {what} look poor (estimated {est:.0%} right, kappa {kappa:.2f}); review the "
-                   "flagged tasks, and consider a stronger LLM endpoint")
-    else:
-        verdict = "ok"
-        message = f"estimated {est:.0%} of the LLM {what} right (kappa {kappa:.2f} with the small model)"
-    return Health(est, answered_acc, coverage, agreement, kappa, verdict, message)
+             what: str, *, p_value: float | None = None, weak_judge: bool = False) -> Health:
+    """Health from the estimates: near chance, poor or ok, which side is weak, and the message a user reads.
+
+    With ``p_value`` (the label-permutation test, :func:`above_chance`) the labels are near chance only when
+    the small model finds no more evidence for them than for shuffled ones; a low kappa above chance, or a
+    ``weak_judge``, blames the small model, not the labels. Without it, kappa alone decides (spans).
+    """
+    chance = kappa < NEAR_CHANCE_KAPPA if p_value is None else p_value >= CHANCE_P
+    if chance:
+        how = (f"kappa {kappa:.2f}" if p_value is None
+               else f"kappa {kappa:.2f}, no better than with shuffled labels: p = {p_value:.2f}")
+        return Health(est, answered_acc, coverage, agreement, kappa, "near_chance",
+                      f"the LLM {what} look near chance (a cross-checked small model agrees with them at {how}); "
+                      "do not trust them: use a stronger LLM endpoint (LLM_BASE_URL) or label some tasks by hand",
+                      weak_side="labels")
+    if p_value is not None and (weak_judge or kappa < NEAR_CHANCE_KAPPA):
+        return Health(est, answered_acc, coverage, agreement, kappa, "poor" if est < POOR_ACCURACY else "ok",
+                      f"the small model is a weak judge of these {what} (kappa {kappa:.2f}, though above chance: "
+                      f"p = {p_value:.3f}; it often disagrees with them where it is surest): the {what} keep their "
+                      f"word, about {est:.0%} look right, and scores and flags say little; review a sample by hand",
+                      weak_side="judge")
+    if kappa < POOR_KAPPA or est < POOR_ACCURACY:
+        return Health(est, answered_acc, coverage, agreement, kappa, "poor",
+                      f"the LLM {what} look poor (estimated {est:.0%} right, kappa {kappa:.2f}); review the "
+                      "flagged tasks, and consider a stronger LLM endpoint", weak_side="labels")
+    return Health(est, answered_acc, coverage, agreement, kappa, "ok",
+                  f"estimated {est:.0%} of the LLM {what} right (kappa {kappa:.2f} with the small model)")
 
 
 def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None,
           llm_probs: np.ndarray | None = None) -> Judgement:
     """Final label, score, flag and reasons per text, and the run's health (see the module doc).
 
-    ``probs``: (n, C) out-of-sample SLM probabilities; ``labels``: (n,) given label index or -1;
+    ``probs``: (n, C) out-of-sample SLM probabilities (human-labelled rows are trained on in every fold:
+    in sample, so they never estimate noise); ``labels``: (n,) given label index or -1;
     ``human``: (n,) bool, labels given by a person (kept, score 1, never flagged);
     ``llm_probs``: (n, C) the LLM's per-class probabilities, rows of zeros where it gave none.
     """
@@ -234,23 +347,33 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
     n, classes = probs.shape
     human = np.zeros(n, dtype=bool) if human is None else np.asarray(human, dtype=bool)
     judged_labels = np.where(human, -1, labels)
+    answered = judged_labels >= 0
     calibrated, temperature = temperature_scale(probs, judged_labels)  # P(label | x)
     trans = noise_transition(judged_labels, calibrated)
-    answered = judged_labels >= 0
-    override = None
-    if llm_probs is not None:  # the LLM's own distribution over the class prior: a product of experts
+    out_of_sample = ~human if (~human).any() else np.ones(n, dtype=bool)
+    anchor = anchor_transition(calibrated[out_of_sample])
+    posterior = posterior_given_label(calibrated, judged_labels, trans)
+    strict = posterior_given_label(calibrated, judged_labels, anchor)
+    judge_agreement = anchor_agreement(probs, judged_labels)  # labels vs the small model where it is surest
+    health = _health(labels, human, calibrated, posterior, judge_agreement)
+    if health.weak_side == "judge":  # the labels keep their word; the score is the conservative posterior's
+        posterior = strict
+        health = _with_estimate(health, posterior, judged_labels, human)
+    if llm_probs is not None:  # the LLM's confidence in its label, calibrated out of sample (no face value)
         q = np.asarray(llm_probs, dtype=np.float64)
-        has_q = answered & (q.sum(axis=1) > 0)
-        prior = np.bincount(labels[labels >= 0], minlength=classes) + 1.0
-        override = np.full((n, classes), np.nan)
-        q_s = (q[has_q] + 0.01) / (q[has_q] + 0.01).sum(axis=1, keepdims=True)
-        override[has_q] = q_s / (prior / prior.sum())
-    posterior = posterior_given_label(calibrated, judged_labels, trans, override)
-    strict = posterior_given_label(calibrated, judged_labels, anchor_transition(calibrated), override)
-    final = np.where(answered, judged_labels, posterior.argmax(axis=1))
-    overrule = (answered & (strict.argmax(axis=1) != judged_labels) & (posterior.argmax(axis=1) != judged_labels)
-                & (strict.max(axis=1) >= OVERRULE_AT))
-    final[overrule] = posterior[overrule].argmax(axis=1)
+        total = q.sum(axis=1)
+        conf = np.full(n, np.nan)
+        has_q = answered & (total > 0)
+        conf[has_q] = q[has_q, judged_labels[has_q]] / total[has_q]
+        p_right = np.where(answered, posterior[np.arange(n), np.maximum(judged_labels, 0)], 0.5)
+        ratio = llm_likelihood_ratio(conf, p_right)
+        posterior = _weigh_label(posterior, judged_labels, ratio)
+        strict = _weigh_label(strict, judged_labels, ratio)
+        health = _with_estimate(health, posterior, judged_labels, human)
+    if health.weak_side == "judge":
+        final = np.where(answered, judged_labels, posterior.argmax(axis=1))
+    else:
+        final = overrule(judged_labels, posterior, strict)
     final[human] = labels[human]
     scores = posterior[np.arange(n), final]
     scores[human] = 1.0
@@ -259,7 +382,6 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
         floor = scores[answered].min() if answered.any() else 1.0
         scores[unanswered] = np.minimum(scores[unanswered], floor) * (1 - 1e-6)
     issues = find_issues(judged_labels, calibrated, posterior)
-    health = _health(labels, human, calibrated, posterior)
     if health.verdict == "near_chance":  # no score above what the labels are estimated to be worth
         cap = max(1.0 / classes, health.answered_accuracy)
         scores[~human] = np.minimum(scores[~human], cap)
@@ -278,6 +400,21 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
         reasons.append(why)
     flagged = np.array([bool(r) for r in reasons]) & ~human
     return Judgement(final, scores, flagged, reasons, posterior, issues, temperature, health)
+
+
+def _with_estimate(health: Health, posterior: np.ndarray, labels: np.ndarray, human: np.ndarray) -> Health:
+    """``health`` with its accuracy estimate (and the message's figure) taken from ``posterior``."""
+    answered = ~human & (labels >= 0)
+    if not answered.any():
+        return health
+    acc = float(posterior[answered][np.arange(int(answered.sum())), labels[answered]].mean())
+    est = acc * health.coverage
+    message = health.message.replace(f"{health.estimated_accuracy:.0%}", f"{est:.0%}", 1)
+    verdict = health.verdict
+    if verdict != "near_chance":
+        verdict = "poor" if est < POOR_ACCURACY or (health.weak_side != "judge" and health.kappa < POOR_KAPPA) \
+            else "ok"
+    return Health(est, acc, health.coverage, health.agreement, health.kappa, verdict, message, health.weak_side)
 
 
 # --- spans -------------------------------------------------------------------------------------------

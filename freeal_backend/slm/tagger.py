@@ -9,10 +9,10 @@ spurious entity) are not memorised while the rest of the sentence still teaches.
 SLM's mixup and augmented-view consistency are left out: they double the cost per epoch, and mixing
 two sentences' BIO tags has no clear meaning.
 
-Detection (:func:`cross_fit`) uses out-of-sample evidence: the sentences are split into K folds, a
-tagger trained on K-1 folds predicts the held-out fold, and its spans are compared with the noisy label's
-spans. Only the top ``train_layers`` encoder layers and the head are trained, over lower-layer states
-computed once for all folds.
+Detection (:func:`cross_fit`) uses out-of-sample evidence: the sentences are split into K folds (copies
+of a sentence, up to case and whitespace, in the same fold), a tagger trained on K-1 folds predicts the
+held-out fold, and its spans are compared with the noisy label's spans. Only the top ``train_layers``
+encoder layers and the head are trained, over lower-layer states computed once for all folds.
 
 The uncased sentence encoder sees a word only as lower-cased word pieces, so the head also reads hashed
 embeddings of each word's lower-cased form, 3-prefix, 3-/4-suffixes and shape (chemical and disease
@@ -37,7 +37,7 @@ from torch import nn
 from freeal_backend.slm.detection import SPAN_FLAG_BELOW, SpanJudgement, judge_spans, span_clean_probability
 from freeal_backend.slm.encoder import Encoder, LowerStates, mean_pool
 from freeal_backend.slm.selection import split_clean_noisy
-from freeal_backend.slm.classifier import TopLayers, _batches
+from freeal_backend.slm.classifier import TopLayers, _batches, group_folds, text_groups
 from freeal_backend.spans import IGNORE, Span, bio_labels, bio_to_spans, spans_to_bio, token_words
 
 
@@ -335,6 +335,7 @@ class CrossFitResult:
     models: list[SpanModel] = field(default_factory=list)
     clean_prob: np.ndarray | None = None  # (n,) P(label spans right), detection.span_clean_probability
     embeddings: np.ndarray | None = None  # (n, K*hidden) pooled top-layer states of the K taggers (retrieval)
+    fold: np.ndarray | None = None  # (n,) the fold whose tagger judged the sentence
 
     def predict(self, lower: LowerStates, tok: Tokenized, types: Sequence[str]) -> list[list[Span]]:
         """Spans for new texts from the mean of the fold taggers' tag probabilities."""
@@ -421,7 +422,8 @@ def cross_fit(encoder: Encoder, texts: Sequence[str], spans: Sequence[Sequence[S
         lower = encoder.lower_states(texts, split, max_length=cfg.max_length)
     gold = np.zeros(n, dtype=bool) if gold is None else np.asarray(gold, dtype=bool)
     labelled = np.ones(n, dtype=bool) if labelled is None else np.asarray(labelled, dtype=bool)
-    assign = np.random.default_rng(cfg.seed).permutation(n) % max(2, folds)
+    # copies of a sentence share a fold: a tagger that trained on one copy would "confirm" the other
+    assign = np.maximum(group_folds(text_groups(texts), np.arange(n), max(2, folds), cfg.seed), 0)
     probs: list[np.ndarray] = [np.zeros(0)] * n
     models: list[SpanModel] = []
     for k in range(max(2, folds)):
@@ -445,7 +447,7 @@ def cross_fit(encoder: Encoder, texts: Sequence[str], spans: Sequence[Sequence[S
     flagged = np.array([bool(j) for j in judgements]) & (clean_prob < SPAN_FLAG_BELOW) & labelled & ~gold
     emb = pooled_embeddings(models, lower) if with_embeddings else None
     return CrossFitResult(predicted, judgements, doubt, sentence_losses(probs, tags), flagged, lost, models,
-                          clean_prob, emb)
+                          clean_prob, emb, assign)
 
 
 @torch.no_grad()
