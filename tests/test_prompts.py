@@ -1,6 +1,9 @@
 """Answer parsing and prompt building."""
+import math
+
 import pytest
 
+from freeal_backend.llm.client import label_parser, label_probs_from_logprobs
 from freeal_backend.llm.prompts import label_messages, parse_generated_texts, parse_label
 
 LABELS = ["negative", "positive"]
@@ -49,3 +52,74 @@ def test_parse_label_refuses_negated_and_cut_off_answers(answer):
 
 def test_parse_label_reads_the_answer_after_thinking():
     assert parse_label("<think>The reviewer hated it.</think>\nnegative", LABELS) == "negative"
+
+
+# --- issue 21: bad input gets the right answer ---------------------------------------------------------------
+
+@pytest.mark.parametrize("answer", ["good and bad", "bad, good", "pos or neg"])
+def test_parse_label_refuses_answers_whose_synonyms_name_two_labels(answer):
+    assert parse_label(answer, LABELS) is None
+
+
+@pytest.mark.parametrize("answer", ["Not sure", "not", "No idea", "not applicable"])
+def test_parse_label_does_not_read_a_label_into_a_shared_first_word(answer):
+    assert parse_label(answer, ["spam", "not spam"]) is None
+
+
+@pytest.mark.parametrize("answer,labels,expected", [
+    ("This is not spam", ["spam", "not spam"], "not spam"),
+    ("It is not spam.", ["not spam", "spam"], "not spam"),
+    ("This is spam", ["spam", "not spam"], "spam"),
+    ("The review is very positive.", ["very positive", "positive"], "very positive"),
+    ("The review is very positive.", ["positive", "very positive"], "very positive"),
+    ("The review is positive.", ["positive", "very positive"], "positive"),
+])
+def test_parse_label_longest_label_match_wins(answer, labels, expected):
+    assert parse_label(answer, labels) == expected
+
+
+def test_dataset_synonyms_apply_only_to_that_datasets_label_set():
+    assert parse_label("a person", TREC) == "human" and parse_label("good", LABELS) == "positive"
+    assert parse_label("The thing is a place", TREC) is None  # two TREC synonyms: ambiguous
+    assert parse_label("a person", ["human", "animal"]) is None  # overlapping names, not TREC
+    assert parse_label("good", ["positive", "negative", "neutral"]) is None
+    assert parse_label("Good", ["Positive", "Negative"]) == "Positive"  # same label set, other case
+
+
+def test_labels_that_differ_only_in_a_prefix_word_are_kept_apart():
+    assert parse_label("Class 1", ["Class 1", "Label 1"]) == "Class 1"
+    assert parse_label("Label 1", ["Class 1", "Label 1"]) == "Label 1"
+    assert parse_label("Type A", ["Type A", "A"]) == "Type A" and parse_label("A", ["Type A", "A"]) == "A"
+    assert parse_label("Answer: Type B", ["Type A", "Type B"]) == "Type B"
+    assert parse_label("B", ["Type A", "Type B"]) == "Type B"  # the distinctive part alone, when unambiguous
+    assert parse_label("1", ["Class 1", "Label 1"]) is None
+
+
+@pytest.mark.parametrize("labels", [["Positive", "positive"], ["Type A.", "type a"], ["sci_tech", "sci tech"],
+                                    ["?", "!"]])
+def test_labels_identical_after_normalising_are_refused(labels):
+    with pytest.raises(ValueError, match="same label"):
+        parse_label("positive", labels)
+
+
+def test_logprob_attribution_gives_type_a_its_confidence():
+    labels = ["Type A", "Type B"]
+    top = [[("Type", math.log(0.95)), ("B", math.log(0.05))], [(" A", math.log(0.9)), (" B", math.log(0.1))]]
+    probs = label_probs_from_logprobs(top, labels)
+    assert probs["Type A"] == pytest.approx(0.9) and probs["Type B"] == pytest.approx(0.1)
+    answer = label_parser(labels)({"content": "Type A", "top_logprobs": top})
+    assert answer.label == "Type A" and answer.confidence == probs["Type A"]
+
+
+def test_label_parser_refuses_colliding_labels_before_any_call():
+    with pytest.raises(ValueError, match="same label"):
+        label_parser(["Spam", "spam!"])
+
+
+def test_a_run_refuses_labels_no_answer_could_tell_apart_before_any_llm_call(tmp_path):
+    from freeal_backend.config import Settings
+    from freeal_backend.loop import FreeALRun
+
+    with pytest.raises(ValueError, match="same label"):
+        FreeALRun(Settings(slm_min_steps=0, data_dir=tmp_path, llm_base_url="http://127.0.0.1:9/v1"), ["Positive", "positive"],
+                  tmp_path / "run")

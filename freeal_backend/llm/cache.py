@@ -1,4 +1,4 @@
-"""Persistent LLM response cache in SQLite, keyed by model + messages + parameters."""
+"""Persistent LLM response cache in SQLite, keyed by endpoint + model + messages + parameters."""
 from __future__ import annotations
 
 import hashlib
@@ -12,9 +12,17 @@ from freeal_backend.storage import Transactional
 SCHEMA = "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, model TEXT, value TEXT NOT NULL, created REAL);"
 
 
-def cache_key(model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
-    """A stable hash of everything that determines an answer."""
-    blob = json.dumps({"model": model, "messages": messages, "params": params}, sort_keys=True, ensure_ascii=False)
+def cache_key(model: str, messages: list[dict[str, str]], params: dict[str, Any], *,
+              endpoint: str | None = None) -> str:
+    """A stable hash of everything that determines an answer.
+
+    ``endpoint`` is the server's base URL (one model name behind two URLs is two models); None for the
+    bundled embedded server, whose name alone fixes its weights (its key keeps the format of old caches).
+    """
+    key: dict[str, Any] = {"model": model, "messages": messages, "params": params}
+    if endpoint is not None:
+        key["endpoint"] = endpoint.rstrip("/")
+    blob = json.dumps(key, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import openai
 
 from freeal_backend.llm.cache import ResponseCache, cache_key
-from freeal_backend.llm.prompts import Message, label_token_prefixes, parse_label, strip_thinking
+from freeal_backend.llm.prompts import LabelMatcher, Message, label_token_prefixes, strip_thinking
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +114,15 @@ Parse = Callable[[dict[str, Any]], LLMAnswer]  # a chat completion (see LLMClien
 
 
 def label_parser(labels: Sequence[str]) -> Parse:
-    """Parse a class-label answer; its confidence and per-label probabilities come from logprobs."""
+    """Parse a class-label answer; its confidence and per-label probabilities come from logprobs.
+
+    Raises ValueError at once when two labels cannot be told apart (see :class:`LabelMatcher`).
+    """
+    matcher = LabelMatcher(labels)
+
     def parse(value: dict[str, Any]) -> LLMAnswer:
         raw = value["content"]
-        label = parse_label(raw, labels)
+        label = matcher.parse(raw)
         probs = label_probs_from_logprobs([[tuple(t) for t in pos] for pos in value["top_logprobs"]], labels)
         if label is None:
             return LLMAnswer(None, None, probs, raw)
@@ -130,15 +135,17 @@ class LLMClient:
 
     Retries with exponential back-off on 429 (honouring Retry-After), 5xx, timeouts and refused
     connections are done by the ``openai`` client itself (``max_retries``). Every successful response is
-    cached, so a re-run with the same prompts makes zero calls.
+    cached, keyed by ``base_url`` as well as ``model`` (``embedded=True``: by model alone, for the bundled
+    server's changing port), so a re-run with the same prompts makes zero calls.
     """
 
     def __init__(self, base_url: str, model: str, cache: ResponseCache, *, api_key: str | None = None,
                  concurrency: int = 4, timeout: float = 60.0, max_retries: int = 5, logprobs: bool = True,
                  max_consecutive_failures: int = 3, max_tokens: int = 16, no_think: bool = False,
                  max_same_rejections: int = 5, max_unparsed_share: float | None = 0.9,
-                 min_answers_judged: int = 50) -> None:
+                 min_answers_judged: int = 50, embedded: bool = False) -> None:
         self.model = model
+        self.endpoint: str | None = None if embedded else base_url
         self.cache = cache
         self.concurrency = max(1, concurrency)
         self.logprobs = logprobs
@@ -164,7 +171,7 @@ class LLMClient:
         request: dict[str, Any] = dict(params)
         if logprobs:
             request.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
-        key = cache_key(self.model, messages, request)
+        key = cache_key(self.model, messages, request, endpoint=self.endpoint)
         cached = self.cache.get(key)
         if cached is not None:
             self.stats.add(cache_hits=1)

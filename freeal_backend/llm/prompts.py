@@ -3,25 +3,35 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 Message = dict[str, str]
 
-# Common answer words that mean one of the usual label names.
-SYNONYMS: dict[str, tuple[str, ...]] = {
-    "positive": ("pos", "good", "favorable", "favourable"),
-    "negative": ("neg", "bad", "unfavorable", "unfavourable"),
-    "subjective": ("opinion", "subj"),
-    "objective": ("fact", "factual", "obj"),
-    "number": ("numeric", "num", "quantity"),
-    "location": ("place", "loc"),
-    "human": ("person", "people", "hum"),
-    "entity": ("thing", "enty"),
-    "description": ("definition", "desc", "explanation"),
-    "abbreviation": ("abbr", "acronym", "abbrev"),
+# Answer words that mean a label, per data set (SST-2/MR, SUBJ, TREC). They apply only to a task whose label
+# names are exactly that data set's (any case): "thing" means TREC's entity, not any label named "entity".
+DATASET_SYNONYMS: dict[frozenset[str], dict[str, tuple[str, ...]]] = {
+    frozenset({"positive", "negative"}): {
+        "positive": ("pos", "good", "favorable", "favourable"),
+        "negative": ("neg", "bad", "unfavorable", "unfavourable"),
+    },
+    frozenset({"subjective", "objective"}): {
+        "subjective": ("opinion", "subj"),
+        "objective": ("fact", "factual", "obj"),
+    },
+    frozenset({"abbreviation", "description", "entity", "human", "location", "number"}): {
+        "number": ("numeric", "num", "quantity"),
+        "location": ("place", "loc"),
+        "human": ("person", "people", "hum"),
+        "entity": ("thing", "enty"),
+        "description": ("definition", "desc", "explanation"),
+        "abbreviation": ("abbr", "acronym", "abbrev"),
+    },
 }
+SYNONYM_WORDS = 3  # synonyms count only in answers this short ("a person", "It is good")
 
 _PREFIX = re.compile(r"^\s*(the\s+)?(final\s+)?(answer|label|category|class|sentiment|output|type)\b"
                      r"\s*(is\b)?\s*[:=\-]?\s*", re.IGNORECASE)
+_SEPARATED = re.compile(r"\bis\b|[:=\-]\s*$")  # a prefix marked off by "is" or ":", "=", "-"
 
 
 def system_prompt(labels: Sequence[str], task_description: str | None = None) -> str:
@@ -72,7 +82,9 @@ def parse_generated_texts(answer: str, limit: int) -> list[str]:
 
 
 _THINK = re.compile(r"<think>.*?</think>", re.IGNORECASE | re.DOTALL)
-_NEGATION = r"(not|no|never|neither|nor|hardly|t)"  # "t": the tail of "isn't"/"don't" once squashed
+# words that negate the label named right after them or one word later ("not positive", "not very good");
+# "t" is the tail of "isn't" / "don't" once punctuation is squashed
+_NEGATIONS = frozenset({"not", "no", "never", "neither", "nor", "hardly", "t"})
 
 
 def strip_thinking(answer: str) -> str | None:
@@ -81,60 +93,122 @@ def strip_thinking(answer: str) -> str | None:
     return None if "<think>" in text.lower() else text
 
 
-def _negated(norm: str, key: str) -> bool:
-    """Whether ``key`` appears negated ("not positive", "isn't good", "not very good") in ``norm``."""
-    return re.search(rf"(^| ){_NEGATION}( \w+)? {re.escape(key)}( |$)", norm) is not None
-
-
 def _squash(text: str) -> str:
-    text = re.sub(r"[\"'`*_.,;:!?()\[\]{}<>]", " ", text)
+    text = re.sub(r"[\"'`*_.,;:!?()\[\]{}<>\u2018\u2019\u201c\u201d]", " ", text)
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _normalise(text: str) -> str:
-    text = text.strip().lower()
-    # strip an "Answer:"-style prefix, unless it is all there is (a label may be named "Type" or "Answer")
-    return _squash(_PREFIX.sub("", text)) or _squash(text)
+def label_name(label: str) -> str:
+    """A label's name as answers are compared with it: lower case, punctuation and spacing ignored."""
+    return _squash(label.lower())
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """One answer text, normalised: ``words`` with the first ``skip`` an "Answer:"-style prefix."""
+
+    full: str  # the whole text, normalised
+    short: str  # without the prefix (the whole text when nothing follows the prefix)
+    words: list[str]
+    skip: int
+
+    @classmethod
+    def of(cls, text: str) -> _Answer:
+        low = text.strip().lower()
+        full = _squash(low)
+        match = _PREFIX.match(low)
+        if match is None or not _squash(low[match.end():]):
+            return cls(full, full, full.split(), 0)
+        head, rest = _squash(match.group(0)).split(), _squash(low[match.end():]).split()
+        if head + rest != full.split() or not _SEPARATED.search(match.group(0)):
+            # glued into a word ("type-x"), or no "is"/":" to mark it off ("Type or A"): its words may name labels
+            return cls(full, " ".join(rest), full.split(), 0)
+        return cls(full, " ".join(rest), head + rest, len(head))
+
+
+class LabelMatcher:
+    """Maps free-form LLM answers to one label of a fixed label set (see :meth:`parse`).
+
+    Raises ValueError when two labels have the same :func:`label_name` (no answer could tell them apart).
+    """
+
+    def __init__(self, labels: Sequence[str], synonyms: dict[str, tuple[str, ...]] | None = None) -> None:
+        self.by_name: dict[str, str] = {}
+        for lab in labels:
+            name = label_name(lab)
+            if self.by_name.get(name, lab) != lab:
+                raise ValueError(f"labels {self.by_name[name]!r} and {lab!r} are the same label once case, spacing "
+                                 "and punctuation are ignored; rename one of them")
+            self.by_name[name] = lab
+        self.by_name.pop("", None)  # a label of punctuation only ("?") is never named by an answer
+        self._names = [(tuple(name.split(" ")), lab) for name, lab in self.by_name.items()]
+        # "B" for "Type B": a label's name without an "Answer:"-style word, when no other label has it
+        short: dict[str, list[str]] = {}
+        for name, lab in self.by_name.items():
+            alias = _squash(_PREFIX.sub("", name))
+            if alias and alias != name:
+                short.setdefault(alias, []).append(lab)
+        self.by_alias = {a: labs[0] for a, labs in short.items() if len(labs) == 1 and a not in self.by_name}
+        if synonyms is None:
+            synonyms = DATASET_SYNONYMS.get(frozenset(self.by_name), {})
+        self.by_synonym = {word: self.by_name[label_name(name)] for name, words in synonyms.items()
+                           if label_name(name) in self.by_name for word in words if word not in self.by_name}
+
+    def parse(self, answer: str | None) -> str | None:
+        """The one label ``answer`` names, or None when it names none, several, or a negated one.
+
+        In order: the whole answer or its first line is a label (case, punctuation, quotes, markdown and an
+        "Answer:" / "The label is" prefix ignored), or a label's distinctive part ("B" for "Type B");
+        otherwise the labels named in the first line, else in the whole answer, where the longest name wins
+        ("very positive" over "positive", "not spam" over "spam"); otherwise, in a short answer, the data
+        set's synonyms ("good"); otherwise a one-word abbreviation of one label ("pos"). ``<think>`` blocks
+        are skipped.
+        """
+        text = strip_thinking(answer) if answer else None
+        if not text or not text.strip():
+            return None
+        whole = _Answer.of(text)
+        first = _Answer.of(text.strip().splitlines()[0])
+        for table in (self.by_name, self.by_alias):
+            for form in (whole.full, whole.short, first.full, first.short):
+                if form in table:
+                    return table[form]
+        found = self._mentioned(first)
+        return found if found is not None or first == whole else self._mentioned(whole)
+
+    def _mentioned(self, answer: _Answer) -> str | None:
+        words, skip = answer.words, answer.skip
+        at: dict[str, list[int]] = {}
+        for i, word in enumerate(words):
+            at.setdefault(word, []).append(i)
+        spans = [(i, i + len(name), lab) for name, lab in self._names for i in at.get(name[0], ())
+                 if tuple(words[i:i + len(name)]) == name and i + len(name) > skip]
+        named = [(i, lab) for i, end, lab in spans  # a name inside a longer one ("spam" in "not spam") is not one
+                 if not any(o_i <= i and end <= o_end and o_end - o_i > end - i for o_i, o_end, _ in spans)]
+        if not named and len(words) - skip <= SYNONYM_WORDS:
+            named = [(i, self.by_synonym[w]) for i, w in enumerate(words) if i >= skip and w in self.by_synonym]
+        if not named:
+            rest = words[skip:]
+            if len(rest) != 1 or len(rest[0]) < 3:
+                return None
+            starts = [(name, lab) for name, lab in self._names if name[0].startswith(rest[0])]
+            return starts[0][1] if len(starts) == 1 and starts[0][0][0] != rest[0] else None
+        if len({lab for _, lab in named}) > 1 or any(_NEGATIONS.intersection(words[max(0, i - 2):i])
+                                                     for i, _ in named):
+            return None
+        return named[0][1]
 
 
 def parse_label(answer: str | None, labels: Sequence[str],
                 synonyms: dict[str, tuple[str, ...]] | None = None) -> str | None:
-    """Map a free-form answer to one label, or None when it names none or several.
+    """Map a free-form answer to one label, or None when it names none or several (see
+    :meth:`LabelMatcher.parse`). ``synonyms`` (label name -> answer words) replaces the data set's synonyms.
 
-    Tolerates case, punctuation, quotes, prefixes such as "Answer: X", label synonyms, unambiguous
-    prefixes ("pos" -> "positive") and ``<think>`` blocks. A negated label or synonym ("not positive",
-    "not good") is refused rather than guessed.
+    Raises ValueError when two labels are the same once case and punctuation are ignored.
     """
-    answer = strip_thinking(answer) if answer else None
-    if not answer:
-        return None
-    syn = SYNONYMS if synonyms is None else synonyms
-    by_norm = {_normalise(lab): lab for lab in labels}
-    norm = _normalise(answer)
-    if not norm:
-        return None
-    if norm in by_norm:
-        return by_norm[norm]
-    first_line = _normalise(answer.strip().splitlines()[0])
-    if first_line in by_norm:
-        return by_norm[first_line]
-    words = norm.split(" ")
-    named = [(key, lab) for key, lab in by_norm.items() if re.search(rf"(^| ){re.escape(key)}( |$)", norm)]
-    named += [(word, lab) for key, lab in by_norm.items() for word in words[:3] if word in syn.get(key, ())]
-    if any(_negated(norm, key) for key, _ in named):
-        return None
-    found = {lab for key, lab in named if re.search(rf"(^| ){re.escape(key)}( |$)", norm) and key in by_norm}
-    if len(found) == 1:
-        return found.pop()
-    if found:
-        return None
-    for key, lab in named:
-        return lab
-    head = words[0]
-    prefixed = [lab for key, lab in by_norm.items() if len(head) >= 3 and key.startswith(head)]
-    return prefixed[0] if len(prefixed) == 1 else None
+    return LabelMatcher(labels, synonyms).parse(answer)
 
 
 def label_token_prefixes(labels: Sequence[str]) -> dict[str, str]:
     """Lower-case label name per label, used to attribute first-token logprobs to labels."""
-    return {lab: _normalise(lab) for lab in labels}
+    return {lab: name for name, lab in LabelMatcher(labels, {}).by_name.items()}
