@@ -34,7 +34,8 @@ from typing import Any
 
 from _common import RESULTS, command_line, fmt_table, loadavg, write_result
 
-from freeal_backend.labelstudio.jobs import JobStore, PushJournal, push_results
+from freeal_backend.labelstudio.job_store import JobStore
+from freeal_backend.labelstudio.push import PushJournal, push_results
 from freeal_backend.labelstudio.label_config import parse_label_config
 from freeal_backend.labelstudio.client import PAGE_SIZE, TASK_FIELDS, Connection, ProjectClient
 from freeal_backend.records import ItemResult
@@ -65,9 +66,9 @@ class TimedClient(ProjectClient):
         super().__init__(*args, **kwargs)
         self.deletes: list[tuple[str, float]] = []
 
-    def delete_model_version(self, version: str) -> None:
+    def delete_model_version(self, version: str, *, count: int = 0) -> None:
         t0 = time.perf_counter()
-        super().delete_model_version(version)
+        super().delete_model_version(version, count=count)
         self.deletes.append((version, time.perf_counter() - t0))
 
 

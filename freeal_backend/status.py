@@ -7,6 +7,7 @@ in progress. Nothing here returns a filesystem path.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -73,7 +74,10 @@ def live_title_state(job: dict[str, Any]) -> str | None:
 
 
 def review_tab_url(ls_url: str | None, project_id: int, view_id: int | None) -> str | None:
-    """The Data Manager URL of the project's review tab in Label Studio (None when unknown)."""
+    """The Data Manager URL of the project's review tab, as a browser reaches it: under LABEL_STUDIO_PUBLIC_URL
+    when set (the backend may reach Label Studio at an address browsers cannot resolve, e.g.
+    http://label-studio:8080 in compose), else under ``ls_url``; None when unknown."""
+    ls_url = os.environ.get("LABEL_STUDIO_PUBLIC_URL", "").strip() or ls_url
     if not ls_url or not ls_url.startswith(("http://", "https://")):
         return None
     return f"{ls_url.rstrip('/')}/projects/{int(project_id)}/data" + (f"?tab={int(view_id)}" if view_id else "")

@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 from label_studio_sdk import LabelStudio
 
-from freeal_backend.labelstudio.jobs import JobStore, ReviewTab, push_results
+from freeal_backend.labelstudio.job_store import JobStore
+from freeal_backend.labelstudio.push import push_results
+from freeal_backend.labelstudio.review_tab import ReviewTab
 from freeal_backend.labelstudio.label_config import parse_label_config
 from freeal_backend.labelstudio.client import REVIEW_VIEW_TITLE, Connection, ProjectClient, is_review_view_title
 from freeal_backend.records import ItemResult

@@ -129,7 +129,7 @@ def fake_llm() -> Iterator[FakeOpenAI]:
 
 
 def make_app(data_dir: Path, fake_llm: FakeOpenAI, **server_kw: Any) -> Flask:
-    settings_ = Settings(data_dir=data_dir, llm_base_url=fake_llm.base_url, llm_model=MODEL, llm_api_key=LLM_KEY,
+    settings_ = Settings(slm_min_steps=0, data_dir=data_dir, llm_base_url=fake_llm.base_url, llm_model=MODEL, llm_api_key=LLM_KEY,
                          llm_max_retries=1, llm_timeout=10.0, llm_concurrency=2)
     opts: dict[str, Any] = {"auto_job": False, "predict_budget_s": 20.0}
     opts.update(server_kw)
@@ -357,16 +357,17 @@ def test_basic_auth_when_configured(tmp_path: Path, fake_llm: FakeOpenAI) -> Non
     app = make_app(tmp_path, fake_llm, basic_auth_user="ls", basic_auth_pass="s3cret:pass")
     try:
         client = app.test_client()
-        for path in ("/health", "/predict", "/setup", "/webhook", "/versions", "/status/1"):
-            resp = client.get(path) if path in ("/health", "/versions", "/status/1") else client.post(path, json={})
+        for path in ("/predict", "/setup", "/webhook", "/versions", "/status/1"):
+            resp = client.get(path) if path in ("/versions", "/status/1") else client.post(path, json={})
             assert resp.status_code == 401 and resp.headers["WWW-Authenticate"].startswith("Basic")
             assert "s3cret" not in resp.get_data(as_text=True)
+        assert client.get("/health").status_code == 200  # open for the container healthcheck (tests/test_auth.py)
         for user, pw in [("ls", "wrong"), ("LS", "s3cret:pass"), ("", ""), ("ls", "s3cret:pas"), ("ls", "")]:
-            assert client.get("/health", headers=_basic(user, pw)).status_code == 401
-        assert client.get("/health", headers={"Authorization": "Bearer s3cret:pass"}).status_code == 401
-        assert client.get("/health", headers={"Authorization": "Basic !!!notbase64"}).status_code == 401
+            assert client.get("/versions", headers=_basic(user, pw)).status_code == 401
+        assert client.get("/versions", headers={"Authorization": "Bearer s3cret:pass"}).status_code == 401
+        assert client.get("/versions", headers={"Authorization": "Basic !!!notbase64"}).status_code == 401
         good = _basic("ls", "s3cret:pass")
-        assert client.get("/health", headers=good).status_code == 200
+        assert client.get("/versions", headers=good).status_code == 200
         assert client.post("/setup", json={"project": 1, "schema": SENTIMENT}, headers=good).status_code == 200
     finally:
         close_app(app)
@@ -383,7 +384,7 @@ def auth_app(tmp_path_factory: pytest.TempPathFactory, fake_llm: FakeOpenAI) -> 
 @given(user=st.text(max_size=10), password=st.text(max_size=10))
 def test_basic_auth_refuses_any_other_credentials(auth_app: Flask, user: str, password: str) -> None:
     expected = 200 if (user, password) == ("ls", "pw") else 401
-    assert auth_app.test_client().get("/health", headers=_basic(user, password)).status_code == expected
+    assert auth_app.test_client().get("/versions", headers=_basic(user, password)).status_code == expected
 
 
 def test_api_keys_never_appear_in_responses_or_logs(tmp_path: Path, fake_llm: FakeOpenAI,
@@ -509,7 +510,7 @@ def test_predict_keeps_its_budget_when_the_llm_hangs(tmp_path: Path) -> None:
     """An endpoint that answers a few tasks and then hangs must not hold /predict past its budget, even
     with a 30 s client timeout and 5 retries (Label Studio gives up after 100 s)."""
     with FakeOpenAI() as llm:
-        settings_ = Settings(data_dir=tmp_path, llm_base_url=llm.base_url, llm_model=MODEL, llm_api_key=LLM_KEY,
+        settings_ = Settings(slm_min_steps=0, data_dir=tmp_path, llm_base_url=llm.base_url, llm_model=MODEL, llm_api_key=LLM_KEY,
                              llm_max_retries=5, llm_timeout=30.0, llm_concurrency=2)
         app = create_app(settings_, ServerSettings(auto_job=False, predict_budget_s=3.0))
         try:

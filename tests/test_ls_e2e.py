@@ -20,7 +20,7 @@ import httpx
 import pytest
 from label_studio_sdk import LabelStudio
 
-from freeal_backend.labelstudio.jobs import health_note
+from freeal_backend.labelstudio.review_tab import health_note
 from freeal_backend.labelstudio.label_config import FLAG_SUSPICIOUS, parse_label_config, render_prediction
 from freeal_backend.labelstudio.client import (REVIEW_VIEW_TITLE, Connection, ProjectClient, connection_from_env,
                                       is_review_view_title)
@@ -57,7 +57,7 @@ def serve_backend(root: Path, label_studio: LabelStudioServer, **settings: str) 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FREEAL_", "LLM_", "BASIC_AUTH_"))}
     env.update(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token,
                FREEAL_DATA_DIR=str(root / "data"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HOST="127.0.0.1", PORT=str(port), **settings)
+               HOST="127.0.0.1", PORT=str(port), **{"FREEAL_SLM_MIN_STEPS": "0", **settings})
     log_path = root / "backend.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),

@@ -12,7 +12,8 @@ import pytest
 from label_studio_sdk import LabelStudio
 
 from freeal_backend.labelstudio.client import Connection, ProjectClient
-from freeal_backend.labelstudio.jobs import JobStore, PushJournal, push_results
+from freeal_backend.labelstudio.job_store import JobStore
+from freeal_backend.labelstudio.push import PushJournal, push_results
 from freeal_backend.labelstudio.label_config import parse_label_config
 from freeal_backend.records import ItemResult
 from tests.fixtures_ls import LS_BIN, TOKEN, free_port, start_label_studio, stop

@@ -20,7 +20,10 @@ import pytest
 from label_studio_sdk import LabelStudio
 
 from freeal_backend.config import Settings
-from freeal_backend.labelstudio.jobs import JobManager, JobStore, PushJournal, RunRegistry, push_results
+from freeal_backend.labelstudio.job_store import JobStore
+from freeal_backend.labelstudio.manager import Claim, JobManager
+from freeal_backend.labelstudio.push import PushJournal, push_results
+from freeal_backend.labelstudio.runs import RunRegistry
 from freeal_backend.labelstudio.label_config import parse_label_config
 from freeal_backend.labelstudio.client import IMPORT_BATCH, Connection, ProjectClient
 from freeal_backend.records import ItemResult
@@ -198,14 +201,14 @@ def test_a_big_project_gets_only_the_final_round_pushed(label_studio: LabelStudi
             super().push(client, *args, **kwargs)
 
     with FakeOpenAI() as fake:
-        settings = Settings(data_dir=tmp_path / "data", llm_base_url=fake.base_url, llm_model=MODEL, rounds=1,
+        settings = Settings(slm_min_steps=0, data_dir=tmp_path / "data", llm_base_url=fake.base_url, llm_model=MODEL, rounds=1,
                             shots=2, demos_per_label=3, slm_epochs=1, push_every_round_max_tasks=n - 1)
         store = JobStore(tmp_path / "backend.sqlite")
         store.save_project(pid, label_config=SENTIMENT, extra_params=None, ls_url=label_studio.url,
                            ls_key=label_studio.token)
         manager = Recording(settings, store, RunRegistry(settings))
         assert store.claim(pid, "test", stale_s=600)
-        manager.run_once(pid, "test")
+        manager.run_once(Claim(store, pid, "test"))
     assert len(pushed) == 1 and pushed[0].startswith("freeal-r1-")
     assert_exactly_one(label_studio, pid, task_ids, pushed[0])
     view = next(v for v in LabelStudio(base_url=label_studio.url, api_key=label_studio.token).views.list(project=pid))
@@ -216,7 +219,7 @@ def test_a_big_project_gets_only_the_final_round_pushed(label_studio: LabelStudi
 
 def worker_env(queue_url: str, data_dir: Path, ls: LabelStudioServer, fake: FakeOpenAI) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FREEAL_", "LLM_", "LABEL_STUDIO_"))}
-    env.update(FREEAL_QUEUE=queue_url, FREEAL_DATA_DIR=str(data_dir), FREEAL_QUEUE_LOCK_TTL="4",
+    env.update(FREEAL_QUEUE=queue_url, FREEAL_DATA_DIR=str(data_dir), FREEAL_QUEUE_LOCK_TTL="4", FREEAL_SLM_MIN_STEPS="0",
                LLM_BASE_URL=fake.base_url, LLM_MODEL=MODEL, LLM_CONCURRENCY="4", LLM_MAX_RETRIES="2",
                LLM_TIMEOUT="10", FREEAL_ROUNDS="0", FREEAL_DEMOS_PER_LABEL="3", FREEAL_SHOTS="2",
                LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.token, HF_HUB_OFFLINE="1",
@@ -267,7 +270,7 @@ def test_http_trigger_enqueues_and_a_worker_runs_the_job(label_studio: LabelStud
     pid, task_ids, _ = make_project(label_studio, n, "queue-http")
     data_dir = tmp_path / "data"
     with FakeOpenAI() as fake:
-        settings = Settings(data_dir=data_dir, queue_url=queue_url, llm_base_url=fake.base_url, llm_model=MODEL)
+        settings = Settings(slm_min_steps=0, data_dir=data_dir, queue_url=queue_url, llm_base_url=fake.base_url, llm_model=MODEL)
         app = create_app(settings, ServerSettings())
         web = app.test_client()
         assert web.post("/setup", json={"project": f"{pid}.1", "schema": SENTIMENT, "hostname": label_studio.url,

@@ -20,7 +20,8 @@ from werkzeug.serving import make_server
 
 from freeal_backend.cli import main as cli_main
 from freeal_backend.config import Settings
-from freeal_backend.labelstudio.jobs import JobStore, ReviewTab
+from freeal_backend.labelstudio.job_store import JobStore
+from freeal_backend.labelstudio.review_tab import ReviewTab
 from freeal_backend.loop import FreeALRun
 from freeal_backend.labelstudio.client import REVIEW_VIEW_TITLE
 from freeal_backend.metrics import label_scores
@@ -83,7 +84,7 @@ def test_run_summary_matches_the_cli_evaluation(tmp_path: Path) -> None:
     assert summary["final"]["flagged"] == 10 and summary["final"]["human"] == 1
     assert sum(summary["final"]["histogram"]["flagged"]) == 10
     assert sum(summary["final"]["histogram"]["not_flagged"]) == N - 1 - 10
-    with FreeALRun(Settings(data_dir=tmp_path / "data"), LABELS, tmp_path / "run") as run:
+    with FreeALRun(Settings(slm_min_steps=0, data_dir=tmp_path / "data"), LABELS, tmp_path / "run") as run:
         gold = {it.item_id: it.gold for it in run.store.items()}
         expected = {stage: label_scores(pred, gold, LABELS)["accuracy"] for stage, pred in run.stage_labels().items()}
     got = {a["stage"]: a["accuracy"] for a in summary["accuracy"]}
@@ -123,7 +124,7 @@ def make_backend(tmp_path: Path, *, state: str) -> Flask:
     """A backend with one project whose job is ``running`` (round 2 of 2, 43/100) or ``done``."""
     data = tmp_path / "data"
     write_run(data / f"project-{PID}" / "state.sqlite", gold=False)
-    app = create_app(Settings(data_dir=data), ServerSettings(basic_auth_user=USER, basic_auth_pass=PASSWORD,
+    app = create_app(Settings(slm_min_steps=0, data_dir=data), ServerSettings(basic_auth_user=USER, basic_auth_pass=PASSWORD,
                                                              auto_job=False))
     jobs: JobStore = app.extensions["freeal"].store
     jobs.save_project(PID, label_config="<View/>", extra_params={}, ls_url="http://ls.example:8080", ls_key="k")
@@ -220,7 +221,7 @@ def test_no_answer_shows_a_server_path(tmp_path: Path) -> None:
     app = make_backend(tmp_path, state="done")
     client = app.test_client()
     health = client.get("/health", headers=auth()).get_json()
-    assert health == {"status": "UP", "model_class": "FreeAL"}
+    assert health == {"status": "UP"}
     for path in ("/", "/health", f"/projects/{PID}", f"/status/{PID}", "/versions", "/projects/999", "/status/999"):
         body = client.get(path, headers=auth()).get_data(as_text=True)
         assert str(tmp_path) not in body and "state.sqlite" not in body, path

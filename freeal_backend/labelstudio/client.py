@@ -35,6 +35,9 @@ EXPAND_ANNOTATIONS: RequestOptions = {"additional_query_parameters": {"expand": 
 # every task of the project per request, so there bigger requests would be faster: turn the batched import
 # on instead (README "Scaling", docker-compose.yml), which keeps 500 one transaction and the journal exact.
 IMPORT_BATCH = 500
+# Label Studio 1.23 deletes a version one prediction at a time (a counter update each): 30-60 a second here
+# (benchmarks/results/ls_push_n2000*_probe.md). A DELETE may wait this rate's time on top of the client's timeout.
+MIN_DELETE_RATE = 10.0
 
 
 class MissingCredentialsError(RuntimeError):
@@ -65,14 +68,26 @@ class TaskRecord:
 def connection_from_env(
     env: Mapping[str, str] | None = None, *, url: str | None = None, api_key: str | None = None
 ) -> Connection:
-    """Read LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY; ``url``/``api_key`` fill in what the environment lacks.
+    """Read LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY; ``url``/``api_key`` (what /setup handed over) fill in what
+    the environment lacks.
 
-    Raises :class:`MissingCredentialsError` naming exactly the missing variables.
+    The operator's LABEL_STUDIO_API_KEY only ever goes to LABEL_STUDIO_URL: without that variable the
+    connection is /setup's hostname with /setup's token, or none, so whoever calls /setup cannot choose
+    where the operator's key is sent. Raises :class:`MissingCredentialsError` naming what is missing.
     """
     env = os.environ if env is None else env
-    url = (env.get("LABEL_STUDIO_URL") or url or "").strip()
-    key = (env.get("LABEL_STUDIO_API_KEY") or api_key or "").strip()
+    env_url = (env.get("LABEL_STUDIO_URL") or "").strip()
+    env_key = (env.get("LABEL_STUDIO_API_KEY") or "").strip()
+    if env_url:
+        url, key = env_url, env_key or (api_key or "").strip()
+    else:
+        url, key = (url or "").strip(), (api_key or "").strip()
     missing = [name for name, value in (("LABEL_STUDIO_URL", url), ("LABEL_STUDIO_API_KEY", key)) if not value]
+    if env_key and not env_url and missing:
+        raise MissingCredentialsError(
+            "LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not: the backend sends that key only to the "
+            "Label Studio named by LABEL_STUDIO_URL, never to a hostname from /setup. Set LABEL_STUDIO_URL."
+        )
     if missing:
         raise MissingCredentialsError(
             f"{' and '.join(missing)} not set: the backend cannot read tasks or push predictions to Label Studio. "
@@ -87,6 +102,7 @@ class ProjectClient:
 
     def __init__(self, conn: Connection, project_id: int, *, timeout: float = 60.0) -> None:
         self.project_id = project_id
+        self.timeout = timeout
         self.client = LabelStudio(base_url=conn.url, api_key=conn.api_key, timeout=timeout)
 
     def label_config(self) -> str:
@@ -122,9 +138,11 @@ class ProjectClient:
         data = self._request("GET", f"api/projects/{self.project_id}/model-versions/")
         return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
-    def delete_model_version(self, version: str) -> None:
-        """Delete every prediction of ``version`` in the project."""
-        self._request("DELETE", f"api/projects/{self.project_id}/model-versions/", json={"model_version": version})
+    def delete_model_version(self, version: str, *, count: int = 0) -> None:
+        """Delete every prediction of ``version`` in the project: ``count`` of them, which the request's
+        timeout allows for (``MIN_DELETE_RATE``)."""
+        self._request("DELETE", f"api/projects/{self.project_id}/model-versions/", json={"model_version": version},
+                      request_options={"timeout": self.timeout + count / MIN_DELETE_RATE})
 
     def select_version(self, version: str) -> None:
         """Make ``version`` the project's model version: the labeling UI shows its predictions and the Data
@@ -138,10 +156,10 @@ class ProjectClient:
         30-60 a second on SQLite and on PostgreSQL here (2 shared cores), and people's annotation saves wait
         for it (benchmarks/results/ls_push_n2000*_probe.md), so it runs last.
         """
-        old = [v for v in self.model_versions() if v.startswith(FREEAL_VERSION_PREFIX) and v != keep]
-        for version in old:
-            self.delete_model_version(version)
-        return old
+        old = {v: n for v, n in self.model_versions().items() if v.startswith(FREEAL_VERSION_PREFIX) and v != keep}
+        for version, count in old.items():
+            self.delete_model_version(version, count=count)
+        return list(old)
 
     def upsert_review_view(self, title: str = REVIEW_VIEW_TITLE, version: str | None = None) -> int:
         """Create or update the "FreeAL: needs review" tab: exactly the tasks whose ``version`` prediction is

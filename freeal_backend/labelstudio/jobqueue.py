@@ -16,6 +16,8 @@ enqueues finds the lock held and ends at once). A worker killed mid-job stops re
 lock; once the lock expires, the sweep every worker runs (at start and every TTL/2 seconds) finds
 ``req > done`` with no lock and no queued job and enqueues the project again. The new run resumes from
 the run state in the shared ``FREEAL_DATA_DIR`` (finished stages, stored LLM answers, the push journal).
+A run that fails to renew its lock (stalled past the TTL) is fenced: it stops at its next write, before
+it pushes anything, and leaves the job to the run that took it over.
 """
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 
 from freeal_backend.config import Settings
-from freeal_backend.labelstudio.jobs import JobManager, JobStore, RunRegistry, every
+from freeal_backend.labelstudio.job_store import JobStore
+from freeal_backend.labelstudio.manager import Claim, JobManager, Runner, ThreadRunner, every
+from freeal_backend.labelstudio.runs import RunRegistry
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +111,15 @@ class Lease:
         self.served = newest
         return True
 
-    def renew(self) -> None:
+    def renew(self) -> bool:
+        """Extend the lock; False when it is no longer ours (it expired: another worker may hold it)."""
         try:
             self.lock.extend(self.coordinator.lock_ttl, replace_ttl=True)
+            return True
         except LockError:
-            log.error("project %s: lost the job lock (stalled past FREEAL_QUEUE_LOCK_TTL?); another worker may "
-                      "take the job over", self.project_id)
+            log.error("project %s: lost the job lock (stalled past FREEAL_QUEUE_LOCK_TTL?); this run stops at its "
+                      "next write and leaves the job to another worker", self.project_id)
+            return False
 
 
 class QueueRunner:
@@ -130,6 +137,9 @@ class QueueRunner:
         manager.store.mark_queued(project_id)
         self.enqueue(project_id)
         return True
+
+    def start(self, manager: JobManager) -> None:
+        """Nothing to do: the workers' sweep resumes the jobs of dead workers."""
 
     def enqueue(self, project_id: int) -> Job:
         # no RQ timeout: liveness is the renewed lock; results are in Label Studio and the job store
@@ -169,6 +179,7 @@ def run_project(project_id: int) -> str:
         return "another worker runs this project; it will run once more"
     owner = manager.new_owner()
     store = manager.store
+    claim = Claim(store, project_id, owner)
 
     def finish(state: str, message: str) -> bool:
         if lease.settle(force=state != "done"):
@@ -177,14 +188,15 @@ def run_project(project_id: int) -> str:
         return False
 
     def beat() -> None:
-        lease.renew()
+        if not lease.renew():
+            claim.revoke()
         store.update(project_id, owner)
 
     if not lease.settle():  # anything left to serve? (released when not)
         return "nothing to do"
     store.take(project_id, owner)
     with every(lease.coordinator.lock_ttl / 3, beat):
-        manager.run_until_settled(project_id, owner, finish)
+        manager.run_until_settled(claim, finish)
     return (store.status(project_id) or {}).get("message") or ""
 
 
@@ -217,3 +229,8 @@ def work(settings: Settings, *, burst: bool = False, name: str | None = None) ->
                           name=name or f"freeal-{uuid.uuid4().hex[:8]}", maintenance_interval=sweep_s,
                           worker_ttl=sweep_s + 15, job_monitoring_interval=max(1, min(30, sweep_s)))
     return worker.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
+
+
+def runner_for(settings: Settings) -> Runner:
+    """The Redis queue when ``FREEAL_QUEUE`` is set, else a thread of this process."""
+    return QueueRunner(settings) if settings.queue_url else ThreadRunner()

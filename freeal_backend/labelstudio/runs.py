@@ -1,0 +1,110 @@
+"""The FreeAL side of a project's job: its options, its loaded run, its items and what the run left undone."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from freeal_backend.config import Settings
+from freeal_backend.labelstudio.client import TaskRecord
+from freeal_backend.loop import FreeALRun
+from freeal_backend.loop_spans import run_type
+from freeal_backend.records import Item
+from freeal_backend.storage import Store
+
+
+@dataclass(frozen=True)
+class ProjectOptions:
+    """Per-project options from Label Studio's "extra params" of the model (all optional)."""
+
+    from_name: str | None = None
+    rounds: int | None = None
+    task_description: str | None = None
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any] | None) -> "ProjectOptions":
+        extra = extra if isinstance(extra, dict) else {}
+        rounds = extra.get("rounds")
+        return cls(
+            from_name=str(extra["from_name"]) if extra.get("from_name") else None,
+            rounds=int(rounds) if isinstance(rounds, (int, str)) and str(rounds).isdigit() else None,
+            task_description=str(extra["task_description"]) if extra.get("task_description") else None,
+        )
+
+
+class RunRegistry:
+    """One :class:`FreeALRun` per project and label set per process (models are loaded once, not per request).
+
+    All runs share one LLM client (one embedded LLM server per process) and one encoder.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._runs: dict[tuple[int, str, tuple[str, ...]], FreeALRun] = {}
+        self._shared: FreeALRun | None = None
+
+    def run_dir(self, project_id: int) -> Path:
+        """Where the project's FreeAL state lives."""
+        return self.settings.data_dir / f"project-{project_id}"
+
+    def get(self, project_id: int, labels: tuple[str, ...], task_description: str | None = None, *,
+            task_type: str = "classification") -> FreeALRun:
+        with self._lock:
+            key = (project_id, task_type, labels)
+            run = self._runs.get(key)
+            if run is None:
+                run_dir = self.run_dir(project_id)
+                shared = self._shared
+                run = run_type(task_type)(self.settings, list(labels), run_dir, task_description,
+                                          llm=shared.llm if shared else None,
+                                          encoder=shared.encoder if shared else None)
+                self._shared = self._shared or run
+                self._runs[key] = run
+            if task_description:
+                run.task_description = task_description
+            return run
+
+    def keep_lower_states_of(self, project_id: int) -> None:
+        """Free the cached lower states of every other project's runs: the disk holds one project's at a
+        time (2.3 GiB per 100k texts), and consecutive jobs of one project still reuse them."""
+        with self._lock:
+            for (pid, _, _), run in self._runs.items():
+                if pid != project_id:
+                    run.release_lower_states()
+
+    def close(self) -> None:
+        with self._lock:
+            for run in self._runs.values():
+                run.close()
+            self._runs.clear()
+            self._shared = None
+
+
+def build_items(records: list[TaskRecord], gold: dict[int, list[str]]) -> tuple[list[Item], list[int]]:
+    """Items for FreeAL (human labels = gold, the API's annotations first) and ids of tasks without text."""
+    items, no_text = [], []
+    for rec in records:
+        if not rec.text or not rec.text.strip():
+            no_text.append(rec.task_id)
+            continue
+        labels = list(rec.human_labels) or gold.get(rec.task_id, [])
+        items.append(Item(str(rec.task_id), rec.text, human_label=labels[0] if labels else None))
+    return items, no_text
+
+
+def unfinished_work(store: Store, items: list[Item], rounds: int) -> str | None:
+    """What the run left undone because LLM requests failed (the next job retries them), with counts;
+    None when nothing is left."""
+    parts = []
+    round0 = store.annotations("llm_r0")
+    no_label = sum(1 for it in items if not it.human_label
+                   and (it.item_id not in round0 or round0[it.item_id]["error"]))
+    if no_label:
+        parts.append(f"{no_label} texts without an LLM label (requests failed)")
+    for rnd in range(1, rounds + 1):
+        if not store.stage_done(f"llm_r{rnd}"):
+            failed = sum(1 for ann in store.annotations(f"llm_r{rnd}").values() if ann["error"])
+            parts.append(f"refinement round {rnd} unfinished ({failed} requests failed)")
+    return "; ".join(parts) + "; the next job retries them" if parts else None
