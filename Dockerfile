@@ -1,4 +1,5 @@
-# FreeAL Label Studio ML backend (CPU). Build: docker compose build freeal
+# FreeAL Label Studio ML backend: one image (freeal-backend:local) for the services freeal, worker and
+# worker-gpu of docker-compose.yml. Build: docker compose build. The context is only what .dockerignore lets in.
 FROM python:3.11-slim
 
 # A C/C++ toolchain: pip builds llama-cpp-python (the embedded offline LLM) from source.
@@ -8,13 +9,16 @@ RUN apt-get update \
 
 WORKDIR /app
 COPY requirements.txt ./
+# GGML_NATIVE=OFF: llama.cpp is compiled for a generic x86-64 with AVX2/FMA/F16C (Intel Haswell, AMD Zen or
+# newer), not with -march=native for the build machine's CPU, so the image runs on other hosts too.
 # torch from PyPI for Linux brings its CUDA libraries (several GB): fine on a GPU host; for a small
 # CPU-only image, install a CPU build of torch==2.13.0 before this line.
-RUN pip install --no-cache-dir -r requirements.txt
-COPY pyproject.toml gunicorn.conf.py ./
+RUN CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir -r requirements.txt
+COPY pyproject.toml README.md NOTICE gunicorn.conf.py ./
 COPY freeal_backend ./freeal_backend
 COPY label_config ./label_config
-RUN pip install --no-cache-dir --no-deps .
+RUN pip install --no-cache-dir --no-deps . \
+ && freeal models install
 
 # All state (SQLite job/run state, LLM response cache, SLM checkpoints) lives under /data: mount a volume.
 ENV FREEAL_DATA_DIR=/data \
@@ -26,5 +30,6 @@ RUN useradd --create-home --uid 1000 freeal && mkdir -p /data && chown freeal /d
 USER freeal
 VOLUME /data
 EXPOSE 9090
+# /health answers without basic auth (and without data), so this check needs no secret
 HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request,os; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT','9090'), timeout=4)"
 CMD ["gunicorn", "-c", "gunicorn.conf.py", "freeal_backend.labelstudio.wsgi:app"]
