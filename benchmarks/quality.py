@@ -10,7 +10,7 @@ review flag against the true errors, LLM calls and tokens, and wall time per sta
     .venv/bin/python benchmarks/quality.py                       # mr, sst2, subj, trec; 300 texts each; embedded LLM
     .venv/bin/python benchmarks/quality.py --datasets mr --n 1000 --base-url http://host:8000/v1 --model NAME
 
-The embedded SmolLM2-135M labels 1-3 texts/s on 2 cores and is near chance: use --base-url/--model
+The embedded model (LLM_MODEL, by default Qwen2.5-Coder-0.5B) is slow on 2 cores: use --base-url/--model
 (and LLM_API_KEY) for a real LLM. Each run starts from an empty state and an empty LLM cache unless
 --data-dir names a folder to keep them in (then a re-run reuses cached answers: calls show as cache hits).
 """
@@ -32,7 +32,7 @@ from _common import (DATA, RESULTS, TASKS, current_peak_mib, fmt_table, loadavg,
 
 from freeal_backend.cli import stage_title  # noqa: E402
 from freeal_backend.config import Settings  # noqa: E402
-from freeal_backend.llm.embedded import EMBEDDED_MODEL, EmbeddedLLMServer  # noqa: E402
+from freeal_backend.llm.embedded import EmbeddedLLMServer  # noqa: E402
 from freeal_backend.loop import FreeALRun  # noqa: E402
 from freeal_backend.metrics import flag_scores, label_scores  # noqa: E402
 from freeal_backend.records import Item  # noqa: E402
@@ -160,7 +160,7 @@ def run_dataset(name: str, args: argparse.Namespace, base_url: str, model: str, 
                  f"{settings.shots or 10}; LLM concurrency {settings.llm_concurrency}.")
     text = (f"Data set **{name}** ({len(labels)} classes): {len(items)} training texts (seeded subsample of "
             f"{len(train_all)}, seed {args.seed}), {len(test)} test texts; LLM `{model}`"
-            f"{' (embedded SmolLM2-135M, near chance by design)' if args.embedded else ''}; rounds {args.rounds}.\n\n"
+            f"{' (embedded, on this machine)' if args.embedded else ''}; rounds {args.rounds}.\n\n"
             f"{md}\n\n" + "\n".join(notes))
     print(text, flush=True)
     out = Path(args.out_dir) / f"quality_{name}_n{len(items)}{'' if args.embedded else '_' + _slug(model)}.md"
@@ -201,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     try:
         if args.embedded:
-            server = EmbeddedLLMServer(threads=args.llm_threads, log_path=data_dir / "embedded_llm.log").start()
-            base_url, model = server.base_url, EMBEDDED_MODEL
+            server = EmbeddedLLMServer(model, threads=args.llm_threads,
+                                       log_path=data_dir / "embedded_llm.log").start()
+            base_url = server.base_url
         for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
             run_dataset(name, args, base_url, model, data_dir)
     finally:

