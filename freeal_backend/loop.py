@@ -34,10 +34,11 @@ from freeal_backend.llm.embedded import EmbeddedLLMServer
 from freeal_backend.slm.encoder import Encoder, LowerStates
 from freeal_backend.llm.cache import ResponseCache
 from freeal_backend.llm.client import LazyRequests, LLMAnswer, LLMClient, Parse, label_parser
-from freeal_backend.llm.prompts import Message, label_messages
+from freeal_backend.llm.prompts import LabelMatcher, Message, label_messages
 from freeal_backend.records import Item, ItemResult
-from freeal_backend.slm.selection import clean_agreed_pool, demo_pool, nearest_demos, retrieve_demos
-from freeal_backend.slm.classifier import SLMConfig, SLMOutput, SmallModel
+from freeal_backend.slm.selection import (clean_agreed_pool, demo_pool, nearest_demos, retrieve_demos,
+                                          shared_prefix_order)
+from freeal_backend.slm.classifier import SLMConfig, SLMOutput, SmallModel, text_groups
 from freeal_backend.storage import Store
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class FreeALRun:
                  zero_shot_baseline: bool = False) -> None:
         if len(set(labels)) < 2:
             raise ValueError(f"FreeAL needs at least two distinct labels, got {list(labels)}")
+        LabelMatcher(labels)  # refuses labels no answer could tell apart ("Positive" / "positive"), before any call
         self.settings = settings
         self.labels = list(labels)
         self.run_dir = Path(run_dir)
@@ -88,13 +90,15 @@ class FreeALRun:
             base_url = s.llm_base_url
             model = s.llm_model
             if not base_url:
-                self._server = EmbeddedLLMServer(threads=s.llm_threads, log_path=s.data_dir / "embedded_llm.log")
+                self._server = EmbeddedLLMServer(model, threads=s.llm_threads,
+                                                 log_path=s.data_dir / "embedded_llm.log")
                 self._server.start()
-                base_url, model = self._server.base_url, "smollm2-135m-instruct"
+                base_url = self._server.base_url
             cache = ResponseCache(s.data_dir / "llm_cache.sqlite")
             self._llm = LLMClient(base_url, model, cache, api_key=s.llm_api_key, concurrency=s.llm_concurrency,
                                   timeout=s.llm_timeout, max_retries=s.llm_max_retries, logprobs=s.llm_logprobs,
-                                  max_tokens=s.llm_max_tokens, no_think=s.llm_no_think)
+                                  max_tokens=s.llm_max_tokens, no_think=s.llm_no_think,
+                                  embedded=self._server is not None)
         return self._llm
 
     @property
@@ -123,6 +127,10 @@ class FreeALRun:
     def lower_split(self) -> int:
         """Encoder layers below the SLM's trained ones: their output is the cached lower states."""
         return self.encoder.split_for(self.settings.slm_train_layers)
+
+    def release_lower_states(self) -> None:
+        """Free the cached lower states (their anonymous file, ≈ tokens × 768 bytes) until a run needs them."""
+        self._lower = None
 
     def close(self) -> None:
         if self._server is not None:
@@ -159,8 +167,9 @@ class FreeALRun:
         for rnd in range(1, rounds + 1):
             self._timed(f"slm_r{rnd}", lambda: self._stage_slm(items, rnd, progress))
             self._timed(f"llm_r{rnd}", lambda: self._stage_refine(items, rnd, progress))
-        if rounds:  # the SLM judges the final labels: score, flag and health come from it
-            self._timed(f"slm_r{rounds + 1}", lambda: self._stage_slm(items, rounds + 1, progress))
+        # the SLM judges the final labels (with rounds=0: the round-0 or imported labels, no LLM call more):
+        # label, score, flag and health come from it
+        self._timed(f"slm_r{rounds + 1}", lambda: self._stage_slm(items, rounds + 1, progress))
         results = self._final(items, rounds)
         self.store.set_results(results)
         self.store.set_meta("rounds_done", rounds)
@@ -309,7 +318,7 @@ class FreeALRun:
         data_hash = _hash({"labels": self.labels, "task": self.task_description,
                            "items": [[it.item_id, it.text, it.human_label, it.augmented] for it in items],
                            "settings": [s.llm_model, self.shots, self.demos_per_label, s.demo_pool_size, s.encoder,
-                                        s.slm_epochs, s.slm_warmup_epochs, s.slm_folds, s.slm_robust,
+                                        s.slm_epochs, s.slm_min_steps, s.slm_warmup_epochs, s.slm_folds, s.slm_robust,
                                         s.slm_train_layers, s.slm_lr, s.clean_threshold, s.select_ratio,
                                         s.refine_share, s.seed, s.max_length]})
         r0_hash = _hash([self.labels, self.task_description, s.llm_model, self.shots, self.demos_per_label,
@@ -387,8 +396,9 @@ class FreeALRun:
         position = {it.item_id: i for i, it in enumerate(items)}
         emb = self._embeddings(items, progress)[[position[it.item_id] for it in todo]]
         demo_emb = self.encoder.embed([d[0] for d in demos], max_length=self.settings.max_length)
-        self._annotate("llm_r0", todo, lambda i: [demos[j] for j in nearest_demos(emb[i], demo_emb, self.shots)],
-                       progress)
+        order, sets = shared_prefix_order([nearest_demos(e, demo_emb, self.shots) for e in emb], len(demos),
+                                          self.settings.seed)
+        self._annotate("llm_r0", [todo[i] for i in order], lambda k: [demos[j] for j in sets[order[k]]], progress)
 
     def _label_sources(self, upto_round: int) -> list[str]:
         """The LLM stages whose labels count up to refinement ``upto_round`` (rejected rounds left out)."""
@@ -450,8 +460,8 @@ class FreeALRun:
 
     def slm_config(self, *, robust: bool | None = None, seed_offset: int = 0) -> SLMConfig:
         s = self.settings
-        return SLMConfig(epochs=s.slm_epochs, warmup_epochs=s.slm_warmup_epochs, folds=s.slm_folds, lr=s.slm_lr,
-                         batch_size=s.slm_batch_size, clean_threshold=s.clean_threshold,
+        return SLMConfig(epochs=s.slm_epochs, min_steps=s.slm_min_steps, warmup_epochs=s.slm_warmup_epochs,
+                         folds=s.slm_folds, lr=s.slm_lr, batch_size=s.slm_batch_size, clean_threshold=s.clean_threshold,
                          robust=s.slm_robust if robust is None else robust, seed=s.seed + seed_offset)
 
     def train_slm(self, items: Sequence[Item], labels: Sequence[str | None], *, robust: bool | None = None,
@@ -464,7 +474,7 @@ class FreeALRun:
         gold = np.array([bool(it.human_label) for it in items])
         model = SmallModel(self.encoder, len(self.labels), train_layers=self.settings.slm_train_layers,
                            config=self.slm_config(robust=robust, seed_offset=seed_offset))
-        out = model.fit(lower, y, gold=gold, augmented=aug,
+        out = model.fit(lower, y, gold=gold, augmented=aug, groups=text_groups([it.text for it in items]),
                         on_epoch=lambda e, n, m: progress("slm", e, n))
         return model, out
 
@@ -546,15 +556,17 @@ class FreeALRun:
         todo = [items[i] for i in todo_idx]
         labels, _ = self._current(items, rnd - 1)
 
+        pool_emb = emb[pool_idx]
+        order, picks = shared_prefix_order([retrieve_demos(emb[i], pool_emb, pool_cls, self.shots, self.n_groups,
+                                                           exclude=np.flatnonzero(pool_idx == i))
+                                            for i in todo_idx], len(pool_idx), self.settings.seed)
+
         def demos_for(k: int) -> list[tuple[str, str]]:
-            i = todo_idx[k]
-            picks = retrieve_demos(emb[i], emb[pool_idx], pool_cls, self.shots, self.n_groups,
-                                   exclude=np.flatnonzero(pool_idx == i))
-            return [(items[pool_idx[p]].text, str(labels[pool_idx[p]])) for p in picks]
+            return [(items[pool_idx[p]].text, str(labels[pool_idx[p]])) for p in picks[order[k]]]
 
         before = {k for k, v in self.store.annotations(stage).items() if not v["error"]}
         if todo:
-            self._annotate(stage, todo, demos_for, progress)
+            self._annotate(stage, [todo[i] for i in order], demos_for, progress)
         answers = self.store.annotations(stage)
         failed = sum(1 for it in todo if answers.get(it.item_id, {}).get("error"))
         if any(answers.get(it.item_id, {}).get("label") is not None and it.item_id not in before for it in todo):
@@ -567,15 +579,9 @@ class FreeALRun:
 
     def _final(self, items: Sequence[Item], rounds: int) -> list[ItemResult]:
         """Label, calibrated score and review flag per text, from the last SLM round's verdict on the
-        final labels (see detection.py); with no SLM round, the LLM's word only."""
+        final labels (see detection.py)."""
         labels, _ = self._current(items, rounds)
         llm_conf = self._llm_confidences(items, rounds)
-        if not rounds:
-            return [ItemResult(it.item_id, it.human_label or lab, 1.0 if it.human_label else llm_conf[it.item_id],
-                               {}, suspicious=lab is None, reasons=["no_llm_label"] if lab is None else [],
-                               llm_label=None if it.human_label else lab, llm_confidence=llm_conf[it.item_id],
-                               round=0, source="human" if it.human_label else "llm")
-                    for it, lab in zip(items, labels)]
         verdict = self._judge(items, rounds + 1)
         slm = self.store.slm(rounds + 1)
         results = []

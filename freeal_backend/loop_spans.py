@@ -189,9 +189,8 @@ class SpanRun(FreeALRun):
         labels, _ = self._current(items, rounds)
         latest = self._latest_answers(items, rounds)
         llm_conf = self._llm_confidences(items, rounds)
-        if rounds:
-            verdict = self._judge(items, rounds + 1)
-            predicted, _ = self._predicted(items, rounds + 1)
+        verdict = self._judge(items, rounds + 1)
+        predicted, _ = self._predicted(items, rounds + 1)
         results = []
         for i, (it, lab) in enumerate(zip(items, labels)):
             if it.human_label:
@@ -199,12 +198,6 @@ class SpanRun(FreeALRun):
                                           llm_label=None, spans=span_dicts(it.text, decode_spans(it.human_label))))
                 continue
             given = decode_spans(lab, latest.get(it.item_id, {}).get("probs")) if lab is not None else None
-            if not rounds:
-                results.append(ItemResult(it.item_id, lab, llm_conf[it.item_id], suspicious=lab is None,
-                                          reasons=["no_llm_label"] if lab is None else [], llm_label=lab,
-                                          llm_confidence=llm_conf[it.item_id], round=0,
-                                          spans=span_dicts(it.text, given or [])))
-                continue
             pred = predicted[i]
             flagged = bool(verdict.flagged[i])
             final = given if given is not None else pred

@@ -219,7 +219,7 @@ def test_lone_surrogates_from_json_escapes_reach_the_output_file_as_replacement_
 # --- the loop's input preparation ---------------------------------------------------------------------------
 
 def _run(tmp_path: Path, **overrides: object) -> FreeALRun:
-    s = Settings(data_dir=tmp_path / "data", llm_base_url="http://127.0.0.1:9/v1", llm_model="none")
+    s = Settings(slm_min_steps=0, data_dir=tmp_path / "data", llm_base_url="http://127.0.0.1:9/v1", llm_model="none")
     return FreeALRun(s.with_(**overrides), ["positive", "negative"], tmp_path / "run")
 
 

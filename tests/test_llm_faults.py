@@ -299,7 +299,7 @@ def test_cli_server_process_killed_mid_run_then_resume(tmp_path: Path) -> None:
 
 
 def test_cli_lists_items_left_without_a_label(tmp_path: Path) -> None:
-    """Off-format answers leave items unlabelled: they are in the output with label null and listed by id."""
+    """Off-format answers leave items unanswered by the LLM: they are in the output, flagged, and listed by id."""
     data = _rows(tmp_path, 12)
     run_dir, data_dir = tmp_path / "run", tmp_path / "data"
     with FakeOpenAI() as fake:
@@ -312,15 +312,16 @@ def test_cli_lists_items_left_without_a_label(tmp_path: Path) -> None:
         assert all(r.authorization == f"Bearer {LLM_KEY}" for r in fake.records())  # the key was used...
     assert done.returncode == 0, done.stderr[-2000:]
     assert LLM_KEY not in done.stdout + done.stderr  # ...and never printed
-    assert "2 without a label (ids: " in done.stdout
-    listed = done.stdout.split("without a label (ids: ")[1].split(")")[0].split(", ")
+    assert "2 the LLM left unanswered (ids: " in done.stdout
+    listed = done.stdout.split("left unanswered (ids: ")[1].split(")")[0].split(", ")
     assert sorted(listed) == ["r3", "r7"]
     assert '"unparsed": 2' in done.stdout
     lines = [json.loads(x) for x in (run_dir / "labels.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(lines) == 12
-    unlabelled = sorted(x["id"] for x in lines if x["label"] is None)
-    assert unlabelled == ["r3", "r7"]
-    assert all(x["suspicious"] for x in lines if x["label"] is None)
+    # judged even with --rounds 0: the unanswered texts carry the small model's label, flagged for review
+    unanswered = [x for x in lines if x["llm_label"] is None]
+    assert sorted(x["id"] for x in unanswered) == ["r3", "r7"]
+    assert all(x["suspicious"] and x["label"] == x["slm_label"] for x in unanswered)
     # state, caches and outputs are written only where configured (data dir, run dir), nothing in the cwd
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "reviews.jsonl", "run"]
 

@@ -25,7 +25,7 @@ def encoder():
 
 
 def make_run(tmp_path, llm_base_url, llm_model, encoder, *, zero_shot=False, **overrides):
-    settings = Settings(data_dir=tmp_path, llm_base_url=llm_base_url, llm_model=llm_model, shots=4,
+    settings = Settings(slm_min_steps=0, data_dir=tmp_path, llm_base_url=llm_base_url, llm_model=llm_model, shots=4,
                         demos_per_label=3, slm_epochs=3, slm_warmup_epochs=1, **overrides)
     client = LLMClient(llm_base_url, llm_model, ResponseCache(tmp_path / "llm_cache.sqlite"), concurrency=2)
     return FreeALRun(settings, LABELS, tmp_path / "run", TASK, llm=client, encoder=encoder,

@@ -26,7 +26,7 @@ def encoder():
 
 
 def make_run(tmp_path, fake, encoder, **overrides):
-    settings = Settings(data_dir=tmp_path, llm_base_url=fake.base_url, llm_model=MODEL, shots=4,
+    settings = Settings(slm_min_steps=0, data_dir=tmp_path, llm_base_url=fake.base_url, llm_model=MODEL, shots=4,
                         demos_per_label=2, slm_folds=2, **overrides)
     client = LLMClient(fake.base_url, MODEL, ResponseCache(tmp_path / "llm_cache.sqlite"), concurrency=2,
                        max_retries=0)
@@ -111,14 +111,14 @@ def test_span_run_resumes_without_asking_again_and_keeps_long_documents_in_bound
     assert long_result.spans and max(s["end"] for s in long_result.spans) <= 4000  # FREEAL_MAX_CHARS
     assert all(long_doc[s["start"]:s["end"]] == s["text"] for s in long_result.spans)
     with pytest.raises(ValueError, match="labels"):  # the <Labels> changed after a run: a clear refusal
-        SpanRun(Settings(data_dir=tmp_path), ["Chemical", "Gene"], tmp_path / "run")
+        SpanRun(Settings(slm_min_steps=0, data_dir=tmp_path), ["Chemical", "Gene"], tmp_path / "run")
 
 
 def test_a_classification_run_dir_refuses_a_span_run(tmp_path, encoder):
     from freeal_backend.loop import FreeALRun
-    FreeALRun(Settings(data_dir=tmp_path), TYPES, tmp_path / "run").close()
+    FreeALRun(Settings(slm_min_steps=0, data_dir=tmp_path), TYPES, tmp_path / "run").close()
     with pytest.raises(ValueError, match="classification run, not ner"):
-        SpanRun(Settings(data_dir=tmp_path), TYPES, tmp_path / "run")
+        SpanRun(Settings(slm_min_steps=0, data_dir=tmp_path), TYPES, tmp_path / "run")
 
 
 def test_cli_runs_and_evaluates_a_span_file(tmp_path):

@@ -23,7 +23,7 @@ def encoder():
 
 
 def make_run(tmp_path, fake, encoder, **overrides):
-    settings = Settings(data_dir=tmp_path, llm_base_url=fake.base_url, llm_model=MODEL, shots=4,
+    settings = Settings(slm_min_steps=0, data_dir=tmp_path, llm_base_url=fake.base_url, llm_model=MODEL, shots=4,
                         demos_per_label=3, slm_epochs=1, slm_warmup_epochs=1, slm_folds=2, slm_train_layers=1,
                         **overrides)
     client = LLMClient(fake.base_url, MODEL, ResponseCache(tmp_path / "llm_cache.sqlite"), concurrency=2,

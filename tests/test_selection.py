@@ -78,3 +78,25 @@ def test_retrieve_demos_balances_classes_and_excludes_query():
     assert sorted(classes[picks].tolist()) == [0, 0, 1, 1]
     sims = pool[picks] @ pool[3]
     assert np.all(np.diff(sims) >= 0)  # most similar demo last, right before the query
+
+
+def test_shared_prefix_order_keeps_each_texts_demos_and_lengthens_shared_prefixes():
+    from freeal_backend.slm.selection import nearest_demos, shared_prefix_order
+
+    rng = np.random.default_rng(0)
+    texts, pool = rng.normal(size=(300, 16)), rng.normal(size=(12, 16))
+    sets = [nearest_demos(t, pool, 4) for t in texts]
+    order, canon = shared_prefix_order(sets, len(pool), seed=0)
+    assert sorted(order) == list(range(len(sets)))
+    assert all(sorted(c) == sorted(s) for c, s in zip(canon, sets))  # each text keeps its demonstrations
+
+    def shared(prompts: list[list[int]]) -> float:
+        total = 0
+        for prev, cur in zip(prompts, prompts[1:]):
+            total += next((n for n, (a, b) in enumerate(zip(prev, cur)) if a != b), min(len(prev), len(cur)))
+        return total / len(prompts)
+
+    assert shared([canon[i] for i in order]) > 2.0 > 5 * shared(sets)  # measured: 2.9 vs 0.16 on SST-2 texts
+    # one fixed order for every prompt: no two demos appear in both orders across prompts
+    before = {(a, b) for c in canon for n, a in enumerate(c) for b in c[n + 1:]}
+    assert not any((b, a) in before for a, b in before)

@@ -103,3 +103,16 @@ def nearest_demos(query: np.ndarray, demo_embeddings: np.ndarray, k: int) -> lis
     sims = demo_embeddings @ query
     top = np.argsort(-sims, kind="stable")[:k]
     return top[::-1].tolist()
+
+
+def shared_prefix_order(demo_sets: Sequence[Sequence[int]], pool_size: int, seed: int = 0
+                        ) -> tuple[list[int], list[list[int]]]:
+    """An order for the requests, and each request's demos in one fixed order, such that consecutive
+    prompts share the longest prefix: an endpoint's prompt cache (llama.cpp's, vLLM's, a provider's) then
+    evaluates only what differs. Each text keeps its demo *set*; only the order of the demos in its prompt
+    (a seeded permutation of the pool, so classes stay mixed) and the order of the requests change.
+    """
+    rank = np.random.default_rng(seed).permutation(pool_size)
+    canon = [sorted(demos, key=lambda j: rank[j]) for demos in demo_sets]
+    order = sorted(range(len(canon)), key=lambda i: [rank[j] for j in canon[i]])
+    return order, canon
