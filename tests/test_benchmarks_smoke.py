@@ -14,7 +14,7 @@ from tests.fixtures_llm import DATA
 from tests.fixtures_ls import LabelStudioServer
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_SLM = {"FREEAL_SLM_EPOCHS": "2", "FREEAL_SLM_WARMUP": "1", "FREEAL_DEMOS_PER_LABEL": "2"}
+TINY_SLM = {"FREEAL_SLM_EPOCHS": "2", "FREEAL_SLM_WARMUP": "1", "FREEAL_DEMOS_PER_LABEL": "2", "FREEAL_SLM_MIN_STEPS": "0"}
 
 
 def _run(args: list[str], tmp_path: Path, **env: str) -> str:
@@ -55,9 +55,25 @@ def test_quality_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> None
     assert re.search(r"\| LLM zero-shot \|[^\n]*\| 12 \(\+0 cached\) \|", text), text
 
 
+def test_llm_survey_tiny(tmp_path: Path) -> None:
+    stem = tmp_path / "survey"
+    args = ["benchmarks/llm_survey.py", "--models", "smollm2-135m-instruct", "--datasets", "sst2,trec", "--n", "4",
+            "--shots", "2", "--pool", "2", "--out", str(stem), "--cache-dir", str(tmp_path / "cache")]
+    _run(args, tmp_path)
+    cells = json.loads(stem.with_suffix(".json").read_text())["cells"]
+    assert set(cells) == {f"smollm2-135m-instruct|{d}|{c}" for d in ("sst2", "trec") for c in ("zero-shot", "2-shot")}
+    assert all(c["n"] == 4 and c["calls"] == 4 and c["cpu_seconds_per_text"] > 0 for c in cells.values())
+    text = stem.with_suffix(".md").read_text()
+    assert "CPU-s/text" in text and "Command (from the repository root)" in text
+    _run([*args, "--datasets", "sst2,trec,subj"], tmp_path)  # resumes: only the new data set's cells are asked
+    again = json.loads(stem.with_suffix(".json").read_text())["cells"]
+    assert {k: v for k, v in again.items() if "|subj|" not in k} == cells and len(again) == 6
+
+
 def test_speed_tiny(tmp_path: Path) -> None:
     out = tmp_path / "speed.md"
-    _run(["benchmarks/speed.py", "--llm-n", "3", "--sizes", "40", "--out", str(out)], tmp_path)
+    _run(["benchmarks/speed.py", "--llm-n", "3", "--sizes", "40", "--out", str(out)], tmp_path,
+         LLM_MODEL="smollm2-135m-instruct")
     text = out.read_text()
     assert "client / raw throughput ratio" in text
     assert "cache-hit re-run: 0 calls, 3 cache hits (OK)" in text
