@@ -34,7 +34,7 @@ from freeal_backend.llm.embedded import EmbeddedLLMServer
 from freeal_backend.slm.encoder import Encoder, LowerStates
 from freeal_backend.llm.cache import ResponseCache
 from freeal_backend.llm.client import LazyRequests, LLMAnswer, LLMClient, Parse, label_parser
-from freeal_backend.llm.prompts import LabelMatcher, Message, label_messages
+from freeal_backend.llm.prompts import Message, label_messages
 from freeal_backend.records import Item, ItemResult
 from freeal_backend.slm.selection import (clean_agreed_pool, demo_pool, nearest_demos, retrieve_demos,
                                           shared_prefix_order)
@@ -58,7 +58,9 @@ class FreeALRun:
                  zero_shot_baseline: bool = False) -> None:
         if len(set(labels)) < 2:
             raise ValueError(f"FreeAL needs at least two distinct labels, got {list(labels)}")
-        LabelMatcher(labels)  # refuses labels no answer could tell apart ("Positive" / "positive"), before any call
+        # one parser for every request; building it refuses labels no answer could tell apart ("Positive" /
+        # "positive") before any call
+        self._label_parse = label_parser(labels)
         self.settings = settings
         self.labels = list(labels)
         self.run_dir = Path(run_dir)
@@ -249,7 +251,7 @@ class FreeALRun:
         return label_messages(item.text, self.labels, demos, self.task_description)
 
     def _parser(self, item: Item) -> Parse:
-        return label_parser(self.labels)
+        return self._label_parse
 
     def _annotate(self, stage: str, todo: Sequence[Item], demos_for: Callable[[int], list[tuple[str, str]]],
                   progress: Progress, *, check_unparsed: bool = True) -> None:
