@@ -1,6 +1,6 @@
 """Issue 10, item 7(a): the whole FreeAL loop for spans on a BC5CDR slice, with the LLM you point it at.
 
-    .venv/bin/python benchmarks/ner_loop.py --n 120 --rounds 1 --threads 1     # embedded SmolLM2-135M
+    .venv/bin/python benchmarks/ner_loop.py --n 120 --rounds 1 --threads 1     # the embedded default LLM
 
 Runs ``SpanRun`` (the same code as ``freeal run --task-type ner``) on the first ``--n`` sentences of a
 BC5CDR split (``--stride`` apart), with the embedded offline LLM unless ``LLM_BASE_URL`` is set, and

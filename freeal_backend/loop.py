@@ -417,17 +417,26 @@ class FreeALRun:
         return latest
 
     def _current(self, items: Sequence[Item], upto_round: int) -> tuple[list[str | None], np.ndarray]:
-        """Human label, else the latest LLM label up to refinement ``upto_round``; and the LLM's
-        per-class probabilities for it (a row of zeros where it gave none)."""
+        """Human label, else the latest LLM label up to refinement ``upto_round``; and the LLM's per-class
+        probabilities, averaged over every round that asked the text (each with other demonstrations, so an
+        answer that changed between rounds lowers the label's share); a row of zeros where it gave none."""
         latest = self._latest_answers(items, upto_round)
+        position = {it.item_id: i for i, it in enumerate(items)}
+        total = np.zeros((len(items), len(self.labels)))
+        asked = np.zeros(len(items))
+        for stage in self._label_sources(upto_round):
+            for item_id, ann in self.store.annotations(stage).items():
+                given = ann.get("probs")
+                if item_id in position and ann["label"] is not None and given:
+                    total[position[item_id]] += [float(given.get(x, 0.0)) for x in self.labels]
+                    asked[position[item_id]] += 1
         labels: list[str | None] = []
         probs = np.zeros((len(items), len(self.labels)))
         for i, it in enumerate(items):
             ann = latest.get(it.item_id)
             labels.append(it.human_label or (str(ann["label"]) if ann else None))
-            if ann and not it.human_label:
-                given = ann.get("probs") or {}
-                probs[i] = [float(given.get(x, 0.0)) for x in self.labels]  # type: ignore[union-attr]
+            if ann and not it.human_label and asked[i]:
+                probs[i] = total[i] / asked[i]
         return labels, probs
 
     def _llm_confidences(self, items: Sequence[Item], upto_round: int) -> dict[str, float | None]:
@@ -498,6 +507,10 @@ class FreeALRun:
         """
         if self.store.stage_done(f"slm_r{rnd}"):
             return
+        if rnd > 2 and self._refinement_stopped(rnd - 1):  # no label changed since round rnd - 1: reuse it
+            self._reuse_slm(rnd - 1, rnd, self.store.get_meta(f"health_r{rnd - 1}"))
+            self.store.mark_stage(f"slm_r{rnd}", {"reused_round": rnd - 1})
+            return
         labels, _ = self._current(items, rnd - 1)
         info = self._fit_slm(items, labels, rnd, progress)
         health = self._judge(items, rnd).health
@@ -509,14 +522,22 @@ class FreeALRun:
                         " they do not replace them", rnd - 1, rnd - 2, 100 * health.estimated_accuracy,
                         100 * previous["estimated_accuracy"])
             self.store.set_meta(f"rejected_r{rnd - 1}", True)
-            self.store.copy_slm(rnd - 1, rnd)
-            shutil.copyfile(self.run_dir / f"slm_r{rnd - 1}_embeddings.npy",
-                            self.run_dir / f"slm_r{rnd}_embeddings.npy")
-            self.store.set_meta(f"health_r{rnd}", previous)
+            self._reuse_slm(rnd - 1, rnd, previous)
             info["rejected_refinement"] = rnd - 1
         self.store.mark_stage(f"slm_r{rnd}", info)
         if health.verdict != "ok":
             log.warning("SLM round %d: %s", rnd, health.message)
+
+    def _reuse_slm(self, src: int, dst: int, health: dict[str, object] | None) -> None:
+        """SLM round ``dst`` takes round ``src``'s output (its labels are the same)."""
+        self.store.copy_slm(src, dst)
+        shutil.copyfile(self.run_dir / f"slm_r{src}_embeddings.npy", self.run_dir / f"slm_r{dst}_embeddings.npy")
+        self.store.set_meta(f"health_r{dst}", health)
+
+    def _refinement_stopped(self, rnd: int) -> bool:
+        """An earlier refinement was rejected: round ``rnd`` would rebuild the same pool, demos and prompts from
+        the same SLM output, and get the rejected answers again (from the cache, or a deterministic LLM)."""
+        return any(self.store.get_meta(f"rejected_r{r}") for r in range(1, rnd))
 
     def refinement_scope(self, items: Sequence[Item], rnd: int) -> tuple[list[int], np.ndarray, np.ndarray]:
         """Round ``rnd``'s refinement: (texts to re-annotate, demo-pool indices, their pseudo-labels).
@@ -552,6 +573,11 @@ class FreeALRun:
         """
         stage = f"llm_r{rnd}"
         if self.store.stage_done(stage):
+            return
+        if self._refinement_stopped(rnd):
+            log.warning("refinement round %d skipped: an earlier round's refinement was rejected, and the same "
+                        "demonstrations would give the same answers", rnd)
+            self.store.mark_stage(stage, {"skipped": "an earlier refinement was rejected", "reannotated": 0})
             return
         emb = np.load(self.run_dir / f"slm_r{rnd}_embeddings.npy")
         todo_idx, pool_idx, pool_cls = self.refinement_scope(items, rnd)

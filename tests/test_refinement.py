@@ -84,3 +84,55 @@ def test_failed_refinement_requests_are_retried_on_the_next_run(tmp_path, encode
             assert run.store.stage_done("llm_r1") is not None
             assert not [k for k, v in run.store.annotations("llm_r1").items() if v["error"]]
         assert fake.answered() - asked_before == 3  # only the failed ones were asked again
+
+
+def test_after_a_rejected_refinement_later_rounds_do_not_replay_it(tmp_path, encoder, monkeypatch):
+    """A rejected refinement leaves the SLM output, hence the pool, the demos and the prompts, as they were:
+    asking again would only get the rejected answers back (here from the cache). Later rounds are skipped and
+    their SLM rounds reuse the last one."""
+    import freeal_backend.loop as loop
+
+    monkeypatch.setattr(loop, "REJECT_MARGIN", -1.0)  # every refinement looks worse: each one is rejected
+    items = rows_to_items(shared_rows("sst2", n=60, stride=71))
+    with FakeOpenAI() as fake, make_run(tmp_path, fake, encoder) as run:
+        run.run(items, rounds=3)
+        stats = run.llm.stats.as_dict()
+        refined = {r: run.store.annotations(f"llm_r{r}") for r in (1, 2, 3)}
+        stages = run.store.stages()
+        r0 = dict(zip([it.item_id for it in items], run._current(items, 0)[0]))
+        final = run._current(items, 3)[0]
+        rejected = [r for r in (1, 2, 3) if run.store.get_meta(f"rejected_r{r}")]
+    assert rejected == [1]
+    assert refined[1] and not refined[2] and not refined[3]  # round 1 asked; rounds 2 and 3 asked nothing
+    assert stats["cache_hits"] == 0  # no prompt was sent twice
+    assert stages["llm_r2"].get("skipped") and stages["llm_r3"].get("skipped")
+    assert stages["slm_r3"] == {"reused_round": 2} and stages["slm_r4"] == {"reused_round": 3}
+    assert final == [r0[it.item_id] for it in items]  # the final labels are round 0's
+
+
+def test_the_llm_evidence_is_its_probabilities_averaged_over_every_round_that_asked_the_text(tmp_path, encoder,
+                                                                                            monkeypatch):
+    """Each round asks with other demonstrations: an answer that changed between rounds must lower the
+    label's share in the evidence the verdict calibrates, not be judged on the last answer alone."""
+    import freeal_backend.loop as loop
+
+    monkeypatch.setattr(loop, "REJECT_MARGIN", 1.0)  # round 1's labels count, whatever the small model thinks
+    items = rows_to_items(shared_rows("sst2", n=60, stride=71))
+    with FakeOpenAI() as fake, make_run(tmp_path, fake, encoder) as run:
+        run.run(items, rounds=1)
+        # the fake server's certainty depends on the text alone: make round 0's answers other ones
+        for item_id, ann in run.store.annotations("llm_r0").items():
+            flipped = "positive" if ann["label"] == "negative" else "negative"
+            run.store.add_annotation("llm_r0", item_id, flipped, 0.9, {flipped: 0.9, ann["label"]: 0.1}, None, None)
+        labels, evidence = run._current(items, 1)
+        per_round = [run.store.annotations(s) for s in ("llm_r0", "llm_r1")]
+    names = ["negative", "positive"]
+    both = [i for i, it in enumerate(items) if all(it.item_id in a and a[it.item_id]["probs"] for a in per_round)]
+    assert len(both) > 20  # the texts outside the clean pool were asked twice
+    for i in both:
+        rows = [[a[items[i].item_id]["probs"].get(x, 0.0) for x in names] for a in per_round]
+        assert evidence[i] == pytest.approx(np.mean(rows, axis=0))
+    once = [i for i in range(len(items)) if i not in both]
+    for i in once:
+        assert evidence[i] == pytest.approx([per_round[0][items[i].item_id]["probs"].get(x, 0.0) for x in names])
+    assert labels == [per_round[1].get(it.item_id, per_round[0][it.item_id])["label"] for it in items]

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SLMConfig:
     epochs: int = 2
-    min_steps: int = 0  # at least this many optimiser steps per fold model (Settings.slm_min_steps: 100)
+    min_steps: int = 0  # at least this many optimiser steps per fold model (Settings.slm_min_steps: 50)
     warmup_epochs: int = 1  # epochs of plain cross-entropy on every label before the small-loss split
     ramp_epochs: int = 10  # the regulariser weight ramps linearly from 0 at the start over this many epochs
     folds: int = 3  # cross-fitting: each text is judged by a model that never trained on its label
