@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures_llm import DATA
+from tests.fixtures_llm import DATA, shared_rows
 from tests.fixtures_ls import LabelStudioServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,3 +165,18 @@ def test_scale_report_gives_the_exponent_per_token(monkeypatch: pytest.MonkeyPat
     b.write_text(json.dumps({"full": [run(200, 4000, 40.0)], "encode": [], "settings": "other"}))
     with pytest.raises(SystemExit, match="different settings"):
         rendered([a, b])
+
+
+def test_evidence_ablation_tiny(tmp_path: Path) -> None:
+    rows = shared_rows("mr_freeal", n=80, stride=100)  # the FreeAL authors' gpt-3.5 labels: judged, no LLM call
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({k: r[k] for k in ("text", "label", "llm_label")}) + "\n" for r in rows))
+    _run(["-m", "freeal_backend.cli", "run", str(src), "--rounds", "0", "--llm-labels", "input"], tmp_path,
+         LLM_BASE_URL="http://127.0.0.1:9/v1", LLM_MODEL="none")
+    run_dir = tmp_path / "data" / "runs" / f"{tmp_path.name}-in"
+    _run(["benchmarks/evidence_ablation.py", str(run_dir), "--name", "tiny", "--out-dir", str(tmp_path)], tmp_path)
+    text = (tmp_path / "evidence_ablation_tiny.md").read_text()
+    for row in ("SLM alone", "SLM + LLM over rounds", "AUROC wrong", "Command (from the repository root)"):
+        assert row in text, row
+    data = json.loads((tmp_path / "evidence_ablation_tiny.json").read_text())
+    assert data[0]["n"] == len(rows) and set(data[0]["variants"]) >= {"SLM alone", "SLM + LLM last answer"}

@@ -20,7 +20,7 @@ def test_rounds_0_with_imported_labels_judges_them_without_the_llm(tmp_path, mon
     monkeypatch.setenv("LLM_BASE_URL", _dead_endpoint())
     monkeypatch.setenv("LLM_MODEL", "none")
     monkeypatch.setenv("LLM_MAX_RETRIES", "0")
-    monkeypatch.setenv("FREEAL_SLM_MIN_STEPS", "100")  # the product's default (conftest lowers it for speed):
+    monkeypatch.setenv("FREEAL_SLM_MIN_STEPS", "50")  # the product's default (conftest lowers it for speed):
     # with 160 texts, 2 epochs alone leave the judge near chance and every text flagged
     out = tmp_path / "out.jsonl"
     code = main(["run", str(src), "--rounds", "0", "--llm-labels", "input", "--data-dir", str(tmp_path / "d"),

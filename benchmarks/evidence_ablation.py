@@ -1,0 +1,122 @@
+"""What each piece of evidence adds to the verdict, on finished runs with a live LLM (issue 23's ablation).
+
+    .venv/bin/python benchmarks/evidence_ablation.py RUN_DIR [RUN_DIR ...] [--rounds 1] [--name main_job_sst2]
+
+Each RUN_DIR is a finished classification run (``freeal run``'s ``FREEAL_DATA_DIR/runs/<name>``, or a
+``benchmarks/quality.py --data-dir`` run) whose items carry gold. The stored answers and the last SLM round
+are re-judged (``detection.judge``, no training, no LLM call) with:
+
+- the small model alone (no LLM confidence);
+- the LLM's confidence alone (its probability for the label, as it comes);
+- the small model + the LLM's last answer's probabilities;
+- the small model + the LLM's probabilities averaged over every round that asked the text (what runs use).
+
+Per variant: AUROC for ranking wrong final labels first, ECE of the score, the run-health estimate against
+the true accuracy, the flag (share, precision, recall) and the recall of the lowest-scored 10 % and 20 %.
+Writes ``benchmarks/results/evidence_ablation_<name>.md`` and ``.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, fmt_table, loadavg, mean_sd, write_result  # noqa: E402
+
+from freeal_backend.config import Settings  # noqa: E402
+from freeal_backend.loop import FreeALRun  # noqa: E402
+from freeal_backend.metrics import expected_calibration_error, review_scores  # noqa: E402
+from freeal_backend.slm.detection import judge  # noqa: E402
+from freeal_backend.storage import Store  # noqa: E402
+
+VARIANTS = ("SLM alone", "LLM confidence alone", "SLM + LLM last answer", "SLM + LLM over rounds")
+
+
+def last_answer_probs(run: FreeALRun, items: list[Any], rounds: int) -> np.ndarray:
+    latest = run._latest_answers(items, rounds)
+    out = np.zeros((len(items), len(run.labels)))
+    for i, it in enumerate(items):
+        given = (latest.get(it.item_id) or {}).get("probs") or {}
+        out[i] = [float(given.get(x, 0.0)) for x in run.labels]
+    return out
+
+
+def ablate(run_dir: Path, rounds: int | None) -> dict[str, Any]:
+    store = Store(run_dir / "state.sqlite")
+    labels_set = list(store.get_meta("labels"))
+    rounds = int(store.get_meta("rounds_done") or 0) if rounds is None else rounds
+    store.close()
+    with FreeALRun(Settings.from_env(data_dir=run_dir.parent.parent), labels_set, run_dir) as run:
+        items = run.store.items()
+        if any(it.gold is None for it in items):
+            raise SystemExit(f"error: {run_dir} has texts without gold")
+        gold = np.array([run.labels.index(str(it.gold)) for it in items])
+        slm = run.store.slm(rounds + 1)
+        if not slm:
+            raise SystemExit(f"error: {run_dir} has no SLM round {rounds + 1} (is the run finished?)")
+        probs = np.array([slm[it.item_id]["probs"] for it in items])
+        given, averaged = run._current(items, rounds)
+        last = last_answer_probs(run, items, rounds)
+    y = np.array([run.labels.index(g) if g is not None else -1 for g in given])
+    unanswered = y < 0
+    rows: dict[str, Any] = {"run_dir": str(run_dir), "rounds": rounds, "n": len(items),
+                            "label_accuracy": float((y == gold).mean()), "variants": {}}
+    for name in VARIANTS:
+        if name == "LLM confidence alone":
+            total = last.sum(axis=1)
+            has = ~unanswered & (total > 0)
+            score = np.where(has, last[np.arange(len(y)), np.maximum(y, 0)] / np.where(has, total, 1), 0.0)
+            final, flagged, est = y, None, float("nan")
+        else:
+            llm = {"SLM alone": None, "SLM + LLM last answer": last, "SLM + LLM over rounds": averaged}[name]
+            j = judge(probs, y, None, llm)
+            score, final, flagged, est = j.scores, j.labels, j.flagged, j.health.estimated_accuracy
+        wrong = final != gold
+        rs = review_scores(score, wrong, unanswered=unanswered, flagged=flagged, shares=(0.10, 0.20))
+        rows["variants"][name] = {
+            "final_accuracy": float(1 - wrong.mean()), "auroc": rs["auroc"],
+            "ece": expected_calibration_error(score, ~wrong), "health_estimate": est,
+            "flag_share": rs.get("flag_share", float("nan")),
+            "flag_precision": rs.get("flag_answered_wrong_precision", float("nan")),
+            "flag_recall": rs.get("flag_answered_wrong_recall", float("nan")),
+            "top10_recall": rs["top10pct_answered_wrong_recall"], "top20_recall": rs["top20pct_answered_wrong_recall"]}
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dirs", nargs="+", help="finished classification run folders (items with gold)")
+    ap.add_argument("--rounds", type=int, help="judge the labels after this many refinement rounds "
+                                               "(default: the rounds the run finished)")
+    ap.add_argument("--name", default="runs", help="result file name: evidence_ablation_<name>.md/.json")
+    ap.add_argument("--out-dir", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    load_start = loadavg()
+    runs = [ablate(Path(d), args.rounds) for d in args.run_dirs]
+    keys = [("final_accuracy", True), ("auroc", False), ("ece", False), ("health_estimate", True),
+            ("flag_share", True), ("flag_precision", True), ("flag_recall", True), ("top10_recall", True),
+            ("top20_recall", True)]
+    table = [[name] + [mean_sd([r["variants"][name][k] for r in runs], pct) for k, pct in keys] for name in VARIANTS]
+    truth = mean_sd([r["label_accuracy"] for r in runs], True)
+    body = (f"{len(runs)} run(s); labels judged: {truth} % right (mean ± sd over runs where more than one); "
+            "every variant re-judges the same stored answers and SLM output (no training, no LLM call).\n\n"
+            + fmt_table(["evidence", "final acc %", "AUROC wrong", "ECE", "health est. %", "flag %",
+                         "flag precision %", "flag recall %", "lowest 10 % recall", "lowest 20 % recall"], table)
+            + "\n\n'LLM confidence alone' is the LLM's probability for its last answer, uncalibrated (no flag, "
+              "no health). Recall counts wrong answered labels; texts the LLM left unanswered are apart.\n\n"
+            + "\n".join(f"- {r['run_dir']}: {r['n']} texts, rounds {r['rounds']}" for r in runs))
+    out = Path(args.out_dir) / f"evidence_ablation_{args.name}.md"
+    write_result(out, "Evidence ablation: what the LLM's confidence adds to the small model's verdict", body,
+                 load_start)
+    out.with_suffix(".json").write_text(json.dumps(runs, indent=1), encoding="utf-8")
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
