@@ -44,6 +44,8 @@ from freeal_backend.storage import Store
 log = logging.getLogger(__name__)
 
 REJECT_MARGIN = 0.01  # a refinement whose estimated accuracy drops by more than this is set aside
+REASK_STAGE = "llm_reask"  # answers to texts re-asked after people labelled tasks (count after every round)
+REASK_PER_HUMAN_LABEL = 2  # people's new labels: LLM calls per new label at most (their nearest texts re-asked)
 
 
 def _hash(obj: object) -> str:
@@ -169,6 +171,8 @@ class FreeALRun:
         for rnd in range(1, rounds + 1):
             self._timed(f"slm_r{rnd}", lambda: self._stage_slm(items, rnd, progress))
             self._timed(f"llm_r{rnd}", lambda: self._stage_refine(items, rnd, progress))
+        if rounds:
+            self._timed(REASK_STAGE, lambda: self._stage_reask(items, rounds, progress))
         # the SLM judges the final labels (with rounds=0: the round-0 or imported labels, no LLM call more):
         # label, score, flag and health come from it
         self._timed(f"slm_r{rounds + 1}", lambda: self._stage_slm(items, rounds + 1, progress))
@@ -317,23 +321,46 @@ class FreeALRun:
         items = [Item(it.item_id, clean_text(it.text)[:limit], it.human_label, it.gold,
                       clean_text(it.augmented)[:limit] if it.augmented else None) for it in items]
         s = self.settings
+        settings = [s.llm_model, self.shots, self.demos_per_label, s.demo_pool_size, s.encoder, s.slm_epochs,
+                    s.slm_min_steps, s.slm_warmup_epochs, s.slm_folds, s.slm_robust, s.slm_train_layers, s.slm_lr,
+                    s.clean_threshold, s.select_ratio, s.refine_share, s.seed, s.max_length]
         data_hash = _hash({"labels": self.labels, "task": self.task_description,
                            "items": [[it.item_id, it.text, it.human_label, it.augmented] for it in items],
-                           "settings": [s.llm_model, self.shots, self.demos_per_label, s.demo_pool_size, s.encoder,
-                                        s.slm_epochs, s.slm_min_steps, s.slm_warmup_epochs, s.slm_folds, s.slm_robust,
-                                        s.slm_train_layers, s.slm_lr, s.clean_threshold, s.select_ratio,
-                                        s.refine_share, s.seed, s.max_length]})
+                           "settings": settings})
+        base_hash = _hash({"labels": self.labels, "task": self.task_description,  # all but the human labels
+                           "items": [[it.item_id, it.text, it.augmented] for it in items], "settings": settings})
         r0_hash = _hash([self.labels, self.task_description, s.llm_model, self.shots, self.demos_per_label,
                          s.encoder, s.seed, s.max_length])
         if self.store.get_meta("r0_hash") != r0_hash:  # round-0 answers would differ: start afresh
             self.store.reset_stages()
             self.store.set_meta("r0_hash", r0_hash)
         if self.store.get_meta("data_hash") != data_hash:  # per-item round-0 answers stay valid
+            before = {it.item_id: it.human_label for it in self.store.items()}
+            keep = ["demos", "zero_shot", "llm_r0"]
+            if self.store.get_meta("base_hash") == base_hash:  # only people's labels changed: incremental
+                keep += [*self._kept_refinements(), REASK_STAGE]
+                new = [it.item_id for it in items if it.human_label and it.human_label != before.get(it.item_id)]
+                pending = set(self.store.get_meta("reask_pending") or []) | set(new)
+                self.store.set_meta("reask_pending", sorted(pending))
+            else:
+                self.store.set_meta("reask_pending", [])
+                self.store.set_meta("reask_targets", [])
             self.store.replace_items(items)
-            self.store.reset_stages(keep=["demos", "zero_shot", "llm_r0"])
+            self.store.reset_stages(keep=keep)
             self.store.set_meta("data_hash", data_hash)
+            self.store.set_meta("base_hash", base_hash)
             self.store.set_meta("rounds_done", 0)
         return items
+
+    def _kept_refinements(self) -> list[str]:
+        """The finished refinement rounds whose answers stay valid when only people's labels change: those
+        before the first rejected one (a rejected round and the rounds after it are run again)."""
+        kept = []
+        rnd = 1
+        while self.store.stage_done(f"llm_r{rnd}") and not self.store.get_meta(f"rejected_r{rnd}"):
+            kept.append(f"llm_r{rnd}")
+            rnd += 1
+        return kept
 
     def _timed(self, name: str, fn: Callable[[], object]) -> None:
         start = time.perf_counter()
@@ -403,9 +430,10 @@ class FreeALRun:
         self._annotate("llm_r0", [todo[i] for i in order], lambda k: [demos[j] for j in sets[order[k]]], progress)
 
     def _label_sources(self, upto_round: int) -> list[str]:
-        """The LLM stages whose labels count up to refinement ``upto_round`` (rejected rounds left out)."""
+        """The LLM stages whose labels count up to refinement ``upto_round`` (rejected rounds left out; the
+        answers re-asked after people labelled tasks count last, from round 1 on)."""
         return ["llm_r0"] + [f"llm_r{r}" for r in range(1, upto_round + 1)
-                             if not self.store.get_meta(f"rejected_r{r}")]
+                             if not self.store.get_meta(f"rejected_r{r}")] + ([REASK_STAGE] if upto_round else [])
 
     def _latest_answers(self, items: Sequence[Item], upto_round: int) -> dict[str, dict[str, object]]:
         """Per item, the latest LLM answer that gave a label, up to refinement ``upto_round``."""
@@ -579,22 +607,10 @@ class FreeALRun:
                         "demonstrations would give the same answers", rnd)
             self.store.mark_stage(stage, {"skipped": "an earlier refinement was rejected", "reannotated": 0})
             return
-        emb = np.load(self.run_dir / f"slm_r{rnd}_embeddings.npy")
         todo_idx, pool_idx, pool_cls = self.refinement_scope(items, rnd)
         todo = [items[i] for i in todo_idx]
-        labels, _ = self._current(items, rnd - 1)
-
-        pool_emb = emb[pool_idx]
-        order, picks = shared_prefix_order([retrieve_demos(emb[i], pool_emb, pool_cls, self.shots, self.n_groups,
-                                                           exclude=np.flatnonzero(pool_idx == i))
-                                            for i in todo_idx], len(pool_idx), self.settings.seed)
-
-        def demos_for(k: int) -> list[tuple[str, str]]:
-            return [(items[pool_idx[p]].text, str(labels[pool_idx[p]])) for p in picks[order[k]]]
-
         before = {k for k, v in self.store.annotations(stage).items() if not v["error"]}
-        if todo:
-            self._annotate(stage, [todo[i] for i in order], demos_for, progress)
+        self._ask_with_pool(stage, items, todo_idx, pool_idx, pool_cls, rnd, progress)
         answers = self.store.annotations(stage)
         failed = sum(1 for it in todo if answers.get(it.item_id, {}).get("error"))
         if any(answers.get(it.item_id, {}).get("label") is not None and it.item_id not in before for it in todo):
@@ -604,6 +620,68 @@ class FreeALRun:
             return
         self.store.mark_stage(stage, {"reannotated": len(todo), "kept": len(items) - len(todo),
                                       "demo_pool": len(pool_idx)})
+
+    def _ask_with_pool(self, stage: str, items: Sequence[Item], todo_idx: Sequence[int], pool_idx: np.ndarray,
+                       pool_cls: np.ndarray, rnd: int, progress: Progress) -> None:
+        """Ask the LLM about ``items[todo_idx]`` for ``stage``, each with its most similar demos per class from
+        round ``rnd``'s pool (SLM embeddings; labels after refinement ``rnd - 1``), in shared-prefix order."""
+        if not len(todo_idx):
+            return
+        emb = np.load(self.run_dir / f"slm_r{rnd}_embeddings.npy")
+        labels, _ = self._current(items, rnd - 1)
+        pool_emb = emb[pool_idx]
+        order, picks = shared_prefix_order([retrieve_demos(emb[i], pool_emb, pool_cls, self.shots, self.n_groups,
+                                                           exclude=np.flatnonzero(pool_idx == i))
+                                            for i in todo_idx], len(pool_idx), self.settings.seed)
+
+        def demos_for(k: int) -> list[tuple[str, str]]:
+            return [(items[pool_idx[p]].text, str(labels[pool_idx[p]])) for p in picks[order[k]]]
+
+        self._annotate(stage, [items[todo_idx[i]] for i in order], demos_for, progress)
+
+    def reask_targets(self, items: Sequence[Item], rnd: int, new_human: Iterable[str]) -> list[int]:
+        """The texts people's new labels bear on: per new human label, its ``REASK_PER_HUMAN_LABEL`` nearest
+        texts without one (cosine on round ``rnd``'s SLM embeddings), so a burst of k labels costs at most
+        ``REASK_PER_HUMAN_LABEL * k`` LLM calls."""
+        position = {it.item_id: i for i, it in enumerate(items)}
+        anchors = [position[k] for k in new_human if k in position]
+        free = np.array([not it.human_label for it in items])
+        if not anchors or not free.any():
+            return []
+        emb = np.load(self.run_dir / f"slm_r{rnd}_embeddings.npy")
+        unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        sims = unit[anchors] @ unit.T
+        sims[:, ~free] = -np.inf
+        picked: set[int] = set()
+        for row in sims:
+            picked.update(int(j) for j in np.argsort(-row, kind="stable")[:REASK_PER_HUMAN_LABEL] if free[j])
+        return sorted(picked)
+
+    def _stage_reask(self, items: Sequence[Item], rnd: int, progress: Progress) -> None:
+        """People labelled tasks since the refinement rounds ran: instead of re-running them (about one LLM
+        call per text and round), re-ask only the texts their labels bear on (:meth:`reask_targets`), with
+        demos from round ``rnd``'s pool, where the people's labels now come first. Resumable: the targets are
+        stored once per burst and failed requests are retried on the next run."""
+        pending = self.store.get_meta("reask_pending") or []
+        targets = self.store.get_meta("reask_targets") or []
+        if pending:
+            targets = sorted(set(targets) | {items[i].item_id for i in self.reask_targets(items, rnd, pending)})
+            self.store.forget_annotations(REASK_STAGE, targets)
+            self.store.set_meta("reask_targets", targets)
+            self.store.set_meta("reask_pending", [])
+            self.store.mark_stage(REASK_STAGE, {"human_labels": len(pending), "asked": len(targets),
+                                                "bound": REASK_PER_HUMAN_LABEL * len(pending)})
+        if not targets:
+            return
+        position = {it.item_id: i for i, it in enumerate(items)}
+        todo_idx = [position[k] for k in targets if k in position and not items[position[k]].human_label]
+        _, pool_idx, pool_cls = self.refinement_scope(items, rnd)
+        self._ask_with_pool(REASK_STAGE, items, todo_idx, pool_idx, pool_cls, rnd, progress)
+        answers = self.store.annotations(REASK_STAGE)
+        if any(answers.get(items[i].item_id, {}).get("error") for i in todo_idx):
+            log.warning("re-asking the texts people's labels bear on: some requests failed; re-run to retry them")
+            return
+        self.store.set_meta("reask_targets", [])
 
     def _final(self, items: Sequence[Item], rounds: int) -> list[ItemResult]:
         """Label, calibrated score and review flag per text, from the last SLM round's verdict on the

@@ -152,6 +152,10 @@ class Store(Transactional):
         self._write("INSERT OR REPLACE INTO annotations VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [(stage, item_id, label, confidence, json.dumps(probs), raw, error)])
 
+    def forget_annotations(self, stage: str, item_ids: Iterable[str]) -> None:
+        """Drop ``stage``'s answers for ``item_ids`` (they are to be asked again)."""
+        self._write("DELETE FROM annotations WHERE stage = ? AND item_id = ?", [(stage, k) for k in item_ids])
+
     def annotations(self, stage: str) -> dict[str, dict[str, Any]]:
         rows = self._read("SELECT item_id, label, confidence, probs, raw, error FROM annotations WHERE stage = ?",
                           (stage,))

@@ -136,3 +136,40 @@ def test_the_llm_evidence_is_its_probabilities_averaged_over_every_round_that_as
     for i in once:
         assert evidence[i] == pytest.approx([per_round[0][items[i].item_id]["probs"].get(x, 0.0) for x in names])
     assert labels == [per_round[1].get(it.item_id, per_round[0][it.item_id])["label"] for it in items]
+
+
+def test_people_labels_reask_only_the_texts_they_bear_on_not_the_whole_project(tmp_path, encoder, monkeypatch):
+    """A burst of human labels must not re-pay the project: the refinement answers stay, the small model
+    learns the new labels, and only each new label's nearest texts are asked again (bounded per label)."""
+    import dataclasses
+
+    import freeal_backend.loop as loop
+    from freeal_backend.loop import REASK_PER_HUMAN_LABEL, REASK_STAGE
+
+    monkeypatch.setattr(loop, "REJECT_MARGIN", 1.0)  # the refinement is kept, whatever the small model thinks
+
+    items = rows_to_items(shared_rows("sst2", n=80, stride=53))
+    with FakeOpenAI() as fake:
+        with make_run(tmp_path, fake, encoder) as run:
+            run.run(items, rounds=1)
+            refined = run.store.annotations("llm_r1")
+        asked_first = fake.answered()
+        people = {it.item_id: it.gold for it in items[:5]}
+        labelled = [dataclasses.replace(it, human_label=people.get(it.item_id)) for it in items]
+        with make_run(tmp_path, fake, encoder) as run:
+            results = {r.item_id: r for r in run.run(labelled, rounds=1)}
+            kept = run.store.annotations("llm_r1")
+            reasked = run.store.annotations(REASK_STAGE)
+            info = run.store.stage_done(REASK_STAGE)
+            targets = run.reask_targets(labelled, 1, list(people))
+        burst = fake.answered() - asked_first
+    assert asked_first > len(items)  # round 0 and the refinement asked about every text
+    assert kept == refined  # the refinement answers were not thrown away
+    assert 0 < burst <= REASK_PER_HUMAN_LABEL * len(people)  # bounded by the new labels, not the project
+    assert set(reasked) == {labelled[i].item_id for i in targets} and not set(reasked) & set(people)
+    assert info == {"human_labels": 5, "asked": len(reasked), "bound": REASK_PER_HUMAN_LABEL * 5}
+    assert all(results[k].label == v and results[k].source == "human" for k, v in people.items())
+    # a second run with nothing new asks nothing
+    with FakeOpenAI() as fake2, make_run(tmp_path, fake2, encoder) as run:
+        run.run(labelled, rounds=1)
+        assert fake2.answered() == 0
