@@ -83,6 +83,7 @@ class FreeALRun:
         self._encoder = encoder
         self._server: EmbeddedLLMServer | None = None
         self._lower: tuple[str, LowerStates, LowerStates | None] | None = None
+        self._demo_emb: tuple[str, np.ndarray] | None = None
         self.timings: dict[str, float] = {}
 
     # resources ----------------------------------------------------------------------------------------
@@ -196,14 +197,14 @@ class FreeALRun:
         Texts not answered by ``deadline`` (a ``time.monotonic()`` value) get no label.
         """
         items = [Item(it.item_id, clean_text(it.text), it.human_label, it.gold, it.augmented) for it in items]
-        demos = self.store.demos()
-        demo_emb = self.encoder.embed([d[0] for d in demos]) if demos else None
-        emb = self.encoder.embed([it.text for it in items]) if demos else None
+        demos, demo_emb = self._round0_demos(self.store.items())  # round 0's own prompts: the job hits the cache
+        sets: list[list[int]] = [[] for _ in items]
+        if demos and demo_emb is not None:
+            emb = self.encoder.embed([it.text for it in items], max_length=self.settings.max_length)
+            sets = self._round0_sets(emb, demo_emb)[1]
 
         def build(i: int) -> list[Message]:
-            chosen = ([demos[j] for j in nearest_demos(emb[i], demo_emb, self.shots)]
-                      if demos and emb is not None and demo_emb is not None else [])
-            return self._messages(items[i], chosen)
+            return self._messages(items[i], [demos[j] for j in sets[i]])
 
         answers = self.llm.answer_many(LazyRequests(len(items), lambda i: (build(i), self._parser(items[i]))),
                                        deadline=deadline, max_tokens=self.answer_tokens, expected=self.unparsed_means)
@@ -410,8 +411,24 @@ class FreeALRun:
         np.save(path, emb)
         return emb
 
-    def _stage_llm_r0(self, items: Sequence[Item], progress: Progress) -> None:
+    def _round0_demos(self, items: Sequence[Item]) -> tuple[list[tuple[str, str]], np.ndarray | None]:
+        """Round 0's demonstrations, the LLM's own then people's labels among ``items``, and their embeddings
+        (kept while the demonstrations stay the same: ``/predict`` asks in chunks)."""
         demos = self.store.demos() + [(it.text, it.human_label) for it in items if it.human_label]
+        if not demos:
+            return demos, None
+        key = _hash([str(self.encoder.path), self.settings.max_length, demos])
+        if self._demo_emb is None or self._demo_emb[0] != key:
+            self._demo_emb = (key, self.encoder.embed([d[0] for d in demos], max_length=self.settings.max_length))
+        return demos, self._demo_emb[1]
+
+    def _round0_sets(self, emb: np.ndarray, demo_emb: np.ndarray) -> tuple[list[int], list[list[int]]]:
+        """Request order and each text's nearest demos, in the shared-prefix order of round 0's prompts."""
+        return shared_prefix_order([nearest_demos(e, demo_emb, self.shots) for e in emb], len(demo_emb),
+                                   self.settings.seed)
+
+    def _stage_llm_r0(self, items: Sequence[Item], progress: Progress) -> None:
+        demos, demo_emb = self._round0_demos(items)
         have = self.store.annotations("llm_r0")
         todo = [it for it in self._unlabelled(items) if it.item_id not in have or have[it.item_id]["error"]]
         if not todo:
@@ -424,9 +441,7 @@ class FreeALRun:
             return
         position = {it.item_id: i for i, it in enumerate(items)}
         emb = self._embeddings(items, progress)[[position[it.item_id] for it in todo]]
-        demo_emb = self.encoder.embed([d[0] for d in demos], max_length=self.settings.max_length)
-        order, sets = shared_prefix_order([nearest_demos(e, demo_emb, self.shots) for e in emb], len(demos),
-                                          self.settings.seed)
+        order, sets = self._round0_sets(emb, demo_emb)
         self._annotate("llm_r0", [todo[i] for i in order], lambda k: [demos[j] for j in sets[order[k]]], progress)
 
     def _label_sources(self, upto_round: int) -> list[str]:

@@ -173,3 +173,22 @@ def test_people_labels_reask_only_the_texts_they_bear_on_not_the_whole_project(t
     with FakeOpenAI() as fake2, make_run(tmp_path, fake2, encoder) as run:
         run.run(labelled, rounds=1)
         assert fake2.answered() == 0
+
+
+def test_predict_asks_round_0_prompts_so_the_next_job_does_not_ask_again(tmp_path, encoder):
+    """``/predict`` labels tasks a job has not seen (``quick_label``); the next job's round 0 must find those
+    answers in the cache: the same demonstrations (the LLM's own and people's labels) in the same order."""
+    import dataclasses
+
+    rows = [dict(r, id=str(i)) for i, r in enumerate(shared_rows("sst2", n=70, stride=53))]
+    items = [dataclasses.replace(it, human_label=it.gold if i < 3 else None)
+             for i, it in enumerate(rows_to_items(rows[:60]))]
+    unseen = rows_to_items(rows[60:])
+    with FakeOpenAI() as fake, make_run(tmp_path, fake, encoder) as run:
+        run.run(items, rounds=0)
+        quick = run.quick_label(unseen)
+        asked = fake.answered()
+        run.run(items + unseen, rounds=0)
+        r0 = run.store.annotations("llm_r0")
+        assert fake.answered() == asked  # every round-0 prompt of the unseen texts was /predict's own
+    assert [r0[it.item_id]["label"] for it in unseen] == [q.label for q in quick]
