@@ -21,6 +21,7 @@ from freeal_backend.loop import FreeALRun
 from freeal_backend.loop_spans import RUN_TYPES, run_type
 from freeal_backend.metrics import flag_scores, label_scores, markdown_table
 from freeal_backend.records import Item
+from freeal_backend.slm.budget import budget_summary
 from freeal_backend.span_eval import entity_scores
 from freeal_backend.spans import decode_spans
 from freeal_backend.status import RoundLLMStats, stage_title
@@ -163,6 +164,9 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"LLM: {json.dumps(run.llm.stats.as_dict()) if run._llm else 'not used'}")
         print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in run.timings.items()))
         print(health_line(run))
+        print("review budget: " + budget_summary([r.confidence for r in results],
+                                                 [r.source != "human" for r in results],
+                                                 settings.target_error)["sentence"])
         print()
         print(evaluation_table(run))
     return 0
@@ -193,7 +197,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {run_dir} holds no FreeAL run (no state.sqlite)")
     store = Store(run_dir / "state.sqlite")
     try:
-        html = report_page(run_dir.resolve().name, run_summary(store), flagged_items(store, args.max_flagged))
+        html = report_page(run_dir.resolve().name, run_summary(store, Settings.from_env().target_error),
+                           flagged_items(store, args.max_flagged))
     finally:
         store.close()
     out = Path(args.out) if args.out else run_dir / "report.html"

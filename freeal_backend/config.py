@@ -63,6 +63,13 @@ class Settings:
     #   Label Studio deletes a replaced version one prediction at a time (~30-40/s: ~1 h per 100k)
     keep_old_versions: bool = False  # FREEAL_KEEP_OLD_VERSIONS: leave replaced versions in Label Studio (hidden:
     #   not selected) instead of deleting them; while Label Studio deletes a version, people's saves wait for it
+    target_error: float | None = None  # FREEAL_TARGET_ERROR, e.g. 0.05: review set = fewest least-confident texts
+    #   whose review brings the estimated error of all labels to this or below (slm/budget.py); empty = off
+
+    def __post_init__(self) -> None:
+        if self.target_error is not None and not 0 < self.target_error < 1:  # also refuses NaN
+            raise ValueError(f"FREEAL_TARGET_ERROR must lie strictly between 0 and 1 (e.g. 0.05 for at most 5 % "
+                             f"wrong labels), got {self.target_error!r}")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "Settings":
@@ -82,6 +89,7 @@ class Settings:
             "select_ratio": "FREEAL_SELECT_RATIO", "seed": "FREEAL_SEED", "task_description": "FREEAL_TASK",
             "queue_url": "FREEAL_QUEUE", "queue_lock_ttl": "FREEAL_QUEUE_LOCK_TTL",
             "push_every_round_max_tasks": "FREEAL_PUSH_EVERY_ROUND_MAX", "keep_old_versions": "FREEAL_KEEP_OLD_VERSIONS",
+            "target_error": "FREEAL_TARGET_ERROR",
         }
         values: dict[str, Any] = {}
         types = {f.name: f.type for f in fields(cls)}

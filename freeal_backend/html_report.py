@@ -218,6 +218,24 @@ def accuracy_section(run: dict[str, Any]) -> str:
     return f'<h2>Accuracy against gold labels</h2><div id="accuracy">{_table(["stage", "accuracy"], rows)}</div>'
 
 
+def budget_section(run: dict[str, Any]) -> str:
+    """The review budget: one sentence, and the estimated accuracy of all labels after reviewing k tasks."""
+    budget = run.get("budget")
+    if not budget:
+        return ""
+    target = budget["target"]
+    points = sorted(budget["points"] + ([target] if target else []), key=lambda pt: (pt["k"], pt is not target))
+    rows = [[num(pt["k"]) + (" (target)" if pt is target else ""), pct(pt["share"]), pct(pt["accuracy"]),
+             f'{pct(pt["low"])} – {pct(pt["high"])}'] for pt in points]
+    header = ["tasks reviewed", "share of tasks", "estimated accuracy", f'{100 * budget["level"]:.0f} % interval']
+    return ('<h2>Review budget</h2>'
+            f'<p id="budget-sentence">{e(budget["sentence"][:1].upper() + budget["sentence"][1:])}.</p>'
+            '<p class="muted">Least-confident first: sort the tasks by prediction score, lowest first. Estimated '
+            'from the scores (P(label right), calibrated without gold; a reviewed task counts as right); the '
+            'interval counts chance only, not an error in the scores\' calibration.</p>'
+            f'<div id="budget">{_table(header, rows, left=())}</div>')
+
+
 def flagged_section(items: Sequence[dict[str, Any]], total: int) -> str:
     rows = [[e(it["id"]), f'<span class="text">{e(it["text"])}</span>', e(it["label"]),
              DASH if it["confidence"] is None else f'{it["confidence"]:.2f}', e(it["suggested"]),
@@ -263,8 +281,8 @@ def project_page(status: dict[str, Any], *, refresh_s: int | None = None) -> str
     body = [f'<p><a href="../">all projects</a></p><h1>FreeAL · project {pid}</h1>', link,
             '<h2>Job</h2>', job_section(job)]
     if run:
-        body += ["<h2>Labels</h2>", summary_section(run), "<h2>Rounds</h2>", rounds_section(run),
-                 "<h2>Plots</h2>", plots_section(run), accuracy_section(run)]
+        body += ["<h2>Labels</h2>", summary_section(run), budget_section(run), "<h2>Rounds</h2>",
+                 rounds_section(run), "<h2>Plots</h2>", plots_section(run), accuracy_section(run)]
     else:
         body.append('<p class="muted">No FreeAL state for this project yet.</p>')
     body.append(f'<p class="muted">JSON: <a href="../status/{pid}">/status/{pid}</a></p>')
@@ -273,7 +291,7 @@ def project_page(status: dict[str, Any], *, refresh_s: int | None = None) -> str
 
 def report_page(name: str, run: dict[str, Any], flagged: Sequence[dict[str, Any]]) -> str:
     """``freeal report``: one self-contained file with the run's tables, plots and flagged texts."""
-    body = [f"<h1>FreeAL report · {e(name)}</h1>", summary_section(run), "<h2>Rounds</h2>", rounds_section(run),
-            "<h2>Plots</h2>", plots_section(run), accuracy_section(run),
+    body = [f"<h1>FreeAL report · {e(name)}</h1>", summary_section(run), budget_section(run), "<h2>Rounds</h2>",
+            rounds_section(run), "<h2>Plots</h2>", plots_section(run), accuracy_section(run),
             flagged_section(flagged, run["final"]["flagged"] or 0)]
     return page(f"FreeAL report · {name}", "".join(body))

@@ -14,6 +14,7 @@ LLM answers are stored one by one and cached, so nothing paid for is asked twice
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ import torch
 from freeal_backend.llm.annotate import Progress, annotate_items, generate_demos
 from freeal_backend.config import Settings
 from freeal_backend.dataio import clean_text
+from freeal_backend.slm.budget import review_set
 from freeal_backend.slm.detection import Judgement, judge
 from freeal_backend.llm.embedded import EmbeddedLLMServer
 from freeal_backend.slm.encoder import Encoder, LowerStates
@@ -177,11 +179,28 @@ class FreeALRun:
         # the SLM judges the final labels (with rounds=0: the round-0 or imported labels, no LLM call more):
         # label, score, flag and health come from it
         self._timed(f"slm_r{rounds + 1}", lambda: self._stage_slm(items, rounds + 1, progress))
-        results = self._final(items, rounds)
+        results = self._within_budget(self._final(items, rounds))
         self.store.set_results(results)
         self.store.set_meta("rounds_done", rounds)
         self.store.mark_stage("final", {"rounds": rounds, "version": self.model_version()})
         return results
+
+    def _within_budget(self, results: list[ItemResult]) -> list[ItemResult]:
+        """With ``FREEAL_TARGET_ERROR``, the flag also holds the smallest set of lowest-scored texts whose review
+        brings the estimated error of all labels to the target (reason ``review_budget``); see slm/budget.py."""
+        target = self.settings.target_error
+        if target is None:
+            return results
+        reviewable = [r.source != "human" for r in results]
+        picked, estimate = review_set([r.confidence for r in results], target, reviewable)
+        log.info("review budget: %d texts to review for an estimated error of %.1f%% (target %.1f%%)",
+                 len(picked), 100 * (1 - estimate.accuracy), 100 * target)
+        out = list(results)
+        for i in picked:
+            r = out[i]
+            if not r.suspicious:
+                out[i] = dataclasses.replace(r, suspicious=True, reasons=[*r.reasons, "review_budget"])
+        return out
 
     def results(self, item_ids: Sequence[str] | None = None) -> dict[str, ItemResult]:
         """The latest stored results, by item id (all, or only ``item_ids``)."""

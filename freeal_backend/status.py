@@ -14,8 +14,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from freeal_backend.llm.client import LLMClient, LLMStats
 from freeal_backend.labelstudio.client import review_view_title
+from freeal_backend.slm.budget import budget_summary
 from freeal_backend.storage import Store
 
 HISTOGRAM_BINS = 10
@@ -84,11 +87,12 @@ def review_tab_url(ls_url: str | None, project_id: int, view_id: int | None) -> 
 
 
 def project_status(project_id: int, row: dict[str, Any] | None, store: Store | None, ls_url: str | None,
-                   now: float | None = None) -> dict[str, Any]:
+                   now: float | None = None, target_error: float | None = None) -> dict[str, Any]:
     """What ``/status/<id>`` answers and ``/projects/<id>`` shows: the job, the run's numbers, the review tab."""
     job = job_summary(row, now)
     view_id = (row or {}).get("view_id")
-    return {"project": project_id, "job": job, "run": run_summary(store) if store is not None else None,
+    return {"project": project_id, "job": job,
+            "run": run_summary(store, target_error) if store is not None else None,
             "review_tab": {"title": review_view_title(job["flagged"], live_title_state(job)), "view_id": view_id,
                            "url": review_tab_url(ls_url, project_id, view_id)}}
 
@@ -256,6 +260,17 @@ def _final(store: Store, with_gold: bool, spans: bool = False) -> dict[str, Any]
             "label_counts": labels, "histogram": hist, "accuracy": accuracy}
 
 
+def _budget(store: Store, target_error: float | None) -> dict[str, Any] | None:
+    """The review budget of the stored final results (slm/budget.py): people's labels are right and not
+    reviewable; a result without a score counts as surely wrong. None before any result."""
+    rows = store.query("SELECT CASE WHEN source = 'human' THEN 1 ELSE COALESCE(confidence, 0) END, "
+                       "source IS NOT 'human' FROM results")
+    if not rows:
+        return None
+    scores, reviewable = np.array(rows, dtype=np.float64).T
+    return budget_summary(scores, reviewable.astype(bool), target_error)
+
+
 def _slm_accuracy(store: Store, rnd: int, labels: list[str]) -> float | None:
     """Accuracy of SLM round ``rnd``'s argmax (for spans: its exact span list) against gold (only for runs
     with gold, e.g. CLI evaluation)."""
@@ -266,8 +281,9 @@ def _slm_accuracy(store: Store, rnd: int, labels: list[str]) -> float | None:
     return sum(hits) / len(hits) if hits else None
 
 
-def run_summary(store: Store) -> dict[str, Any]:
-    """Everything the page shows about one run's state: counts, round history, final results, accuracy."""
+def run_summary(store: Store, target_error: float | None = None) -> dict[str, Any]:
+    """Everything the page shows about one run's state: counts, round history, final results, accuracy, and
+    the review budget (with ``target_error``: the review set that meets it)."""
     labels = store.get_meta("labels") or []
     data_hash = store.get_meta("data_hash") or ""
     stages = store.stages()
@@ -286,6 +302,8 @@ def run_summary(store: Store) -> dict[str, Any]:
     history = _label_rounds(store, last, memo_key, gold > 0, spans) if tasks else []
     final = _memo((path, data_hash, "final", done_at["final"]) if "final" in done_at else None,
                   lambda: _final(store, gold > 0, spans))
+    budget = _memo((path, data_hash, "budget", done_at["final"], target_error) if "final" in done_at else None,
+                   lambda: _budget(store, target_error))
 
     def answered(stage: str, rnd: int) -> int:
         return _memo(memo_key(f"answered {stage}", rnd),
@@ -328,7 +346,7 @@ def run_summary(store: Store) -> dict[str, Any]:
     return {"labels": labels, "tasks": tasks, "human_labelled": human, "with_gold": gold,
             "rounds_done": rounds_done, "version": (stages.get("final") or {}).get("version"),
             "stages": [{"name": n, "title": stage_title(n)} for n in stages], "rounds": history,
-            "final": final, "accuracy": accuracy}
+            "final": final, "accuracy": accuracy, "budget": budget}
 
 
 def flagged_items(store: Store, limit: int = 1000) -> list[dict[str, Any]]:

@@ -192,3 +192,24 @@ def test_predict_asks_round_0_prompts_so_the_next_job_does_not_ask_again(tmp_pat
         r0 = run.store.annotations("llm_r0")
         assert fake.answered() == asked  # every round-0 prompt of the unseen texts was /predict's own
     assert [r0[it.item_id]["label"] for it in unseen] == [q.label for q in quick]
+
+
+def test_a_target_error_puts_the_lowest_scored_texts_that_meet_it_in_the_flag(tmp_path, encoder):
+    """FREEAL_TARGET_ERROR: the flag (hence the review tab) holds the smallest lowest-scored set whose review
+    brings the estimated error of all labels to the target, besides the verdict's own flags; people's labels
+    are never in it."""
+    from freeal_backend.records import ItemResult
+
+    scores = [0.99] * 80 + [0.9] * 10 + [0.6] * 6 + [0.3, 0.2]
+    results = [ItemResult(str(i), "positive", p, suspicious=p < 0.25, reasons=["label_issue"] if p < 0.25 else [])
+                for i, p in enumerate(scores)] + [ItemResult("h", "negative", 1.0, source="human")]
+    with FakeOpenAI() as fake:
+        with make_run(tmp_path, fake, encoder) as run:
+            assert run._within_budget(results) == results  # no target: the verdict's flag alone
+        with make_run(tmp_path, fake, encoder, target_error=0.02) as run:
+            budgeted = run._within_budget(results)
+    # expected error 80*0.01 + 10*0.1 + 6*0.4 + 0.7 + 0.8 = 5.7 of 99; the 8 lowest bring it to 1.8 (<= 1.98)
+    flagged = [r.item_id for r in budgeted if r.suspicious]
+    assert flagged == [str(i) for i in range(90, 98)]
+    assert budgeted[97].reasons == ["label_issue"] and budgeted[90].reasons == ["review_budget"]
+    assert not budgeted[-1].suspicious

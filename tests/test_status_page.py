@@ -91,6 +91,27 @@ def test_run_summary_matches_the_cli_evaluation(tmp_path: Path) -> None:
     assert got == pytest.approx(expected)
 
 
+def test_run_summary_carries_the_review_budget(tmp_path: Path) -> None:
+    """The budget is that of the stored scores: people's labels count right (whatever score was stored) and are
+    never reviewed; with a target error, the review set that meets it."""
+    write_run(tmp_path / "state.sqlite")
+    store = Store(tmp_path / "state.sqlite")
+    budget = run_summary(store)["budget"]
+    aimed = run_summary(store, target_error=0.3)["budget"]
+    store.close()
+    machine = [(i % 10) / 10 + 0.05 for i in range(1, N)]  # write_run's scores; item 0 is a person's
+    assert budget["texts"] == N and budget["reviewable"] == N - 1 and budget["target"] is None
+    points = {p["k"]: p["accuracy"] for p in budget["points"]}
+    assert list(points) == [0, 1, 2, 4, 8, 12, 20]  # 0, 1, 2, 5, 10, 20, 30, 50 % of 40 texts
+    assert points[0] == pytest.approx((1 + sum(machine)) / N)
+    assert points[4] == pytest.approx((1 + 4 + sum(sorted(machine)[4:])) / N)  # the 4 lowest now right
+    assert budget["sentence"].startswith("review the 4 least-confident tasks and about "
+                                         f"{100 * points[4]:.1f} %")
+    assert aimed["target"]["target_error"] == 0.3 and 1 - aimed["target"]["accuracy"] <= 0.3
+    expected_k = next(k for k in range(N) if (1 + k + sum(sorted(machine)[k:])) / N >= 0.7)
+    assert aimed["target"]["k"] == expected_k
+
+
 def test_state_files_from_before_the_new_columns_are_upgraded(tmp_path: Path) -> None:
     import json
     import sqlite3
@@ -120,12 +141,12 @@ def auth(user: str = USER, password: str = PASSWORD) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
-def make_backend(tmp_path: Path, *, state: str) -> Flask:
+def make_backend(tmp_path: Path, *, state: str, target_error: float | None = None) -> Flask:
     """A backend with one project whose job is ``running`` (round 2 of 2, 43/100) or ``done``."""
     data = tmp_path / "data"
     write_run(data / f"project-{PID}" / "state.sqlite", gold=False)
-    app = create_app(Settings(slm_min_steps=0, data_dir=data), ServerSettings(basic_auth_user=USER, basic_auth_pass=PASSWORD,
-                                                             auto_job=False))
+    app = create_app(Settings(slm_min_steps=0, data_dir=data, target_error=target_error),
+                     ServerSettings(basic_auth_user=USER, basic_auth_pass=PASSWORD, auto_job=False))
     jobs: JobStore = app.extensions["freeal"].store
     jobs.save_project(PID, label_config="<View/>", extra_params={}, ls_url="http://ls.example:8080", ls_key="k")
     jobs.claim(PID, "me", stale_s=60)
@@ -215,6 +236,19 @@ def test_page_numbers_equal_status_json_and_auth_is_required(tmp_path: Path) -> 
     index = client.get("/", headers=auth()).get_data(as_text=True)
     assert f'href="projects/{PID}"' in index and "43 / 100" in index
     assert client.get("/projects/999", headers=auth()).status_code == 404
+
+
+def test_page_and_status_show_the_review_budget_for_the_target_error(tmp_path: Path) -> None:
+    app = make_backend(tmp_path, state="done", target_error=0.3)
+    client = app.test_client()
+    budget = client.get(f"/status/{PID}", headers=auth()).get_json()["run"]["budget"]
+    assert budget["target"]["target_error"] == 0.3
+    assert budget["sentence"].startswith(f"to bring the estimated error to at most 30.0 %, review the "
+                                         f"{budget['target']['k']} least-confident tasks")
+    cells = _Cells()
+    cells.feed(client.get(f"/projects/{PID}", headers=auth()).get_data(as_text=True))
+    assert cells.by_id["budget-sentence"] == budget["sentence"][0].upper() + budget["sentence"][1:] + "."
+    assert f"{budget['target']['k']} (target)" in cells.by_id["budget"]
 
 
 def test_no_answer_shows_a_server_path(tmp_path: Path) -> None:

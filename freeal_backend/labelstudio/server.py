@@ -218,7 +218,8 @@ class Backend:
         except MissingCredentialsError:
             ls_url = None
         with self.run_store(project_id) as store:
-            data = run_status.project_status(project_id, row, store, ls_url)
+            data = run_status.project_status(project_id, row, store, ls_url,
+                                             target_error=self.settings.target_error)
             data["health"] = latest_health(store) if store is not None else None
             return data
 

@@ -1,0 +1,168 @@
+"""The review budget against gold: predicted vs true accuracy after reviewing the k least-confident texts.
+
+The budget (freeal_backend/slm/budget.py) predicts, from the calibrated scores alone, the share of all labels
+right after people review the k lowest-scored texts (a reviewed text becomes right). Here gold says what that
+share really is, at every k = 0..n: the largest gap (goal: within 1.5 points at every k), how often the true
+share lies in the 90 % interval, and for a few target errors the review set chosen and the error it leaves.
+
+Cases (no training, no LLM call):
+  - ``benchmarks/results/replay_mr.npz`` (MR, the FreeAL authors' gpt-3.5 labels) and
+    ``made_noise_n1000.npz`` (SST-2, SUBJ, TREC with made, text-dependent noise; 3 seeds): the final labels
+    and scores are re-judged (``detection.judge``) from the saved out-of-sample SLM probabilities, as those
+    scripts' own ``--rejudge`` does, so the scores are what the current detection.py gives (no LLM confidence:
+    those runs have none);
+  - ``--run RUN_DIR`` (any number): a finished ``freeal run`` whose items carry gold; its stored final
+    scores are used as they are (people's labels are right and not reviewed).
+
+    .venv/bin/python benchmarks/budget_check.py [--run RUN_DIR ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sqlite3
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, fmt_table, loadavg, write_result  # noqa: E402
+
+from freeal_backend.slm.budget import SHARES, budget_curve, review_order, review_set  # noqa: E402
+from freeal_backend.slm.detection import judge  # noqa: E402
+
+TARGETS = (0.01, 0.02, 0.05, 0.1)
+GOAL_POINTS = 1.5
+
+
+def check(name: str, scores: np.ndarray, right: np.ndarray, reviewable: np.ndarray) -> dict[str, Any]:
+    """Predicted vs true accuracy after review at every k, and the review sets of ``TARGETS``."""
+    n = len(scores)
+    curve = budget_curve(scores, reviewable)
+    order = review_order(scores, reviewable)
+    fixed_right = int(right[~reviewable].sum())
+    # true share right after reviewing order[:k]: k reviewed + the right ones among order[k:] + the others
+    tail_right = np.r_[np.cumsum(right[order][::-1])[::-1], 0]
+    true = (np.arange(len(order) + 1) + tail_right + fixed_right) / n
+    gap = 100 * (curve.accuracy - true)
+    inside = (curve.low - 1e-12 <= true) & (true <= curve.high + 1e-12)
+    worst = int(np.argmax(np.abs(gap)))
+    at = sorted({min(len(order), round(s * n)) for s in SHARES})
+    targets = []
+    for target in TARGETS:
+        try:
+            _, est = review_set(scores, target, reviewable)
+        except ValueError:
+            continue
+        targets.append({"target_error": target, "k": est.k, "share": est.k / n,
+                        "predicted_error": 1 - est.accuracy, "interval": [1 - est.high, 1 - est.low],
+                        "true_error": float(1 - true[est.k])})
+    return {"case": name, "texts": n, "reviewable": int(reviewable.sum()), "true_accuracy": float(true[0]),
+            "predicted_accuracy": float(curve.accuracy[0]), "max_abs_gap_points": float(abs(gap[worst])),
+            "max_gap_at_k": worst, "max_gap_signed_points": float(gap[worst]),
+            "mean_abs_gap_points": float(np.abs(gap).mean()), "interval_coverage": float(inside.mean()),
+            "within_goal": bool(abs(gap[worst]) <= GOAL_POINTS),
+            "points": [{"k": k, "share": k / n, "predicted": float(curve.accuracy[k]), "true": float(true[k]),
+                        "low": float(curve.low[k]), "high": float(curve.high[k])} for k in at],
+            "targets": targets}
+
+
+def npz_cases(path: Path) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(name, SLM out-of-sample probabilities, labels judged (-1: none), gold) per saved run of a .npz."""
+    saved = np.load(path)
+    if "gold" in saved:  # replay_mr: one label/gold pair, probabilities per variant and seed
+        return [(f"{path.stem} {key}", saved[key], saved["labels"], saved["gold"])
+                for key in saved.files if key not in ("labels", "gold")]
+    stems = sorted({key.rsplit("_", 1)[0] for key in saved.files})  # made_noise: <data set>_seed<s>_<what>
+    return [(f"{path.stem} {stem}", saved[f"{stem}_probs"], saved[f"{stem}_labels"], saved[f"{stem}_gold"])
+            for stem in stems]
+
+
+def run_case(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stored final scores, right-or-wrong against gold, and reviewable (not a person's) of a finished run.
+    The state is copied first: the run's own files are only read."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for suffix in ("", "-wal"):
+            if (run_dir / f"state.sqlite{suffix}").exists():
+                shutil.copy(run_dir / f"state.sqlite{suffix}", Path(tmp) / f"state.sqlite{suffix}")
+        db = sqlite3.connect(Path(tmp) / "state.sqlite")
+        rows = db.execute("SELECT r.confidence, r.source, r.label = i.gold FROM results r JOIN items i "
+                          "ON i.item_id = r.item_id WHERE i.gold IS NOT NULL").fetchall()
+        db.close()
+    if not rows:
+        raise SystemExit(f"error: {run_dir} has no final results with gold")
+    human = np.array([source == "human" for _, source, _ in rows])
+    scores = np.where(human, 1.0, np.array([s if s is not None else 0.0 for s, _, _ in rows], dtype=float))
+    return scores, np.array([bool(r) for _, _, r in rows]), ~human
+
+
+def pts(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--npz", nargs="*", default=[str(RESULTS / "replay_mr.npz"),
+                                                  str(RESULTS / "made_noise_n1000.npz")])
+    ap.add_argument("--run", nargs="*", default=[], help="finished run directories with gold")
+    ap.add_argument("--out", default=str(RESULTS / "budget_check"), help="result file stem")
+    args = ap.parse_args(argv)
+    load_start = loadavg()
+    results = []
+    for path in map(Path, args.npz):
+        for name, probs, labels, gold in npz_cases(path):
+            verdict = judge(probs, labels)
+            results.append(check(name, verdict.scores, verdict.labels == gold, np.ones(len(gold), dtype=bool)))
+            print(f"{name}: max |gap| {results[-1]['max_abs_gap_points']:.2f} points", flush=True)
+    for run_dir in map(Path, args.run):
+        scores, right, reviewable = run_case(run_dir)
+        results.append(check(f"run {run_dir}", scores, right, reviewable))
+        print(f"run {run_dir}: max |gap| {results[-1]['max_abs_gap_points']:.2f} points", flush=True)
+
+    summary = fmt_table(
+        ["case", "texts", "true acc. %", "predicted %", "max abs gap, points (at k)", "mean abs gap",
+         "90 % interval covers", f"within {GOAL_POINTS} points"],
+        [[r["case"], r["texts"], pts(r["true_accuracy"]), pts(r["predicted_accuracy"]),
+          f"{r['max_gap_signed_points']:+.2f} ({r['max_gap_at_k']})", f"{r['mean_abs_gap_points']:.2f}",
+          f"{100 * r['interval_coverage']:.1f} %", "yes" if r["within_goal"] else "no"] for r in results])
+    curves = fmt_table(
+        ["case"] + [f"k = {s:.0%}" for s in SHARES],
+        [[r["case"]] + [f"{pts(p['predicted'])} / {pts(p['true'])}" for p in r["points"]] for r in results])
+    targets = fmt_table(
+        ["case"] + [f"target {t:.0%}: k, predicted / true error %" for t in TARGETS],
+        [[r["case"]] + [next((f"{t['k']}, {pts(t['predicted_error'])} / {pts(t['true_error'])}"
+                              for t in r["targets"] if t["target_error"] == target), "unreachable")
+                        for target in TARGETS] for r in results])
+    met = sum(r["within_goal"] for r in results)
+    body = "\n\n".join([
+        "Predicted (from the scores alone, P(label right) calibrated without gold) vs true share of all labels "
+        "right after reviewing the k lowest-scored texts, at every k from 0 to all texts; a reviewed text counts "
+        "as right. Gap = predicted − true, in points (positive: the budget promises too much); its k is the "
+        f"number of texts reviewed. {met} of {len(results)} cases stay within {GOAL_POINTS} points at every k. "
+        "The 90 % interval counts chance only (independent labels, right with their scores), not the error of "
+        "the scores' calibration, so its coverage shows how far that calibration is off.",
+        summary,
+        "Predicted / true accuracy % at a few review shares (the points the status page shows):",
+        curves,
+        "Review sets for a target error (`FREEAL_TARGET_ERROR`): texts to review, predicted / true error % "
+        "after their review:",
+        targets,
+        "The .npz cases are re-judged from the saved out-of-sample SLM probabilities with detection.py as in "
+        "the working tree (no LLM confidence in those runs); `--run` cases use the run's stored scores.",
+    ])
+    print("\n" + body)
+    stem = Path(args.out)
+    write_result(stem.with_suffix(".md"), "The review budget against gold", body, load_start)
+    stem.with_suffix(".json").write_text(json.dumps({"goal_points": GOAL_POINTS, "cases": results,
+                                                     "load_start": load_start, "load_end": loadavg()}, indent=1),
+                                         encoding="utf-8")
+    print(f"wrote {stem.with_suffix('.md')} and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
