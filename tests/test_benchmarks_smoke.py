@@ -41,18 +41,77 @@ def test_replay_mr_tiny(tmp_path: Path) -> None:
         float(re.search(r"gpt-3.5 labels right[^|]*\| ([\d.]+)", text).group(1)) / 100, abs=1e-3)
 
 
+LOOP_RUN_KEYS = {"stages", "stage_order", "llm_total", "loop_wall_s", "final_accuracy", "answered_wrong", "unanswered",
+                 "llm_conf_ece", "llm_conf_auroc_wrong", "score_ece", "score_auroc_wrong", "flagged_share",
+                 "flag_precision", "flag_recall", "health_estimate", "health_true_accuracy", "config", "extras"}
+LOOP_STAGE_KEYS = {"accuracy", "macro_f1", "coverage", "calls", "cache_hits", "prompt_tokens", "completion_tokens",
+                   "wall_s"}
+
+
 def test_quality_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> None:
-    stdout = _run(["benchmarks/quality.py", "--datasets", "mr", "--n", "12", "--test-n", "10", "--rounds", "1",
-                   "--base-url", llm_base_url, "--model", llm_model, "--out-dir", str(tmp_path)], tmp_path,
-                  FREEAL_SHOTS="2")
-    files = list(tmp_path.glob("quality_mr_n12*.md"))
-    assert len(files) == 1, stdout
-    text = files[0].read_text()
+    """Two seeds on the same 12 texts, with the extras; the zero-shot answers are shared across seeds, and a
+    re-run re-reads the finished runs' records without asking the LLM."""
+    args = ["benchmarks/quality.py", "--datasets", "mr", "--n", "12", "--test-n", "10", "--rounds", "1", "--seeds",
+            "0,1", "--extras", "--base-url", llm_base_url, "--model", llm_model, "--out-dir", str(tmp_path),
+            "--data-dir", str(tmp_path / "bench")]
+    stdout = _run(args, tmp_path, FREEAL_SHOTS="2")
+    md, js = (tmp_path / "loop_mr_n12_smollm2-135m-instruct.md"), (tmp_path / "loop_mr_n12_smollm2-135m-instruct.json")
+    text = md.read_text()
     for stage in ["LLM zero-shot", "LLM + self-generated demos", "naive SLM", "SLM round 1", "refined LLM round 1",
-                  "| final |", "review flag", "wall time per stage"]:
+                  "SLM round 2", "| final |", "review flag", "run health", "unanswered", "ECE",
+                  "Command (from the repository root)", "--seeds 0,1"]:
         assert stage in text, stage
-    # the zero-shot stage asked the LLM once per text (nothing was cached in the fresh data dir)
-    assert re.search(r"\| LLM zero-shot \|[^\n]*\| 12 \(\+0 cached\) \|", text), text
+    data = json.loads(js.read_text())
+    assert data["seeds_finished"] == [0, 1] and data["stage_order"] == [
+        "zero_shot", "llm_r0", "slm_r1", "llm_r1", "slm_r2", "final"]
+    runs = data["per_seed"]
+    for rec in runs.values():
+        assert LOOP_RUN_KEYS <= set(rec), LOOP_RUN_KEYS - set(rec)
+        assert all(LOOP_STAGE_KEYS <= set(st) for st in rec["stages"].values())
+        assert rec["final_accuracy"] is not None and rec["n"] == 12 and rec["stages"]["llm_r0"]["calls"] > 0
+        assert set(rec["extras"]["test_accuracy"]) >= {"naive", "slm_r1"} and rec["extras"]["test_n"] == 10
+    # the same texts for both seeds; the zero-shot pass was asked once, then came from the cache
+    assert runs["0"]["stages"]["zero_shot"]["calls"] == 12 and runs["0"]["stages"]["zero_shot"]["cache_hits"] == 0
+    assert runs["1"]["stages"]["zero_shot"]["calls"] == 0 and runs["1"]["stages"]["zero_shot"]["cache_hits"] == 12
+    assert runs["0"]["config"]["seed"] == 0 and runs["1"]["config"]["seed"] == 1
+    mean = data["mean_sd"]["final_accuracy"]
+    assert mean["values"] == [runs["0"]["final_accuracy"], runs["1"]["final_accuracy"]]
+    assert mean["mean"] == pytest.approx(sum(mean["values"]) / 2)
+    summary = json.loads((tmp_path / "loop_summary_n12_smollm2-135m-instruct.json").read_text())["datasets"]["mr"]
+    assert summary["seeds_finished"] == [0, 1] and summary["gain_exceeds_one_sd"] in (True, False)
+    assert summary["llm_requests_per_stage"]["zero_shot"]["values"] == [12, 12]
+    # a re-run only re-reads the finished runs
+    again = _run(args, tmp_path, FREEAL_SHOTS="2")
+    assert again.count("finished earlier: re-read") == 2 and " done: " not in again, again
+    assert json.loads(js.read_text())["per_seed"] == runs
+    # a run whose record is gone resumes from its state: no stage asks again, and the cost booked per stage
+    # in the earlier session stays
+    (tmp_path / "bench" / "runs" / "loop-mr-n12-ss0-s1-smollm2-135m-instruct" / "loop_result.json").unlink()
+    _run(args, tmp_path, FREEAL_SHOTS="2")
+    resumed = json.loads(js.read_text())["per_seed"]["1"]
+    assert resumed["llm_total"] == runs["1"]["llm_total"] and resumed["final_accuracy"] == runs["1"]["final_accuracy"]
+
+
+def test_main_job_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> None:
+    """The README's first command on 12 texts, scored; the layout of results/main_job_sst2_n200.json."""
+    _run(["benchmarks/main_job.py", "--limit", "12", "--out-dir", str(tmp_path)], tmp_path,
+         LLM_BASE_URL=llm_base_url, LLM_MODEL=llm_model, FREEAL_SHOTS="2", FREEAL_ROUNDS="1")
+    data = json.loads((tmp_path / "main_job_sst2_n12.json").read_text())
+    layout = json.loads((ROOT / "benchmarks" / "results" / "main_job_sst2_n200.json").read_text())
+    assert set(layout) <= set(data), set(layout) - set(data)
+    assert set(layout["stages"][0]) <= set(data["stages"][0])
+    readme = (ROOT / "README.md").read_text()
+    assert data["readme_command"] in readme and "--limit 12" in data["command"] and "--out" in data["command"]
+    assert [s["id"] for s in data["stages"]] == ["llm_r0", "slm_r1", "llm_r1", "slm_r2", "final"]
+    assert data["n"] == 12 and data["llm_calls"] > 0 and data["stages"][0]["llm_calls"] > 0
+    assert data["cpu_user_s"] > 0 and data["peak_rss_mib_cli"] > 0 and data["wall_s"] >= data["run_wall_s"] > 0
+    # the output file and the run's state agree on the final labels' accuracy
+    assert data["stages"][-1]["accuracy"] == pytest.approx(data["final_accuracy"])
+    assert set(data["stage_seconds"]) >= {"demos", "llm_r0", "slm_r1", "llm_r1", "slm_r2"}
+    text = (tmp_path / "main_job_sst2_n12.md").read_text()
+    for row in ("| refined LLM round 1 |", "| final |", "Run health", "Review flag", "peak RSS",
+                "Command (from the repository root)"):
+        assert row in text, row
 
 
 def test_llm_survey_tiny(tmp_path: Path) -> None:
