@@ -148,4 +148,4 @@ def test_a_small_project_gets_at_least_min_steps_per_fold_model():
     model.config = cfg
     assert model.epochs_for(48) == 10  # 3 steps an epoch
     assert model.epochs_for(10_000) == 2  # a big project already takes more steps than that
-    assert Settings().slm_min_steps == 100 and SLMConfig().min_steps == 0
+    assert Settings().slm_min_steps == 50 and SLMConfig().min_steps == 0

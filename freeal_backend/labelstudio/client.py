@@ -28,6 +28,7 @@ INITIAL_VERSION = FREEAL_VERSION_PREFIX + "llm-only"  # /predict's answers befor
 # annotations alone read ~390 (100 a page) to ~1480 (1000 a page) tasks/s (SQLite, 3000 tasks, 2 shared cores).
 PAGE_SIZE = 1000
 TASK_FIELDS = "id,data,annotations"
+JUDGE_TASK_FIELDS = TASK_FIELDS + ",predictions"  # predictions come whole (every version's), only when judged
 # with ``include``, each annotation is cut down to its id unless it is also expanded
 EXPAND_ANNOTATIONS: RequestOptions = {"additional_query_parameters": {"expand": "annotations"}}
 # Label Studio 1.23 stores a request of up to 500 predictions in one transaction (its batched import writes
@@ -63,6 +64,7 @@ class TaskRecord:
     text: str | None
     human_labels: tuple[str, ...] = ()
     annotation_id: int | None = None  # the annotation the human labels come from
+    judged_labels: tuple[str, ...] | None = None  # labels of its prediction of the judged version (None: none)
 
 
 def connection_from_env(
@@ -109,20 +111,25 @@ class ProjectClient:
         """The project's labeling config XML."""
         return self.client.projects.get(id=self.project_id).label_config or ""
 
-    def iter_tasks(self, cfg: TaskConfig, *, page_size: int = PAGE_SIZE) -> Iterator[TaskRecord]:
-        """Yield every task page by page, with the labels of its latest submitted (non-skipped) annotation.
+    def iter_tasks(self, cfg: TaskConfig, *, page_size: int = PAGE_SIZE,
+                   judge_version: str | None = None) -> Iterator[TaskRecord]:
+        """Yield every task page by page, with the labels of its latest submitted (non-skipped) annotation
+        and, given ``judge_version``, those of its latest prediction of that model version.
 
         Reads pass ``review=1``: without it, a project with "Retrieve predictions automatically" on makes
         Label Studio call this backend's ``/predict`` for every page of tasks that have no prediction yet.
         """
-        pager = self.client.tasks.list(project=self.project_id, fields="all", include=TASK_FIELDS, review=True,
+        include = JUDGE_TASK_FIELDS if judge_version else TASK_FIELDS
+        pager = self.client.tasks.list(project=self.project_id, fields="all", include=include, review=True,
                                        page_size=page_size, request_options=EXPAND_ANNOTATIONS)
         for task in pager:
             data = task.data or {}
             text = data.get(cfg.data_key)
             text = text if isinstance(text, str) else None
             labels, ann_id = latest_human_labels(cfg, _dump_list(getattr(task, "annotations", None)), text)
-            yield TaskRecord(int(task.id), text, tuple(labels), ann_id)
+            judged = (version_labels(cfg, _dump_list(getattr(task, "predictions", None)), judge_version, text)
+                      if judge_version else None)
+            yield TaskRecord(int(task.id), text, tuple(labels), ann_id, None if judged is None else tuple(judged))
 
     def import_predictions(self, predictions: Sequence[dict[str, Any]], *, batch: int = IMPORT_BATCH) -> int:
         """Store predictions (``task``, ``result``, ``score``, ``model_version``) with the bulk endpoint."""
@@ -233,6 +240,17 @@ def latest_human_labels(cfg: TaskConfig, annotations: list[dict[str, Any]], text
         if labels:
             return labels, int(ann["id"]) if str(ann.get("id", "")).isdigit() else None
     return [], None
+
+
+def version_labels(cfg: TaskConfig, predictions: list[dict[str, Any]], version: str, text: str | None = None
+                   ) -> list[str] | None:
+    """Labels of the most recently updated prediction of model ``version``, parsed as an annotation's are
+    (none naming a known label: ``[]``); None when the task has no prediction of that version."""
+    mine = [p for p in predictions if isinstance(p, dict) and p.get("model_version") == version]
+    if not mine:
+        return None
+    latest = max(mine, key=lambda p: (str(p.get("updated_at") or p.get("created_at") or ""), int(p.get("id") or 0)))
+    return human_labels(cfg, latest.get("result") or [], text)
 
 
 def project_id_from_uid(uid: Any) -> int:

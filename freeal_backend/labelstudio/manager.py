@@ -26,13 +26,15 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from freeal_backend.config import Settings
-from freeal_backend.labelstudio.client import IMPORT_BATCH, Connection, ProjectClient, connection_from_env
+from freeal_backend.labelstudio.client import (FREEAL_VERSION_PREFIX, IMPORT_BATCH, Connection, ProjectClient,
+                                              TaskRecord, connection_from_env)
 from freeal_backend.labelstudio.job_store import JobStore
 from freeal_backend.labelstudio.label_config import TaskConfig, parse_task_config
 from freeal_backend.labelstudio.push import (PushJournal, flagged_ids, is_final_of, predictions_digest, push_results,
                                              version_for)
 from freeal_backend.labelstudio.review_tab import ReviewTab, health_note
-from freeal_backend.labelstudio.runs import ProjectOptions, RunRegistry, build_items, unfinished_work
+from freeal_backend.labelstudio.runs import (ProjectOptions, RunRegistry, build_items, judged_labels, sync_round0,
+                                            unfinished_work)
 from freeal_backend.records import ItemResult
 from freeal_backend.status import RoundLLMStats, save_round_flagged
 
@@ -90,6 +92,29 @@ class Runner(Protocol):
 
     def start(self, manager: JobManager) -> None:
         """Begin looking after jobs whose process died (called once when the backend starts)."""
+
+
+def check_judged_version(client: ProjectClient, version: str) -> None:
+    """Refuse a ``judge_version`` no prediction of the project carries, or one of FreeAL's own (each push
+    replaces those), naming the versions the project has."""
+    versions = {v: n for v, n in client.model_versions().items() if n}
+    if version.startswith(FREEAL_VERSION_PREFIX):
+        raise ValueError(f"judge_version {version!r} is a FreeAL version, which every FreeAL push replaces; "
+                         "name another model's version")
+    if version not in versions:
+        have = ", ".join(repr(v) for v in sorted(versions)) or "none"
+        raise ValueError(f"judge_version {version!r}: no task of project {client.project_id} has a prediction of "
+                         f"that model version; the project's prediction versions: {have}")
+
+
+def judge_summary(version: str, records: list[TaskRecord], llm_labels: Mapping[str, str | None]) -> str:
+    """The job message's opening for a judge job: what was judged and how many tasks had nothing to judge."""
+    judged = {str(r.task_id): r.judged_labels for r in records}
+    missing = sum(judged.get(k) is None for k in llm_labels)
+    unusable = sum(judged.get(k) == () for k in llm_labels)
+    bad = f", {unusable} whose prediction names no label of the config" if unusable else ""
+    return (f"judged the predictions of model version {version!r} with no LLM call: {len(llm_labels)} tasks, "
+            f"{missing} without one{bad} (counted as unanswered); ")
 
 
 def _forget(owner: str) -> None:
@@ -258,7 +283,8 @@ class JobManager:
 
         A round is pushed unless Label Studio already holds exactly its predictions (same digest), or it
         is not the last round and Label Studio holds this run's final round already, or the project is too
-        big to replace a version every round."""
+        big to replace a version every round. With the project option ``judge_version``, the small model
+        judges that model version's predictions instead (round 0 only, no LLM call)."""
         project_id = claim.project_id
         if self.projects is not None and project_id not in self.projects:  # e.g. a job resumed after a restart
             raise ValueError(f"project {project_id} is not served by this backend (FREEAL_PROJECTS)")
@@ -267,8 +293,10 @@ class JobManager:
         saved = self.store.project(project_id) or {}
         opts = ProjectOptions.from_extra(saved.get("extra_params"))
         cfg = parse_task_config(client.label_config(), from_name=opts.from_name)
+        if opts.judge_version:
+            check_judged_version(client, opts.judge_version)
         claim.update(state="running", stage="fetching tasks", done=0, total=0)
-        records = list(client.iter_tasks(cfg))
+        records = list(client.iter_tasks(cfg, judge_version=opts.judge_version))
         self.store.replace_gold(project_id, [(r.annotation_id, r.task_id, list(r.human_labels))
                                              for r in records if r.human_labels and r.annotation_id is not None])
         items, no_text = build_items(records, self.store.gold(project_id))
@@ -276,8 +304,10 @@ class JobManager:
             raise ValueError(f"no task has text in data[{cfg.data_key!r}] (the label config's <Text value>)")
         run = self.runs.get(project_id, cfg.labels, opts.task_description, task_type=cfg.task_type)
         self.runs.keep_lower_states_of(project_id)
+        llm_labels = judged_labels(records, items) if opts.judge_version else None
+        sync_round0(run.store, llm_labels)
         texts = {it.item_id: it.text for it in items}
-        rounds = opts.rounds if opts.rounds is not None else self.settings.rounds
+        rounds = 0 if llm_labels is not None else opts.rounds if opts.rounds is not None else self.settings.rounds
         claim.update(rounds=rounds, tasks=len(items))
         results: list[ItemResult] = []
         pushed, pushed_digest = self.store.model_version(project_id), self.store.pushed_digest(project_id)
@@ -289,7 +319,7 @@ class JobManager:
 
             cost.switch(rnd)
             claim.update(round=rnd, stage=f"round {rnd} of {rounds}")
-            results = run.run(items, rounds=rnd, on_progress=progress)
+            results = run.run(items, rounds=rnd, on_progress=progress, llm_labels=llm_labels)
             cost.finish()
             save_round_flagged(run.store, rnd, len(flagged_ids(results)))
             version = run.model_version()
@@ -309,7 +339,8 @@ class JobManager:
         skipped = f"; {len(no_text)} tasks without text skipped: {no_text[:20]}" if no_text else ""
         undone = unfinished_work(run.store, items, rounds)
         verdict = f"; label health: {health['message']}" if health else ""
-        return (f"{len(results)} tasks labelled, {len(flagged_ids(results))} flagged for review"
+        judged = "" if llm_labels is None else judge_summary(str(opts.judge_version), records, llm_labels)
+        return (f"{judged}{len(results)} tasks labelled, {len(flagged_ids(results))} flagged for review"
                 f"{skipped}{'; ' + undone if undone else ''}{verdict}")
 
     def push(self, client: ProjectClient, cfg: TaskConfig, results: list[ItemResult], version: str, digest: str,

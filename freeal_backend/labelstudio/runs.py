@@ -13,6 +13,8 @@ from freeal_backend.loop_spans import run_type
 from freeal_backend.records import Item
 from freeal_backend.storage import Store
 
+IMPORTED = "imported"  # the raw answer FreeALRun stores with an imported round-0 label
+
 
 @dataclass(frozen=True)
 class ProjectOptions:
@@ -21,6 +23,7 @@ class ProjectOptions:
     from_name: str | None = None
     rounds: int | None = None
     task_description: str | None = None
+    judge_version: str | None = None  # judge this model version's predictions instead of asking the LLM
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> "ProjectOptions":
@@ -30,6 +33,7 @@ class ProjectOptions:
             from_name=str(extra["from_name"]) if extra.get("from_name") else None,
             rounds=int(rounds) if isinstance(rounds, (int, str)) and str(rounds).isdigit() else None,
             task_description=str(extra["task_description"]) if extra.get("task_description") else None,
+            judge_version=str(extra["judge_version"]) if extra.get("judge_version") else None,
         )
 
 
@@ -92,6 +96,30 @@ def build_items(records: list[TaskRecord], gold: dict[int, list[str]]) -> tuple[
         labels = list(rec.human_labels) or gold.get(rec.task_id, [])
         items.append(Item(str(rec.task_id), rec.text, human_label=labels[0] if labels else None))
     return items, no_text
+
+
+def judged_labels(records: list[TaskRecord], items: list[Item]) -> dict[str, str | None]:
+    """Round-0 labels of a judge job: per item without a human label, its judged prediction's first label, or
+    None (no prediction of the judged version, or one naming no label of the config: unanswered)."""
+    judged = {str(rec.task_id): rec.judged_labels for rec in records}
+    return {it.item_id: (judged.get(it.item_id) or (None,))[0] for it in items if not it.human_label}
+
+
+def sync_round0(store: Store, llm_labels: dict[str, str | None] | None) -> None:
+    """Make the run's stored round-0 labels this job's: the imported ``llm_labels`` in a judge job, the LLM's
+    otherwise. ``FreeALRun.run`` imports a label only where round 0 has none and keeps later stages whose
+    inputs it does not hash, so round-0 labels of the other kind (the project switched between judging and
+    asking the LLM) or imported ones that changed (the judged version's predictions did) are dropped here,
+    with every stage after round 0."""
+    have = store.annotations("llm_r0")
+    if llm_labels is None:
+        stale = [k for k, ann in have.items() if ann["raw"] == IMPORTED]
+    else:
+        stale = [k for k, label in llm_labels.items()
+                 if k in have and (have[k]["raw"] != IMPORTED or have[k]["label"] != label)]
+    if stale:
+        store.forget_annotations("llm_r0", stale)
+        store.reset_stages(keep=["demos", "zero_shot", "llm_r0"])
 
 
 def unfinished_work(store: Store, items: list[Item], rounds: int) -> str | None:

@@ -1,0 +1,266 @@
+"""Judge another model version's predictions in Label Studio (the project option ``judge_version``).
+
+The backend runs against a real Label Studio and an LLM endpoint that records every request
+(``tests/fake_openai.py``): a judge job must leave that log empty. The small model judges the other
+version's labels, the job pushes its own FreeAL version and fills the review tab; a task without a
+prediction of that version counts as unanswered, changed predictions are judged afresh, and a version no
+task carries fails the job with the versions the project has.
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from label_studio_sdk import LabelStudio
+
+from freeal_backend.labelstudio.client import Connection, ProjectClient, version_labels
+from freeal_backend.labelstudio.label_config import FLAG_SUSPICIOUS, parse_task_config
+from freeal_backend.labelstudio.runs import IMPORTED, sync_round0
+from freeal_backend.spans import Span, encode_spans
+from freeal_backend.storage import Store
+from tests.fake_openai import MODEL, FakeOpenAI
+from tests.fixtures_llm import shared_rows
+from tests.fixtures_ls import LabelStudioServer
+from tests.test_ls_e2e import (JOB_TIMEOUT_S, ROOT, BackendServer, choice_of, flag_of, review_view_ids,
+                               serve_backend)
+
+OTHER, DECOY = "other-model-v1", "other-model-v2"
+N_TASKS = 200
+NO_PREDICTION = 4  # the last tasks have no prediction of OTHER
+FLIP = {"subjective": "objective", "objective": "subjective"}
+# review.xml with SUBJ's classes: a small model trained briefly on 200 of these texts judges their labels "ok"
+# (on 60-100 SST-2 or 80 SUBJ texts it came out near chance, which flags every task: nothing kept to compare)
+SUBJ_CONFIG = ((ROOT / "label_config/review.xml").read_text()
+               .replace('"positive"', '"subjective"').replace('"negative"', '"objective"'))
+
+
+def choice(label: str) -> list[dict[str, Any]]:
+    return [{"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]
+
+
+def span_regions(text: str, spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"from_name": "label", "to_name": "text", "type": "labels",
+             "value": {"start": s["start"], "end": s["end"], "text": text[s["start"]:s["end"]], "labels": [s["label"]]}}
+            for s in spans]
+
+
+# parsing a prediction and keeping the run's round 0 in step (no Label Studio) --------------------------------
+def test_version_labels_reads_the_latest_prediction_of_that_version_only() -> None:
+    cfg = parse_task_config(SUBJ_CONFIG)
+    preds = [{"id": 1, "model_version": OTHER, "created_at": "2025-01-01T10:00:00Z", "result": choice("subjective")},
+             {"id": 3, "model_version": OTHER, "updated_at": "2025-01-02T10:00:00Z", "result": choice("objective")},
+             {"id": 4, "model_version": DECOY, "created_at": "2025-01-03T10:00:00Z", "result": choice("subjective")}]
+    assert version_labels(cfg, preds, OTHER) == ["objective"]
+    assert version_labels(cfg, preds, "absent") is None
+    assert version_labels(cfg, [{"model_version": OTHER, "result": choice("neutral")}], OTHER) == []  # not a label
+
+
+def test_version_labels_parses_spans_like_an_annotation() -> None:
+    cfg = parse_task_config((ROOT / "label_config/ner_review.xml").read_text())
+    text = "Aspirin caused a rash."
+    preds = [{"model_version": OTHER, "result": span_regions(text, [{"start": 0, "end": 7, "label": "Chemical"},
+                                                                    {"start": 17, "end": 21, "label": "Disease"}])}]
+    assert version_labels(cfg, preds, OTHER, text) == [encode_spans([Span(0, 7, "Chemical"), Span(17, 21, "Disease")])]
+    assert version_labels(cfg, [{"model_version": OTHER, "result": []}], OTHER, text) == ["[]"]  # "no entity"
+
+
+def test_sync_round0_drops_round0_labels_of_the_other_kind_and_changed_imports(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.sqlite")
+    try:
+        store.add_annotation("llm_r0", "1", "subjective", 0.9, {}, "subjective", None)  # asked of the LLM
+        store.add_annotation("llm_r0", "2", "objective", None, {}, IMPORTED, None)
+        store.add_annotation("llm_r0", "3", None, None, {}, IMPORTED, None)
+        store.mark_stage("slm_r1")
+        sync_round0(store, {"1": "subjective", "2": "objective", "3": None})  # a judge job: the LLM's answer goes
+        assert sorted(store.annotations("llm_r0")) == ["2", "3"] and store.stage_done("slm_r1") is None
+        store.mark_stage("slm_r1")
+        sync_round0(store, {"2": "objective", "3": None})  # the same imports: the verdict stands
+        assert store.stage_done("slm_r1") is not None
+        sync_round0(store, {"2": "subjective", "3": None})  # the judged prediction changed
+        assert sorted(store.annotations("llm_r0")) == ["3"] and store.stage_done("slm_r1") is None
+        store.add_annotation("llm_r0", "1", "subjective", 0.9, {}, "subjective", None)
+        store.mark_stage("slm_r1")
+        sync_round0(store, None)  # back to asking the LLM: imported labels are no LLM answers
+        assert sorted(store.annotations("llm_r0")) == ["1"] and store.stage_done("slm_r1") is None
+    finally:
+        store.close()
+
+
+# against a real Label Studio ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fake_llm() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def judge_backend(label_studio: LabelStudioServer, fake_llm: FakeOpenAI,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendServer]:
+    """The backend, its small model quick to train (2 folds, 2 layers, 4 epochs): a judge job on 200 SUBJ texts
+    takes well under a minute here, and the verdict on their labels is "ok" (some flagged, most kept)."""
+    with serve_backend(tmp_path_factory.mktemp("judge-backend"), label_studio, LLM_BASE_URL=fake_llm.base_url,
+                       LLM_MODEL=MODEL, FREEAL_SLM_EPOCHS="4", FREEAL_SLM_WARMUP="1", FREEAL_SLM_FOLDS="2",
+                       FREEAL_SLM_TRAIN_LAYERS="2", FREEAL_SLM_BATCH="16", WORKERS="1", THREADS="4") as server:
+        yield server
+
+
+def run_job(client: LabelStudio, ml_id: int, backend: BackendServer, pid: int) -> dict[str, Any]:
+    """"Start Training" in Label Studio, then wait for the job it starts to end (done or failed)."""
+    before = httpx.get(f"{backend.url}/status/{pid}", timeout=30)
+    finished = (before.json().get("finished") or 0.0) if before.status_code == 200 else 0.0
+    client.ml.train(id=ml_id)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            resp = httpx.get(f"{backend.url}/status/{pid}", timeout=30)
+        except httpx.HTTPError:  # a busy 2-core machine: ask again
+            continue
+        if resp.status_code == 200:
+            status = resp.json()
+            if status["state"] in ("done", "failed") and (status.get("finished") or 0.0) > finished:
+                return status
+        time.sleep(2)
+    raise AssertionError(f"job did not end in {JOB_TIMEOUT_S}s: {status}; log: {backend.log_path}")
+
+
+def by_version(client: LabelStudio, pid: int) -> dict[int, dict[str, list[dict[str, Any]]]]:
+    """Per task, its predictions by model version."""
+    out: dict[int, dict[str, list[dict[str, Any]]]] = {}
+    for task in client.tasks.list(project=pid, fields="all", page_size=100):
+        out[int(task.id)] = {}
+        for pred in task.predictions or []:
+            pred = pred if isinstance(pred, dict) else pred.model_dump()
+            out[int(task.id)].setdefault(pred["model_version"], []).append(pred)
+    return out
+
+
+def check_judged(client: LabelStudio, backend: BackendServer, pid: int, status: dict[str, Any],
+                 other: dict[int, str]) -> None:
+    """The small model judged exactly ``other``'s labels (task -> label; a task without one unanswered). FreeAL's
+    version holds one prediction per task; a kept label is ``other``'s, a task without one is flagged, and the
+    review tab lists exactly the flagged tasks."""
+    assert status["state"] == "done", status
+    version = status["model_version"]
+    assert re.fullmatch(r"freeal-r0-[0-9a-f]{8}(-[0-9a-f]{6})?", version), version
+    preds = by_version(client, pid)
+    flagged = {}
+    for tid, versions in preds.items():
+        assert len(versions.get(version, [])) == 1, (tid, versions)
+        mine = versions[version][0]
+        flagged[tid] = flag_of(mine) == FLAG_SUSPICIOUS
+        if tid not in other:
+            assert flagged[tid], (tid, mine)  # nothing to judge: unanswered, flagged
+        elif not flagged[tid]:
+            assert choice_of(mine) == other[tid], (tid, mine, other[tid])
+    assert any(not f for tid, f in flagged.items() if tid in other), status["message"]  # not all flagged
+    assert review_view_ids(client, pid) == {tid for tid, f in flagged.items() if f}
+    assert status["flagged"] == sum(flagged.values())
+    assert client.projects.get(id=pid).model_version == version
+    store = Store(backend.data_dir / f"project-{pid}" / "state.sqlite")
+    try:
+        assert {int(k): r.llm_label for k, r in store.results().items()} == {t: other.get(t) for t in preds}
+    finally:
+        store.close()
+
+
+@pytest.mark.ls
+def test_judge_version_judges_another_models_predictions_without_the_llm(
+        label_studio: LabelStudioServer, judge_backend: BackendServer, fake_llm: FakeOpenAI) -> None:
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    project = client.projects.create(title="judge a version", label_config=SUBJ_CONFIG)
+    pid = project.id
+    rows = shared_rows("subj", n=N_TASKS)
+    client.projects.import_tasks(id=pid, request=[{"text": r["text"]} for r in rows])
+    label_of = {r["text"]: r["label"] for r in rows}
+    gold = {int(t.id): label_of[t.data["text"]]
+            for t in client.tasks.list(project=pid, fields="task_only", page_size=100)}
+    task_ids = sorted(gold)
+    # the other model: right but for every 7th task; none for the last few; a decoy version says the opposite
+    other = {tid: FLIP[gold[tid]] if i % 7 == 3 else gold[tid] for i, tid in enumerate(task_ids[:-NO_PREDICTION])}
+    client.projects.import_predictions(id=pid, request=[{"task": t, "result": choice(lab), "model_version": OTHER,
+                                                         "score": 0.9} for t, lab in other.items()])
+    client.projects.import_predictions(id=pid, request=[{"task": t, "result": choice(FLIP[lab]), "model_version": DECOY}
+                                                        for t, lab in other.items()])
+
+    ml = client.ml.create(url=judge_backend.url, project=pid, title="FreeAL judge",
+                          extra_params={"judge_version": OTHER, "rounds": 2})  # rounds do not apply: no LLM round
+    status = run_job(client, ml.id, judge_backend, pid)
+    check_judged(client, judge_backend, pid, status, other)
+    assert status["message"].startswith(
+        f"judged the predictions of model version {OTHER!r} with no LLM call: {N_TASKS} tasks, "
+        f"{NO_PREDICTION} without one (counted as unanswered); {N_TASKS} tasks labelled"), status["message"]
+    assert "requests failed" not in status["message"]
+    counts = ProjectClient(Connection(label_studio.url, label_studio.token), pid).model_versions()
+    assert counts[OTHER] == counts[DECOY] == N_TASKS - NO_PREDICTION  # the judged versions are left as they were
+    assert fake_llm.log == []
+
+    # the other model's predictions change (newer ones for a few tasks, one for a task that had none): judged afresh
+    changed = {t: FLIP[other[t]] for t in task_ids[:5]}
+    newly = task_ids[-NO_PREDICTION]
+    changed[newly] = gold[newly]
+    client.projects.import_predictions(id=pid, request=[{"task": t, "result": choice(lab), "model_version": OTHER}
+                                                        for t, lab in changed.items()])
+    other2 = {**other, **changed}
+    status2 = run_job(client, ml.id, judge_backend, pid)
+    assert status2["model_version"] != status["model_version"]  # the verdict on the new labels was pushed
+    check_judged(client, judge_backend, pid, status2, other2)
+    assert f"{N_TASKS} tasks, {NO_PREDICTION - 1} without one" in status2["message"], status2["message"]
+    assert fake_llm.log == []
+
+    # a version no task carries, and one of FreeAL's own: the job fails and says why
+    # (Label Studio 1.23 answers 500 to an update without url and project: its health check and /setup want them)
+    client.ml.update(id=ml.id, url=judge_backend.url, project=pid, extra_params={"judge_version": "no-such-model"})
+    failed = run_job(client, ml.id, judge_backend, pid)
+    assert failed["state"] == "failed", failed
+    assert "'no-such-model'" in failed["message"] and repr(OTHER) in failed["message"], failed["message"]
+    assert repr(DECOY) in failed["message"] and repr(status2["model_version"]) in failed["message"]
+    client.ml.update(id=ml.id, url=judge_backend.url, project=pid,
+                     extra_params={"judge_version": status2["model_version"]})
+    failed2 = run_job(client, ml.id, judge_backend, pid)
+    assert failed2["state"] == "failed" and "is a FreeAL version" in failed2["message"], failed2
+    assert fake_llm.log == []
+
+
+@pytest.mark.ls
+def test_judge_version_judges_span_predictions(label_studio: LabelStudioServer, judge_backend: BackendServer,
+                                               fake_llm: FakeOpenAI) -> None:
+    """A span (NER) project: the other version's entities are kept as they are, each scored and flagged or
+    not; a sentence without a prediction of that version is flagged with the small model's spans."""
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    project = client.projects.create(title="judge spans",
+                                     label_config=(ROOT / "label_config/ner_review.xml").read_text())
+    pid = project.id
+    rows = shared_rows("bc5cdr", n=40, stride=37)
+    client.projects.import_tasks(id=pid, request=[{"text": r["text"]} for r in rows])
+    tasks = {int(t.id): t.data["text"] for t in client.tasks.list(project=pid, fields="task_only", page_size=100)}
+    spans_of = {r["text"]: r["spans"] for r in rows}
+    judged = sorted(tasks)[:-2]
+    other = {t: sorted((s["start"], s["end"], s["label"]) for s in spans_of[tasks[t]]) for t in judged}
+    client.projects.import_predictions(id=pid, request=[{"task": t, "model_version": OTHER,
+                                                         "result": span_regions(tasks[t], spans_of[tasks[t]])}
+                                                        for t in judged])
+    ml = client.ml.create(url=judge_backend.url, project=pid, title="FreeAL judge",
+                          extra_params={"judge_version": OTHER})
+    status = run_job(client, ml.id, judge_backend, pid)
+    assert status["state"] == "done", status
+    assert status["message"].startswith(f"judged the predictions of model version {OTHER!r} with no LLM call: "
+                                        f"{len(tasks)} tasks, 2 without one"), status["message"]
+    version = status["model_version"]
+    flagged = set()
+    for tid, versions in by_version(client, pid).items():
+        assert len(versions.get(version, [])) == 1, (tid, versions)
+        mine = versions[version][0]
+        if flag_of(mine) == FLAG_SUSPICIOUS:
+            flagged.add(tid)
+        if tid in other:
+            assert sorted((r["value"]["start"], r["value"]["end"], r["value"]["labels"][0])
+                          for r in mine["result"] if r["type"] == "labels") == other[tid]
+    assert set(tasks) - set(judged) <= flagged
+    assert review_view_ids(client, pid) == flagged and status["flagged"] == len(flagged)
+    assert fake_llm.log == []
