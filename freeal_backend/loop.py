@@ -357,8 +357,10 @@ class FreeALRun:
         if self.store.get_meta("data_hash") != data_hash:  # per-item round-0 answers stay valid
             before = {it.item_id: it.human_label for it in self.store.items()}
             keep = ["demos", "zero_shot", "llm_r0"]
+            rejected: list[str] = []
             if self.store.get_meta("base_hash") == base_hash:  # only people's labels changed: incremental
-                keep += [*self._kept_refinements(), REASK_STAGE]
+                refinements, rejected = self._kept_refinements()
+                keep += [*refinements, REASK_STAGE]
                 new = [it.item_id for it in items if it.human_label and it.human_label != before.get(it.item_id)]
                 pending = set(self.store.get_meta("reask_pending") or []) | set(new)
                 self.store.set_meta("reask_pending", sorted(pending))
@@ -367,20 +369,23 @@ class FreeALRun:
                 self.store.set_meta("reask_targets", [])
             self.store.replace_items(items)
             self.store.reset_stages(keep=keep)
+            for name in rejected:  # a rejected refinement stays rejected: the rounds it stopped stay skipped
+                self.store.set_meta(name, True)
             self.store.set_meta("data_hash", data_hash)
             self.store.set_meta("base_hash", base_hash)
             self.store.set_meta("rounds_done", 0)
         return items
 
-    def _kept_refinements(self) -> list[str]:
-        """The finished refinement rounds whose answers stay valid when only people's labels change: those
-        before the first rejected one (a rejected round and the rounds after it are run again)."""
-        kept = []
-        rnd = 1
-        while self.store.stage_done(f"llm_r{rnd}") and not self.store.get_meta(f"rejected_r{rnd}"):
+    def _kept_refinements(self) -> tuple[list[str], list[str]]:
+        """The finished refinement stages, whose answers stay valid when only people's labels change (kept,
+        rejected or skipped alike), and the rejection marks to restore with them."""
+        rnd, kept, rejected = 1, [], []
+        while self.store.stage_done(f"llm_r{rnd}"):
             kept.append(f"llm_r{rnd}")
+            if self.store.get_meta(f"rejected_r{rnd}"):
+                rejected.append(f"rejected_r{rnd}")
             rnd += 1
-        return kept
+        return kept, rejected
 
     def _timed(self, name: str, fn: Callable[[], object]) -> None:
         start = time.perf_counter()
@@ -569,7 +574,7 @@ class FreeALRun:
         """
         if self.store.stage_done(f"slm_r{rnd}"):
             return
-        if rnd > 2 and self._refinement_stopped(rnd - 1):  # no label changed since round rnd - 1: reuse it
+        if self._refinement_stopped(rnd):  # no label changed since round rnd - 1: reuse it
             self._reuse_slm(rnd - 1, rnd, self.store.get_meta(f"health_r{rnd - 1}"))
             self.store.mark_stage(f"slm_r{rnd}", {"reused_round": rnd - 1})
             return

@@ -175,6 +175,35 @@ def test_people_labels_reask_only_the_texts_they_bear_on_not_the_whole_project(t
         assert fake2.answered() == 0
 
 
+def test_people_labels_after_a_rejected_refinement_do_not_rerun_it(tmp_path, encoder, monkeypatch):
+    """A rejected refinement is as finished as a kept one: a burst of human labels keeps its answers and its
+    rejection, and the rounds it stopped stay skipped, so the burst costs only the re-asks it bears on."""
+    import dataclasses
+
+    import freeal_backend.loop as loop
+    from freeal_backend.loop import REASK_PER_HUMAN_LABEL
+
+    monkeypatch.setattr(loop, "REJECT_MARGIN", -1.0)  # every refinement looks worse: each one is rejected
+    items = rows_to_items(shared_rows("sst2", n=60, stride=71))
+    with FakeOpenAI() as fake:
+        with make_run(tmp_path, fake, encoder) as run:
+            run.run(items, rounds=2)
+            refined = run.store.annotations("llm_r1")
+        asked_first = fake.answered()
+        people = {it.item_id: it.gold for it in items[:4]}
+        labelled = [dataclasses.replace(it, human_label=people.get(it.item_id)) for it in items]
+        with make_run(tmp_path, fake, encoder) as run:
+            run.run(labelled, rounds=2)
+            kept = run.store.annotations("llm_r1")
+            rejected = [r for r in (1, 2) if run.store.get_meta(f"rejected_r{r}")]
+            stages = run.store.stages()
+        burst = fake.answered() - asked_first
+    assert refined and kept == refined
+    assert rejected == [1] and stages["llm_r2"].get("skipped")
+    assert stages["slm_r2"] == {"reused_round": 1}  # no label of round 1 counts: nothing to train again
+    assert 0 < burst <= REASK_PER_HUMAN_LABEL * len(people)
+
+
 def test_predict_asks_round_0_prompts_so_the_next_job_does_not_ask_again(tmp_path, encoder):
     """``/predict`` labels tasks a job has not seen (``quick_label``); the next job's round 0 must find those
     answers in the cache: the same demonstrations (the LLM's own and people's labels) in the same order."""
