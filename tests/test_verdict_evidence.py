@@ -138,3 +138,15 @@ def test_informative_logprobs_help():
     assert auc(with_llm) > auc(plain) + 0.03
     assert _ece(with_llm.scores, with_llm.labels == true) < 0.08
     assert (with_llm.labels == true).mean() >= (plain.labels == true).mean() - 0.002
+
+
+def test_informative_logprobs_choose_what_the_flag_holds():
+    """The flag must use all the evidence: with the LLM's confidence proven informative, a flag of the same
+    size as the small model's alone holds clearly more of the wrong labels (the main job's flag held 50 % of
+    them while its score ranked them better than the small model did)."""
+    true, probs, labels, llm = _with_logprobs(np.random.default_rng(11), informative=True)
+    plain, with_llm = judge(probs, labels), judge(probs, labels, llm_probs=llm)
+    wrong = labels != true
+    recall = lambda j: (j.flagged & wrong).sum() / wrong.sum()  # noqa: E731
+    assert with_llm.flagged.mean() <= plain.flagged.mean() + 0.01
+    assert recall(with_llm) > recall(plain) + 0.05

@@ -18,6 +18,8 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
    than ``WEAK_JUDGE_BELOW`` of its surest texts, ``anchor_agreement``: an LLM errs on hard texts, so the
    small model is the one misled there) overrules nothing, and its scores are the conservative
    posterior's. Texts the LLM left unanswered get the SLM's label, scored below every answered text.
+   The flag holds cleanlab's issues; once the LLM's confidence is informative, cleanlab only sizes the set
+   and it holds that many lowest-scored answered texts (the ranking uses all the evidence).
 4. Run health: estimated accuracy of the labels (mean posterior of the given label; unanswered texts
    count as wrong), agreement and Cohen's kappa between the SLM and the labels, and which side looks weak.
    The labels are near chance only when the SLM finds no more evidence for them than for shuffled labels
@@ -86,7 +88,7 @@ class Judgement:
     flagged: np.ndarray  # (n,) bool
     reasons: list[list[str]]
     posterior: np.ndarray  # (n, classes)
-    issues: np.ndarray  # (n,) bool, cleanlab's label issues among answered texts
+    issues: np.ndarray  # (n,) bool, label issues (cleanlab's; once the LLM informs: as many, lowest-scored)
     temperature: float
     health: Health
 
@@ -207,6 +209,14 @@ def find_issues(labels: np.ndarray, probs: np.ndarray, posterior: np.ndarray) ->
             log.warning("cleanlab could not rank label issues (%s); using the posterior", exc)
     issues[ok] = posterior[ok, labels[ok]] < 0.5
     return issues
+
+
+def lowest_scored(scores: np.ndarray, among: np.ndarray, count: int) -> np.ndarray:
+    """Mask of the ``count`` lowest-scored texts ``among`` those allowed (ties broken by position)."""
+    out = np.zeros(len(scores), dtype=bool)
+    idx = np.flatnonzero(among)
+    out[idx[np.argsort(scores[idx], kind="stable")[:count]]] = True
+    return out
 
 
 def llm_likelihood_ratio(confidence: np.ndarray, p_right: np.ndarray, *, folds: int = LLM_CALIBRATION_FOLDS,
@@ -346,6 +356,7 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
     labels = np.asarray(labels, dtype=int)
     n, classes = probs.shape
     human = np.zeros(n, dtype=bool) if human is None else np.asarray(human, dtype=bool)
+    llm_informs = False
     judged_labels = np.where(human, -1, labels)
     answered = judged_labels >= 0
     calibrated, temperature = temperature_scale(probs, judged_labels)  # P(label | x)
@@ -367,6 +378,7 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
         conf[has_q] = q[has_q, judged_labels[has_q]] / total[has_q]
         p_right = np.where(answered, posterior[np.arange(n), np.maximum(judged_labels, 0)], 0.5)
         ratio = llm_likelihood_ratio(conf, p_right)
+        llm_informs = bool(np.any(ratio != 1.0))
         posterior = _weigh_label(posterior, judged_labels, ratio)
         strict = _weigh_label(strict, judged_labels, ratio)
         health = _with_estimate(health, posterior, judged_labels, human)
@@ -382,6 +394,8 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
         floor = scores[answered].min() if answered.any() else 1.0
         scores[unanswered] = np.minimum(scores[unanswered], floor) * (1 - 1e-6)
     issues = find_issues(judged_labels, calibrated, posterior)
+    if llm_informs:  # cleanlab sizes the set; the ranking takes the LLM's calibrated confidence in too
+        issues = lowest_scored(scores, answered, int(issues.sum()))
     if health.verdict == "near_chance":  # no score above what the labels are estimated to be worth
         cap = max(1.0 / classes, health.answered_accuracy)
         scores[~human] = np.minimum(scores[~human], cap)
