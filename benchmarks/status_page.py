@@ -26,7 +26,8 @@ from _common import ROOT, fmt_table, loadavg, write_result  # noqa: E402
 from flask.testing import FlaskClient  # noqa: E402
 
 from freeal_backend.config import Settings  # noqa: E402
-from freeal_backend.labelstudio.server import ServerSettings, create_app  # noqa: E402
+from freeal_backend.labelstudio.backend import ServerSettings  # noqa: E402
+from freeal_backend.labelstudio.server import create_app  # noqa: E402
 from freeal_backend.storage import Store  # noqa: E402
 
 LABELS = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]

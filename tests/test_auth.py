@@ -28,7 +28,9 @@ from werkzeug.serving import make_server
 
 from freeal_backend.config import Settings
 from freeal_backend.labelstudio.client import MissingCredentialsError, connection_from_env
-from freeal_backend.labelstudio.server import MAX_ROUNDS, MAX_TASK_DESCRIPTION, ServerSettings, create_app
+from freeal_backend.labelstudio.backend import ServerSettings
+from freeal_backend.labelstudio.request_checks import MAX_ROUNDS, MAX_TASK_DESCRIPTION
+from freeal_backend.labelstudio.server import create_app
 from freeal_backend.llm.embedded import stop_process
 from freeal_backend.records import ItemResult
 from freeal_backend.storage import Store

@@ -31,7 +31,8 @@ from werkzeug.serving import make_server
 
 from freeal_backend import status as run_status
 from freeal_backend.config import Settings
-from freeal_backend.labelstudio.server import ServerSettings, create_app
+from freeal_backend.labelstudio.backend import ServerSettings
+from freeal_backend.labelstudio.server import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

@@ -33,7 +33,8 @@ from hypothesis import strategies as st
 
 from freeal_backend.config import Settings
 from freeal_backend.llm.embedded import stop_process
-from freeal_backend.labelstudio.server import ServerSettings, create_app
+from freeal_backend.labelstudio.backend import ServerSettings
+from freeal_backend.labelstudio.server import create_app
 from tests.fake_openai import MODEL, FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,17 +10,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from freeal_backend.labelstudio.label_config import (
-    FLAG_OK,
-    FLAG_SUSPICIOUS,
-    REVIEW_MARKER,
     AmbiguousChoicesError,
     LabelConfigError,
     NoChoicesError,
     NoTextObjectError,
     UnknownControlError,
+    parse_label_config,
+)
+from freeal_backend.labelstudio.label_results import (
+    FLAG_OK,
+    FLAG_SUSPICIOUS,
+    REVIEW_MARKER,
     choice_result,
     labels_from_result,
-    parse_label_config,
     render_prediction,
     review_results,
     review_text,

@@ -9,8 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from freeal_backend.labelstudio.label_config import (
-    FLAG_SUSPICIOUS,
-    REVIEW_MARKER,
     AmbiguousLabelsError,
     LabelConfigError,
     NoChoicesError,
@@ -19,6 +17,9 @@ from freeal_backend.labelstudio.label_config import (
     UnknownControlError,
     parse_label_config,
     parse_span_config,
+)
+from freeal_backend.labelstudio.label_results import (
+    FLAG_SUSPICIOUS,
     render_span_prediction,
     spans_from_result,
     review_marker,

@@ -21,7 +21,8 @@ import pytest
 from label_studio_sdk import LabelStudio
 
 from freeal_backend.labelstudio.review_tab import health_note
-from freeal_backend.labelstudio.label_config import FLAG_SUSPICIOUS, parse_label_config, render_prediction
+from freeal_backend.labelstudio.label_config import parse_label_config
+from freeal_backend.labelstudio.label_results import FLAG_SUSPICIOUS, render_prediction
 from freeal_backend.labelstudio.client import (REVIEW_VIEW_TITLE, Connection, ProjectClient, connection_from_env,
                                       is_review_view_title)
 from freeal_backend.records import ItemResult

@@ -19,7 +19,8 @@ import pytest
 from label_studio_sdk import LabelStudio
 
 from freeal_backend.labelstudio.client import Connection, ProjectClient, version_labels
-from freeal_backend.labelstudio.label_config import FLAG_SUSPICIOUS, parse_task_config
+from freeal_backend.labelstudio.label_config import parse_task_config
+from freeal_backend.labelstudio.label_results import FLAG_SUSPICIOUS
 from freeal_backend.labelstudio.runs import IMPORTED, sync_round0
 from freeal_backend.spans import Span, encode_spans
 from freeal_backend.storage import Store

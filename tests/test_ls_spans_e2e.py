@@ -19,7 +19,7 @@ import pytest
 from label_studio_sdk import LabelStudio
 
 from freeal_backend.labelstudio.client import is_review_view_title
-from freeal_backend.labelstudio.label_config import review_marker
+from freeal_backend.labelstudio.label_results import review_marker
 from freeal_backend.storage import Store
 from tests.fake_openai import MODEL, FakeOpenAI
 from tests.fixtures_ls import LabelStudioServer

@@ -27,7 +27,8 @@ from freeal_backend.labelstudio.runs import RunRegistry
 from freeal_backend.labelstudio.label_config import parse_label_config
 from freeal_backend.labelstudio.client import IMPORT_BATCH, Connection, ProjectClient
 from freeal_backend.records import ItemResult
-from freeal_backend.labelstudio.server import ServerSettings, create_app
+from freeal_backend.labelstudio.backend import ServerSettings
+from freeal_backend.labelstudio.server import create_app
 from tests.fake_openai import MODEL, FakeOpenAI
 from tests.fixtures_llm import shared_rows
 from tests.fixtures_ls import BATCHED_IMPORT_FLAG, LabelStudioServer, feature_flags

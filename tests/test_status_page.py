@@ -26,7 +26,8 @@ from freeal_backend.loop import FreeALRun
 from freeal_backend.labelstudio.client import REVIEW_VIEW_TITLE
 from freeal_backend.metrics import label_scores
 from freeal_backend.records import Item, ItemResult
-from freeal_backend.labelstudio.server import ServerSettings, create_app
+from freeal_backend.labelstudio.backend import ServerSettings
+from freeal_backend.labelstudio.server import create_app
 from freeal_backend.status import run_summary
 from freeal_backend.storage import Store
 

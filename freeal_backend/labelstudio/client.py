@@ -16,7 +16,8 @@ from typing import Any
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.request_options import RequestOptions
 
-from freeal_backend.labelstudio.label_config import REVIEW_MARKER, TaskConfig, human_labels, review_marker
+from freeal_backend.labelstudio.label_config import TaskConfig
+from freeal_backend.labelstudio.label_results import REVIEW_MARKER, human_labels, review_marker
 
 log = logging.getLogger(__name__)
 

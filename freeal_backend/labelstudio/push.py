@@ -21,7 +21,8 @@ import httpx
 
 from freeal_backend.labelstudio.client import IMPORT_BATCH, ProjectClient, review_view_title
 from freeal_backend.labelstudio.job_store import JobStore
-from freeal_backend.labelstudio.label_config import TaskConfig, render_task_prediction
+from freeal_backend.labelstudio.label_config import TaskConfig
+from freeal_backend.labelstudio.label_results import render_task_prediction
 from freeal_backend.records import ItemResult
 
 log = logging.getLogger(__name__)

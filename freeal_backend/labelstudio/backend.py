@@ -1,0 +1,269 @@
+"""The backend's process-wide state and what it does for the HTTP layer (no Flask): its settings from the
+environment (:class:`ServerSettings`), the projects it serves, path-free messages, a project's status, and
+/predict's answers (cached results, people's labels, LLM labels within a time budget).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from werkzeug.exceptions import Forbidden
+
+from freeal_backend import status as run_status
+from freeal_backend.config import Settings
+from freeal_backend.labelstudio.client import INITIAL_VERSION, MissingCredentialsError, project_id_from_uid
+from freeal_backend.labelstudio.job_store import JobStore
+from freeal_backend.labelstudio.jobqueue import runner_for
+from freeal_backend.labelstudio.label_config import ClassificationConfig, TaskConfig, parse_task_config
+from freeal_backend.labelstudio.label_results import render_task_prediction, review_results
+from freeal_backend.labelstudio.manager import JobManager
+from freeal_backend.labelstudio.request_checks import BadRequest, task_texts
+from freeal_backend.labelstudio.runs import ProjectOptions, RunRegistry
+from freeal_backend.llm.client import LLMUnavailable
+from freeal_backend.loop import FreeALRun, latest_health
+from freeal_backend.loop_spans import span_dicts
+from freeal_backend.records import Item, ItemResult
+from freeal_backend.spans import decode_spans
+from freeal_backend.storage import Store
+
+log = logging.getLogger(__name__)
+
+# an absolute path of two or more parts that is not inside a URL (``http://host/a/b`` keeps its ``/a/b``)
+_ABS_PATH = re.compile(r"(?<![\w:/.~-])~?(?:/[^\s/'\"`:,;()\[\]{}<>|]+){2,}/?")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """HTTP-side knobs, read from the environment."""
+
+    basic_auth_user: str | None = None  # BASIC_AUTH_USER (with BASIC_AUTH_PASS: require HTTP basic auth)
+    basic_auth_pass: str | None = None  # BASIC_AUTH_PASS
+    predict_budget_s: float = 60.0  # FREEAL_PREDICT_BUDGET_S: LLM time per /predict (Label Studio waits 100 s)
+    max_request_mb: float = 64.0  # FREEAL_MAX_REQUEST_MB: larger request bodies get 413
+    auto_job: bool = True  # FREEAL_AUTO_JOB: /predict and annotation webhooks start the background job
+    projects: frozenset[int] | None = None  # FREEAL_PROJECTS: the only project ids served (None: all)
+
+    def __post_init__(self) -> None:
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            have, lack = (("BASIC_AUTH_USER", "BASIC_AUTH_PASS") if self.basic_auth_user
+                          else ("BASIC_AUTH_PASS", "BASIC_AUTH_USER"))
+            raise ValueError(f"{have} is set but {lack} is not: set both to require HTTP basic auth, or neither. "
+                             "Refusing to start without the auth that was asked for.")
+
+    @property
+    def auth(self) -> bool:
+        """Whether every route but /health requires HTTP basic auth."""
+        return bool(self.basic_auth_user and self.basic_auth_pass)
+
+    @classmethod
+    def from_env(cls) -> "ServerSettings":
+        env = os.environ
+        return cls(
+            basic_auth_user=env.get("BASIC_AUTH_USER") or None,
+            basic_auth_pass=env.get("BASIC_AUTH_PASS") or None,
+            predict_budget_s=float(env.get("FREEAL_PREDICT_BUDGET_S") or 60.0),
+            max_request_mb=float(env.get("FREEAL_MAX_REQUEST_MB") or 64.0),
+            auto_job=(env.get("FREEAL_AUTO_JOB") or "true").lower() not in {"0", "false", "no", "off"},
+            projects=parse_projects(env.get("FREEAL_PROJECTS") or ""),
+        )
+
+
+def parse_projects(raw: str) -> frozenset[int] | None:
+    """``FREEAL_PROJECTS``: comma-separated project ids; empty means every project."""
+    parts = [p.strip() for p in raw.split(",") if p.strip()]
+    if not parts:
+        return None
+    bad = [p for p in parts if not p.isdigit() or int(p) <= 0]
+    if bad:
+        raise ValueError(f"FREEAL_PROJECTS={raw!r}: {bad[0]!r} is not a Label Studio project id "
+                         "(expected comma-separated positive integers, e.g. 3,7)")
+    return frozenset(int(p) for p in parts)
+
+
+class Backend:
+    """Process-wide state: settings, the job store, loaded FreeAL runs and the job manager."""
+
+    def __init__(self, settings: Settings, server: ServerSettings) -> None:
+        self.settings = settings
+        self.server = server
+        self.store = JobStore(settings.data_dir / "backend.sqlite")
+        self.runs = RunRegistry(settings)
+        roots = sorted({str(settings.data_dir), str(settings.data_dir.resolve())}, key=len, reverse=True)
+        # the data dir as configured (when relative: only where a path goes on) and resolved
+        self._data_dir_re = re.compile("|".join(
+            rf"(?<![\w/.-])(?:\./)?{re.escape(r)}" + (r"(?![\w.-])" if r.startswith("/") else "(?=/)")
+            for r in roots))
+        self.jobs = JobManager(settings, self.store, self.runs, runner_for(settings), projects=server.projects)
+        self.jobs.start()  # resumes the jobs of a backend process that died
+
+    def project_id(self, value: Any) -> int:
+        """The project id a request names (400 when it names none, 403 when FREEAL_PROJECTS leaves it out)."""
+        try:
+            pid = project_id_from_uid(value)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from exc
+        self.check_allowed(pid)
+        return pid
+
+    def allowed(self, project_id: int) -> bool:
+        return self.server.projects is None or project_id in self.server.projects
+
+    def check_allowed(self, project_id: int) -> None:
+        if not self.allowed(project_id):
+            raise Forbidden(f"project {project_id} is not served by this backend (FREEAL_PROJECTS)")
+
+    def public(self, text: str | None) -> str | None:
+        """``text`` without server filesystem paths (error messages go to people and to Label Studio)."""
+        if not text:
+            return text
+        return _ABS_PATH.sub("<path>", self._data_dir_re.sub("<data dir>", text))
+
+    def job_row(self, project_id: int) -> dict[str, Any] | None:
+        """The project's job row as answers show it (its message without server paths)."""
+        return self._public_row(self.store.status(project_id))
+
+    def job_rows(self) -> dict[int, dict[str, Any] | None]:
+        """The job rows of every project this backend serves, as answers show them."""
+        return {pid: self._public_row(row) for pid, row in self.store.statuses().items() if self.allowed(pid)}
+
+    def _public_row(self, row: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if row is None else {**row, "message": self.public(row.get("message"))}
+
+    def config_for(self, project_id: int, label_config: Any) -> tuple[TaskConfig, ProjectOptions]:
+        saved = self.store.project(project_id) or {}
+        opts = ProjectOptions.from_extra(saved.get("extra_params"))
+        xml = label_config if isinstance(label_config, str) and label_config.strip() else saved.get("label_config")
+        if not xml:
+            raise BadRequest("label_config is missing and /setup has not been called for this project")
+        return parse_task_config(xml, from_name=opts.from_name), opts
+
+    def check_label_set(self, project_id: int, cfg: TaskConfig, opts: ProjectOptions) -> None:
+        """Refuse a /predict whose labels differ from the project's: those of its FreeAL run when it has one,
+        else those of the label config /setup stored. /predict would otherwise create the run with its own
+        labels, and the job, which reads the config from Label Studio, could never use that run."""
+        mine = (cfg.task_type, list(cfg.labels))
+        with self.run_store(project_id) as store:
+            stored = store.get_meta("labels") if store is not None else None
+            kind = (store.get_meta("task_type") if store is not None else None) or cfg.task_type
+        if stored is not None:
+            theirs, whose = (kind, list(stored)), "its FreeAL run"
+        else:
+            saved = (self.store.project(project_id) or {}).get("label_config")
+            if not saved:
+                return
+            setup_cfg = parse_task_config(saved, from_name=opts.from_name)
+            theirs, whose = (setup_cfg.task_type, list(setup_cfg.labels)), "the label config /setup stored"
+        if theirs != mine:
+            raise BadRequest(f"project {project_id}: this label_config has the {mine[0]} labels {mine[1]}, but "
+                             f"{whose} has the {theirs[0]} labels {theirs[1]}; /predict cannot change a project's "
+                             "label set (Label Studio calls /setup with a changed config first)")
+
+    @contextmanager
+    def run_store(self, project_id: int) -> Iterator[Store | None]:
+        """The project's FreeAL state, opened for reading (None before its first job wrote any)."""
+        path = self.runs.run_dir(project_id) / "state.sqlite"
+        if not path.exists():
+            yield None
+            return
+        store = Store(path)
+        try:
+            yield store
+        finally:
+            store.close()
+
+    def project_status(self, project_id: int, row: dict[str, Any] | None) -> dict[str, Any]:
+        """The numbers ``/status/<id>`` and ``/projects/<id>`` show, for the job row ``row``."""
+        try:
+            ls_url: str | None = self.jobs.connection(project_id).url
+        except MissingCredentialsError:
+            ls_url = None
+        with self.run_store(project_id) as store:
+            data = run_status.project_status(project_id, row, store, ls_url,
+                                             target_error=self.settings.target_error)
+            data["health"] = latest_health(store) if store is not None else None
+            return data
+
+    def version(self, project_id: int) -> str:
+        return self.store.model_version(project_id) or INITIAL_VERSION
+
+    def maybe_start_job(self, project_id: int, reason: str) -> None:
+        if not self.server.auto_job:
+            return
+        try:
+            self.jobs.connection(project_id)
+        except MissingCredentialsError as exc:
+            log.warning("project %s: background job not started: %s", project_id, exc)
+            return
+        self.jobs.trigger(project_id, reason)
+
+    def predict(self, project_id: int, cfg: TaskConfig, opts: ProjectOptions,
+                tasks: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+        """Exactly one prediction per task, in task order, and how many tasks FreeAL had not seen."""
+        texts = task_texts(cfg, tasks)
+        version = self.version(project_id)
+        gold = self.store.gold(project_id)
+        try:
+            run = self.runs.get(project_id, cfg.labels, opts.task_description, task_type=cfg.task_type)
+        except ValueError as exc:  # e.g. the project's label set changed since its FreeAL run
+            raise BadRequest(self.public(str(exc))) from exc
+        cached = run.results([str(t["id"]) for t in tasks])  # only these tasks: cost independent of project size
+        out: dict[int, dict[str, Any]] = {}
+        unseen: list[Item] = []
+        for task in tasks:
+            tid = int(task["id"])
+            human = human_result(cfg, str(tid), gold[tid][0], texts[tid]) if tid in gold else None
+            if human is not None:
+                out[tid] = render_task_prediction(cfg, human, texts[tid], version)
+            elif str(tid) in cached and cached[str(tid)].label is not None:
+                out[tid] = render_task_prediction(cfg, cached[str(tid)], texts[tid], version)
+            else:
+                unseen.append(Item(str(tid), texts[tid][: self.settings.max_chars]))
+        if unseen:
+            for res in self.quick_label(run, unseen):
+                out[int(res.item_id)] = render_task_prediction(cfg, res, texts[int(res.item_id)], version)
+        for item in unseen:
+            if int(item.item_id) not in out:
+                note = "FreeAL: queued; the background job will label this task."
+                out[int(item.item_id)] = {"result": review_results(cfg, suspicious=True, note=note), "score": 0.0,
+                                          "model_version": version}
+        return [out[int(t["id"])] for t in tasks], len(unseen)
+
+    def quick_label(self, run: FreeALRun, items: list[Item]) -> list[ItemResult]:
+        """LLM labels for unseen tasks, in chunks, until the time budget is spent or the LLM fails."""
+        deadline = time.monotonic() + self.server.predict_budget_s
+        chunk = max(4, 2 * self.settings.llm_concurrency)
+        done: list[ItemResult] = []
+        for start in range(0, len(items), chunk):
+            if time.monotonic() >= deadline:
+                log.info("predict budget spent: %d of %d unseen tasks left to the background job",
+                         len(items) - start, len(items))
+                break
+            try:
+                labelled = run.quick_label(items[start : start + chunk], deadline=deadline)
+            except LLMUnavailable as exc:  # the endpoint is down: answer now, the job retries later
+                log.warning("LLM unavailable during /predict (%s): %d of %d unseen tasks left to the background job",
+                            exc, len(items) - start, len(items))
+                break
+            done.extend(r for r in labelled if r.label is not None)
+        return done
+
+
+def human_result(cfg: TaskConfig, task_id: str, label: str, text: str) -> ItemResult | None:
+    """A person's label as a result to show back (None when it no longer fits the config's labels)."""
+    if isinstance(cfg, ClassificationConfig):
+        if label not in cfg.labels:
+            return None
+        return ItemResult(task_id, label, 1.0, {lab: float(lab == label) for lab in cfg.labels}, source="human")
+    try:
+        spans = decode_spans(label)
+    except (ValueError, TypeError):
+        return None
+    if any(s.label not in cfg.labels or s.end > len(text) for s in spans):
+        return None
+    return ItemResult(task_id, label, 1.0, source="human", spans=span_dicts(text, spans))
