@@ -191,6 +191,9 @@ def test_judge_version_judges_another_models_predictions_without_the_llm(
 
     ml = client.ml.create(url=judge_backend.url, project=pid, title="FreeAL judge",
                           extra_params={"judge_version": OTHER, "rounds": 2})  # rounds do not apply: no LLM round
+    # "Retrieve predictions" before any job: /predict must not ask the LLM about tasks it has not seen either
+    client.actions.create(id="retrieve_tasks_predictions", project=pid, selected_items={"all": True, "excluded": []})
+    assert fake_llm.log == []
     status = run_job(client, ml.id, judge_backend, pid)
     check_judged(client, judge_backend, pid, status, other)
     assert status["message"].startswith(

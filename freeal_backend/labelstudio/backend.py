@@ -224,12 +224,14 @@ class Backend:
                 out[tid] = render_task_prediction(cfg, cached[str(tid)], texts[tid], version)
             else:
                 unseen.append(Item(str(tid), texts[tid][: self.settings.max_chars]))
-        if unseen:
+        if unseen and not opts.judge_version:  # a judge project makes no LLM call: its job judges them
             for res in self.quick_label(run, unseen):
                 out[int(res.item_id)] = render_task_prediction(cfg, res, texts[int(res.item_id)], version)
         for item in unseen:
             if int(item.item_id) not in out:
-                note = "FreeAL: queued; the background job will label this task."
+                note = (f"FreeAL: queued; the background job will judge model version {opts.judge_version!r} "
+                        "on this task." if opts.judge_version else
+                        "FreeAL: queued; the background job will label this task.")
                 out[int(item.item_id)] = {"result": review_results(cfg, suspicious=True, note=note), "score": 0.0,
                                           "model_version": version}
         return [out[int(t["id"])] for t in tasks], len(unseen)
