@@ -87,6 +87,7 @@ class FreeALRun:
         self._lower: tuple[str, LowerStates, LowerStates | None] | None = None
         self._demo_emb: tuple[str, np.ndarray] | None = None
         self.timings: dict[str, float] = {}
+        self.burst: dict[str, int] | None = None  # this run's re-asks for new human labels (``_stage_reask``)
 
     # resources ----------------------------------------------------------------------------------------
     @property
@@ -708,8 +709,9 @@ class FreeALRun:
             self.store.forget_annotations(REASK_STAGE, targets)
             self.store.set_meta("reask_targets", targets)
             self.store.set_meta("reask_pending", [])
-            self.store.mark_stage(REASK_STAGE, {"human_labels": len(pending), "asked": len(targets),
-                                                "bound": REASK_PER_HUMAN_LABEL * len(pending)})
+            self.burst = {"human_labels": len(pending), "asked": len(targets),
+                          "bound": REASK_PER_HUMAN_LABEL * len(pending)}
+            self.store.mark_stage(REASK_STAGE, self.burst)
         if not targets:
             return
         position = {it.item_id: i for i, it in enumerate(items)}

@@ -218,6 +218,7 @@ def test_retrieve_predictions_review_view_and_gold(label_studio: LabelStudioServ
     version2 = status2["model_version"]
     preds2 = check_predictions(client, pid, task_ids, version2)
     assert choice_of(preds2[target]) == human and preds2[target]["score"] == 1.0
+    assert "1 new human label: " in status2["message"] and "(at most 2)" in status2["message"], status2["message"]
     store = Store(backend.data_dir / f"project-{pid}" / "state.sqlite")
     try:
         gold = {it.item_id: it.human_label for it in store.items()}

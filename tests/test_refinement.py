@@ -161,6 +161,7 @@ def test_people_labels_reask_only_the_texts_they_bear_on_not_the_whole_project(t
             kept = run.store.annotations("llm_r1")
             reasked = run.store.annotations(REASK_STAGE)
             info = run.store.stage_done(REASK_STAGE)
+            assert run.burst == info
             targets = run.reask_targets(labelled, 1, list(people))
         burst = fake.answered() - asked_first
     assert asked_first > len(items)  # round 0 and the refinement asked about every text

@@ -33,8 +33,8 @@ from freeal_backend.labelstudio.label_config import TaskConfig, parse_task_confi
 from freeal_backend.labelstudio.push import (PushJournal, flagged_ids, is_final_of, predictions_digest, push_results,
                                              version_for)
 from freeal_backend.labelstudio.review_tab import ReviewTab, health_note
-from freeal_backend.labelstudio.runs import (ProjectOptions, RunRegistry, build_items, judged_labels, sync_round0,
-                                            unfinished_work)
+from freeal_backend.labelstudio.runs import (ProjectOptions, RunRegistry, build_items, burst_note, judged_labels,
+                                            sync_round0, unfinished_work)
 from freeal_backend.records import ItemResult
 from freeal_backend.status import RoundLLMStats, save_round_flagged
 
@@ -337,7 +337,7 @@ class JobManager:
         health = run.health()
         tab.show(force=True, final=True, note=health_note(health))
         skipped = f"; {len(no_text)} tasks without text skipped: {no_text[:20]}" if no_text else ""
-        undone = unfinished_work(run.store, items, rounds)
+        undone = "; ".join(x for x in (burst_note(run.burst), unfinished_work(run.store, items, rounds)) if x)
         verdict = f"; label health: {health['message']}" if health else ""
         judged = "" if llm_labels is None else judge_summary(str(opts.judge_version), records, llm_labels)
         return (f"{judged}{len(results)} tasks labelled, {len(flagged_ids(results))} flagged for review"

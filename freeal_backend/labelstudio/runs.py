@@ -136,3 +136,12 @@ def unfinished_work(store: Store, items: list[Item], rounds: int) -> str | None:
             failed = sum(1 for ann in store.annotations(f"llm_r{rnd}").values() if ann["error"])
             parts.append(f"refinement round {rnd} unfinished ({failed} requests failed)")
     return "; ".join(parts) + "; the next job retries them" if parts else None
+
+
+def burst_note(burst: dict[str, int] | None) -> str | None:
+    """The job message's account of a burst of human labels (``FreeALRun.burst``): LLM calls and their bound."""
+    if not burst:
+        return None
+    n = burst["human_labels"]
+    return (f"{n} new human label{'s' if n != 1 else ''}: {burst['asked']} texts they bear on asked again "
+            f"(at most {burst['bound']}), the other LLM answers kept")
