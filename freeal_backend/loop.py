@@ -46,6 +46,7 @@ from freeal_backend.storage import Store
 log = logging.getLogger(__name__)
 
 REJECT_MARGIN = 0.01  # a refinement whose estimated accuracy drops by more than this is set aside
+IMPORTED = "imported"  # the raw answer stored with an imported round-0 label (``run(llm_labels=...)``)
 REASK_STAGE = "llm_reask"  # answers to texts re-asked after people labelled tasks (count after every round)
 REASK_PER_HUMAN_LABEL = 2  # people's new labels: LLM calls per new label at most (their nearest texts re-asked)
 
@@ -163,8 +164,7 @@ class FreeALRun:
         """
         rounds = self.settings.rounds if rounds is None else rounds
         items = self._prepare(items)
-        if llm_labels:
-            self._import_llm_labels(items, llm_labels)
+        self._import_llm_labels(items, llm_labels)
         progress = on_progress or (lambda stage, done, total: None)
         if self.zero_shot_baseline:
             todo = self._unlabelled(items)
@@ -397,14 +397,30 @@ class FreeALRun:
     def _unlabelled(items: Sequence[Item]) -> list[Item]:
         return [it for it in items if not it.human_label]
 
-    def _import_llm_labels(self, items: Sequence[Item], llm_labels: dict[str, str | None]) -> None:
-        unknown = self._unknown_labels(lab for lab in llm_labels.values() if lab is not None)
-        if unknown:
-            raise ValueError(f"precomputed LLM labels {sorted(unknown)} are not in the label set {self.labels}")
+    def _import_llm_labels(self, items: Sequence[Item], llm_labels: dict[str, str | None] | None) -> None:
+        """Make the stored round-0 labels this run's: the imported ``llm_labels``, or the LLM's when None.
+
+        Round-0 labels of the other kind (a project switched between judging labels and asking the LLM) and
+        imported ones that changed are dropped, with every stage after round 0 (their inputs are not hashed);
+        then each text without a round-0 label gets its imported one."""
         have = self.store.annotations("llm_r0")
+        if llm_labels is None:
+            stale = [k for k, ann in have.items() if ann["raw"] == IMPORTED]
+        else:
+            unknown = self._unknown_labels(lab for lab in llm_labels.values() if lab is not None)
+            if unknown:
+                raise ValueError(f"precomputed LLM labels {sorted(unknown)} are not in the label set {self.labels}")
+            stale = [k for k, label in llm_labels.items()
+                     if k in have and (have[k]["raw"] != IMPORTED or have[k]["label"] != label)]
+        if stale:
+            self.store.forget_annotations("llm_r0", stale)
+            self.store.reset_stages(keep=["demos", "zero_shot", "llm_r0"])
+            have = self.store.annotations("llm_r0")
+        if llm_labels is None:
+            return
         for it in self._unlabelled(items):
             if it.item_id in llm_labels and it.item_id not in have:
-                self.store.add_annotation("llm_r0", it.item_id, llm_labels[it.item_id], None, {}, "imported", None)
+                self.store.add_annotation("llm_r0", it.item_id, llm_labels[it.item_id], None, {}, IMPORTED, None)
 
     def _stage_demos(self, items: Sequence[Item]) -> None:
         if self.store.stage_done("demos"):
@@ -488,14 +504,17 @@ class FreeALRun:
         """Human label, else the latest LLM label up to refinement ``upto_round``; and the LLM's per-class
         probabilities, averaged over every round that asked the text (each with other demonstrations, so an
         answer that changed between rounds lowers the label's share); a row of zeros where it gave none."""
-        latest = self._latest_answers(items, upto_round)
         position = {it.item_id: i for i, it in enumerate(items)}
+        latest: dict[str, dict[str, object]] = {}
         total = np.zeros((len(items), len(self.labels)))
         asked = np.zeros(len(items))
-        for stage in self._label_sources(upto_round):
+        for stage in self._label_sources(upto_round):  # one read per stage: both from the same pass
             for item_id, ann in self.store.annotations(stage).items():
+                if ann["label"] is None:
+                    continue
+                latest[item_id] = ann
                 given = ann.get("probs")
-                if item_id in position and ann["label"] is not None and given:
+                if item_id in position and given:
                     total[position[item_id]] += [float(given.get(x, 0.0)) for x in self.labels]
                     asked[position[item_id]] += 1
         labels: list[str | None] = []

@@ -9,7 +9,6 @@ task carries fails the job with the versions the project has.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,17 +17,18 @@ import httpx
 import pytest
 from label_studio_sdk import LabelStudio
 
+from freeal_backend.config import Settings
 from freeal_backend.labelstudio.client import Connection, ProjectClient, version_labels
 from freeal_backend.labelstudio.label_config import parse_task_config
 from freeal_backend.labelstudio.label_results import FLAG_SUSPICIOUS
-from freeal_backend.labelstudio.runs import IMPORTED, sync_round0
+from freeal_backend.loop import IMPORTED, FreeALRun
+from freeal_backend.records import Item
 from freeal_backend.spans import Span, encode_spans
 from freeal_backend.storage import Store
 from tests.fake_openai import MODEL, FakeOpenAI
 from tests.fixtures_llm import shared_rows
 from tests.fixtures_ls import LabelStudioServer
-from tests.test_ls_e2e import (JOB_TIMEOUT_S, ROOT, BackendServer, choice_of, flag_of, review_view_ids,
-                               serve_backend)
+from tests.test_ls_e2e import ROOT, BackendServer, choice_of, flag_of, review_view_ids, serve_backend, wait_job
 
 OTHER, DECOY = "other-model-v1", "other-model-v2"
 N_TASKS = 200
@@ -70,35 +70,30 @@ def test_version_labels_parses_spans_like_an_annotation() -> None:
     assert version_labels(cfg, [{"model_version": OTHER, "result": []}], OTHER, text) == ["[]"]  # "no entity"
 
 
-def test_sync_round0_drops_round0_labels_of_the_other_kind_and_changed_imports(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state.sqlite")
-    try:
+def test_round0_labels_of_the_other_kind_and_changed_imports_are_dropped(tmp_path: Path) -> None:
+    """``FreeALRun.run(llm_labels=...)`` keeps stages whose inputs it does not hash: a project that switches
+    between judging and asking the LLM, or whose judged predictions changed, must not keep the old round 0."""
+    items = [Item(k, f"text {k}") for k in ("1", "2", "3")]
+    with FreeALRun(Settings(data_dir=tmp_path), ["objective", "subjective"], tmp_path / "run") as run:
+        store = run.store
         store.add_annotation("llm_r0", "1", "subjective", 0.9, {}, "subjective", None)  # asked of the LLM
         store.add_annotation("llm_r0", "2", "objective", None, {}, IMPORTED, None)
         store.add_annotation("llm_r0", "3", None, None, {}, IMPORTED, None)
         store.mark_stage("slm_r1")
-        sync_round0(store, {"1": "subjective", "2": "objective", "3": None})  # a judge job: the LLM's answer goes
-        assert sorted(store.annotations("llm_r0")) == ["2", "3"] and store.stage_done("slm_r1") is None
+        run._import_llm_labels(items, {"1": "subjective", "2": "objective", "3": None})  # judged: the LLM's goes
+        assert store.annotations("llm_r0")["1"]["raw"] == IMPORTED and store.stage_done("slm_r1") is None
         store.mark_stage("slm_r1")
-        sync_round0(store, {"2": "objective", "3": None})  # the same imports: the verdict stands
+        run._import_llm_labels(items, {"1": "subjective", "2": "objective", "3": None})  # the same: verdict stands
         assert store.stage_done("slm_r1") is not None
-        sync_round0(store, {"2": "subjective", "3": None})  # the judged prediction changed
-        assert sorted(store.annotations("llm_r0")) == ["3"] and store.stage_done("slm_r1") is None
-        store.add_annotation("llm_r0", "1", "subjective", 0.9, {}, "subjective", None)
+        run._import_llm_labels(items, {"1": "subjective", "2": "subjective", "3": None})  # the prediction changed
+        assert store.annotations("llm_r0")["2"]["label"] == "subjective" and store.stage_done("slm_r1") is None
+        store.add_annotation("llm_r0", "4", "subjective", 0.9, {}, "subjective", None)
         store.mark_stage("slm_r1")
-        sync_round0(store, None)  # back to asking the LLM: imported labels are no LLM answers
-        assert sorted(store.annotations("llm_r0")) == ["1"] and store.stage_done("slm_r1") is None
-    finally:
-        store.close()
+        run._import_llm_labels(items, None)  # back to asking the LLM: imported labels are no LLM answers
+        assert sorted(store.annotations("llm_r0")) == ["4"] and store.stage_done("slm_r1") is None
 
 
 # against a real Label Studio ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def fake_llm() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as fake:
-        yield fake
-
-
 @pytest.fixture(scope="module")
 def judge_backend(label_studio: LabelStudioServer, fake_llm: FakeOpenAI,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendServer]:
@@ -115,19 +110,7 @@ def run_job(client: LabelStudio, ml_id: int, backend: BackendServer, pid: int) -
     before = httpx.get(f"{backend.url}/status/{pid}", timeout=30)
     finished = (before.json().get("finished") or 0.0) if before.status_code == 200 else 0.0
     client.ml.train(id=ml_id)
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    status: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        try:
-            resp = httpx.get(f"{backend.url}/status/{pid}", timeout=30)
-        except httpx.HTTPError:  # a busy 2-core machine: ask again
-            continue
-        if resp.status_code == 200:
-            status = resp.json()
-            if status["state"] in ("done", "failed") and (status.get("finished") or 0.0) > finished:
-                return status
-        time.sleep(2)
-    raise AssertionError(f"job did not end in {JOB_TIMEOUT_S}s: {status}; log: {backend.log_path}")
+    return wait_job(backend, pid, finished_after=finished)
 
 
 def by_version(client: LabelStudio, pid: int) -> dict[int, dict[str, list[dict[str, Any]]]]:

@@ -34,7 +34,7 @@ from freeal_backend.labelstudio.push import (PushJournal, flagged_ids, is_final_
                                              version_for)
 from freeal_backend.labelstudio.review_tab import ReviewTab, health_note
 from freeal_backend.labelstudio.runs import (ProjectOptions, RunRegistry, build_items, burst_note, judged_labels,
-                                            sync_round0, unfinished_work)
+                                            unfinished_work)
 from freeal_backend.records import ItemResult
 from freeal_backend.status import RoundLLMStats, save_round_flagged
 
@@ -305,7 +305,6 @@ class JobManager:
         run = self.runs.get(project_id, cfg.labels, opts.task_description, task_type=cfg.task_type)
         self.runs.keep_lower_states_of(project_id)
         llm_labels = judged_labels(records, items) if opts.judge_version else None
-        sync_round0(run.store, llm_labels)
         texts = {it.item_id: it.text for it in items}
         rounds = 0 if llm_labels is not None else opts.rounds if opts.rounds is not None else self.settings.rounds
         claim.update(rounds=rounds, tasks=len(items))

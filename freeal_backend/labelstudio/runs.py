@@ -13,7 +13,6 @@ from freeal_backend.loop_spans import run_type
 from freeal_backend.records import Item
 from freeal_backend.storage import Store
 
-IMPORTED = "imported"  # the raw answer FreeALRun stores with an imported round-0 label
 
 
 @dataclass(frozen=True)
@@ -103,23 +102,6 @@ def judged_labels(records: list[TaskRecord], items: list[Item]) -> dict[str, str
     None (no prediction of the judged version, or one naming no label of the config: unanswered)."""
     judged = {str(rec.task_id): rec.judged_labels for rec in records}
     return {it.item_id: (judged.get(it.item_id) or (None,))[0] for it in items if not it.human_label}
-
-
-def sync_round0(store: Store, llm_labels: dict[str, str | None] | None) -> None:
-    """Make the run's stored round-0 labels this job's: the imported ``llm_labels`` in a judge job, the LLM's
-    otherwise. ``FreeALRun.run`` imports a label only where round 0 has none and keeps later stages whose
-    inputs it does not hash, so round-0 labels of the other kind (the project switched between judging and
-    asking the LLM) or imported ones that changed (the judged version's predictions did) are dropped here,
-    with every stage after round 0."""
-    have = store.annotations("llm_r0")
-    if llm_labels is None:
-        stale = [k for k, ann in have.items() if ann["raw"] == IMPORTED]
-    else:
-        stale = [k for k, label in llm_labels.items()
-                 if k in have and (have[k]["raw"] != IMPORTED or have[k]["label"] != label)]
-    if stale:
-        store.forget_annotations("llm_r0", stale)
-        store.reset_stages(keep=["demos", "zero_shot", "llm_r0"])
 
 
 def unfinished_work(store: Store, items: list[Item], rounds: int) -> str | None:
