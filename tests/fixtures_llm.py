@@ -1,4 +1,5 @@
-"""Session fixtures: the embedded offline LLM behind its real OpenAI-compatible HTTP server."""
+"""LLM fixtures: the embedded offline LLM behind its real OpenAI-compatible HTTP server (per session), and a
+fake OpenAI-compatible server on a real socket (per test module, ``tests/fake_openai.py``)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from freeal_backend.llm.embedded import TEST_MODEL, EmbeddedLLMServer
+from tests.fake_openai import FakeOpenAI
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -38,3 +40,10 @@ def llm_base_url(llm_server: EmbeddedLLMServer) -> str:
 @pytest.fixture(scope="session")
 def llm_model() -> str:
     return TEST_MODEL
+
+
+@pytest.fixture(scope="module")
+def fake_llm() -> Iterator[FakeOpenAI]:
+    """A fake OpenAI-compatible chat server on 127.0.0.1 (its request log shows every call), one per module."""
+    with FakeOpenAI() as server:
+        yield server

@@ -52,12 +52,6 @@ def basic(user: str = USER, password: str = PASSWORD) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
-@pytest.fixture(scope="module")
-def fake_llm() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as server:
-        yield server
-
-
 def make_app(data_dir: Path, llm: FakeOpenAI, **server_kw: Any) -> Flask:
     settings = Settings(slm_min_steps=0, data_dir=data_dir, llm_base_url=llm.base_url, llm_model=MODEL, llm_api_key="sk-x",
                         llm_max_retries=1, llm_timeout=10.0, llm_concurrency=2)

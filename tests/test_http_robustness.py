@@ -123,12 +123,6 @@ class FakeLabelStudio:
         self.httpd.server_close()
 
 
-@pytest.fixture(scope="module")
-def fake_llm() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as server:
-        yield server
-
-
 def make_app(data_dir: Path, fake_llm: FakeOpenAI, **server_kw: Any) -> Flask:
     settings_ = Settings(slm_min_steps=0, data_dir=data_dir, llm_base_url=fake_llm.base_url, llm_model=MODEL, llm_api_key=LLM_KEY,
                          llm_max_retries=1, llm_timeout=10.0, llm_concurrency=2)

@@ -101,8 +101,10 @@ def _wait(check: Any, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def wait_job(backend: BackendServer, project_id: int, *, not_version: str | None = None) -> dict[str, Any]:
-    """Wait until the project's job is done (and pushed a version other than ``not_version``)."""
+def wait_job(backend: BackendServer, project_id: int, *, not_version: str | None = None,
+             finished_after: float | None = None) -> dict[str, Any]:
+    """Wait until the project's job is done (and pushed a version other than ``not_version``); with
+    ``finished_after``, until a job that finished after that time has ended, done or failed."""
     deadline = time.monotonic() + JOB_TIMEOUT_S
     status: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -112,11 +114,15 @@ def wait_job(backend: BackendServer, project_id: int, *, not_version: str | None
             continue
         if resp.status_code == 200:
             status = resp.json()
-            assert status["state"] != "failed", status
-            if status["state"] == "done" and status["model_version"] != not_version:
-                return status
+            if finished_after is not None:
+                if status["state"] in ("done", "failed") and (status.get("finished") or 0.0) > finished_after:
+                    return status
+            else:
+                assert status["state"] != "failed", status
+                if status["state"] == "done" and status["model_version"] != not_version:
+                    return status
         time.sleep(2)
-    raise AssertionError(f"job did not finish in {JOB_TIMEOUT_S}s: {status}; log: {backend.log_path}")
+    raise AssertionError(f"job did not end in {JOB_TIMEOUT_S}s: {status}; log: {backend.log_path}")
 
 
 def test_ls_client_paging_versions_and_view(label_studio: LabelStudioServer) -> None:

@@ -38,12 +38,6 @@ HARD_TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def fake_llm() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 def span_backend(label_studio: LabelStudioServer, fake_llm: FakeOpenAI,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendServer]:
     with serve_backend(tmp_path_factory.mktemp("span-backend"), label_studio, LLM_BASE_URL=fake_llm.base_url,
