@@ -1,5 +1,6 @@
 """FreeAL's refinement round as the paper runs it, through the real openai client and a local
 OpenAI-compatible server: which texts are re-asked, human labels never, failed requests retried."""
+import dataclasses
 from collections import Counter
 
 import numpy as np
@@ -33,6 +34,17 @@ def make_run(tmp_path, fake, encoder, **overrides):
 
 def asked_texts(fake: FakeOpenAI) -> Counter:
     return Counter(r.text for r in fake.records() if r.answered and r.text is not None)
+
+
+def run_then_label(tmp_path, fake, encoder, items, rounds, n_people):
+    """Run the project, then give its first ``n_people`` texts a person's label (their gold): the round-1
+    refinement answers, the LLM calls so far, the people's labels and the items as they now are."""
+    with make_run(tmp_path, fake, encoder) as run:
+        run.run(items, rounds=rounds)
+        refined = run.store.annotations("llm_r1")
+    people = {it.item_id: it.gold for it in items[:n_people]}
+    return refined, fake.answered(), people, [dataclasses.replace(it, human_label=people.get(it.item_id))
+                                              for it in items]
 
 
 def test_refinement_reasks_every_text_outside_the_clean_pool_and_never_a_human_label(tmp_path, encoder):
@@ -141,8 +153,6 @@ def test_the_llm_evidence_is_its_probabilities_averaged_over_every_round_that_as
 def test_people_labels_reask_only_the_texts_they_bear_on_not_the_whole_project(tmp_path, encoder, monkeypatch):
     """A burst of human labels must not re-pay the project: the refinement answers stay, the small model
     learns the new labels, and only each new label's nearest texts are asked again (bounded per label)."""
-    import dataclasses
-
     import freeal_backend.loop as loop
     from freeal_backend.loop import REASK_PER_HUMAN_LABEL, REASK_STAGE
 
@@ -150,12 +160,7 @@ def test_people_labels_reask_only_the_texts_they_bear_on_not_the_whole_project(t
 
     items = rows_to_items(shared_rows("sst2", n=80, stride=53))
     with FakeOpenAI() as fake:
-        with make_run(tmp_path, fake, encoder) as run:
-            run.run(items, rounds=1)
-            refined = run.store.annotations("llm_r1")
-        asked_first = fake.answered()
-        people = {it.item_id: it.gold for it in items[:5]}
-        labelled = [dataclasses.replace(it, human_label=people.get(it.item_id)) for it in items]
+        refined, asked_first, people, labelled = run_then_label(tmp_path, fake, encoder, items, 1, 5)
         with make_run(tmp_path, fake, encoder) as run:
             results = {r.item_id: r for r in run.run(labelled, rounds=1)}
             kept = run.store.annotations("llm_r1")
@@ -179,20 +184,13 @@ def test_people_labels_reask_only_the_texts_they_bear_on_not_the_whole_project(t
 def test_people_labels_after_a_rejected_refinement_do_not_rerun_it(tmp_path, encoder, monkeypatch):
     """A rejected refinement is as finished as a kept one: a burst of human labels keeps its answers and its
     rejection, and the rounds it stopped stay skipped, so the burst costs only the re-asks it bears on."""
-    import dataclasses
-
     import freeal_backend.loop as loop
     from freeal_backend.loop import REASK_PER_HUMAN_LABEL
 
     monkeypatch.setattr(loop, "REJECT_MARGIN", -1.0)  # every refinement looks worse: each one is rejected
     items = rows_to_items(shared_rows("sst2", n=60, stride=71))
     with FakeOpenAI() as fake:
-        with make_run(tmp_path, fake, encoder) as run:
-            run.run(items, rounds=2)
-            refined = run.store.annotations("llm_r1")
-        asked_first = fake.answered()
-        people = {it.item_id: it.gold for it in items[:4]}
-        labelled = [dataclasses.replace(it, human_label=people.get(it.item_id)) for it in items]
+        refined, asked_first, people, labelled = run_then_label(tmp_path, fake, encoder, items, 2, 4)
         with make_run(tmp_path, fake, encoder) as run:
             run.run(labelled, rounds=2)
             kept = run.store.annotations("llm_r1")
@@ -208,8 +206,6 @@ def test_people_labels_after_a_rejected_refinement_do_not_rerun_it(tmp_path, enc
 def test_predict_asks_round_0_prompts_so_the_next_job_does_not_ask_again(tmp_path, encoder):
     """``/predict`` labels tasks a job has not seen (``quick_label``); the next job's round 0 must find those
     answers in the cache: the same demonstrations (the LLM's own and people's labels) in the same order."""
-    import dataclasses
-
     rows = [dict(r, id=str(i)) for i, r in enumerate(shared_rows("sst2", n=70, stride=53))]
     items = [dataclasses.replace(it, human_label=it.gold if i < 3 else None)
              for i, it in enumerate(rows_to_items(rows[:60]))]
