@@ -179,3 +179,15 @@ def test_span_labels_near_chance_are_said_to_be_so_and_every_sentence_is_flagged
     assert v.health.verdict == "near_chance" and "near chance" in v.health.message
     assert v.flagged.all() and all("labels_near_chance" in r for r in v.reasons)
     assert (v.scores <= v.health.answered_accuracy + 1e-12).all()
+
+
+def test_labels_of_one_class_are_near_chance_and_scored_so():
+    """An LLM that answers one class for every text (the embedded 0.5B on SUBJ: 300 of 300) gives labels the
+    small model can neither confirm nor refute: near chance, and neither the run's estimate nor any score may
+    say they are all right (the SUBJ run said 100 % with scores of 1.0 where 48 % were right)."""
+    rng = np.random.default_rng(4)
+    probs = rng.dirichlet([1, 1], 300)
+    labels = np.zeros(300, dtype=int)
+    j = judge(probs, labels)
+    assert j.health.verdict == "near_chance" and j.flagged.all()
+    assert j.health.estimated_accuracy <= 0.5 + 1e-9 and j.scores.max() <= 0.5 + 1e-9

@@ -23,7 +23,8 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
 4. Run health: estimated accuracy of the labels (mean posterior of the given label; unanswered texts
    count as wrong), agreement and Cohen's kappa between the SLM and the labels, and which side looks weak.
    The labels are near chance only when the SLM finds no more evidence for them than for shuffled labels
-   (``above_chance``, a permutation test); then every text is flagged. A low kappa above chance, or a
+   (``above_chance``, a permutation test); then every text is flagged, and the estimate and every score are
+   a guess's (1 / number of classes), whatever the posterior says. A low kappa above chance, or a
    weak judge, is said to be the small model's weakness, not the labels'.
 5. Spans (``judge_span_labels``): the held-out tagger's spans are compared with the label's
    (``judge_spans``: missing, spurious, wrong type, wrong boundary). The score of a sentence, P(its
@@ -37,7 +38,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -396,9 +397,10 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
     issues = find_issues(judged_labels, calibrated, posterior)
     if llm_informs:  # cleanlab sizes the set; the ranking takes the LLM's calibrated confidence in too
         issues = lowest_scored(scores, answered, int(issues.sum()))
-    if health.verdict == "near_chance":  # no score above what the labels are estimated to be worth
-        cap = max(1.0 / classes, health.answered_accuracy)
-        scores[~human] = np.minimum(scores[~human], cap)
+    if health.verdict == "near_chance":  # labels the small model cannot tell from chance are worth a guess's
+        chance = 1.0 / classes  # share, whatever the posterior says (one class for every text: "all right")
+        health = replace(health, estimated_accuracy=chance * health.coverage, answered_accuracy=chance)
+        scores[~human] = np.minimum(scores[~human], chance)
     switched = answered & (final != judged_labels)
     reasons: list[list[str]] = []
     for i in range(n):
