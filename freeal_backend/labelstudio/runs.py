@@ -14,7 +14,6 @@ from freeal_backend.records import Item
 from freeal_backend.storage import Store
 
 
-
 @dataclass(frozen=True)
 class ProjectOptions:
     """Per-project options from Label Studio's "extra params" of the model (all optional)."""
