@@ -526,8 +526,9 @@ class FreeALRun:
                 probs[i] = total[i] / asked[i]
         return labels, probs
 
-    def _llm_confidences(self, items: Sequence[Item], upto_round: int) -> dict[str, float | None]:
-        latest = self._latest_answers(items, upto_round)
+    @staticmethod
+    def _llm_confidences(items: Sequence[Item], latest: dict[str, dict[str, object]]) -> dict[str, float | None]:
+        """Per item, the LLM's confidence in its latest answer (``_latest_answers``), or None."""
         out: dict[str, float | None] = {}
         for it in items:
             conf = latest.get(it.item_id, {}).get("confidence")
@@ -747,7 +748,7 @@ class FreeALRun:
         """Label, calibrated score and review flag per text, from the last SLM round's verdict on the
         final labels (see detection.py)."""
         labels, _ = self._current(items, rounds)
-        llm_conf = self._llm_confidences(items, rounds)
+        llm_conf = self._llm_confidences(items, self._latest_answers(items, rounds))
         verdict = self._judge(items, rounds + 1)
         slm = self.store.slm(rounds + 1)
         results = []

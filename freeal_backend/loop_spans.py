@@ -188,7 +188,7 @@ class SpanRun(FreeALRun):
     def _final(self, items: Sequence[Item], rounds: int) -> list[ItemResult]:
         labels, _ = self._current(items, rounds)
         latest = self._latest_answers(items, rounds)
-        llm_conf = self._llm_confidences(items, rounds)
+        llm_conf = self._llm_confidences(items, latest)
         verdict = self._judge(items, rounds + 1)
         predicted, _ = self._predicted(items, rounds + 1)
         results = []

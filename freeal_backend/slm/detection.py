@@ -44,6 +44,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import cohen_kappa_score
 
+from freeal_backend.slm.budget import review_order
 from freeal_backend.slm.selection import split_clean_noisy
 from freeal_backend.spans import Span
 
@@ -210,14 +211,6 @@ def find_issues(labels: np.ndarray, probs: np.ndarray, posterior: np.ndarray) ->
             log.warning("cleanlab could not rank label issues (%s); using the posterior", exc)
     issues[ok] = posterior[ok, labels[ok]] < 0.5
     return issues
-
-
-def lowest_scored(scores: np.ndarray, among: np.ndarray, count: int) -> np.ndarray:
-    """Mask of the ``count`` lowest-scored texts ``among`` those allowed (ties broken by position)."""
-    out = np.zeros(len(scores), dtype=bool)
-    idx = np.flatnonzero(among)
-    out[idx[np.argsort(scores[idx], kind="stable")[:count]]] = True
-    return out
 
 
 def llm_likelihood_ratio(confidence: np.ndarray, p_right: np.ndarray, *, folds: int = LLM_CALIBRATION_FOLDS,
@@ -396,7 +389,9 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
         scores[unanswered] = np.minimum(scores[unanswered], floor) * (1 - 1e-6)
     issues = find_issues(judged_labels, calibrated, posterior)
     if llm_informs:  # cleanlab sizes the set; the ranking takes the LLM's calibrated confidence in too
-        issues = lowest_scored(scores, answered, int(issues.sum()))
+        lowest = review_order(scores, answered)[:int(issues.sum())]
+        issues = np.zeros(n, dtype=bool)
+        issues[lowest] = True
     if health.verdict == "near_chance":  # labels the small model cannot tell from chance are worth a guess's
         chance = 1.0 / classes  # share, whatever the posterior says (one class for every text: "all right")
         health = replace(health, estimated_accuracy=chance * health.coverage, answered_accuracy=chance)
