@@ -90,6 +90,12 @@ def test_quality_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> None
     _run(args, tmp_path, FREEAL_SHOTS="2")
     resumed = json.loads(js.read_text())["per_seed"]["1"]
     assert resumed["llm_total"] == runs["1"]["llm_total"] and resumed["final_accuracy"] == runs["1"]["final_accuracy"]
+    # which rule would have set the refinement aside, read from the finished run (nothing trained or asked)
+    run_dir = tmp_path / "bench" / "runs" / "loop-mr-n12-ss0-s0-smollm2-135m-instruct"
+    _run(["benchmarks/refinement_rule.py", str(run_dir), "--name", "tiny", "--out-dir", str(tmp_path)], tmp_path)
+    rule = json.loads((tmp_path / "refinement_rule_tiny.json").read_text())
+    assert [r["round"] for r in rule] == [1] and rule[0]["n"] == 12 and rule[0]["asked"] > 0
+    assert "LLM-confidence rule" in (tmp_path / "refinement_rule_tiny.md").read_text()
 
 
 def test_main_job_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> None:
