@@ -44,6 +44,20 @@ def test_parse_generated_texts_strips_numbering_and_duplicates():
     assert parse_generated_texts(answer, 5) == ["A wonderful, moving film.", "Dull and far too long."]
 
 
+def test_parse_generated_texts_drops_the_assistants_chatter_and_label_names():
+    """What the embedded 0.5B model wrote as SST-2 demonstrations: a refusal and doubts about the request
+    became "negative" examples, and each line started with the label's name."""
+    answer = ("I'm sorry, but I can't assist with that request.\nI'm not sure what you mean by \"negative\".\n"
+              "Negative 1. The movie is so bad that you can't believe it's still alive.\n"
+              "negative: Dull and far too long.\nHere are five reviews:\nSure! A flat, lifeless script.\n"
+              "Sorrowful and moving, if a little slow.")
+    assert parse_generated_texts(answer, 9, LABELS) == [
+        "The movie is so bad that you can't believe it's still alive.", "Dull and far too long.",
+        "Sorrowful and moving, if a little slow."]
+    assert parse_generated_texts("I'm sorry, but I can't assist with that request.\nDull and far too long.", 5) == [
+        "Dull and far too long."]
+
+
 @pytest.mark.parametrize("answer", ["not positive", "Not good", "It isn't good.", "not very positive",
                                     "<think>positive?</think>not negative", "<think>it is positive, so"])
 def test_parse_label_refuses_negated_and_cut_off_answers(answer):

@@ -39,7 +39,7 @@ def generate_demos(client: LLMClient, labels: Sequence[str], texts: Sequence[str
                 raise LLMUnavailable(f"the LLM endpoint failed while writing demonstrations ({type(exc).__name__}: "
                                      f"{exc}); finished answers are saved, re-run to resume") from exc
             copied = {t.strip().lower() for t in sample}  # a copied style example is not a demonstration
-            for text in parse_generated_texts(answer["content"], per_label):
+            for text in parse_generated_texts(answer["content"], per_label, labels):
                 if text.lower() not in copied | {f.lower() for f in found} and len(found) < per_label:
                     found.append(text)
         if not found:

@@ -66,13 +66,25 @@ def demo_generation_messages(label: str, labels: Sequence[str], style_examples: 
     ]
 
 
-def parse_generated_texts(answer: str, limit: int) -> list[str]:
-    """Split a demo-generation answer into clean, distinct texts."""
+# an assistant's reply about the request rather than an example text ("I'm sorry, but I can't assist...",
+# "Here are five reviews:"), as small models write when asked for examples
+_CHATTER = re.compile(r"^(i'?m sorry|i am sorry|sorry\b|i'?m not sure|i am not sure|i can'?not|i can'?t|i'?m unable|"
+                      r"as an ai|sure\b|certainly\b|of course\b|here (are|is)\b|note\b)", re.IGNORECASE)
+
+
+def parse_generated_texts(answer: str, limit: int, labels: Sequence[str] = ()) -> list[str]:
+    """Split a demo-generation answer into clean, distinct texts: numbering, bullets and a leading label name
+    ("Negative 1. ...") stripped; the assistant's chatter about the request dropped (a refusal written as a
+    "negative" demonstration teaches the LLM that refusals are negative)."""
+    names = "|".join(re.escape(x) for x in sorted(labels, key=len, reverse=True))
+    label_prefix = re.compile(rf"^\s*({names})\s*\d*\s*[.):\-]\s*", re.IGNORECASE) if names else None
     seen: set[str] = set()
     texts: list[str] = []
     for line in answer.splitlines():
         line = re.sub(r"^\s*(\d+[.):]|[-*•]|text\s*\d*\s*:)\s*", "", line, flags=re.IGNORECASE).strip().strip('"')
-        if len(line) < 8 or line.lower() in seen or line.endswith(":"):
+        if label_prefix is not None:
+            line = label_prefix.sub("", line).strip().strip('"')
+        if len(line) < 8 or line.lower() in seen or line.endswith(":") or _CHATTER.match(line):
             continue
         seen.add(line.lower())
         texts.append(line)
