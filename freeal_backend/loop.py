@@ -287,11 +287,23 @@ class FreeALRun:
                        max_tokens=self.answer_tokens, expected=self.unparsed_means)
 
     def _write_demos(self, texts: Sequence[str]) -> tuple[list[tuple[str, str]], dict[str, int]]:
-        """Round 0: the LLM's own ``(text, label)`` demonstrations, and how many per label."""
+        """Round 0: the LLM's own ``(text, label)`` demonstrations, and how many per label (and how many it
+        wrote but, asked zero-shot, labelled otherwise: ``dropped``).
+
+        A written text the LLM itself labels otherwise is dropped: a small model writes texts of the wrong
+        class ("careless and unfocused" as a positive review), and a wrong demonstration misleads every
+        prompt it appears in. A label whose every text was dropped keeps them (no label goes without)."""
         demos = generate_demos(self.llm, self.labels, texts, self.demos_per_label,
                                task_description=self.task_description, seed=self.settings.seed)
-        return ([(text, label) for label, written in demos.items() for text in written],
-                {label: len(v) for label, v in demos.items()})
+        pairs = [(text, label) for label, written in demos.items() for text in written]
+        answers = self.llm.label_many([label_messages(t, self.labels, (), self.task_description) for t, _ in pairs],
+                                      self.labels, check_unparsed=False)
+        agreed = [a is None or a.label is None or a.label == label for (_, label), a in zip(pairs, answers)]
+        keep = [ok or not any(agreed[j] for j, (_, other) in enumerate(pairs) if other == label)
+                for ok, (_, label) in zip(agreed, pairs)]
+        kept = [pair for pair, k in zip(pairs, keep) if k]
+        return kept, {**{label: sum(lab == label for _, lab in kept) for label in self.labels},
+                      "dropped": len(pairs) - len(kept)}
 
     def _fit_slm(self, items: Sequence[Item], labels: Sequence[str | None], rnd: int,
                  progress: Progress) -> dict[str, object]:

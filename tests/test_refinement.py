@@ -272,3 +272,22 @@ def test_a_target_error_puts_the_lowest_scored_texts_that_meet_it_in_the_flag(tm
     assert flagged == [str(i) for i in range(90, 98)]
     assert budgeted[97].reasons == ["label_issue"] and budgeted[90].reasons == ["review_budget"]
     assert not budgeted[-1].suspicious
+
+
+@pytest.mark.parametrize("flip, dropped", [("-1,", 1), ("example", 0)])
+def test_round0_drops_a_written_demo_the_llm_itself_labels_otherwise(tmp_path, encoder, monkeypatch, flip, dropped):
+    """Asked zero-shot, the LLM labels its own written texts: one it labels otherwise is no demonstration
+    (one positive text here); when it labels every text of a class otherwise, the class keeps them."""
+    import tests.fake_openai as fake_openai
+
+    choose = fake_openai.choose_label
+    monkeypatch.setattr(fake_openai, "choose_label", lambda text, labels: "negative" if "positive example" in text
+                        and flip in text else choose(text, labels))
+    items = rows_to_items(shared_rows("sst2", n=40, stride=71))
+    with FakeOpenAI() as fake, make_run(tmp_path, fake, encoder) as run:
+        run.run(items, rounds=0)
+        demos = run.store.demos()
+        info = run.store.stage_done("demos")
+    positive = [text for text, label in demos if label == "positive"]
+    assert info == {"negative": 3, "positive": 3 - dropped, "dropped": dropped}
+    assert len(positive) == 3 - dropped and (dropped == 0 or not any(flip in t for t in positive))
