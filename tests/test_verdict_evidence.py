@@ -150,3 +150,15 @@ def test_informative_logprobs_choose_what_the_flag_holds():
     recall = lambda j: (j.flagged & wrong).sum() / wrong.sum()  # noqa: E731
     assert with_llm.flagged.mean() <= plain.flagged.mean() + 0.01
     assert recall(with_llm) > recall(plain) + 0.05
+
+
+def test_good_labels_and_a_loose_judge_are_not_called_poor():
+    """The main job (160 SST-2 texts): labels 88 % right, a small model 72 % right, an estimate of 81 % and
+    kappa 0.33, which a weak judge produces as readily as weak labels: the labels must not be called poor
+    (it said "the LLM labels look poor ... consider a stronger LLM endpoint" of labels 88 % right)."""
+    from freeal_backend.slm.detection import _verdict
+
+    health = _verdict(0.81, 0.81, 1.0, 0.66, 0.33, "labels", p_value=0.005)
+    assert health.verdict == "ok" and "look poor" not in health.message and "loosely" in health.message
+    poor = _verdict(0.70, 0.70, 1.0, 0.60, 0.33, "labels", p_value=0.005)  # a low estimate still is poor
+    assert poor.verdict == "poor" and "look poor" in poor.message

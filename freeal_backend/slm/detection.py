@@ -22,6 +22,8 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
    and it holds that many lowest-scored answered texts (the ranking uses all the evidence).
 4. Run health: estimated accuracy of the labels (mean posterior of the given label; unanswered texts
    count as wrong), agreement and Cohen's kappa between the SLM and the labels, and which side looks weak.
+   The labels look poor when the estimate is below ``POOR_ACCURACY``; a low kappa with a fair estimate makes
+   the verdict rough, not the labels poor (a 72 %-right judge and 88 %-right labels agree at kappa ~0.3).
    The labels are near chance only when the SLM finds no more evidence for them than for shuffled labels
    (``above_chance``, a permutation test); then every text is flagged, and the estimate and every score are
    a guess's (1 / number of classes), whatever the posterior says. A low kappa above chance, or a
@@ -329,6 +331,10 @@ def _verdict(est: float, answered_acc: float, coverage: float, agreement: float,
                       f"p = {p_value:.3f}; it often disagrees with them where it is surest): the {what} keep their "
                       f"word, about {est:.0%} look right, and scores and flags say little; review a sample by hand",
                       weak_side="judge")
+    if est >= POOR_ACCURACY and kappa < POOR_KAPPA and p_value is not None:  # a 72 %-right judge and labels
+        return Health(est, answered_acc, coverage, agreement, kappa, "ok",  # 88 % right agree at kappa ~0.3
+                      f"estimated {est:.0%} of the LLM {what} right; the small model agrees with them only loosely "
+                      f"(kappa {kappa:.2f}), so that estimate, the scores and the flag are rough")
     if kappa < POOR_KAPPA or est < POOR_ACCURACY:
         return Health(est, answered_acc, coverage, agreement, kappa, "poor",
                       f"the LLM {what} look poor (estimated {est:.0%} right, kappa {kappa:.2f}); review the "
@@ -422,9 +428,8 @@ def _with_estimate(health: Health, posterior: np.ndarray, labels: np.ndarray, hu
     est = acc * health.coverage
     message = health.message.replace(f"{health.estimated_accuracy:.0%}", f"{est:.0%}", 1)
     verdict = health.verdict
-    if verdict != "near_chance":
-        verdict = "poor" if est < POOR_ACCURACY or (health.weak_side != "judge" and health.kappa < POOR_KAPPA) \
-            else "ok"
+    if verdict != "near_chance":  # a low kappa alone blames no side (see ``_verdict``)
+        verdict = "poor" if est < POOR_ACCURACY else "ok"
     return Health(est, acc, health.coverage, health.agreement, health.kappa, verdict, message, health.weak_side)
 
 
