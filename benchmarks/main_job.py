@@ -16,6 +16,7 @@ LLM server among them) and peak RSS (the largest of those processes). Writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -192,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, help="replace the command's --limit (texts labelled)")
     ap.add_argument("--command", help="run this `freeal run ...` command instead of the README's")
     ap.add_argument("--out-dir", default=str(RESULTS), help="where the result files go")
+    ap.add_argument("--keep", metavar="DIR", help="run in this new folder and keep it (the run's state, for "
+                    "evidence_ablation.py or refinement_rule.py) instead of a temporary one")
     args = ap.parse_args(argv)
     command = args.command or readme_command()
     cli_argv = shlex.split(command)
@@ -205,7 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("error: the command must be `freeal run` without --out, --data-dir or --run-dir")
     load_start = loadavg()
     began = dt.datetime.now(dt.timezone.utc)
-    with tempfile.TemporaryDirectory(prefix="freeal-main-job-") as tmp:
+    if args.keep and Path(args.keep).exists():
+        raise SystemExit(f"error: --keep {args.keep} exists: name a new folder")
+    with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="freeal-main-job-")
+          ) as tmp:
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         data_dir, out_file = Path(tmp) / "data", Path(tmp) / "labels.jsonl"
         cli_argv = [*cli_argv, "--out", str(out_file)]
         shown = (f"{TIME} -v " if TIME.exists() else "") + f"env FREEAL_DATA_DIR={data_dir} " + shlex.join(cli_argv)
