@@ -245,3 +245,10 @@ def test_evidence_ablation_tiny(tmp_path: Path) -> None:
         assert row in text, row
     data = json.loads((tmp_path / "evidence_ablation_tiny.json").read_text())
     assert data[0]["n"] == len(rows) and set(data[0]["variants"]) >= {"SLM alone", "SLM + LLM last answer"}
+
+
+def test_health_estimators_on_the_stored_probabilities(tmp_path: Path) -> None:
+    _run(["benchmarks/health_estimators.py", "--name", "tiny", "--out-dir", str(tmp_path)], tmp_path)
+    rows = json.loads((tmp_path / "health_estimators_tiny.json").read_text())
+    assert len(rows) == 10 and {"true", "health", "anchor"} <= set(rows[0])
+    assert "within 2 points" in (tmp_path / "health_estimators_tiny.md").read_text()
