@@ -177,6 +177,11 @@ def test_render_prediction_flagged_human_and_multilabel() -> None:
     assert pred["result"][0]["value"] == {"choices": ["positive"]} and pred["result"][0]["freeal"] == review_marker(
         "freeal-r1-abc") == f"{REVIEW_MARKER}[freeal-r1-abc]"
     assert REVIEW_MARKER in json.dumps(pred)
+    assert "the small model, which never saw this label, doubts it" in json.dumps(pred)
+    unanswered = ItemResult("5", "negative", 0.1, {}, suspicious=True, reasons=["no_llm_label"])
+    assert "the LLM gave no usable label" in json.dumps(render_prediction(cfg, unanswered, "v"))
+    assert "model version 'acme' gave no usable label" in json.dumps(
+        render_prediction(cfg, unanswered, "v", "model version 'acme'"))
     human = ItemResult("2", "negative", 1.0, {}, suspicious=True, source="human")
     assert REVIEW_MARKER not in json.dumps(render_prediction(cfg, human, "v"))  # gold is never flagged
     unlabeled = render_prediction(cfg, ItemResult("3", None, None), "v")

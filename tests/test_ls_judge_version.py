@@ -138,8 +138,11 @@ def check_judged(client: LabelStudio, backend: BackendServer, pid: int, status: 
         assert len(versions.get(version, [])) == 1, (tid, versions)
         mine = versions[version][0]
         flagged[tid] = flag_of(mine) == FLAG_SUSPICIOUS
+        notes = [t for r in mine["result"] if r["type"] == "textarea" for t in r["value"]["text"]]
+        assert notes and "the LLM" not in notes[0], notes  # no LLM gave these labels: the note names who did
         if tid not in other:
             assert flagged[tid], (tid, mine)  # nothing to judge: unanswered, flagged
+            assert f"model version {OTHER!r} gave no usable label" in notes[0], notes
         elif not flagged[tid]:
             assert choice_of(mine) == other[tid], (tid, mine, other[tid])
     assert any(not f for tid, f in flagged.items() if tid in other), status["message"]  # not all flagged

@@ -17,13 +17,20 @@ FLAG_SUSPICIOUS = "Needs review"
 FLAG_OK = "OK"
 MULTI_LABEL_THRESHOLD = 0.5
 REVIEW_MARKER = "freeal:needs-review"  # in a flagged prediction's result: what the review view filters on
-REASON_TEXT = {
-    "slm_overrules_llm": "the small model is confident the LLM's label is wrong and changed it",
+REASON_TEXT = {  # {who}: who gave the label under judgement ("the LLM", or a judged model version)
+    "slm_overrules_llm": "the small model is confident the label {who} gave is wrong and changed it",
     "label_issue": "the small model, which never saw this label, doubts it",
-    "labels_near_chance": "the LLM's labels in this project look near chance: use a stronger LLM or label by hand",
-    "no_llm_label": "the LLM gave no usable label",
+    "labels_near_chance": "the labels {who} gave in this project look near chance: use a stronger LLM or label "
+                          "by hand",
+    "no_llm_label": "{who} gave no usable label",
     "not_yet_reviewed_by_slm": "LLM label only, not yet checked by the small model",
 }
+LLM = "the LLM"
+
+
+def reasons_text(reasons: list[str], who: str = LLM) -> str:
+    """The review note's account of ``reasons`` (flag reason codes), naming ``who`` gave the label."""
+    return "; ".join(REASON_TEXT.get(r, r).format(who=who) for r in reasons) or "flagged by the small model"
 
 
 def review_marker(model_version: str) -> str:
@@ -58,13 +65,13 @@ def review_text(
     reasons: list[str],
     suggested_label: str | None,
     probs: dict[str, float],
+    who: str = LLM,
 ) -> str:
     """Human-readable review note: flag, reasons, suggested label and per-label confidences."""
     conf = ", ".join(f"{lab} {p:.2f}" for lab, p in sorted(probs.items(), key=lambda kv: -kv[1]))
     if not suspicious:
         return f"FreeAL: OK. Confidences: {conf}" if conf else "FreeAL: OK."
-    why = "; ".join(REASON_TEXT.get(r, r) for r in reasons) if reasons else "flagged by the small model"
-    parts = [f"FreeAL: NEEDS REVIEW ({why})."]
+    parts = [f"FreeAL: NEEDS REVIEW ({reasons_text(reasons, who)})."]
     if suggested_label:
         parts.append(f"Suggested label: {suggested_label}.")
     if conf:
@@ -107,7 +114,8 @@ def predicted_labels(cfg: ClassificationConfig, label: str | None, probs: dict[s
     return [lab for lab in cfg.labels if lab == label or probs.get(lab, 0.0) >= MULTI_LABEL_THRESHOLD]
 
 
-def render_prediction(cfg: ClassificationConfig, res: ItemResult, model_version: str) -> dict[str, Any]:
+def render_prediction(cfg: ClassificationConfig, res: ItemResult, model_version: str, who: str = LLM
+                      ) -> dict[str, Any]:
     """One Label Studio prediction (``result``, ``score``, ``model_version``) for a FreeAL result.
 
     ``score`` is the final confidence in [0, 1] (0 when there is no label). The choices result carries
@@ -120,7 +128,7 @@ def render_prediction(cfg: ClassificationConfig, res: ItemResult, model_version:
     result = [choice_result(cfg, labels, score=score)] if labels else []
     suspicious = bool(res.suspicious) and res.source != "human"
     note = review_text(suspicious=suspicious, reasons=list(res.reasons), suggested_label=res.suggested_label,
-                       probs=res.probs)
+                       probs=res.probs, who=who)
     if res.source == "human":
         note = "FreeAL: human label (gold)."
     result.extend(review_results(cfg, suspicious=suspicious, note=note))
@@ -212,18 +220,19 @@ def human_labels(cfg: TaskConfig, result: list[dict[str, Any]], text: str | None
     return [encode_spans(spans_from_result(cfg, text, result))]
 
 
-def render_task_prediction(cfg: TaskConfig, res: ItemResult, text: str, model_version: str) -> dict[str, Any]:
-    """One Label Studio prediction for a FreeAL result of either task type (``text``: the task's text)."""
+def render_task_prediction(cfg: TaskConfig, res: ItemResult, text: str, model_version: str, who: str = LLM
+                           ) -> dict[str, Any]:
+    """One Label Studio prediction for a FreeAL result of either task type (``text``: the task's text;
+    ``who``: who gave the labels judged, for the review note)."""
     if isinstance(cfg, ClassificationConfig):
-        return render_prediction(cfg, res, model_version)
+        return render_prediction(cfg, res, model_version, who)
     suspicious = bool(res.suspicious) and res.source != "human"
     if res.source == "human":
         note = "FreeAL: human label (gold)."
     elif res.note:
         note = res.note
     elif suspicious:
-        why = "; ".join(REASON_TEXT.get(r, r) for r in res.reasons) or "flagged by the small model"
-        note = f"FreeAL: NEEDS REVIEW ({why})."
+        note = f"FreeAL: NEEDS REVIEW ({reasons_text(list(res.reasons), who)})."
     else:
         note = "FreeAL: OK."
     spans = [Span(int(d["start"]), int(d["end"]), str(d["label"]), d.get("score")) for d in res.spans or []]

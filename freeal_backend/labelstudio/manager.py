@@ -30,6 +30,7 @@ from freeal_backend.labelstudio.client import (FREEAL_VERSION_PREFIX, IMPORT_BAT
                                               TaskRecord, connection_from_env)
 from freeal_backend.labelstudio.job_store import JobStore
 from freeal_backend.labelstudio.label_config import TaskConfig, parse_task_config
+from freeal_backend.labelstudio.label_results import LLM
 from freeal_backend.labelstudio.push import (PushJournal, flagged_ids, is_final_of, predictions_digest, push_results,
                                              version_for)
 from freeal_backend.labelstudio.review_tab import ReviewTab, health_note
@@ -305,6 +306,7 @@ class JobManager:
         run = self.runs.get(project_id, cfg.labels, opts.task_description, task_type=cfg.task_type)
         self.runs.keep_lower_states_of(project_id)
         llm_labels = judged_labels(records, items) if opts.judge_version else None
+        who = f"model version {opts.judge_version!r}" if opts.judge_version else LLM  # for the review notes
         texts = {it.item_id: it.text for it in items}
         rounds = 0 if llm_labels is not None else opts.rounds if opts.rounds is not None else self.settings.rounds
         claim.update(rounds=rounds, tasks=len(items))
@@ -325,11 +327,11 @@ class JobManager:
             if rnd < rounds and (is_final_of(pushed, version, rounds)
                                  or len(items) > self.settings.push_every_round_max_tasks):
                 continue  # Label Studio has this run's final round; a big project gets the final round only
-            digest = predictions_digest(cfg, results, texts)
+            digest = predictions_digest(cfg, results, texts, who)
             if digest == pushed_digest:
                 continue  # Label Studio holds exactly these predictions already
             version = version_for(version, digest, pushed)
-            self.push(client, cfg, results, version, digest, claim, texts)
+            self.push(client, cfg, results, version, digest, claim, texts, who)
             pushed, pushed_digest = version, digest
             tab.show(force=True)
         claim.update(flagged=len(flagged_ids(results)))
@@ -343,7 +345,7 @@ class JobManager:
                 f"{skipped}{'; ' + undone if undone else ''}{verdict}")
 
     def push(self, client: ProjectClient, cfg: TaskConfig, results: list[ItemResult], version: str, digest: str,
-             claim: Claim, texts: Mapping[str, str]) -> None:
+             claim: Claim, texts: Mapping[str, str], who: str) -> None:
         """Push one round's results (resuming an interrupted push) and record the version, its digest and the
         flag count; stops (:class:`LostOwnership`) before any batch once the run lost its job."""
         claim.update(stage=f"pushing {version}", done=0, total=len(results))
@@ -360,7 +362,7 @@ class JobManager:
                 claim.update(stage=f"pushed {version}; deleting the previous versions")
 
         flagged = push_results(client, cfg, results, version, journal, texts=texts, batch=self.push_batch,
-                               on_progress=progress, on_cleanup=cleanup, delete_old=not keep)
+                               on_progress=progress, on_cleanup=cleanup, delete_old=not keep, who=who)
         claim.update(model_version=version, pushed_digest=digest, flagged=flagged, done=len(results))
         log.info("project %s: pushed %d predictions (%s), %d flagged", claim.project_id, len(results), version,
                  flagged)

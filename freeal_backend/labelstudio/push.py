@@ -22,7 +22,7 @@ import httpx
 from freeal_backend.labelstudio.client import IMPORT_BATCH, ProjectClient, review_view_title
 from freeal_backend.labelstudio.job_store import JobStore
 from freeal_backend.labelstudio.label_config import TaskConfig
-from freeal_backend.labelstudio.label_results import render_task_prediction
+from freeal_backend.labelstudio.label_results import LLM, render_task_prediction
 from freeal_backend.records import ItemResult
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class PushJournal:
 def push_results(client: ProjectClient, cfg: TaskConfig, results: list[ItemResult], version: str,
                  journal: PushJournal | None = None, *, texts: Mapping[str, str] | None = None,
                  batch: int = IMPORT_BATCH, on_progress: Callable[[int], None] | None = None,
-                 on_cleanup: Callable[[], None] | None = None, delete_old: bool = True) -> int:
+                 on_cleanup: Callable[[], None] | None = None, delete_old: bool = True, who: str = LLM) -> int:
     """Make ``version`` the project's only FreeAL predictions, refresh the review view; returns #flagged.
 
     The new version is selected and the review view switched to it before the previous versions are
@@ -85,8 +85,9 @@ def push_results(client: ProjectClient, cfg: TaskConfig, results: list[ItemResul
     ``texts`` (task id -> text) are needed for span tasks: every region's offsets are checked against them.
     ``on_cleanup`` is called once the new version is in and shown, before the old ones are deleted;
     ``delete_old=False`` leaves them in Label Studio (not selected, so neither shown nor in the review tab).
+    ``who`` gave the labels judged (the review notes name it).
     """
-    preds = render_predictions(cfg, results, texts, version)
+    preds = render_predictions(cfg, results, texts, version, who)
     if journal is not None:
         done = journal.resume_point(client, version)
     else:
@@ -128,18 +129,19 @@ def flagged_ids(results: list[ItemResult]) -> list[int]:
 
 
 def render_predictions(cfg: TaskConfig, results: list[ItemResult], texts: Mapping[str, str] | None,
-                       version: str) -> list[dict[str, Any]]:
+                       version: str, who: str = LLM) -> list[dict[str, Any]]:
     """The Label Studio predictions (with their ``task`` id) of ``results`` as ``version``."""
     if texts is None and cfg.task_type != "classification":
         raise ValueError("span predictions need the task texts to check their offsets")
     texts = texts or {}
-    return [{"task": int(r.item_id), **render_task_prediction(cfg, r, texts.get(r.item_id, ""), version)}
+    return [{"task": int(r.item_id), **render_task_prediction(cfg, r, texts.get(r.item_id, ""), version, who)}
             for r in results]
 
 
-def predictions_digest(cfg: TaskConfig, results: list[ItemResult], texts: Mapping[str, str] | None) -> str:
+def predictions_digest(cfg: TaskConfig, results: list[ItemResult], texts: Mapping[str, str] | None,
+                       who: str = LLM) -> str:
     """A digest of the predictions a push of ``results`` would send, whatever the version is called."""
-    preds = render_predictions(cfg, results, texts, "")
+    preds = render_predictions(cfg, results, texts, "", who)
     return hashlib.sha256(json.dumps(preds, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
