@@ -27,15 +27,15 @@ from typing import Any, Protocol
 
 from freeal_backend.config import Settings
 from freeal_backend.labelstudio.client import (FREEAL_VERSION_PREFIX, IMPORT_BATCH, Connection, ProjectClient,
-                                              TaskRecord, connection_from_env)
+                                              connection_from_env)
 from freeal_backend.labelstudio.job_store import JobStore
 from freeal_backend.labelstudio.label_config import TaskConfig, parse_task_config
 from freeal_backend.labelstudio.label_results import LLM
 from freeal_backend.labelstudio.push import (PushJournal, flagged_ids, is_final_of, predictions_digest, push_results,
                                              version_for)
 from freeal_backend.labelstudio.review_tab import ReviewTab, health_note
-from freeal_backend.labelstudio.runs import (ProjectOptions, RunRegistry, build_items, burst_note, judged_labels,
-                                            unfinished_work)
+from freeal_backend.labelstudio.runs import (ProjectOptions, RunRegistry, build_items, burst_note, judge_summary,
+                                            judged_labels, unfinished_work)
 from freeal_backend.records import ItemResult
 from freeal_backend.status import RoundLLMStats, save_round_flagged
 
@@ -106,16 +106,6 @@ def check_judged_version(client: ProjectClient, version: str) -> None:
         have = ", ".join(repr(v) for v in sorted(versions)) or "none"
         raise ValueError(f"judge_version {version!r}: no task of project {client.project_id} has a prediction of "
                          f"that model version; the project's prediction versions: {have}")
-
-
-def judge_summary(version: str, records: list[TaskRecord], llm_labels: Mapping[str, str | None]) -> str:
-    """The job message's opening for a judge job: what was judged and how many tasks had nothing to judge."""
-    judged = {str(r.task_id): r.judged_labels for r in records}
-    missing = sum(judged.get(k) is None for k in llm_labels)
-    unusable = sum(judged.get(k) == () for k in llm_labels)
-    bad = f", {unusable} whose prediction names no label of the config" if unusable else ""
-    return (f"judged the predictions of model version {version!r} with no LLM call: {len(llm_labels)} tasks, "
-            f"{missing} without one{bad} (counted as unanswered); ")
 
 
 def _forget(owner: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,11 +97,26 @@ def build_items(records: list[TaskRecord], gold: dict[int, list[str]]) -> tuple[
     return items, no_text
 
 
+def _judged(records: list[TaskRecord]) -> dict[str, tuple[str, ...] | None]:
+    """Per task id, the labels of its judged prediction: None without one, () when it names no label."""
+    return {str(rec.task_id): rec.judged_labels for rec in records}
+
+
 def judged_labels(records: list[TaskRecord], items: list[Item]) -> dict[str, str | None]:
     """Round-0 labels of a judge job: per item without a human label, its judged prediction's first label, or
     None (no prediction of the judged version, or one naming no label of the config: unanswered)."""
-    judged = {str(rec.task_id): rec.judged_labels for rec in records}
+    judged = _judged(records)
     return {it.item_id: (judged.get(it.item_id) or (None,))[0] for it in items if not it.human_label}
+
+
+def judge_summary(version: str, records: list[TaskRecord], llm_labels: Mapping[str, str | None]) -> str:
+    """The job message's opening for a judge job: what was judged and how many tasks had nothing to judge."""
+    judged = _judged(records)
+    missing = sum(judged.get(k) is None for k in llm_labels)
+    unusable = sum(judged.get(k) == () for k in llm_labels)
+    bad = f", {unusable} whose prediction names no label of the config" if unusable else ""
+    return (f"judged the predictions of model version {version!r} with no LLM call: {len(llm_labels)} tasks, "
+            f"{missing} without one{bad} (counted as unanswered); ")
 
 
 def unfinished_work(store: Store, items: list[Item], rounds: int) -> str | None:
