@@ -40,7 +40,6 @@ from freeal_backend.config import Settings  # noqa: E402
 from freeal_backend.dataio import read_rows  # noqa: E402
 from freeal_backend.loop import FreeALRun  # noqa: E402
 from freeal_backend.metrics import label_scores  # noqa: E402
-from freeal_backend.status import stage_title  # noqa: E402
 from freeal_backend.storage import Store  # noqa: E402
 
 TIME = Path("/usr/bin/time")
@@ -137,6 +136,7 @@ def score(out_file: Path, input_file: Path, data_dir: Path) -> dict[str, Any]:
     store.close()
     with FreeALRun(Settings.from_env(data_dir=data_dir), labels, run_dir) as run:
         stages = run.stage_labels()
+        titles = {stage: run.stage_title(stage) for stage in stages}
         health = run.health()
         shots = run.shots
         round_llm = {r: (run.store.get_meta(f"round_stats_r{r}") or {}).get("llm") or {} for r in range(rounds + 1)}
@@ -144,7 +144,7 @@ def score(out_file: Path, input_file: Path, data_dir: Path) -> dict[str, Any]:
     for stage, pred in stages.items():
         sc = label_scores(pred, gold, labels)
         llm = round_llm[0] if stage == "llm_r0" else round_llm.get(int(stage[5:])) if stage.startswith("llm_r") else {}
-        rows_out.append({"id": stage, "stage": stage_title(stage) + (" (round 0)" if stage == "llm_r0" else ""),
+        rows_out.append({"id": stage, "stage": titles[stage] + (" (round 0)" if stage == "llm_r0" else ""),
                          "accuracy": sc["accuracy"], "macro_f1": sc["macro_f1"], "coverage": sc["coverage"],
                          "llm_calls": int(llm.get("calls", 0)), "llm_cache_hits": int(llm.get("cache_hits", 0))})
     judged = judged_stage(stages, rounds)

@@ -52,7 +52,6 @@ from freeal_backend.loop import FreeALRun  # noqa: E402
 from freeal_backend.metrics import expected_calibration_error, flag_scores, label_scores, review_scores  # noqa: E402
 from freeal_backend.records import Item  # noqa: E402
 from freeal_backend.slm.classifier import SmallModel  # noqa: E402
-from freeal_backend.status import stage_title  # noqa: E402
 
 STAT_KEYS = ("calls", "cache_hits", "prompt_tokens", "completion_tokens", "failures", "unparsed")
 COST_META = "bench_stage_cost"  # run-state meta key: LLM cost and wall time per stage, over all sessions
@@ -185,7 +184,7 @@ def run_record(run: BenchRun, gold: Mapping[str, str], rounds: int) -> dict[str,
         parts = ["demos", "llm_r0"] if stage == "llm_r0" else [stage]  # the demos belong to round 0
         c = {k: sum(cost.get(p, zero).get(k, 0) for p in parts) for k in zero}
         sc = label_scores(pred, gold, run.labels)
-        entry = {"title": stage_title(stage), "accuracy": sc["accuracy"], "macro_f1": sc["macro_f1"],
+        entry = {"title": run.stage_title(stage), "accuracy": sc["accuracy"], "macro_f1": sc["macro_f1"],
                  "coverage": sc["coverage"], "unanswered": sum(pred.get(k) is None for k in gold), **c}
         if stage.startswith("llm_r") and stage != "llm_r0":  # what the refinement re-asked, against the truth
             before = stages[f"llm_r{int(stage[5:]) - 1}"]

@@ -17,14 +17,14 @@ from tqdm import tqdm
 from freeal_backend.config import Settings
 from freeal_backend.dataio import infer_task_type, read_rows, rows_to_items, write_results
 from freeal_backend.llm.client import LLMUnavailable
-from freeal_backend.loop import FreeALRun
+from freeal_backend.loop import FreeALRun, set_aside_notes
 from freeal_backend.loop_spans import RUN_TYPES, run_type
 from freeal_backend.metrics import flag_scores, label_scores, markdown_table
 from freeal_backend.records import Item
 from freeal_backend.slm.budget import budget_summary
 from freeal_backend.span_eval import entity_scores
 from freeal_backend.spans import decode_spans
-from freeal_backend.status import RoundLLMStats, stage_title
+from freeal_backend.status import RoundLLMStats
 
 log = logging.getLogger("freeal")
 
@@ -60,7 +60,7 @@ def evaluation_table(run: FreeALRun) -> str:
     rows = []
     for stage, pred in run.stage_labels().items():
         sc = label_scores(pred, gold, run.labels)
-        rows.append([stage_title(stage), sc["accuracy"], sc["macro_f1"], sc["coverage"]])
+        rows.append([run.stage_title(stage), sc["accuracy"], sc["macro_f1"], sc["coverage"]])
     return markdown_table(["stage", "accuracy", "macro-F1", "labelled"], rows) + _flag_line(run, gold, "labels")
 
 
@@ -76,7 +76,7 @@ def span_evaluation_table(run: FreeALRun) -> str:
     for stage, pred in run.stage_labels().items():
         given = [pred.get(it.item_id) for it in items]
         sc = entity_scores(texts, gold, [decode_spans(p) for p in given], run.labels)
-        rows.append([stage_title(stage), sc["overall"]["precision"], sc["overall"]["recall"], sc["overall"]["f1"],
+        rows.append([run.stage_title(stage), sc["overall"]["precision"], sc["overall"]["recall"], sc["overall"]["f1"],
                      *(sc[t]["f1"] for t in run.labels), sum(p is not None for p in given) / len(items)])
     table = markdown_table(["stage", "precision", "recall", "F1", *(f"F1 {t}" for t in run.labels), "answered"], rows)
     return table + _flag_line(run, {it.item_id: it.gold for it in items}, "sentences")
@@ -92,12 +92,13 @@ def _flag_line(run: FreeALRun, gold: dict[str, str], what: str) -> str:
 
 
 def health_line(run: FreeALRun) -> str:
-    """The run-health verdict in one line (without gold: how good the labels look to the small model)."""
+    """The run-health verdict in one line (without gold: how good the labels look to the small model), and a
+    line per refinement round set aside."""
     health = run.health()
     if not health:
         return "label health: not estimated (no SLM round ran)"
     shout = "WARNING: " if health["verdict"] != "ok" else ""
-    return f"label health: {shout}{health['message']}"
+    return "\n".join([f"label health: {shout}{health['message']}", *set_aside_notes(run.store)])
 
 
 def _labels(arg: str | None, items: Sequence[Item], task_type: str) -> list[str]:

@@ -41,6 +41,7 @@ from freeal_backend.records import Item, ItemResult
 from freeal_backend.slm.selection import (clean_agreed_pool, demo_pool, nearest_demos, retrieve_demos,
                                           shared_prefix_order)
 from freeal_backend.slm.classifier import SLMConfig, SLMOutput, SmallModel, text_groups
+from freeal_backend.status import stage_title
 from freeal_backend.storage import Store
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,8 @@ class FreeALRun:
         return [self._quick_result(it, a) for it, a in zip(items, answers)]
 
     def stage_labels(self) -> dict[str, dict[str, str | None]]:
-        """Labels per stage (for evaluation): zero_shot, llm_r0, slm_rN, llm_rN (refined), final."""
+        """Labels per stage (for evaluation): zero_shot, llm_r0, slm_rN, llm_rN (refined; for a round set
+        aside, the labels it would have given: ``stage_title``), final."""
         out: dict[str, dict[str, str | None]] = {}
         items = self.store.items()
         ids = [it.item_id for it in items]
@@ -246,8 +248,12 @@ class FreeALRun:
         while self.store.stage_done(f"slm_r{rnd}"):
             slm = self.store.slm(rnd)
             out[f"slm_r{rnd}"] = {k: self._slm_label(v) for k, v in slm.items()}
-            if self.store.stage_done(f"llm_r{rnd}"):
-                out[f"llm_r{rnd}"] = dict(zip(ids, self._current(items, rnd)[0]))
+            if self.store.stage_done(f"llm_r{rnd}"):  # a round set aside: the labels it would have given
+                labels = dict(zip(ids, self._current(items, rnd)[0]))
+                if self.store.get_meta(f"rejected_r{rnd}"):
+                    labels.update({k: a["label"] for k, a in self.store.annotations(f"llm_r{rnd}").items()
+                                   if a["label"] is not None and k in labels})
+                out[f"llm_r{rnd}"] = labels
             rnd += 1
         results = self.store.results()
         if results:
@@ -611,10 +617,11 @@ class FreeALRun:
             self._reuse_slm(rnd - 1, rnd, self.store.get_meta(f"health_r{rnd - 1}"))
             self.store.mark_stage(f"slm_r{rnd}", {"reused_round": rnd - 1})
             return
-        if rnd > 1 and self._refinement_worse(items, rnd - 1):
+        worse = self._refinement_worse(items, rnd - 1) if rnd > 1 else None
+        if worse:
             self.store.set_meta(f"rejected_r{rnd - 1}", True)
             self._reuse_slm(rnd - 1, rnd, self.store.get_meta(f"health_r{rnd - 1}"))
-            self.store.mark_stage(f"slm_r{rnd}", {"reused_round": rnd - 1, "rejected_refinement": rnd - 1})
+            self.store.mark_stage(f"slm_r{rnd}", {"reused_round": rnd - 1, "rejected_refinement": rnd - 1, **worse})
             return
         labels, _ = self._current(items, rnd - 1)
         info = self._fit_slm(items, labels, rnd, progress)
@@ -625,11 +632,12 @@ class FreeALRun:
         if health.verdict != "ok":
             log.warning("SLM round %d: %s", rnd, health.message)
 
-    def _refinement_worse(self, items: Sequence[Item], rnd: int) -> bool:
-        """Refinement ``rnd`` looks worse than the labels it would replace: on the texts whose answer it
-        changed, the LLM is on average less sure of its new answers than it was of the old ones (by more than
-        ``REJECT_MARGIN``). Kept, as the paper keeps every refinement, where fewer than ``REJECT_MIN_CHANGED``
-        changed answers carry a confidence on both sides (an endpoint without logprobs, imported labels).
+    def _refinement_worse(self, items: Sequence[Item], rnd: int) -> dict[str, float] | None:
+        """Why refinement ``rnd`` looks worse than the labels it would replace, or None: on the texts whose
+        answer it changed, the LLM is on average less sure of its new answers than it was of the old ones (by
+        more than ``REJECT_MARGIN``); returns the count and both mean confidences. Kept, as the paper keeps
+        every refinement, where fewer than ``REJECT_MIN_CHANGED`` changed answers carry a confidence on both
+        sides (an endpoint without logprobs, imported labels).
 
         The small model's estimate does not decide: trained on each label set in turn, it agrees most with
         the one it learnt (on the live SST-2 run it preferred round 0's answer on 61 % of the 31 texts the
@@ -646,11 +654,11 @@ class FreeALRun:
                 old.append(float(prev["confidence"]))
                 new.append(float(ann["confidence"]))
         if len(new) < REJECT_MIN_CHANGED or np.mean(new) >= np.mean(old) - REJECT_MARGIN:
-            return False
-        log.warning("round %d's refinement changed %d answers the LLM is less sure of than the ones they would "
-                    "replace (mean confidence %.2f < %.2f): they do not replace them", rnd, len(new),
-                    np.mean(new), np.mean(old))
-        return True
+            return None
+        evidence = {"changed": len(new), "confidence_before": float(np.mean(old)),
+                    "confidence_after": float(np.mean(new))}
+        log.warning(set_aside_note(rnd, evidence))
+        return evidence
 
     def _reuse_slm(self, src: int, dst: int, health: dict[str, object] | None) -> None:
         """SLM round ``dst`` takes round ``src``'s output (its labels are the same)."""
@@ -810,6 +818,28 @@ class FreeALRun:
     def health(self) -> dict[str, object] | None:
         """The latest SLM round's verdict on the labels (estimated accuracy, kappa, verdict, message)."""
         return latest_health(self.store)
+
+    def stage_title(self, stage: str) -> str:
+        """``status.stage_title``, with "(set aside)" after a refinement round this run set aside."""
+        aside = stage.startswith("llm_r") and stage[5:].isdigit() and self.store.get_meta(f"rejected_{stage[4:]}")
+        return stage_title(stage) + (" (set aside)" if aside else "")
+
+
+def set_aside_note(rnd: int, evidence: dict[str, float]) -> str:
+    """What a user reads about refinement ``rnd`` set aside (``FreeALRun._refinement_worse``'s evidence)."""
+    return (f"refinement round {rnd} was set aside: the LLM was less sure of the {int(evidence['changed'])} answers "
+            f"it changed (mean confidence {evidence['confidence_after']:.2f}, against "
+            f"{evidence['confidence_before']:.2f} for the answers they would replace), so the labels before it stay")
+
+
+def set_aside_notes(store: Store) -> list[str]:
+    """One note per refinement round a run set aside, in round order."""
+    notes, rnd = [], 2
+    while (info := store.stage_done(f"slm_r{rnd}")) is not None:
+        if "rejected_refinement" in info and "changed" in info:
+            notes.append(set_aside_note(int(info["rejected_refinement"]), info))
+        rnd += 1
+    return notes
 
 
 def latest_health(store: Store) -> dict[str, object] | None:

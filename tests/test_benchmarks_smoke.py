@@ -99,11 +99,11 @@ def test_quality_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> None
 
 
 def test_main_job_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> None:
-    """The README's first command on 12 texts, scored; the layout of results/main_job_sst2_n200.json."""
+    """The README's first command on 12 texts, scored; the layout of results/main_job_sst2_n160.json."""
     _run(["benchmarks/main_job.py", "--limit", "12", "--out-dir", str(tmp_path)], tmp_path,
          LLM_BASE_URL=llm_base_url, LLM_MODEL=llm_model, FREEAL_SHOTS="2", FREEAL_ROUNDS="1")
     data = json.loads((tmp_path / "main_job_sst2_n12.json").read_text())
-    layout = json.loads((ROOT / "benchmarks" / "results" / "main_job_sst2_n200.json").read_text())
+    layout = json.loads((ROOT / "benchmarks" / "results" / "main_job_sst2_n160.json").read_text())
     assert set(layout) <= set(data), set(layout) - set(data)
     assert set(layout["stages"][0]) <= set(data["stages"][0])
     readme = (ROOT / "README.md").read_text()
@@ -115,7 +115,7 @@ def test_main_job_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> Non
     assert data["stages"][-1]["accuracy"] == pytest.approx(data["final_accuracy"])
     assert set(data["stage_seconds"]) >= {"demos", "llm_r0", "slm_r1", "llm_r1", "slm_r2"}
     text = (tmp_path / "main_job_sst2_n12.md").read_text()
-    for row in ("| refined LLM round 1 |", "| final |", "Run health", "Review flag", "peak RSS",
+    for row in ("| refined LLM round 1", "| final |", "Run health", "Review flag", "peak RSS",
                 "Command (from the repository root)"):
         assert row in text, row
 

@@ -6,16 +6,18 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from freeal_backend.cli import health_line
 from freeal_backend.config import Settings
 from freeal_backend.dataio import rows_to_items
 from freeal_backend.slm.encoder import Encoder
 from freeal_backend.llm.cache import ResponseCache
 from freeal_backend.llm.client import LLMClient
-from freeal_backend.loop import FreeALRun
+from freeal_backend.loop import FreeALRun, set_aside_notes
 from tests.fake_openai import MODEL, FakeOpenAI
 from tests.fixtures_llm import shared_rows
 
 LABELS = ["negative", "positive"]
+WORSE = {"changed": 9, "confidence_before": 0.8, "confidence_after": 0.6}  # why a refinement is set aside
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +104,7 @@ def test_after_a_rejected_refinement_later_rounds_do_not_replay_it(tmp_path, enc
     """A rejected refinement leaves the SLM output, hence the pool, the demos and the prompts, as they were:
     asking again would only get the rejected answers back (here from the cache). Later rounds are skipped and
     their SLM rounds reuse the last one."""
-    monkeypatch.setattr(FreeALRun, "_refinement_worse", lambda self, items, rnd: True)  # each one is rejected
+    monkeypatch.setattr(FreeALRun, "_refinement_worse", lambda self, items, rnd: WORSE)  # each one is rejected
     items = rows_to_items(shared_rows("sst2", n=60, stride=71))
     with FakeOpenAI() as fake, make_run(tmp_path, fake, encoder) as run:
         run.run(items, rounds=3)
@@ -153,14 +155,23 @@ def test_a_refinement_the_llm_is_less_sure_of_is_set_aside(tmp_path, encoder, mo
                             lambda text, labels: labels[1 - labels.index(choose(text, labels))])
         monkeypatch.setattr(fake_openai, "certainty", lambda text: sure)
         run.run(items, rounds=1)
-        changed = [k for k, ann in run.store.annotations("llm_r1").items() if ann["label"] != r0[k]]
+        refined = run.store.annotations("llm_r1")
+        changed = [k for k, ann in refined.items() if ann["label"] != r0[k]]
         final = run._current(items, 1)[0]
         stage = run.store.stage_done("slm_r2")
         marked = bool(run.store.get_meta("rejected_r1"))
+        title, notes, shown = run.stage_title("llm_r1"), set_aside_notes(run.store), run.stage_labels()["llm_r1"]
+        printed = health_line(run)  # what `freeal run` prints
     assert len(changed) > 20
     assert marked is rejected
-    assert (stage == {"reused_round": 1, "rejected_refinement": 1}) is rejected
+    assert (stage.get("rejected_refinement") == 1 and stage.get("reused_round") == 1) is rejected
     assert (final == [r0[it.item_id] for it in items]) is rejected
+    # what a user reads: the round's title, a note with the evidence, and the labels it would have given
+    assert title.endswith("(set aside)") is rejected and (len(notes) == 1) is rejected
+    assert not rejected or f"the LLM was less sure of the {stage['changed']} answers it changed" in notes[0]
+    assert all(note in printed for note in notes)
+    assert stage.get("changed", len(changed)) == len(changed)
+    assert all(shown[k] == refined[k]["label"] for k in refined)  # set aside or not, what the LLM answered
 
 
 def test_the_llm_evidence_is_its_probabilities_averaged_over_every_round_that_asked_the_text(tmp_path, encoder):
@@ -220,7 +231,7 @@ def test_people_labels_after_a_rejected_refinement_do_not_rerun_it(tmp_path, enc
     rejection, and the rounds it stopped stay skipped, so the burst costs only the re-asks it bears on."""
     from freeal_backend.loop import REASK_PER_HUMAN_LABEL
 
-    monkeypatch.setattr(FreeALRun, "_refinement_worse", lambda self, items, rnd: True)  # each one is rejected
+    monkeypatch.setattr(FreeALRun, "_refinement_worse", lambda self, items, rnd: WORSE)  # each one is rejected
     items = rows_to_items(shared_rows("sst2", n=60, stride=71))
     with FakeOpenAI() as fake:
         refined, asked_first, people, labelled = run_then_label(tmp_path, fake, encoder, items, 2, 4)

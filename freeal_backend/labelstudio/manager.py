@@ -36,6 +36,7 @@ from freeal_backend.labelstudio.push import (PushJournal, flagged_ids, is_final_
 from freeal_backend.labelstudio.review_tab import ReviewTab, health_note
 from freeal_backend.labelstudio.runs import (ProjectOptions, RunRegistry, build_items, burst_note, judge_summary,
                                             judged_labels, unfinished_work)
+from freeal_backend.loop import set_aside_notes
 from freeal_backend.records import ItemResult
 from freeal_backend.status import RoundLLMStats, save_round_flagged
 
@@ -328,7 +329,8 @@ class JobManager:
         health = run.health()
         tab.show(force=True, final=True, note=health_note(health))
         skipped = f"; {len(no_text)} tasks without text skipped: {no_text[:20]}" if no_text else ""
-        undone = "; ".join(x for x in (burst_note(run.burst), unfinished_work(run.store, items, rounds)) if x)
+        undone = "; ".join(x for x in (burst_note(run.burst), unfinished_work(run.store, items, rounds),
+                                        *set_aside_notes(run.store)) if x)
         verdict = f"; label health: {health['message']}" if health else ""
         judged = "" if llm_labels is None else judge_summary(str(opts.judge_version), records, llm_labels)
         return (f"{judged}{len(results)} tasks labelled, {len(flagged_ids(results))} flagged for review"
