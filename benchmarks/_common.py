@@ -157,6 +157,14 @@ def write_result(path: Path, title: str, body: str, load_start: str) -> None:
     tmp.replace(path)
 
 
+def write_report(out_dir: str | Path, stem: str, title: str, body: str, data: Any, load_start: str) -> None:
+    """``<out_dir>/<stem>.md`` (:func:`write_result`) and the same numbers as ``<stem>.json``; prints the body."""
+    out = Path(out_dir) / f"{stem}.md"
+    write_result(out, title, body, load_start)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1), encoding="utf-8")
+    print(body)
+
+
 def pct(x: float) -> str:
     return "—" if x != x else f"{100 * x:.2f}"
 

@@ -18,7 +18,6 @@ Writes ``benchmarks/results/evidence_ablation_<name>.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, fmt_table, loadavg, mean_sd, write_result  # noqa: E402
+from _common import RESULTS, fmt_table, loadavg, mean_sd, write_report  # noqa: E402
 
 from freeal_backend.config import Settings  # noqa: E402
 from freeal_backend.loop import FreeALRun  # noqa: E402
@@ -110,11 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             + "\n\n'LLM confidence alone' is the LLM's probability for its last answer, uncalibrated (no flag, "
               "no health). Recall counts wrong answered labels; texts the LLM left unanswered are apart.\n\n"
             + "\n".join(f"- {r['run_dir']}: {r['n']} texts, rounds {r['rounds']}" for r in runs))
-    out = Path(args.out_dir) / f"evidence_ablation_{args.name}.md"
-    write_result(out, "Evidence ablation: what the LLM's confidence adds to the small model's verdict", body,
-                 load_start)
-    out.with_suffix(".json").write_text(json.dumps(runs, indent=1), encoding="utf-8")
-    print(body)
+    write_report(args.out_dir, f"evidence_ablation_{args.name}",
+                 "Evidence ablation: what the LLM's confidence adds to the small model's verdict", body,
+                 runs, load_start)
     return 0
 
 

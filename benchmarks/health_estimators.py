@@ -20,7 +20,6 @@ Writes ``benchmarks/results/health_estimators_<name>.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, fmt_table, loadavg, write_result  # noqa: E402
+from _common import RESULTS, fmt_table, loadavg, write_report  # noqa: E402
 
 from freeal_backend.config import Settings  # noqa: E402
 from freeal_backend.loop import FreeALRun  # noqa: E402
@@ -108,10 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     body = (fmt_table(["run", "texts", "labels right %", "run health % (off by)", "verdict",
                        "anchor-point posterior % (off by)", "LLM mean confidence % (off by)"], table)
             + "\n\n" + "; ".join(spread) + ".")
-    out = Path(args.out_dir) / f"health_estimators_{args.name}.md"
-    write_result(out, "Run health without gold: three estimates against the truth", body, load_start)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    print(body)
+    write_report(args.out_dir, f"health_estimators_{args.name}",
+                 "Run health without gold: three estimates against the truth", body,
+                 rows, load_start)
     return 0
 
 

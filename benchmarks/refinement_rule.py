@@ -19,7 +19,6 @@ Writes ``benchmarks/results/refinement_rule_<name>.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, fmt_table, loadavg, write_result  # noqa: E402
+from _common import RESULTS, fmt_table, loadavg, write_report  # noqa: E402
 
 from freeal_backend.config import Settings  # noqa: E402
 from freeal_backend.loop import REJECT_MARGIN, FreeALRun  # noqa: E402
@@ -117,11 +116,9 @@ def main(argv: list[str] | None = None) -> int:
               "would replace, 'after' the labels with it; 'SLM (before)' is the SLM round trained on the labels "
               "before, 'SLM (after)' the one trained on the refined labels (out-of-sample probabilities).\n\n"
             + "\n".join(f"- {r['run_dir']}" for r in rows))
-    out = Path(args.out_dir) / f"refinement_rule_{args.name}.md"
-    write_result(out, "Setting a refinement aside: the small model's estimate or the LLM's confidence", body,
-                 load_start)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    print(body)
+    write_report(args.out_dir, f"refinement_rule_{args.name}",
+                 "Setting a refinement aside: the small model's estimate or the LLM's confidence", body,
+                 rows, load_start)
     return 0
 
 
