@@ -117,6 +117,10 @@ class SpanRun(FreeALRun):
         written = generate_span_demos(self.llm, self.labels, texts, self.demos_per_label * len(self.labels),
                                       task_description=self.task_description, seed=self.settings.seed)
         per_type = Counter(s.label for _, spans in written for s in spans)
+        if written and not per_type:  # they would teach the LLM to answer "no entity" to every sentence
+            log.warning("the LLM wrote %d demonstrations without a single entity: round 0 asks without them",
+                        len(written))
+            return [], {"texts": 0, "without_entities": len(written), **{t: 0 for t in self.labels}}
         return ([(text, encode_spans(spans)) for text, spans in written],
                 {"texts": len(written), **{t: per_type[t] for t in self.labels}})
 

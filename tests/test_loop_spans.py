@@ -147,3 +147,20 @@ def test_cli_runs_and_evaluates_a_span_file(tmp_path):
     for line in lines:
         for s in line["spans"]:
             assert line["text"][s["start"]:s["end"]] == s["text"]
+
+
+def test_written_demonstrations_without_a_single_entity_are_not_used(tmp_path, encoder, monkeypatch):
+    """The embedded 0.5B wrote 11 BC5CDR-style sentences and no entity in any: as demonstrations they teach the
+    LLM to answer "no entity" to every sentence (F1 0). Round 0 then asks without demonstrations."""
+    import tests.fake_openai as fake_openai
+
+    entities = fake_openai.choose_entities
+    monkeypatch.setattr(fake_openai, "choose_entities",  # the demo writer names no entity; labelling works
+                        lambda text, types: [] if text.count(" ") == 1 else entities(text, types))
+    items = rows_to_items(shared_rows("bc5cdr", n=30, stride=17), task_type="ner")
+    with FakeOpenAI() as fake, make_run(tmp_path, fake, encoder) as run:
+        run.run(items, rounds=0)
+        info, demos = run.store.stage_done("demos"), run.store.demos()
+        r0 = run.store.annotations("llm_r0")
+    assert info["texts"] == 0 and info["without_entities"] > 0 and demos == []
+    assert len(r0) == len(items) and any(decode_spans(a["label"]) for a in r0.values())  # asked zero-shot
