@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 REJECT_MARGIN = 0.01  # a refinement whose answers that changed are less sure by more than this is set aside
 REJECT_MIN_CHANGED = 5  # fewer changed answers with a confidence on both sides: the refinement is kept
+ONE_GROUP_NOTE = ("refinement round %d was skipped: the clean agreed pool holds texts of one label only (for spans: "
+                  "only sentences without an entity), whose demonstrations would teach the LLM that one answer")
 IMPORTED = "imported"  # the raw answer stored with an imported round-0 label (``run(llm_labels=...)``)
 REASK_STAGE = "llm_reask"  # answers to texts re-asked after people labelled tasks (count after every round)
 REASK_PER_HUMAN_LABEL = 2  # people's new labels: LLM calls per new label at most (their nearest texts re-asked)
@@ -712,6 +714,11 @@ class FreeALRun:
             self.store.mark_stage(stage, {"skipped": "an earlier refinement was rejected", "reannotated": 0})
             return
         todo_idx, pool_idx, pool_cls = self.refinement_scope(items, rnd)
+        if len(todo_idx) and len(np.unique(pool_cls)) < 2:  # its demos would all show one answer
+            log.warning(ONE_GROUP_NOTE, rnd)
+            self.store.set_meta(f"rejected_r{rnd}", True)  # later rounds: the same pool, the same demos
+            self.store.mark_stage(stage, {"skipped": "one_group", "reannotated": 0})
+            return
         todo = [items[i] for i in todo_idx]
         before = {k for k, v in self.store.annotations(stage).items() if not v["error"]}
         self._ask_with_pool(stage, items, todo_idx, pool_idx, pool_cls, rnd, progress)
@@ -833,10 +840,13 @@ def set_aside_note(rnd: int, evidence: dict[str, float]) -> str:
 
 
 def set_aside_notes(store: Store) -> list[str]:
-    """One note per refinement round a run set aside, in round order."""
-    notes, rnd = [], 2
-    while (info := store.stage_done(f"slm_r{rnd}")) is not None:
-        if "rejected_refinement" in info and "changed" in info:
+    """One note per refinement round a run set aside or skipped for a one-label pool, in round order."""
+    notes, rnd = [], 1
+    while (refined := store.stage_done(f"llm_r{rnd}")) is not None:
+        info = store.stage_done(f"slm_r{rnd + 1}") or {}
+        if refined.get("skipped") == "one_group":
+            notes.append(ONE_GROUP_NOTE % rnd)
+        elif "rejected_refinement" in info and "changed" in info:
             notes.append(set_aside_note(int(info["rejected_refinement"]), info))
         rnd += 1
     return notes

@@ -302,3 +302,23 @@ def test_round0_drops_a_written_demo_the_llm_itself_labels_otherwise(tmp_path, e
     positive = [text for text, label in demos if label == "positive"]
     assert info == {"negative": 3, "positive": 3 - dropped, "dropped": dropped}
     assert len(positive) == 3 - dropped and (dropped == 0 or not any(flip in t for t in positive))
+
+
+def test_a_pool_of_one_label_skips_the_refinement(tmp_path, encoder, monkeypatch):
+    """The LLM answered one label for every text (SUBJ with the 0.5B; spans: "no entity" everywhere): the clean
+    agreed pool holds that label only, and its demonstrations would teach the LLM that one answer (the span
+    loop's refinement turned entity F1 20 into 0). The round asks nothing, later rounds are skipped, and the
+    run says why."""
+    import tests.fake_openai as fake_openai
+
+    monkeypatch.setattr(fake_openai, "choose_label", lambda text, labels: labels[0])
+    items = rows_to_items(shared_rows("sst2", n=60, stride=71))
+    with FakeOpenAI() as fake, make_run(tmp_path, fake, encoder) as run:
+        run.run(items, rounds=0)
+        asked = fake.answered()
+        run.run(items, rounds=2)
+        stages, notes, printed = run.store.stages(), set_aside_notes(run.store), health_line(run)
+    assert fake.answered() == asked  # no refinement request
+    assert stages["llm_r1"] == {"skipped": "one_group", "reannotated": 0} and stages["llm_r2"].get("skipped")
+    assert stages["slm_r3"] == {"reused_round": 2}
+    assert len(notes) == 1 and "holds texts of one label only" in notes[0] and notes[0] in printed
