@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 
 REJECT_MARGIN = 0.01  # a refinement whose answers that changed are less sure by more than this is set aside
 REJECT_MIN_CHANGED = 5  # fewer changed answers with a confidence on both sides: the refinement is kept
-ONE_GROUP_NOTE = ("refinement round %d was skipped: the clean agreed pool holds texts of one label only (for spans: "
-                  "only sentences without an entity), whose demonstrations would teach the LLM that one answer")
+ONE_GROUP_NOTE = ("refinement round %d was skipped: the clean agreed pool holds only sentences without an entity, "
+                  "whose demonstrations would teach the LLM to answer no entity")
 IMPORTED = "imported"  # the raw answer stored with an imported round-0 label (``run(llm_labels=...)``)
 REASK_STAGE = "llm_reask"  # answers to texts re-asked after people labelled tasks (count after every round)
 REASK_PER_HUMAN_LABEL = 2  # people's new labels: LLM calls per new label at most (their nearest texts re-asked)
@@ -265,6 +265,8 @@ class FreeALRun:
     # the task: class labels (span tasks override these, see loop_spans.py) ------------------------------
     task_type = "classification"
     zero_shot_fallback = False  # round 0 without demonstrations when the LLM wrote none (else an error)
+    skip_one_group_pool = False  # skip a refinement whose pool holds one group (spans: "no entity" only); classes
+    #   keep the paper's refinement: a small project's weak SLM often agrees on one class only
     answer_tokens: int | None = None  # max_tokens of an annotation request (None: LLM_MAX_TOKENS)
 
     @property
@@ -714,7 +716,7 @@ class FreeALRun:
             self.store.mark_stage(stage, {"skipped": "an earlier refinement was rejected", "reannotated": 0})
             return
         todo_idx, pool_idx, pool_cls = self.refinement_scope(items, rnd)
-        if len(todo_idx) and len(np.unique(pool_cls)) < 2:  # its demos would all show one answer
+        if self.skip_one_group_pool and len(todo_idx) and len(np.unique(pool_cls)) < 2:  # one answer in demos
             log.warning(ONE_GROUP_NOTE, rnd)
             self.store.set_meta(f"rejected_r{rnd}", True)  # later rounds: the same pool, the same demos
             self.store.mark_stage(stage, {"skipped": "one_group", "reannotated": 0})

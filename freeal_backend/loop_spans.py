@@ -56,6 +56,7 @@ class SpanRun(FreeALRun):
 
     task_type = "ner"
     zero_shot_fallback = True
+    skip_one_group_pool = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
