@@ -78,7 +78,7 @@ def check(run_dir: Path) -> list[dict[str, Any]]:
                 "llm_conf_after": float(np.mean(conf_new)) if conf_new else None,
                 "health_before": h_old and h_old["estimated_accuracy"],
                 "health_after": h_new and h_new["estimated_accuracy"],
-                "slm_rule_sets_aside": slm_rule, "llm_rule_sets_aside": run._refinement_worse(items, rnd),
+                "slm_rule_sets_aside": slm_rule, "llm_rule_sets_aside": bool(run._refinement_worse(items, rnd)),
                 "right_to_set_aside": gain < 0})
             rnd += 1
     return rows

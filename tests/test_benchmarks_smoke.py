@@ -95,6 +95,7 @@ def test_quality_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> None
     _run(["benchmarks/refinement_rule.py", str(run_dir), "--name", "tiny", "--out-dir", str(tmp_path)], tmp_path)
     rule = json.loads((tmp_path / "refinement_rule_tiny.json").read_text())
     assert [r["round"] for r in rule] == [1] and rule[0]["n"] == 12
+    assert isinstance(rule[0]["llm_rule_sets_aside"], bool) and isinstance(rule[0]["slm_rule_sets_aside"], bool)
     assert "LLM-confidence rule" in (tmp_path / "refinement_rule_tiny.md").read_text()
 
 
