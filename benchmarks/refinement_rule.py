@@ -48,10 +48,10 @@ def check(run_dir: Path) -> list[dict[str, Any]]:
         gold = {it.item_id: str(it.gold) for it in items}
         rnd = 1
         while run.store.stage_done(f"llm_r{rnd}") and run.store.slm(rnd + 1):
-            before = {k: a["label"] for k, a in run._latest_answers(items, rnd - 1).items()}
+            prev_ans = run._latest_answers(items, rnd - 1)
+            before = {k: a["label"] for k, a in prev_ans.items()}
             refined = run.store.annotations(f"llm_r{rnd}")
             after = {**before, **{k: a["label"] for k, a in refined.items() if a["label"] is not None}}
-            prev_ans = run._latest_answers(items, rnd - 1)
             changed = [k for k, a in refined.items() if a["label"] is not None and k in before
                        and before[k] is not None and a["label"] != before[k]]
             old_slm, new_slm = run.store.slm(rnd), run.store.slm(rnd + 1)

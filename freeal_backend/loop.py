@@ -309,9 +309,8 @@ class FreeALRun:
         answers = self.llm.label_many([label_messages(t, self.labels, (), self.task_description) for t, _ in pairs],
                                       self.labels, check_unparsed=False)
         agreed = [a is None or a.label is None or a.label == label for (_, label), a in zip(pairs, answers)]
-        keep = [ok or not any(agreed[j] for j, (_, other) in enumerate(pairs) if other == label)
-                for ok, (_, label) in zip(agreed, pairs)]
-        kept = [pair for pair, k in zip(pairs, keep) if k]
+        confirmed = {label for (_, label), ok in zip(pairs, agreed) if ok}  # labels that keep some text
+        kept = [pair for pair, ok in zip(pairs, agreed) if ok or pair[1] not in confirmed]
         return kept, {**{label: sum(lab == label for _, lab in kept) for label in self.labels},
                       "dropped": len(pairs) - len(kept)}
 
