@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -57,6 +58,15 @@ REASK_PER_HUMAN_LABEL = 2  # people's new labels: LLM calls per new label at mos
 
 def _hash(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+class RefinementScope(NamedTuple):
+    """A refinement round's texts to re-annotate and its demo pool (indices and class of each demo); classes
+    whose demos were filled without the SLM's agreement."""
+    todo: list[int]
+    pool_idx: np.ndarray
+    pool_cls: np.ndarray
+    filled: list[str]
 
 
 class FreeALRun:
@@ -674,18 +684,24 @@ class FreeALRun:
         the same SLM output, and get the rejected answers again (from the cache, or a deterministic LLM)."""
         return any(self.store.get_meta(f"rejected_r{r}") for r in range(1, rnd))
 
-    def refinement_scope(self, items: Sequence[Item], rnd: int) -> tuple[list[int], np.ndarray, np.ndarray]:
-        """Round ``rnd``'s refinement: (texts to re-annotate, demo-pool indices, their pseudo-labels).
+    def refinement_scope(self, items: Sequence[Item], rnd: int) -> RefinementScope:
+        """Round ``rnd``'s refinement: the texts to re-annotate and the demo pool.
 
         The clean agreed pool (per class: out-of-sample SLM prediction == label, top ``select_ratio`` by
         SLM confidence) and human labels keep their labels; every other text is re-annotated (the paper),
         or only the lowest-scored ``refine_share`` of them (a budget knob for endpoints paid per call).
+        A class the SLM agrees on nowhere is filled with its labelled texts the SLM finds likeliest
+        (:meth:`_pool_fill_scores`), so the LLM still sees demos of every class it answered.
         """
         emb = np.load(self.run_dir / f"slm_r{rnd}_embeddings.npy")
         gold = np.array([bool(it.human_label) for it in items])
         y, pred, conf = self._slm_groups(items, rnd)
         n_cls = self.n_groups
-        pool = clean_agreed_pool(y, pred, conf, n_cls, ratio=self.settings.select_ratio, gold=gold)
+        fill = self._pool_fill_scores(items, rnd, y)
+        pool = clean_agreed_pool(y, pred, conf, n_cls, ratio=self.settings.select_ratio, gold=gold,
+                                 label_scores=fill)
+        filled = [self.labels[j] for j in range(n_cls) if fill is not None and len(pool[j])
+                  and not ((y == j) & (pred == j) & ~gold).any()]
         chosen = demo_pool(pool, emb, max(1, self.settings.demo_pool_size // n_cls), seed=self.settings.seed,
                            gold=gold)
         pool_idx = np.concatenate([chosen[j] for j in range(n_cls)]).astype(int)
@@ -698,7 +714,14 @@ class FreeALRun:
             scores = self._judge(items, rnd).scores
             todo = todo[np.argsort(scores[todo], kind="stable")[:int(np.ceil(share * len(todo)))]]
             todo = np.sort(todo)
-        return todo.tolist(), pool_idx, pool_cls
+        return RefinementScope(todo.tolist(), pool_idx, pool_cls, filled)
+
+    def _pool_fill_scores(self, items: Sequence[Item], rnd: int, y: np.ndarray) -> np.ndarray | None:
+        """Per text, the SLM's probability of its current label (how a class without agreement fills its
+        pool in :func:`clean_agreed_pool`)."""
+        slm = self.store.slm(rnd)
+        probs = np.array([slm[it.item_id]["probs"] for it in items])
+        return np.where(y >= 0, probs[np.arange(len(items)), np.maximum(y, 0)], -np.inf)
 
     def _stage_refine(self, items: Sequence[Item], rnd: int, progress: Progress) -> None:
         """Re-annotate every text outside the clean agreed pool with demos retrieved by SLM embeddings.
@@ -714,7 +737,10 @@ class FreeALRun:
                         "demonstrations would give the same answers", rnd)
             self.store.mark_stage(stage, {"skipped": "an earlier refinement was rejected", "reannotated": 0})
             return
-        todo_idx, pool_idx, pool_cls = self.refinement_scope(items, rnd)
+        todo_idx, pool_idx, pool_cls, filled = self.refinement_scope(items, rnd)
+        if filled:
+            log.warning("refinement round %d: the small model agrees with no %s label; their demos are the "
+                        "texts so labelled that it finds likeliest", rnd, ", ".join(map(repr, filled)))
         if self.skip_one_group_pool and len(todo_idx) and len(np.unique(pool_cls)) < 2:  # one answer in demos
             log.warning(ONE_GROUP_NOTE, rnd)
             self.store.set_meta(f"rejected_r{rnd}", True)  # later rounds: the same pool, the same demos
@@ -731,7 +757,7 @@ class FreeALRun:
             log.warning("refinement round %d: %d requests failed; re-run to retry them", rnd, failed)
             return
         self.store.mark_stage(stage, {"reannotated": len(todo), "kept": len(items) - len(todo),
-                                      "demo_pool": len(pool_idx)})
+                                      "demo_pool": len(pool_idx), **({"filled": filled} if filled else {})})
 
     def _ask_with_pool(self, stage: str, items: Sequence[Item], todo_idx: Sequence[int], pool_idx: np.ndarray,
                        pool_cls: np.ndarray, rnd: int, progress: Progress) -> None:
@@ -788,7 +814,7 @@ class FreeALRun:
             return
         position = {it.item_id: i for i, it in enumerate(items)}
         todo_idx = [position[k] for k in targets if k in position and not items[position[k]].human_label]
-        _, pool_idx, pool_cls = self.refinement_scope(items, rnd)
+        _, pool_idx, pool_cls, _ = self.refinement_scope(items, rnd)
         self._ask_with_pool(REASK_STAGE, items, todo_idx, pool_idx, pool_cls, rnd, progress)
         answers = self.store.annotations(REASK_STAGE)
         if any(answers.get(items[i].item_id, {}).get("error") for i in todo_idx):

@@ -53,7 +53,7 @@ def test_span_loop_labels_judges_and_refines_every_sentence_outside_the_pool(tmp
     human = {it.text for it in items if it.human_label}
     with FakeOpenAI() as fake, make_run(tmp_path, fake, encoder) as run:
         results = run.run(items, rounds=1)
-        todo, pool_idx, _ = run.refinement_scope(items, 1)
+        todo, pool_idx, _, _ = run.refinement_scope(items, 1)
         r0 = run.store.annotations("llm_r0")
         refined = run.store.annotations("llm_r1")
         asked = Counter(r.text for r in fake.records() if r.answered and r.text is not None)

@@ -57,7 +57,7 @@ def test_refinement_reasks_every_text_outside_the_clean_pool_and_never_a_human_l
     human = {it.text for it in items if it.human_label}
     with FakeOpenAI() as fake, make_run(tmp_path, fake, encoder) as run:
         run.run(items, rounds=1)
-        todo, pool_idx, _ = run.refinement_scope(items, 1)
+        todo, pool_idx, _, _ = run.refinement_scope(items, 1)
         refined = run.store.annotations("llm_r1")
         stage = run.store.stage_done("llm_r1")
         texts = asked_texts(fake)
@@ -70,11 +70,31 @@ def test_refinement_reasks_every_text_outside_the_clean_pool_and_never_a_human_l
     assert stage == {"reannotated": len(todo), "kept": len(items) - len(todo), "demo_pool": len(pool_idx)}
 
 
+def test_a_class_the_small_model_never_agrees_on_still_gets_demos(tmp_path, encoder):
+    """A weak SLM that predicts one class only: the pool of the other class is filled with the texts the LLM
+    gave it, likeliest first by the SLM, so the re-asked texts see demos of both classes."""
+    items = rows_to_items(shared_rows("sst2", n=60, stride=71))
+    with FakeOpenAI() as fake, make_run(tmp_path, fake, encoder) as run:
+        run.run(items, rounds=0)  # round 0 and the SLM round 1 that judges it
+        slm = run.store.slm(1)
+        p_pos = {k: float(v["probs"][1]) for k, v in slm.items()}
+        low = {k: 0.1 + 0.2 * p for k, p in p_pos.items()}  # "positive" never predicted, its ranking kept
+        run.store.set_slm(1, [(k, [1 - low[k], low[k]], v["loss"], v["clean"], v["clean_prob"])
+                              for k, v in slm.items()])
+        scope = run.refinement_scope(items, 1)
+        labels, _ = run._current(items, 0)
+    pool_idx, pool_cls = scope[1], scope[2]
+    assert set(pool_cls.tolist()) == {0, 1}
+    positives = pool_idx[pool_cls == 1]
+    assert len(positives) and all(labels[i] == "positive" for i in positives)
+    assert scope.filled == ["positive"]
+
+
 def test_budget_knob_reasks_only_the_lowest_scored_share(tmp_path, encoder):
     items = rows_to_items(shared_rows("sst2", n=80, stride=53))
     with FakeOpenAI() as fake, make_run(tmp_path, fake, encoder, refine_share=0.25) as run:
         run.run(items, rounds=1)
-        todo, _, _ = run.refinement_scope(items, 1)
+        todo = run.refinement_scope(items, 1).todo
         scores = run._judge(items, 1).scores
     outside = len(items) - int(round(len(items) * 0.2)) - 4  # about what the paper would re-ask
     assert 0.15 * outside <= len(todo) <= 0.3 * outside

@@ -31,6 +31,17 @@ def test_gmm_split_ignores_unlabelled_and_degenerate_input():
     assert all_same.all()
 
 
+def test_clean_agreed_pool_fills_a_class_without_agreement_from_its_likeliest_labels():
+    llm = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    slm = np.zeros(8, dtype=int)  # the SLM predicts class 0 everywhere
+    conf = np.full(8, 0.9)
+    right = np.array([0.9, 0.8, 0.7, 0.1, 0.4, 0.3, 0.2, 0.05])  # P(label right) per text
+    assert len(clean_agreed_pool(llm, slm, conf, 2, ratio=0.4)[1]) == 0  # the paper's pool: no class 1
+    pool = clean_agreed_pool(llm, slm, conf, 2, ratio=0.4, label_scores=right)
+    assert pool[1].tolist() == [4, 5]  # the likeliest 40 % of the texts labelled 1
+    assert pool[0].tolist() == clean_agreed_pool(llm, slm, conf, 2, ratio=0.4)[0].tolist()  # agreed: unchanged
+
+
 def test_clean_agreed_pool_keeps_only_agreeing_top_share_and_gold():
     rng = np.random.default_rng(1)
     llm = rng.integers(0, 3, 300)

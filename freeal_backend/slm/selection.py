@@ -30,17 +30,24 @@ def split_clean_noisy(losses: np.ndarray, *, threshold: float = 0.7, seed: int =
 
 
 def clean_agreed_pool(llm_labels: np.ndarray, slm_pred: np.ndarray, slm_conf: np.ndarray, num_classes: int, *,
-                      ratio: float = 0.2, gold: np.ndarray | None = None) -> dict[int, np.ndarray]:
+                      ratio: float = 0.2, gold: np.ndarray | None = None,
+                      label_scores: np.ndarray | None = None) -> dict[int, np.ndarray]:
     """Per class j: samples with LLM label == SLM prediction == j, the top ``ratio`` by SLM confidence.
 
-    Gold (human) samples of class j are always included, first. Returns indices per class.
+    Gold (human) samples of class j are always included, first. A class on which the SLM agrees with no
+    label (a weak SLM that predicts one class) would give the LLM demos without it: with ``label_scores``
+    (per sample, how likely its label is right) such a class takes the top ``ratio`` of the samples
+    labelled j by that score instead. Returns indices per class.
     """
     pool: dict[int, np.ndarray] = {}
     gold = np.zeros(len(llm_labels), dtype=bool) if gold is None else gold
     for j in range(num_classes):
         agreed = np.flatnonzero((llm_labels == j) & (slm_pred == j) & ~gold)
+        rank = slm_conf
+        if not len(agreed) and label_scores is not None:
+            agreed, rank = np.flatnonzero((llm_labels == j) & ~gold), label_scores
         keep = max(1, int(round(len(agreed) * ratio))) if len(agreed) else 0
-        top = agreed[np.argsort(-slm_conf[agreed], kind="stable")[:keep]]
+        top = agreed[np.argsort(-rank[agreed], kind="stable")[:keep]]
         pool[j] = np.concatenate([np.flatnonzero(gold & (llm_labels == j)), top]).astype(int)
     return pool
 
