@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, RESULTS, fmt_table, loadavg, mem_total_gib, pct, write_result  # noqa: E402
-from quality import final_metrics, judged_stage, write_json  # noqa: E402
+from quality import final_metrics, judged_stage, rejected_rounds, write_json  # noqa: E402
 
 from freeal_backend.cli import build_parser  # noqa: E402
 from freeal_backend.config import Settings  # noqa: E402
@@ -140,6 +140,7 @@ def score(out_file: Path, input_file: Path, data_dir: Path) -> dict[str, Any]:
         health = run.health()
         shots = run.shots
         round_llm = {r: (run.store.get_meta(f"round_stats_r{r}") or {}).get("llm") or {} for r in range(rounds + 1)}
+        rejected = rejected_rounds(run, rounds)
     rows_out = []
     for stage, pred in stages.items():
         sc = label_scores(pred, gold, labels)
@@ -147,7 +148,7 @@ def score(out_file: Path, input_file: Path, data_dir: Path) -> dict[str, Any]:
         rows_out.append({"id": stage, "stage": titles[stage] + (" (round 0)" if stage == "llm_r0" else ""),
                          "accuracy": sc["accuracy"], "macro_f1": sc["macro_f1"], "coverage": sc["coverage"],
                          "llm_calls": int(llm.get("calls", 0)), "llm_cache_hits": int(llm.get("cache_hits", 0))})
-    judged = judged_stage(stages, rounds)
+    judged = judged_stage(stages, rounds, rejected)
     metrics = final_metrics(results, gold, stages[judged], health)
     return {"rounds": rounds, "labels": labels, "shots": shots, "stages": rows_out, "health_judged_stage": judged,
             "zero_shot_in_round0_calls": "zero_shot" in stages, **metrics}

@@ -36,7 +36,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -148,9 +148,17 @@ def final_metrics(results: Mapping[str, Mapping[str, Any]], gold: Mapping[str, s
     }
 
 
-def judged_stage(stages: Mapping[str, Any], rounds: int) -> str:
-    """The stage whose labels the last SLM round judged (run health): the last refinement's, else round 0's."""
-    return f"llm_r{rounds}" if rounds and f"llm_r{rounds}" in stages else "llm_r0"
+def judged_stage(stages: Mapping[str, Any], rounds: int, rejected: Iterable[int] = ()) -> str:
+    """The stage whose labels the last SLM round judged (run health): the last refinement that was not set
+    aside (``rejected``: its stage shows what it would have given), else round 0's."""
+    aside = set(rejected)
+    kept = [r for r in range(1, rounds + 1) if f"llm_r{r}" in stages and r not in aside]
+    return f"llm_r{kept[-1]}" if kept else "llm_r0"
+
+
+def rejected_rounds(run: FreeALRun, rounds: int) -> list[int]:
+    """The refinement rounds ``run`` set aside."""
+    return [r for r in range(1, rounds + 1) if run.store.get_meta(f"rejected_r{r}")]
 
 
 def clean(obj: Any) -> Any:
@@ -194,7 +202,7 @@ def run_record(run: BenchRun, gold: Mapping[str, str], rounds: int) -> dict[str,
         per_stage[stage] = entry
     total = {k: sum(c.get(k, 0) for c in cost.values()) for k in STAT_KEYS}
     results = {k: asdict(r) for k, r in run.results().items()}
-    judged = judged_stage(stages, rounds)
+    judged = judged_stage(stages, rounds, rejected_rounds(run, rounds))
     return {"labels": run.labels, "stage_order": list(stages), "stages": per_stage, "llm_total": total,
             "loop_wall_s": sum(c.get("wall_s", 0.0) for c in cost.values()),
             **final_metrics(results, gold, stages[judged], run.health()), "health_judged_stage": judged}

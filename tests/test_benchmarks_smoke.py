@@ -193,6 +193,20 @@ def test_scale_tiny(tmp_path: Path) -> None:
     assert all(r["seconds"]["total"] > 0 and r["peak_mib"]["slm_r1"] > 0 for r in data["full"])
 
 
+def test_health_is_checked_against_the_labels_it_judged_not_a_refinement_set_aside(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refinement set aside keeps its stage (what it would have given), but run health judged the labels
+    before it: the main job had compared its estimate with the set-aside round's 85.0 % instead of 84.4 %."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from quality import judged_stage
+
+    stages = dict.fromkeys(["zero_shot", "llm_r0", "slm_r1", "llm_r1", "slm_r2", "llm_r2", "slm_r3"], {})
+    assert judged_stage(stages, 2) == "llm_r2"
+    assert judged_stage(stages, 2, rejected=[2]) == "llm_r1"
+    assert judged_stage(stages, 1, rejected=[1]) == "llm_r0"
+    assert judged_stage({"llm_r0": {}, "slm_r1": {}}, 0) == "llm_r0"
+
+
 def test_scale_report_lists_every_sizes_stages(monkeypatch: pytest.MonkeyPatch) -> None:
     """A first child cut short must not hide the stages of the children after it."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
