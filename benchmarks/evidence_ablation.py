@@ -9,7 +9,11 @@ are re-judged (``detection.judge``, no training, no LLM call) with:
 - the small model alone (no LLM confidence);
 - the LLM's confidence alone (its probability for the label, as it comes);
 - the small model + the LLM's last answer's probabilities;
-- the small model + the LLM's probabilities averaged over every round that asked the text (what runs use).
+- the small model + the LLM's probabilities averaged over every round that asked the text (what runs use),
+  and the same without the linear pool of the posterior with the LLM's calibrated confidence (the product
+  only, as before 2026-12-04);
+- the same with a second judge (``second_judge.py``'s probe on the frozen encoder's embeddings) in place of
+  the small model, and averaged with it.
 
 Per variant: AUROC for ranking wrong final labels first, ECE of the score, the run-health estimate against
 the true accuracy, the flag (share, precision, recall) and the recall of the lowest-scored 10 % and 20 %.
@@ -26,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, fmt_table, loadavg, mean_sd, write_report  # noqa: E402
+from second_judge import probe_oof  # noqa: E402
 
 from freeal_backend.config import Settings  # noqa: E402
 from freeal_backend.loop import FreeALRun  # noqa: E402
@@ -33,7 +38,8 @@ from freeal_backend.metrics import expected_calibration_error, review_scores  # 
 from freeal_backend.slm.detection import judge  # noqa: E402
 from freeal_backend.storage import Store  # noqa: E402
 
-VARIANTS = ("SLM alone", "LLM confidence alone", "SLM + LLM last answer", "SLM + LLM over rounds")
+VARIANTS = ("SLM alone", "LLM confidence alone", "SLM + LLM last answer", "SLM + LLM over rounds",
+            "SLM + LLM over rounds, product only", "probe + LLM over rounds", "SLM and probe + LLM over rounds")
 
 
 def last_answer_probs(run: FreeALRun, items: list[Any], rounds: int) -> np.ndarray:
@@ -61,8 +67,11 @@ def ablate(run_dir: Path, rounds: int | None) -> dict[str, Any]:
         probs = np.array([slm[it.item_id]["probs"] for it in items])
         given, averaged = run._current(items, rounds)
         last = last_answer_probs(run, items, rounds)
+        frozen = run._embeddings(items, lambda *a: None)
     y = np.array([run.labels.index(g) if g is not None else -1 for g in given])
     unanswered = y < 0
+    probe = probe_oof(frozen, y, len(run.labels), [it.text for it in items], 1.0, run.settings.seed)
+    judges = {"SLM": probs, "probe": probe, "SLM and probe": (probs + probe) / 2}
     rows: dict[str, Any] = {"run_dir": str(run_dir), "rounds": rounds, "n": len(items),
                             "label_accuracy": float((y == gold).mean()), "variants": {}}
     for name in VARIANTS:
@@ -72,8 +81,9 @@ def ablate(run_dir: Path, rounds: int | None) -> dict[str, Any]:
             score = np.where(has, last[np.arange(len(y)), np.maximum(y, 0)] / np.where(has, total, 1), 0.0)
             final, flagged, est = y, None, float("nan")
         else:
-            llm = {"SLM alone": None, "SLM + LLM last answer": last, "SLM + LLM over rounds": averaged}[name]
-            j = judge(probs, y, None, llm)
+            llm = None if name == "SLM alone" else last if name == "SLM + LLM last answer" else averaged
+            j = judge(judges[name.split(" + ")[0].replace(" alone", "")], y, None, llm,
+                      pool=not name.endswith("product only"))
             score, final, flagged, est = j.scores, j.labels, j.flagged, j.health.estimated_accuracy
         wrong = final != gold
         rs = review_scores(score, wrong, unanswered=unanswered, flagged=flagged, shares=(0.10, 0.20))

@@ -162,3 +162,27 @@ def test_good_labels_and_a_loose_judge_are_not_called_poor():
     assert health.verdict == "ok" and "look poor" not in health.message and "loosely" in health.message
     poor = _verdict(0.70, 0.70, 1.0, 0.60, 0.33, "labels", p_value=0.005)  # a low estimate still is poor
     assert poor.verdict == "poor" and "look poor" in poor.message
+
+
+def test_a_confident_llm_keeps_a_label_the_small_model_is_misled_on_out_of_certain_doubt():
+    """Live runs: the small model, trained on the LLM's labels, confidently contradicts some labels that are
+    right, and the product of its evidence and the LLM's scored them ~0.01 (right 58-73 % of the time; final
+    score ECE 0.13 where the LLM's own confidence had 0.05-0.07). The LLM's calibrated confidence is pooled
+    with the posterior (a linear pool), so such a label is doubted, not written off."""
+    rng = np.random.default_rng(0)
+    n = 1500
+    true = rng.integers(0, 2, n)
+    wrong = rng.random(n) < 0.15
+    labels = np.where(wrong, 1 - true, true)
+    misled = rng.random(n) < 0.12  # the small model is confidently against the label, right or not
+    p_true = np.clip(rng.beta(6, 2, n), 0.02, 0.99)
+    p_label = np.where(misled, rng.uniform(0.005, 0.03, n), np.where(wrong, 1 - p_true, p_true))
+    probs = np.stack([np.where(labels == 0, p_label, 1 - p_label), np.where(labels == 1, p_label, 1 - p_label)], 1)
+    conf = np.where(wrong, rng.uniform(0.5, 0.85, n), rng.uniform(0.7, 1.0, n))  # informative
+    llm = np.zeros((n, 2))
+    llm[np.arange(n), labels], llm[np.arange(n), 1 - labels] = conf, 1 - conf
+    j = judge(probs, labels, llm_probs=llm)
+    right = j.labels == true
+    assert j.scores[misled & ~wrong].mean() > 0.3  # the product gave them 0.13
+    assert roc_auc_score(~right, -j.scores) > 0.9
+    assert (j.flagged & ~right).sum() / (~right).sum() > 0.8  # the wrong ones are still flagged
