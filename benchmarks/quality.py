@@ -23,7 +23,8 @@ in DIR/runs/loop-<name>-n<N>-ss<sample seed>-s<seed>-<model> and the LLM cache i
 unfinished run (finished stages are kept, stored answers are not asked again, and a request answered before is
 a cache hit: the zero-shot answers are shared across seeds) and only re-reads the record
 (``loop_result.json``) of a finished one. Without it everything starts afresh in a
-temporary folder.
+temporary folder. ``--report-only`` rewrites the reports from the finished records in ``--data-dir`` and runs
+nothing (the command a report shows is then that one; each seed's record names the session that ran it).
 """
 from __future__ import annotations
 
@@ -247,8 +248,9 @@ def run_config(args: argparse.Namespace, name: str, n: int, seed: int, model: st
 
 def run_one(name: str, seed: int, rows: Sequence[dict[str, Any]], test: Sequence[dict[str, Any]],
             labels: Sequence[str], args: argparse.Namespace, data_dir: Path, model: str,
-            base_url: str | None) -> dict[str, Any]:
-    """Run (resume, or re-read) one seed's loop on ``rows``; its record is saved in its run folder."""
+            base_url: str | None, *, report_only: bool = False) -> dict[str, Any] | None:
+    """Run (resume, or re-read) one seed's loop on ``rows``; its record is saved in its run folder.
+    ``report_only``: re-read a finished record, else None (nothing runs)."""
     config = run_config(args, name, len(rows), seed, model, base_url)
     run_dir = data_dir / "runs" / f"loop-{name}-n{len(rows)}-ss{args.sample_seed}-s{seed}-{slug(model)}"
     saved_path = run_dir / RECORD
@@ -257,6 +259,9 @@ def run_one(name: str, seed: int, rows: Sequence[dict[str, Any]], test: Sequence
         if saved.get("config") == config and (not args.extras or (saved.get("extras") or {}).get("test_n") == len(test)):
             print(f"  [{name} s{seed}] finished earlier: re-read {saved_path}", flush=True)
             return saved
+    if report_only:
+        print(f"  [{name} s{seed}] not finished: left out of the report", flush=True)
+        return None
     items = [Item(r["id"], r["text"], gold=r["label"]) for r in rows]
     gold = {r["id"]: r["label"] for r in rows}
     settings = Settings.from_env(data_dir=data_dir, llm_base_url=base_url, llm_model=model, rounds=args.rounds,
@@ -456,7 +461,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", help="keep run state and the LLM cache here, so re-runs resume (default: a "
                                        "fresh temporary folder)")
     ap.add_argument("--out-dir", default=str(RESULTS), help="where the result files go")
+    ap.add_argument("--report-only", action="store_true",
+                    help="only rewrite the reports from the finished seeds' records in --data-dir; run nothing")
     args = ap.parse_args(argv)
+    if args.report_only and not args.data_dir:
+        ap.error("--report-only reads the records in --data-dir")
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         import torch
@@ -482,9 +491,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"LLM {model} at {base_url or 'the embedded server'}", flush=True)
             records: dict[int, dict[str, Any]] = {}
             for seed in seeds:
-                records[seed] = run_one(name, seed, rows, test, labels, args, data_dir, model, base_url)
-                report = dataset_report(name, records, seeds, args, model, len(train_all), load_start)
-            reports.append(report)
+                record = run_one(name, seed, rows, test, labels, args, data_dir, model, base_url,
+                                 report_only=args.report_only)
+                if record is not None:
+                    records[seed] = record
+                    report = dataset_report(name, records, seeds, args, model, len(train_all), load_start)
+            if records:
+                reports.append(report)
             summary_report(reports, args, model, load_start)
     finally:
         tmp.cleanup()

@@ -84,6 +84,12 @@ def test_quality_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> None
     again = _run(args, tmp_path, FREEAL_SHOTS="2")
     assert again.count("finished earlier: re-read") == 2 and " done: " not in again, again
     assert json.loads(js.read_text())["per_seed"] == runs
+    # --report-only rewrites the reports from the finished seeds and runs none of the others
+    only = _run([*args[:args.index("--seeds") + 1], "0,1,2", *args[args.index("--seeds") + 2:], "--report-only"],
+                tmp_path, FREEAL_SHOTS="2")
+    assert "[mr s2] not finished: left out of the report" in only and " done: " not in only, only
+    assert not (tmp_path / "bench" / "runs" / "loop-mr-n12-ss0-s2-smollm2-135m-instruct").exists()
+    assert json.loads(js.read_text())["seeds_finished"] == [0, 1]
     # a run whose record is gone resumes from its state: no stage asks again, and the cost booked per stage
     # in the earlier session stays
     (tmp_path / "bench" / "runs" / "loop-mr-n12-ss0-s1-smollm2-135m-instruct" / "loop_result.json").unlink()
