@@ -285,7 +285,7 @@ def _pool_label(posterior: np.ndarray, labels: np.ndarray, llm_right: np.ndarray
     rest = np.clip(1.0 - old, 1e-12, None)
     out[rows] *= ((1.0 - new) / rest)[:, None]
     out[rows, cols] = new
-    return out
+    return out / out.sum(axis=1, keepdims=True)  # a label the posterior gave all its mass keeps it
 
 
 def overrule(labels: np.ndarray, posterior: np.ndarray, conservative: np.ndarray) -> np.ndarray:
@@ -405,8 +405,8 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
         llm_informs = bool(np.any(ratio != 1.0))
         posterior = _weigh_label(posterior, judged_labels, ratio)
         strict = _weigh_label(strict, judged_labels, ratio)
-        if llm_informs and pool:  # the product above counts the two views as independent; they are not (the small
-            posterior = _pool_label(posterior, judged_labels, llm_right)  # model learnt the LLM's labels)
+        if llm_informs and pool:  # the product counts the two views as independent; they are not
+            posterior = _pool_label(posterior, judged_labels, llm_right)
         health = _with_estimate(health, posterior, judged_labels, human)
     if health.weak_side == "judge":
         final = np.where(answered, judged_labels, posterior.argmax(axis=1))
