@@ -342,6 +342,17 @@ def test_webhook_events_of_any_shape_get_a_clean_answer(app: Flask, event: dict[
     assert_clean(app.test_client().post("/webhook", json=event))
 
 
+@pytest.mark.parametrize("event", [
+    {"action": "ANNOTATION_CREATED", "project": {"id": 1}, "annotation": {"id": False}, "task": [None]},
+    {"action": "ANNOTATION_CREATED", "project": {"id": 1}, "annotation": {"id": 7}, "task": [None]},
+    {"action": "ANNOTATION_UPDATED", "project": {"id": 1}, "annotation": {"id": 7, "task": True}, "task": "x"},
+])
+def test_annotation_events_whose_task_is_not_an_object_get_a_400(app: Flask, event: dict[str, Any]) -> None:
+    """Found by the property test above: a 'task' that is a list made the webhook answer 500."""
+    resp = app.test_client().post("/webhook", json=event)
+    assert resp.status_code == 400 and "error" in assert_clean(resp)
+
+
 # --- auth and secrets ----------------------------------------------------------------------------------------
 
 def _basic(user: str, password: str) -> dict[str, str]:

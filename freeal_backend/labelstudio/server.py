@@ -202,17 +202,23 @@ def _same(given: str | None, expected: str) -> bool:
     return hmac.compare_digest(raw(given or ""), raw(expected))
 
 
+def _is_id(value: Any) -> bool:
+    """An integer id as Label Studio sends it (JSON true/false are not ids)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _record_annotation(backend: Backend, pid: int, body: dict[str, Any]) -> None:
     """Store the human labels of an annotation event as gold (a skipped annotation removes them)."""
     ann = body.get("annotation")
-    if not isinstance(ann, dict) or not isinstance(ann.get("id"), int):
+    if not isinstance(ann, dict) or not _is_id(ann.get("id")):
         raise BadRequest("annotation event without an 'annotation' object with an integer 'id'")
-    task = ann.get("task") if isinstance(ann.get("task"), int) else (body.get("task") or {}).get("id")
-    if not isinstance(task, int):
+    task_obj = body.get("task") if isinstance(body.get("task"), dict) else {}
+    task = ann.get("task") if _is_id(ann.get("task")) else task_obj.get("id")
+    if not _is_id(task):
         raise BadRequest("annotation event without a task id")
     project = body.get("project") if isinstance(body.get("project"), dict) else {}
     cfg, _ = backend.config_for(pid, project.get("label_config"))
-    data = (body.get("task") or {}).get("data") if isinstance(body.get("task"), dict) else None
+    data = task_obj.get("data")
     text = data.get(cfg.data_key) if isinstance(data, dict) else None
     labels = [] if ann.get("was_cancelled") else human_labels(cfg, ann.get("result") or [],
                                                                text if isinstance(text, str) else None)
