@@ -38,8 +38,15 @@ from freeal_backend.metrics import expected_calibration_error, review_scores  # 
 from freeal_backend.slm.detection import judge  # noqa: E402
 from freeal_backend.storage import Store  # noqa: E402
 
-VARIANTS = ("SLM alone", "LLM confidence alone", "SLM + LLM last answer", "SLM + LLM over rounds",
-            "SLM + LLM over rounds, product only", "probe + LLM over rounds", "SLM and probe + LLM over rounds")
+VARIANTS = {  # name: (judge's probabilities, the LLM's, linear pool); None: the LLM's confidence as it comes
+    "SLM alone": ("SLM", None, True),
+    "LLM confidence alone": None,
+    "SLM + LLM last answer": ("SLM", "last", True),
+    "SLM + LLM over rounds": ("SLM", "averaged", True),
+    "SLM + LLM over rounds, product only": ("SLM", "averaged", False),
+    "probe + LLM over rounds": ("probe", "averaged", True),
+    "SLM and probe + LLM over rounds": ("SLM and probe", "averaged", True),
+}
 
 
 def last_answer_probs(run: FreeALRun, items: list[Any], rounds: int) -> np.ndarray:
@@ -74,16 +81,16 @@ def ablate(run_dir: Path, rounds: int | None) -> dict[str, Any]:
     judges = {"SLM": probs, "probe": probe, "SLM and probe": (probs + probe) / 2}
     rows: dict[str, Any] = {"run_dir": str(run_dir), "rounds": rounds, "n": len(items),
                             "label_accuracy": float((y == gold).mean()), "variants": {}}
-    for name in VARIANTS:
-        if name == "LLM confidence alone":
+    llms = {None: None, "last": last, "averaged": averaged}
+    for name, spec in VARIANTS.items():
+        if spec is None:
             total = last.sum(axis=1)
             has = ~unanswered & (total > 0)
             score = np.where(has, last[np.arange(len(y)), np.maximum(y, 0)] / np.where(has, total, 1), 0.0)
             final, flagged, est = y, None, float("nan")
         else:
-            llm = None if name == "SLM alone" else last if name == "SLM + LLM last answer" else averaged
-            j = judge(judges[name.split(" + ")[0].replace(" alone", "")], y, None, llm,
-                      pool=not name.endswith("product only"))
+            slm_side, llm_side, pool = spec
+            j = judge(judges[slm_side], y, None, llms[llm_side], pool=pool)
             score, final, flagged, est = j.scores, j.labels, j.flagged, j.health.estimated_accuracy
         wrong = final != gold
         rs = review_scores(score, wrong, unanswered=unanswered, flagged=flagged, shares=(0.10, 0.20))

@@ -248,9 +248,9 @@ def run_config(args: argparse.Namespace, name: str, n: int, seed: int, model: st
 
 def run_one(name: str, seed: int, rows: Sequence[dict[str, Any]], test: Sequence[dict[str, Any]],
             labels: Sequence[str], args: argparse.Namespace, data_dir: Path, model: str,
-            base_url: str | None, *, report_only: bool = False) -> dict[str, Any] | None:
+            base_url: str | None) -> dict[str, Any] | None:
     """Run (resume, or re-read) one seed's loop on ``rows``; its record is saved in its run folder.
-    ``report_only``: re-read a finished record, else None (nothing runs)."""
+    With ``--report-only``: re-read a finished record, else None (nothing runs)."""
     config = run_config(args, name, len(rows), seed, model, base_url)
     run_dir = data_dir / "runs" / f"loop-{name}-n{len(rows)}-ss{args.sample_seed}-s{seed}-{slug(model)}"
     saved_path = run_dir / RECORD
@@ -259,7 +259,7 @@ def run_one(name: str, seed: int, rows: Sequence[dict[str, Any]], test: Sequence
         if saved.get("config") == config and (not args.extras or (saved.get("extras") or {}).get("test_n") == len(test)):
             print(f"  [{name} s{seed}] finished earlier: re-read {saved_path}", flush=True)
             return saved
-    if report_only:
+    if args.report_only:
         print(f"  [{name} s{seed}] not finished: left out of the report", flush=True)
         return None
     items = [Item(r["id"], r["text"], gold=r["label"]) for r in rows]
@@ -491,8 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"LLM {model} at {base_url or 'the embedded server'}", flush=True)
             records: dict[int, dict[str, Any]] = {}
             for seed in seeds:
-                record = run_one(name, seed, rows, test, labels, args, data_dir, model, base_url,
-                                 report_only=args.report_only)
+                record = run_one(name, seed, rows, test, labels, args, data_dir, model, base_url)
                 if record is not None:
                     records[seed] = record
                     report = dataset_report(name, records, seeds, args, model, len(train_all), load_start)

@@ -276,7 +276,8 @@ class FreeALRun:
     task_type = "classification"
     zero_shot_fallback = False  # round 0 without demonstrations when the LLM wrote none (else an error)
     skip_one_group_pool = False  # skip a refinement whose pool holds one group (spans: "no entity" only); classes
-    #   keep the paper's refinement: a small project's weak SLM often agrees on one class only
+    #   keep the paper's refinement and fill a class the SLM agrees on nowhere (a small project's weak SLM
+    #   often agrees on one class only)
     answer_tokens: int | None = None  # max_tokens of an annotation request (None: LLM_MAX_TOKENS)
 
     @property
@@ -338,12 +339,13 @@ class FreeALRun:
                 "clean": int(out.clean[labelled].sum()), "labelled": int(labelled.sum())}
 
     def _slm_groups(self, items: Sequence[Item], rnd: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per item: group of its current label (-1: none), the SLM's group, the SLM's confidence."""
+        """Per item: group of its current label (-1: none), the SLM's group, and how likely the SLM finds the
+        label (its probability; where they agree, its confidence)."""
         slm = self.store.slm(rnd)
         probs = np.array([slm[it.item_id]["probs"] for it in items])
         labels, _ = self._current(items, rnd - 1)
         y = np.array([self.labels.index(lab) if lab is not None else -1 for lab in labels])
-        return y, probs.argmax(1), probs.max(1)
+        return y, probs.argmax(1), probs[np.arange(len(items)), np.maximum(y, 0)]
 
     def _slm_label(self, row: dict[str, object]) -> str:
         """The label an SLM round's stored row predicts."""
@@ -690,17 +692,17 @@ class FreeALRun:
         The clean agreed pool (per class: out-of-sample SLM prediction == label, top ``select_ratio`` by
         SLM confidence) and human labels keep their labels; every other text is re-annotated (the paper),
         or only the lowest-scored ``refine_share`` of them (a budget knob for endpoints paid per call).
-        A class the SLM agrees on nowhere is filled with its labelled texts the SLM finds likeliest
-        (:meth:`_pool_fill_scores`), so the LLM still sees demos of every class it answered.
+        A class the SLM agrees on nowhere is filled with its labelled texts the SLM finds likeliest, so the
+        LLM still sees demos of every class it answered (spans instead skip a one-group pool).
         """
         emb = np.load(self.run_dir / f"slm_r{rnd}_embeddings.npy")
         gold = np.array([bool(it.human_label) for it in items])
         y, pred, conf = self._slm_groups(items, rnd)
         n_cls = self.n_groups
-        fill = self._pool_fill_scores(items, rnd, y)
+        fill = not self.skip_one_group_pool
         pool = clean_agreed_pool(y, pred, conf, n_cls, ratio=self.settings.select_ratio, gold=gold,
-                                 label_scores=fill)
-        filled = [self.labels[j] for j in range(n_cls) if fill is not None and len(pool[j])
+                                 label_scores=conf if fill else None)
+        filled = [self.labels[j] for j in range(n_cls) if fill and len(pool[j])
                   and not ((y == j) & (pred == j) & ~gold).any()]
         chosen = demo_pool(pool, emb, max(1, self.settings.demo_pool_size // n_cls), seed=self.settings.seed,
                            gold=gold)
@@ -715,13 +717,6 @@ class FreeALRun:
             todo = todo[np.argsort(scores[todo], kind="stable")[:int(np.ceil(share * len(todo)))]]
             todo = np.sort(todo)
         return RefinementScope(todo.tolist(), pool_idx, pool_cls, filled)
-
-    def _pool_fill_scores(self, items: Sequence[Item], rnd: int, y: np.ndarray) -> np.ndarray | None:
-        """Per text, the SLM's probability of its current label (how a class without agreement fills its
-        pool in :func:`clean_agreed_pool`)."""
-        slm = self.store.slm(rnd)
-        probs = np.array([slm[it.item_id]["probs"] for it in items])
-        return np.where(y >= 0, probs[np.arange(len(items)), np.maximum(y, 0)], -np.inf)
 
     def _stage_refine(self, items: Sequence[Item], rnd: int, progress: Progress) -> None:
         """Re-annotate every text outside the clean agreed pool with demos retrieved by SLM embeddings.

@@ -176,10 +176,6 @@ class SpanRun(FreeALRun):
         agreed = np.array([lab is not None and not verdict.judgements[i] for i, lab in enumerate(labels)])
         return y, np.where(agreed, y, -2), verdict.scores
 
-    def _pool_fill_scores(self, items: Sequence[Item], rnd: int, y: np.ndarray) -> None:
-        """Spans fill no group: a pool with "no entity" sentences only skips the round (``ONE_GROUP_NOTE``)."""
-        return None
-
     def _group(self, spans: Sequence[Span]) -> int:
         return self.labels.index(min(spans).label) if spans else len(self.labels)
 
