@@ -30,11 +30,27 @@ CREATE TABLE IF NOT EXISTS results (item_id TEXT PRIMARY KEY, record TEXT NOT NU
 RESULT_COLUMNS = {"label": "TEXT", "confidence": "REAL", "suspicious": "INTEGER", "source": "TEXT"}
 
 
+BUSY_TIMEOUT_S = 30.0
+
+
 def connect(path: Path, schema: str) -> sqlite3.Connection:
-    """A thread-shareable SQLite connection in WAL mode, autocommit (transactions are explicit)."""
+    """A thread-shareable SQLite connection in WAL mode, autocommit (transactions are explicit).
+
+    Switching a new file to WAL takes an exclusive lock and SQLite answers "database is locked" at once,
+    without waiting, to a second process doing the same (gunicorn workers booting side by side), so that
+    switch is retried for up to ``BUSY_TIMEOUT_S``; every later statement waits through the busy timeout."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
+    db = sqlite3.connect(str(path), check_same_thread=False, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                db.close()
+                raise
+            time.sleep(0.05)
     db.execute("PRAGMA synchronous=NORMAL")
     db.executescript(schema)
     return db

@@ -122,7 +122,8 @@ def wait_job(backend: BackendServer, project_id: int, *, not_version: str | None
                 if status["state"] == "done" and status["model_version"] != not_version:
                     return status
         time.sleep(2)
-    raise AssertionError(f"job did not end in {JOB_TIMEOUT_S}s: {status}; log: {backend.log_path}")
+    log_tail = backend.log_path.read_text(errors="replace")[-3000:]
+    raise AssertionError(f"job did not end in {JOB_TIMEOUT_S}s: {status}; the backend log ends:\n{log_tail}")
 
 
 def test_ls_client_paging_versions_and_view(label_studio: LabelStudioServer) -> None:
