@@ -10,8 +10,9 @@ are re-judged (``detection.judge``, no training, no LLM call) with:
 - the LLM's confidence alone (its probability for the label, as it comes);
 - the small model + the LLM's last answer's probabilities;
 - the small model + the LLM's probabilities averaged over every round that asked the text (what runs use),
-  and the same without the linear pool of the posterior with the LLM's calibrated confidence (the product
-  only, as before 2026-12-04);
+  the same without the cap of the scores at the LLM's mean confidence (as before 2026-12-05), and without
+  that cap and the linear pool of the posterior with the LLM's calibrated confidence (the product only, as
+  before 2026-12-04);
 - the same with a second judge (``second_judge.py``'s probe on the frozen encoder's embeddings) in place of
   the small model, and averaged with it.
 
@@ -38,14 +39,15 @@ from freeal_backend.metrics import expected_calibration_error, review_scores  # 
 from freeal_backend.slm.detection import judge  # noqa: E402
 from freeal_backend.storage import Store  # noqa: E402
 
-VARIANTS = {  # name: (judge's probabilities, the LLM's, linear pool); None: the LLM's confidence as it comes
-    "SLM alone": ("SLM", None, True),
+VARIANTS = {  # name: (judge's probabilities, the LLM's, linear pool, cap at the LLM's mean confidence);
+    "SLM alone": ("SLM", None, True, True),  # None: the LLM's confidence as it comes
     "LLM confidence alone": None,
-    "SLM + LLM last answer": ("SLM", "last", True),
-    "SLM + LLM over rounds": ("SLM", "averaged", True),
-    "SLM + LLM over rounds, product only": ("SLM", "averaged", False),
-    "probe + LLM over rounds": ("probe", "averaged", True),
-    "SLM and probe + LLM over rounds": ("SLM and probe", "averaged", True),
+    "SLM + LLM last answer": ("SLM", "last", True, True),
+    "SLM + LLM over rounds": ("SLM", "averaged", True, True),
+    "SLM + LLM over rounds, no cap": ("SLM", "averaged", True, False),
+    "SLM + LLM over rounds, product only": ("SLM", "averaged", False, False),
+    "probe + LLM over rounds": ("probe", "averaged", True, True),
+    "SLM and probe + LLM over rounds": ("SLM and probe", "averaged", True, True),
 }
 
 
@@ -89,8 +91,8 @@ def ablate(run_dir: Path, rounds: int | None) -> dict[str, Any]:
             score = np.where(has, last[np.arange(len(y)), np.maximum(y, 0)] / np.where(has, total, 1), 0.0)
             final, flagged, est = y, None, float("nan")
         else:
-            slm_side, llm_side, pool = spec
-            j = judge(judges[slm_side], y, None, llms[llm_side], pool=pool)
+            slm_side, llm_side, pool, cap = spec
+            j = judge(judges[slm_side], y, None, llms[llm_side], pool=pool, cap=cap)
             score, final, flagged, est = j.scores, j.labels, j.flagged, j.health.estimated_accuracy
         wrong = final != gold
         rs = review_scores(score, wrong, unanswered=unanswered, flagged=flagged, shares=(0.10, 0.20))

@@ -186,3 +186,50 @@ def test_a_confident_llm_keeps_a_label_the_small_model_is_misled_on_out_of_certa
     assert j.scores[misled & ~wrong].mean() > 0.3  # the product gave them 0.13
     assert roc_auc_score(~right, -j.scores) > 0.9
     assert (j.flagged & ~right).sum() / (~right).sum() > 0.8  # the wrong ones are still flagged
+
+
+def _consistent_errors(seed: int, n: int = 1500, classes: int = 4) -> tuple[np.ndarray, ...]:
+    """The shape of TREC with the 0.5B LLM: labels ~50 % right, the wrong ones mostly a consistent mistake
+    (class c read as c + 1), which the small model, trained on those labels, learnt: out of sample it backs
+    the label, right or wrong. The LLM's own confidence is informative and, as LLMs are, somewhat high."""
+    rng = np.random.default_rng(seed)
+    true = rng.integers(0, classes, n)
+    wrong = rng.random(n) < 0.5
+    labels = np.where(wrong, (true + 1) % classes, true)
+    backs = rng.random(n) < 0.85  # the small model's top class is the label
+    top = np.where(backs, labels, (labels + rng.integers(1, classes, n)) % classes)
+    logits = rng.normal(0, 0.5, (n, classes))
+    logits[np.arange(n), top] += rng.uniform(1.5, 4.0, n)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    conf = np.where(wrong, rng.uniform(0.25, 0.65, n), rng.uniform(0.45, 0.95, n))  # ~0.1 too high on average
+    llm = np.tile(((1 - conf) / (classes - 1))[:, None], (1, classes))
+    llm[np.arange(n), labels] = conf
+    return true, probs, labels, llm
+
+
+def test_a_small_model_that_learnt_the_llms_consistent_errors_does_not_vouch_for_them():
+    """Live TREC runs (labels 46-50 % right): the small model learnt the LLM's consistent mistakes, so run
+    health said 81-82 % right and the final score's ECE was 0.35-0.38, while the LLM's own confidence had an
+    ECE of 0.10. Both views tend to overrate the labels; the lower figure must count, and the scores must
+    move down to it without changing their order."""
+    true, probs, labels, llm = _consistent_errors(0)
+    capped, uncapped = judge(probs, labels, llm_probs=llm), judge(probs, labels, llm_probs=llm, cap=False)
+    truth = (labels == true).mean()
+    assert uncapped.health.estimated_accuracy > truth + 0.2  # what the product said before
+    assert abs(capped.health.estimated_accuracy - truth) < 0.15
+    assert capped.health.verdict == "poor" and "own confidence" in capped.health.message
+    right = capped.labels == true
+    assert (capped.labels == uncapped.labels).all()
+    assert _ece(capped.scores, right) < _ece(uncapped.scores, right) - 0.1
+    assert roc_auc_score(~right, -capped.scores) == roc_auc_score(~right, -uncapped.scores)
+    idx = np.arange(len(labels))
+    assert np.allclose(capped.posterior[idx, capped.labels], capped.scores)
+
+
+def test_an_llm_surer_than_the_small_model_does_not_raise_the_estimate():
+    true, probs, labels, llm = _with_logprobs(np.random.default_rng(12), informative=True)
+    llm[np.arange(len(labels)), labels] = np.clip(llm[np.arange(len(labels)), labels] + 0.1, 0, 0.999)
+    llm[np.arange(len(labels)), 1 - labels] = 1 - llm[np.arange(len(labels)), labels]
+    capped, uncapped = judge(probs, labels, llm_probs=llm), judge(probs, labels, llm_probs=llm, cap=False)
+    assert capped.health.estimated_accuracy == uncapped.health.estimated_accuracy
+    assert np.array_equal(capped.scores, uncapped.scores)

@@ -13,7 +13,11 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
    cross-fitted latent-class EM learns P(label right | confidence), isotonic in the confidence; constant
    or uninformative confidences change nothing). Once it informs, the label's posterior is pooled
    linearly with that calibrated P(right | confidence) (``_pool_label``: the small model learnt the
-   LLM's labels, so the product double-counts). The score is the posterior of the final label. The
+   LLM's labels, so the product double-counts). The score is the posterior of the final label. Both views
+   tend to overrate the labels (a small model trained on them learns the LLM's consistent errors; LLMs are
+   overconfident), so where the LLM's mean confidence in its labels is below the mean score, every
+   answered score moves down to it by one logit offset (``shift_to_mean``: rankings unchanged) and run
+   health takes that lower figure. The
    final label is the LLM's unless the evidence against it is strong: the posterior and a conservative
    anchor-point posterior (anchors from out-of-sample rows only: human rows are trained on) pick the same
    other class, the latter with at least ``OVERRULE_AT``. A *weak judge* (labels agree with it on fewer
@@ -277,15 +281,44 @@ def _pool_label(posterior: np.ndarray, labels: np.ndarray, llm_right: np.ndarray
     the other classes keep their proportions. Multiplying the two views treats them as independent; the
     small model learnt the LLM's labels, so the product double-counts and its scores sit too near 0 and 1
     (on live runs the final score's ECE was 0.13-0.14 where the LLM's own confidence had 0.05-0.07)."""
-    out = posterior.copy()
     rows = np.flatnonzero((labels >= 0) & ~np.isnan(llm_right))
     cols = labels[rows]
-    old = out[rows, cols]
-    new = (old + llm_right[rows]) / 2
-    rest = np.clip(1.0 - old, 1e-12, None)
+    return _set_probability(posterior, rows, cols, (posterior[rows, cols] + llm_right[rows]) / 2)
+
+
+def _set_probability(posterior: np.ndarray, rows: np.ndarray, cols: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """``posterior`` with ``posterior[rows, cols] = new``, each row's other classes keeping their proportions."""
+    out = posterior.copy()
+    rest = np.clip(1.0 - out[rows, cols], 1e-12, None)
     out[rows] *= ((1.0 - new) / rest)[:, None]
     out[rows, cols] = new
     return out / out.sum(axis=1, keepdims=True)  # a label the posterior gave all its mass keeps it
+
+
+def shift_to_mean(scores: np.ndarray, target: float) -> np.ndarray:
+    """``scores`` moved by one common offset in logit space so that their mean is ``target`` (the order of
+    the scores, hence every ranking, stays as it was)."""
+    from scipy.optimize import brentq
+
+    p = np.clip(np.asarray(scores, dtype=np.float64), 1e-9, 1 - 1e-9)
+    z = np.log(p / (1 - p))
+    target = float(np.clip(target, 1e-6, 1 - 1e-6))
+    offset = brentq(lambda b: float(np.mean(1.0 / (1.0 + np.exp(-(z + b))))) - target, -40.0, 40.0)
+    return 1.0 / (1.0 + np.exp(-(z + offset)))
+
+
+def _below_llm_confidence(health: Health, own: float) -> Health:
+    """``health`` whose estimate is the LLM's mean confidence ``own`` (below the small model's estimate)."""
+    est = own * health.coverage
+    verdict = health.verdict if health.verdict == "near_chance" else ("poor" if est < POOR_ACCURACY else "ok")
+    message = (health.message.replace(f"{health.estimated_accuracy:.0%}", f"{est:.0%}", 1)
+               + f" (the LLM's own confidence in its labels averages {own:.0%}, below the "
+               f"{health.answered_accuracy:.0%} the verdict gives them; the small model may have learnt the "
+               "LLM's consistent errors, so the lower figure counts)")
+    if verdict == "poor" and health.verdict != "poor":
+        message += "; the labels look poor: review the flagged tasks, and consider a stronger LLM endpoint"
+    return Health(est, own, health.coverage, health.agreement, health.kappa, verdict, message,
+                  health.weak_side or ("labels" if verdict == "poor" else ""))
 
 
 def overrule(labels: np.ndarray, posterior: np.ndarray, conservative: np.ndarray) -> np.ndarray:
@@ -367,14 +400,15 @@ def _verdict(est: float, answered_acc: float, coverage: float, agreement: float,
 
 
 def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None,
-          llm_probs: np.ndarray | None = None, *, pool: bool = True) -> Judgement:
+          llm_probs: np.ndarray | None = None, *, pool: bool = True, cap: bool = True) -> Judgement:
     """Final label, score, flag and reasons per text, and the run's health (see the module doc).
 
     ``probs``: (n, C) out-of-sample SLM probabilities (human-labelled rows are trained on in every fold:
     in sample, so they never estimate noise); ``labels``: (n,) given label index or -1;
     ``human``: (n,) bool, labels given by a person (kept, score 1, never flagged);
     ``llm_probs``: (n, C) the LLM's per-class probabilities, rows of zeros where it gave none;
-    ``pool=False`` leaves out the linear pool with the LLM's calibrated confidence (for ablations).
+    ``pool=False`` leaves out the linear pool with the LLM's calibrated confidence, ``cap=False`` the cap of
+    the scores and the estimate at the LLM's mean confidence (both for ablations).
     """
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=int)
@@ -415,6 +449,13 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
     final[human] = labels[human]
     scores = posterior[np.arange(n), final]
     scores[human] = 1.0
+    if cap and llm_informs and health.verdict != "near_chance":  # both views tend to overrate the labels:
+        own = float(np.nanmean(conf[answered]))  # the lower figure counts, every score moved down to it alike
+        if own < scores[answered].mean():
+            scores[answered] = shift_to_mean(scores[answered], own)
+            posterior = _set_probability(posterior, np.flatnonzero(answered), final[answered], scores[answered])
+        if own < health.answered_accuracy:
+            health = _below_llm_confidence(health, own)
     unanswered = ~human & ~answered
     if unanswered.any():
         floor = scores[answered].min() if answered.any() else 1.0
