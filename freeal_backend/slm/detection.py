@@ -68,6 +68,7 @@ OVERRULE_AT = 0.99  # the conservative posterior must give another class this mu
 CHANCE_PERMUTATIONS = 199  # label permutations for the near-chance test
 CHANCE_P = 0.01  # labels are near chance when shuffled labels get this often as much evidence from the small model
 WEAK_JUDGE_BELOW = 0.8  # labels agree with the small model's surest texts less than this: the judge is misled
+SAY_LLM_CONFIDENCE_GAP = 0.05  # run health says why it took the LLM's lower mean confidence from this gap on
 LLM_CALIBRATION_MIN = 50  # fewer answers with a confidence than this: the LLM's confidence is not used
 LLM_CALIBRATION_FOLDS = 5
 
@@ -311,10 +312,11 @@ def _below_llm_confidence(health: Health, own: float) -> Health:
     """``health`` whose estimate is the LLM's mean confidence ``own`` (below the small model's estimate)."""
     est = own * health.coverage
     verdict = health.verdict if health.verdict == "near_chance" else ("poor" if est < POOR_ACCURACY else "ok")
-    message = (health.message.replace(f"{health.estimated_accuracy:.0%}", f"{est:.0%}", 1)
-               + f" (the LLM's own confidence in its labels averages {own:.0%}, below the "
-               f"{health.answered_accuracy:.0%} the verdict gives them; the small model may have learnt the "
-               "LLM's consistent errors, so the lower figure counts)")
+    message = health.message.replace(f"{health.estimated_accuracy:.0%}", f"{est:.0%}", 1)
+    if health.answered_accuracy - own >= SAY_LLM_CONFIDENCE_GAP:
+        message += (f" (the LLM's own confidence in its labels averages {own:.0%}, below the "
+                    f"{health.answered_accuracy:.0%} the verdict gives them; the small model may have learnt the "
+                    "LLM's consistent errors, so the lower figure counts)")
     if verdict == "poor" and health.verdict != "poor":
         message += "; the labels look poor: review the flagged tasks, and consider a stronger LLM endpoint"
     return Health(est, own, health.coverage, health.agreement, health.kappa, verdict, message,
