@@ -49,7 +49,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-from scipy.optimize import minimize_scalar
+from scipy.optimize import brentq, minimize_scalar
 from sklearn.metrics import cohen_kappa_score
 
 from freeal_backend.slm.budget import review_order
@@ -299,8 +299,6 @@ def _set_probability(posterior: np.ndarray, rows: np.ndarray, cols: np.ndarray, 
 def shift_to_mean(scores: np.ndarray, target: float) -> np.ndarray:
     """``scores`` moved by one common offset in logit space so that their mean is ``target`` (the order of
     the scores, hence every ranking, stays as it was)."""
-    from scipy.optimize import brentq
-
     p = np.clip(np.asarray(scores, dtype=np.float64), 1e-9, 1 - 1e-9)
     z = np.log(p / (1 - p))
     target = float(np.clip(target, 1e-6, 1 - 1e-6))
@@ -310,17 +308,15 @@ def shift_to_mean(scores: np.ndarray, target: float) -> np.ndarray:
 
 def _below_llm_confidence(health: Health, own: float) -> Health:
     """``health`` whose estimate is the LLM's mean confidence ``own`` (below the small model's estimate)."""
-    est = own * health.coverage
-    verdict = health.verdict if health.verdict == "near_chance" else ("poor" if est < POOR_ACCURACY else "ok")
-    message = health.message.replace(f"{health.estimated_accuracy:.0%}", f"{est:.0%}", 1)
+    out = _with_accuracy(health, own)
+    message = out.message
     if health.answered_accuracy - own >= SAY_LLM_CONFIDENCE_GAP:
         message += (f" (the LLM's own confidence in its labels averages {own:.0%}, below the "
                     f"{health.answered_accuracy:.0%} the verdict gives them; the small model may have learnt the "
                     "LLM's consistent errors, so the lower figure counts)")
-    if verdict == "poor" and health.verdict != "poor":
+    if out.verdict == "poor" and health.verdict != "poor":
         message += "; the labels look poor: review the flagged tasks, and consider a stronger LLM endpoint"
-    return Health(est, own, health.coverage, health.agreement, health.kappa, verdict, message,
-                  health.weak_side or ("labels" if verdict == "poor" else ""))
+    return replace(out, message=message, weak_side=out.weak_side or ("labels" if out.verdict == "poor" else ""))
 
 
 def overrule(labels: np.ndarray, posterior: np.ndarray, conservative: np.ndarray) -> np.ndarray:
@@ -493,7 +489,12 @@ def _with_estimate(health: Health, posterior: np.ndarray, labels: np.ndarray, hu
     answered = ~human & (labels >= 0)
     if not answered.any():
         return health
-    acc = float(posterior[answered][np.arange(int(answered.sum())), labels[answered]].mean())
+    return _with_accuracy(health, float(posterior[answered][np.arange(int(answered.sum())), labels[answered]].mean()))
+
+
+def _with_accuracy(health: Health, acc: float) -> Health:
+    """``health`` with ``acc`` as the answered labels' estimated accuracy (the message's figure and the
+    verdict follow it)."""
     est = acc * health.coverage
     message = health.message.replace(f"{health.estimated_accuracy:.0%}", f"{est:.0%}", 1)
     verdict = health.verdict
