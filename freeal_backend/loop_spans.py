@@ -148,6 +148,8 @@ class SpanRun(FreeALRun):
                    self.run_dir / f"slm_r{rnd}.pt")
         self.store.set_slm(rnd, [
             (it.item_id, {"predicted": encode_spans(res.predicted[i]), "doubt": float(res.doubt[i]),
+                          "words_right": None if res.words_right is None or np.isnan(res.words_right[i])
+                          else float(res.words_right[i]),
                           "scores": {span_key(s): s.score for s in res.predicted[i] if s.score is not None}},
              None if np.isnan(res.losses[i]) else float(res.losses[i]), not bool(res.flagged[i]),
              float(res.clean_prob[i]) if res.clean_prob is not None else 1.0 - float(res.doubt[i]))
@@ -155,19 +157,20 @@ class SpanRun(FreeALRun):
         return {"labelled": int(sum(lab is not None for lab in labels)), "doubtful": int(res.flagged.sum()),
                 "truncated_spans": res.truncated_spans}
 
-    def _predicted(self, items: Sequence[Item], rnd: int) -> tuple[list[list[Span]], np.ndarray]:
-        """SLM round ``rnd``'s held-out spans and doubt per item."""
+    def _predicted(self, items: Sequence[Item], rnd: int) -> tuple[list[list[Span]], np.ndarray, np.ndarray]:
+        """SLM round ``rnd``'s held-out spans, doubt and words_right (NaN where unknown) per item."""
         slm = self.store.slm(rnd)
         rows = [slm[it.item_id]["probs"] for it in items]
-        return ([decode_spans(r["predicted"], r["scores"]) for r in rows], np.array([r["doubt"] for r in rows]))
+        return ([decode_spans(r["predicted"], r["scores"]) for r in rows], np.array([r["doubt"] for r in rows]),
+                np.array([np.nan if r.get("words_right") is None else r["words_right"] for r in rows], dtype=float))
 
     def _judge(self, items: Sequence[Item], rnd: int) -> SpanVerdict:  # type: ignore[override]
         labels, _ = self._current(items, rnd - 1)
-        predicted, doubt = self._predicted(items, rnd)
+        predicted, doubt, words_right = self._predicted(items, rnd)
         texts = [it.text for it in items]
         return judge_span_labels([decode_spans(lab) if lab is not None else None for lab in labels], predicted,
                                  doubt, np.array([bool(it.human_label) for it in items]),
-                                 lambda i, spans: bio_tags(texts[i], spans, self.labels))
+                                 lambda i, spans: bio_tags(texts[i], spans, self.labels), words_right)
 
     def _slm_groups(self, items: Sequence[Item], rnd: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         labels, _ = self._current(items, rnd - 1)
@@ -195,7 +198,7 @@ class SpanRun(FreeALRun):
         latest = self._latest_answers(items, rounds)
         llm_conf = self._llm_confidences(items, latest)
         verdict = self._judge(items, rounds + 1)
-        predicted, _ = self._predicted(items, rounds + 1)
+        predicted, _, _ = self._predicted(items, rounds + 1)
         results = []
         for i, (it, lab) in enumerate(zip(items, labels)):
             if it.human_label:

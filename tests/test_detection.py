@@ -121,23 +121,57 @@ def _bimodal_doubt(rng: np.random.Generator, n_right: int, n_wrong: int) -> np.n
     return 1.0 - np.exp(-loss)
 
 
-def test_span_clean_probability_is_calibrated_on_a_bimodal_run() -> None:
-    from freeal_backend.slm.detection import span_clean_probability
+def _weak_tagger_run(rng: np.random.Generator, n: int = 600, words: int = 12, wrong: float = 0.5,
+                     tagger_errs: float = 0.04) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Word tag probabilities of a held-out tagger (tags O, B, I) that is itself wrong on ``tagger_errs`` of
+    the words, right and wrong labels alike, and label tags of which ``wrong`` of the sentences hold one
+    wrong tag: (probs, label tags, sentence right)."""
+    probs, tags, right = [], [], []
+    for _ in range(n):
+        true = np.zeros(words, dtype=int)
+        start = rng.integers(0, words - 2)
+        true[start], true[start + 1] = 1, 2
+        label = true.copy()
+        ok = rng.random() >= wrong
+        if not ok:
+            w = rng.integers(words)
+            label[w] = rng.choice([c for c in range(3) if c != true[w]])
+        p = np.full((words, 3), 0.02)
+        p[np.arange(words), true] = 0.96
+        for w in np.flatnonzero(rng.random(words) < tagger_errs):
+            other = rng.choice([c for c in range(3) if c != true[w]])
+            p[w] = 0.05
+            p[w, other] = rng.uniform(0.5, 0.9)
+            p[w, true[w]] = 1.0 - p[w].sum() + p[w, true[w]]
+        p = p + 0.1 * rng.dirichlet(np.full(3, 0.5), words)
+        probs.append(p / p.sum(axis=1, keepdims=True))
+        tags.append(label)
+        right.append(ok)
+    return probs, tags, np.array(right)
 
-    rng = np.random.default_rng(0)
-    doubt = _bimodal_doubt(rng, 700, 300)
-    wrong = np.arange(1000) >= 700
-    p = span_clean_probability(doubt)
-    assert abs((1 - p).mean() - 0.3) < 0.05  # estimated error rate
-    assert p[~wrong].mean() > 0.9 and p[wrong].mean() < 0.1
+
+def test_span_score_is_set_to_the_level_word_level_confident_learning_finds() -> None:
+    """A tagger wrong on 4 % of the words doubts many right labels: its ``1 - doubt`` (and the small-loss GMM
+    over its worst word's loss, the score before) put the share of right sentences near 0.3 where 0.53 are
+    right. Confident learning over the words charges the tagger's own mistakes to it."""
+    from freeal_backend.slm.detection import span_clean_probability, span_words_right
+
+    probs, tags, right = _weak_tagger_run(np.random.default_rng(0))
+    doubt = np.array([1.0 - p[np.arange(len(t)), t].min() for p, t in zip(probs, tags)])
+    assert abs((1.0 - doubt).mean() - right.mean()) > 0.15  # the problem
+    words_right = span_words_right(probs, tags)
+    p = span_clean_probability(doubt, None, words_right)
+    assert abs(p.mean() - right.mean()) < 0.05, (p.mean(), right.mean())
+    assert p[right].mean() > 0.6 > 0.3 > p[~right].mean()
     order = np.argsort(doubt)
-    assert np.all(np.diff(p[order]) <= 1e-9)  # more doubt, never more probably right
-    assert (1 - doubt[wrong]).mean() < 0.2 < p[~wrong].min()  # 1 - doubt alone would call right labels doubtful
-    few = span_clean_probability(doubt[:10])
-    assert np.allclose(few, 1 - doubt[:10])
-    include = np.arange(1000) % 2 == 0
-    part = span_clean_probability(doubt, include)
-    assert np.allclose(part[~include], 1 - doubt[~include]) and part[include & wrong].mean() < 0.1
+    assert np.all(np.diff(p[order]) <= 1e-9)  # more doubt, never more probably right: the ranking stays
+    assert np.allclose(span_clean_probability(doubt[:10], None, words_right[:10]), 1 - doubt[:10])  # too few
+    assert np.allclose(span_clean_probability(doubt, None, None), 1 - doubt)  # no word evidence (older store)
+    include = np.arange(600) % 2 == 0
+    part = span_clean_probability(doubt, include, span_words_right(probs, tags, include))
+    assert np.allclose(part[~include], 1 - doubt[~include])
+    assert abs(part[include].mean() - right[include].mean()) < 0.06
+    assert np.isnan(span_words_right(probs[:10], tags[:10])).all()
 
 
 def test_judge_span_labels_flags_disputed_doubtful_sentences_only() -> None:
@@ -155,9 +189,10 @@ def test_judge_span_labels_flags_disputed_doubtful_sentences_only() -> None:
     labels[6] = None  # no answer: flagged, score 0
     human = np.zeros(100, dtype=bool)
     human[99] = True
+    words_right = np.where(np.arange(100) < 70, 0.95, 0.05)  # word-level evidence: 70 % of them right
     v = judge_span_labels(labels, predicted, doubt, human, lambda i, spans: [
-        "B-Chemical" if a in spans else "O", "B-Disease" if b in spans else "O", "O"])
-    assert v.health.verdict != "near_chance"
+        "B-Chemical" if a in spans else "O", "B-Disease" if b in spans else "O", "O"], words_right)
+    assert v.health.verdict != "near_chance" and abs(v.health.answered_accuracy - 0.7) < 0.02
     assert v.reasons[6] == ["no_llm_label"] and v.scores[6] == 0.0 and v.flagged[6]
     assert not v.flagged[5] and v.scores[5] > 0.9
     assert v.flagged[70:99].all() and v.reasons[70] == ["missing"] and (v.scores[70:99] < 0.5).all()

@@ -60,7 +60,13 @@ def test_span_loop_labels_judges_and_refines_every_sentence_outside_the_pool(tmp
         stages = run.store.stages()
         health = run.health()
         table_stages = run.stage_labels()
+        slm_rows = run.store.slm(1)
     assert len(results) == len(items)
+    # word-level evidence that sets the span scores' level: for the LLM's sentences, never a person's
+    words_right = {i: slm_rows[it.item_id]["probs"]["words_right"] for i, it in enumerate(items)}
+    assert all(words_right[i] is None for i, it in enumerate(items) if it.human_label)
+    assert all(0.0 <= words_right[i] <= 1.0 for i, it in enumerate(items)
+               if not it.human_label and r0[it.item_id]["label"] is not None)
     assert not human & set(asked)  # a person's spans are never sent to the LLM
     assert set(refined) == {items[i].item_id for i in todo}  # everything outside the agreed pool, re-asked
     assert 0 < len(pool_idx) and not set(pool_idx.tolist()) & set(todo)

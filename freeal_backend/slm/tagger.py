@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from freeal_backend.slm.detection import SPAN_FLAG_BELOW, SpanJudgement, judge_spans, span_clean_probability
+from freeal_backend.slm.detection import (SPAN_FLAG_BELOW, SpanJudgement, judge_spans, span_clean_probability,
+                                           span_words_right)
 from freeal_backend.slm.encoder import Encoder, LowerStates, mean_pool
 from freeal_backend.slm.selection import split_clean_noisy
 from freeal_backend.slm.classifier import TopLayers, _batches, group_folds, text_groups
@@ -334,6 +335,7 @@ class CrossFitResult:
     truncated_spans: int  # label spans past the encoder's max_length, never seen by the tagger
     models: list[SpanModel] = field(default_factory=list)
     clean_prob: np.ndarray | None = None  # (n,) P(label spans right), detection.span_clean_probability
+    words_right: np.ndarray | None = None  # (n,) detection.span_words_right (NaN: gold or unlabelled)
     embeddings: np.ndarray | None = None  # (n, K*hidden) pooled top-layer states of the K taggers (retrieval)
     fold: np.ndarray | None = None  # (n,) the fold whose tagger judged the sentence
 
@@ -442,12 +444,15 @@ def cross_fit(encoder: Encoder, texts: Sequence[str], spans: Sequence[Sequence[S
     judgements = [judge_spans(visible[i], predicted[i]) for i in range(n)]
     doubt = np.array([doubt_score(probs[i], tags[i]) for i in range(n)])
     doubt[gold] = 0.0
-    clean_prob = span_clean_probability(doubt, labelled & ~gold, seed=cfg.seed)
+    words = [tags[i] != IGNORE for i in range(n)]
+    words_right = span_words_right([probs[i][words[i]] for i in range(n)], [tags[i][words[i]] for i in range(n)],
+                                   labelled & ~gold)
+    clean_prob = span_clean_probability(doubt, labelled & ~gold, words_right)
     clean_prob[gold] = 1.0
     flagged = np.array([bool(j) for j in judgements]) & (clean_prob < SPAN_FLAG_BELOW) & labelled & ~gold
     emb = pooled_embeddings(models, lower) if with_embeddings else None
     return CrossFitResult(predicted, judgements, doubt, sentence_losses(probs, tags), flagged, lost, models,
-                          clean_prob, emb, assign)
+                          clean_prob, words_right, emb, assign)
 
 
 @torch.no_grad()
