@@ -7,7 +7,9 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
 1. The SLM's probabilities are temperature-scaled against the labels (cross-fitted: calibrated estimates
    of P(label | text), no gold needed); ``cleanlab`` names the label issues on them (confident learning).
 2. How the labeller errs (the noise transition P(label | true class)) is cleanlab's confident joint,
-   inverted to give P(true class | text).
+   inverted to give P(true class | text). A class the small model never learnt (``unlearnt_classes``: its
+   surest texts get it below ``LEARNT_AT``) has a row no one can estimate; it takes the learnt classes'
+   mean reliability (``trust_unlearnt``), so no label is drawn into it.
 3. Posterior of the true class: SLM prior x likelihood of the label given each true class. The LLM's
    logprob confidence in its label counts only as calibrated out of sample (``llm_likelihood_ratio``: a
    cross-fitted latent-class EM learns P(label right | confidence), isotonic in the confidence; constant
@@ -64,6 +66,7 @@ SPAN_CALIBRATION_MIN = 20  # fewer sentences than this: a span score is the tagg
 NEAR_CHANCE_KAPPA = 0.2  # SLM-vs-label agreement this close to chance: the labels carry (almost) no signal
 POOR_KAPPA = 0.4
 POOR_ACCURACY = 0.75
+LEARNT_AT = 0.5  # a class whose anchor points the small model gives less than this on average: not learnt
 OVERRULE_AT = 0.99  # the conservative posterior must give another class this much to overrule a label (TREC with
 #   made noise: at 0.5, 3 % of labels changed and the final labels lost 0.7 points; at 0.99, 0.4 % and 0.3)
 CHANCE_PERMUTATIONS = 199  # label permutations for the near-chance test
@@ -160,6 +163,28 @@ def anchor_transition(probs: np.ndarray, *, anchor_quantile: float = 0.97) -> np
         trans[k] = probs[col >= np.quantile(col, anchor_quantile)].mean(axis=0)
     trans = np.maximum(trans, 1e-4)
     return trans / trans.sum(axis=1, keepdims=True)
+
+
+def unlearnt_classes(probs: np.ndarray, *, anchor_quantile: float = 0.97) -> np.ndarray:
+    """(C,) bool: classes the small model never learnt to tell, whose surest texts (the anchor points, top
+    ``1 - anchor_quantile`` by its probability for the class) it gives that class less than ``LEARNT_AT`` on
+    average (TREC's 1.5 % ABBR class with made noise: 0.05, where every other class gets 0.94-0.98)."""
+    return np.diag(anchor_transition(probs, anchor_quantile=anchor_quantile)) < LEARNT_AT
+
+
+def trust_unlearnt(transition: np.ndarray, unlearnt: np.ndarray) -> np.ndarray:
+    """``transition`` whose rows for ``unlearnt`` classes say their labels are as reliable as the learnt
+    classes' on average (mean diagonal, the rest spread evenly). Such a row cannot be estimated: inverted,
+    the row it would get (true ABBR labelled ABBR 5 % of the time) gave the class 8 % of every text's
+    prior where 1.5 % belong to it, and the verdict then overruled right labels into it."""
+    if not unlearnt.any() or unlearnt.all():
+        return transition
+    out = transition.copy()
+    classes = len(out)
+    diag = float(np.diag(out)[~unlearnt].mean())
+    out[unlearnt] = (1.0 - diag) / (classes - 1)
+    out[unlearnt, unlearnt] = diag
+    return out
 
 
 def anchor_agreement(probs: np.ndarray, labels: np.ndarray, *, anchor_quantile: float = 0.97) -> float:
@@ -417,9 +442,10 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
     judged_labels = np.where(human, -1, labels)
     answered = judged_labels >= 0
     calibrated, temperature = temperature_scale(probs, judged_labels)  # P(label | x)
-    trans = noise_transition(judged_labels, calibrated)
     out_of_sample = ~human if (~human).any() else np.ones(n, dtype=bool)
-    anchor = anchor_transition(calibrated[out_of_sample])
+    unlearnt = unlearnt_classes(calibrated[out_of_sample])
+    trans = trust_unlearnt(noise_transition(judged_labels, calibrated), unlearnt)
+    anchor = trust_unlearnt(anchor_transition(calibrated[out_of_sample]), unlearnt)
     posterior = posterior_given_label(calibrated, judged_labels, trans)
     strict = posterior_given_label(calibrated, judged_labels, anchor)
     judge_agreement = anchor_agreement(probs, judged_labels)  # labels vs the small model where it is surest
