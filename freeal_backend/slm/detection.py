@@ -40,8 +40,8 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
    (``judge_spans``: missing, spurious, wrong type, wrong boundary). The score of a sentence, P(its
    spans are right), ranks by the held-out tagger's doubt about its worst word and is set to the level
    that confident learning over the run's words finds (``span_clean_probability``, ``span_words_right``:
-   the words as one classification task, as in 1-3, so the tagger's own mistakes are not all charged to
-   the labels; no gold); a sentence is flagged when that is below ``SPAN_FLAG_BELOW`` and the tagger
+   the words as one classification task under cleanlab's noise transition, so the tagger's own mistakes
+   are not all charged to the labels; no gold); a sentence is flagged when that is below ``SPAN_FLAG_BELOW`` and the tagger
    disagrees with the label.
    Health as above, with kappa over word-level BIO tags.
 """
