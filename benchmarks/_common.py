@@ -181,3 +181,30 @@ def mean_sd(values: Sequence[float], percent: bool) -> str:
 def fmt_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """The core's Markdown table with two decimals."""
     return markdown_table(header, rows, digits=2)
+
+
+def run_evidence(run_dir: Path) -> dict[str, Any]:
+    """What the verdict of a finished classification run judged, from its state (no training, no LLM call):
+    the out-of-sample SLM probabilities of its last SLM round, the labels judged (index, -1: none), gold
+    (index), people's labels (bool) and the LLM's per-class probabilities averaged over rounds."""
+    import numpy as np
+
+    from freeal_backend.config import Settings
+    from freeal_backend.loop import FreeALRun
+    from freeal_backend.storage import Store
+
+    store = Store(run_dir / "state.sqlite")
+    labels_set, rounds = store.get_meta("labels"), int(store.get_meta("rounds_done") or 0)
+    store.close()
+    if not labels_set:
+        raise SystemExit(f"error: {run_dir} holds no finished classification run")
+    with FreeALRun(Settings.from_env(data_dir=run_dir.parent.parent), list(labels_set), run_dir) as run:
+        items = run.store.items()
+        if any(it.gold is None for it in items):
+            raise SystemExit(f"error: {run_dir} has texts without gold")
+        slm = run.store.slm(rounds + 1)
+        given, averaged = run._current(items, rounds)
+    return {"probs": np.array([slm[it.item_id]["probs"] for it in items]),
+            "labels": np.array([run.labels.index(g) if g is not None else -1 for g in given]),
+            "gold": np.array([run.labels.index(str(it.gold)) for it in items]),
+            "human": np.array([bool(it.human_label) for it in items]), "llm_probs": averaged}

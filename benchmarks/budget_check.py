@@ -12,9 +12,11 @@ Cases (no training, no LLM call):
     scripts' own ``--rejudge`` does, so the scores are what the current detection.py gives (no LLM confidence:
     those runs have none);
   - ``--run RUN_DIR`` (any number): a finished ``freeal run`` whose items carry gold; its stored final
-    scores are used as they are (people's labels are right and not reviewed).
+    scores are used as they are (people's labels are right and not reviewed);
+  - ``--rejudge-run RUN_DIR`` (any number): the same, re-judged with the current detection.py from the run's
+    stored evidence (the last SLM round's probabilities, the LLM's confidence averaged over rounds).
 
-    .venv/bin/python benchmarks/budget_check.py [--run RUN_DIR ...]
+    .venv/bin/python benchmarks/budget_check.py [--run RUN_DIR ...] [--rejudge-run RUN_DIR ...]
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, fmt_table, loadavg, write_result  # noqa: E402
+from _common import RESULTS, fmt_table, loadavg, run_evidence, write_result  # noqa: E402
 
 from freeal_backend.slm.budget import SHARES, budget_curve, review_order, review_set  # noqa: E402
 from freeal_backend.slm.detection import judge  # noqa: E402
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--npz", nargs="*", default=[str(RESULTS / "replay_mr.npz"),
                                                   str(RESULTS / "made_noise_n1000.npz")])
-    ap.add_argument("--run", nargs="*", default=[], help="finished run directories with gold")
+    ap.add_argument("--run", nargs="*", default=[], help="finished run directories with gold (stored scores)")
+    ap.add_argument("--rejudge-run", nargs="*", default=[], help="finished run directories with gold, re-judged")
     ap.add_argument("--out", default=str(RESULTS / "budget_check"), help="result file stem")
     args = ap.parse_args(argv)
     load_start = loadavg()
@@ -122,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         scores, right, reviewable = run_case(run_dir)
         results.append(check(f"run {run_dir}", scores, right, reviewable))
         print(f"run {run_dir}: max |gap| {results[-1]['max_abs_gap_points']:.2f} points", flush=True)
+    for run_dir in map(Path, args.rejudge_run):
+        ev = run_evidence(run_dir)
+        verdict = judge(ev["probs"], ev["labels"], ev["human"], ev["llm_probs"])
+        results.append(check(f"re-judged run {run_dir}", verdict.scores, verdict.labels == ev["gold"],
+                             ~ev["human"]))
+        print(f"re-judged run {run_dir}: max |gap| {results[-1]['max_abs_gap_points']:.2f} points", flush=True)
 
     summary = fmt_table(
         ["case", "texts", "true acc. %", "predicted %", "max abs gap, points (at k)", "mean abs gap",
@@ -152,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         "after their review:",
         targets,
         "The .npz cases are re-judged from the saved out-of-sample SLM probabilities with detection.py as in "
-        "the working tree (no LLM confidence in those runs); `--run` cases use the run's stored scores.",
+        "the working tree (no LLM confidence in those runs); `--run` cases use the run's stored scores; "
+        "`--rejudge-run` cases are re-judged the same way from the run's stored evidence, with the LLM's confidence.",
     ])
     print("\n" + body)
     stem = Path(args.out)

@@ -27,12 +27,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, fmt_table, loadavg, write_report  # noqa: E402
+from _common import RESULTS, fmt_table, loadavg, run_evidence, write_report  # noqa: E402
 
-from freeal_backend.config import Settings  # noqa: E402
-from freeal_backend.loop import FreeALRun  # noqa: E402
 from freeal_backend.slm import detection  # noqa: E402
-from freeal_backend.storage import Store  # noqa: E402
 
 
 def estimates(name: str, probs: np.ndarray, labels: np.ndarray, gold: np.ndarray,
@@ -56,18 +53,8 @@ def estimates(name: str, probs: np.ndarray, labels: np.ndarray, gold: np.ndarray
 
 
 def live_run(run_dir: Path) -> dict[str, Any]:
-    store = Store(run_dir / "state.sqlite")
-    labels_set = list(store.get_meta("labels"))
-    rounds = int(store.get_meta("rounds_done") or 0)
-    store.close()
-    with FreeALRun(Settings.from_env(data_dir=run_dir.parent.parent), labels_set, run_dir) as run:
-        items = run.store.items()
-        slm = run.store.slm(rounds + 1)
-        given, averaged = run._current(items, rounds)
-    y = np.array([labels_set.index(g) if g is not None else -1 for g in given])
-    gold = np.array([labels_set.index(str(it.gold)) for it in items])
-    probs = np.array([slm[it.item_id]["probs"] for it in items])
-    return estimates(f"live: {run_dir.name}", probs, y, gold, averaged)
+    ev = run_evidence(run_dir)
+    return estimates(f"live: {run_dir.name}", ev["probs"], ev["labels"], ev["gold"], ev["llm_probs"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -266,6 +266,15 @@ def test_evidence_ablation_tiny(tmp_path: Path) -> None:
         assert row in text, row
     data = json.loads((tmp_path / "evidence_ablation_tiny.json").read_text())
     assert data[0]["n"] == len(rows) and set(data[0]["variants"]) >= {"SLM alone", "SLM + LLM last answer"}
+    # the same finished run re-judged by the other two benchmarks that read a run's stored evidence
+    _run(["benchmarks/health_estimators.py", str(run_dir), "--name", "tiny", "--out-dir", str(tmp_path)], tmp_path)
+    live = json.loads((tmp_path / "health_estimators_tiny.json").read_text())[-1]
+    assert live["run"] == f"live: {run_dir.name}" and live["n"] == len(rows) and 0 < live["health"] <= 1
+    _run(["benchmarks/budget_check.py", "--npz", "--rejudge-run", str(run_dir), "--out", str(tmp_path / "budget")],
+         tmp_path)
+    cases = json.loads((tmp_path / "budget.json").read_text())["cases"]
+    assert [c["case"] for c in cases] == [f"re-judged run {run_dir}"] and cases[0]["texts"] == len(rows)
+    assert cases[0]["true_accuracy"] == pytest.approx(data[0]["variants"]["SLM alone"]["final_accuracy"])
 
 
 def test_health_estimators_on_the_stored_probabilities(tmp_path: Path) -> None:
