@@ -41,8 +41,8 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
    spans are right), ranks by the held-out tagger's doubt about its worst word and is set to the level
    that confident learning over the run's words finds (``span_clean_probability``, ``span_words_right``:
    the words as one classification task under cleanlab's noise transition, so the tagger's own mistakes
-   are not all charged to the labels; no gold); a sentence is flagged when that is below ``SPAN_FLAG_BELOW`` and the tagger
-   disagrees with the label.
+   are not all charged to the labels; no gold); a sentence is flagged when that is below
+   ``SPAN_FLAG_BELOW`` and the tagger disagrees with the label.
    Health as above, with kappa over word-level BIO tags.
 """
 from __future__ import annotations
@@ -165,11 +165,11 @@ def anchor_transition(probs: np.ndarray, *, anchor_quantile: float = 0.97) -> np
     return trans / trans.sum(axis=1, keepdims=True)
 
 
-def unlearnt_classes(probs: np.ndarray, *, anchor_quantile: float = 0.97) -> np.ndarray:
-    """(C,) bool: classes the small model never learnt to tell, whose surest texts (the anchor points, top
-    ``1 - anchor_quantile`` by its probability for the class) it gives that class less than ``LEARNT_AT`` on
-    average (TREC's 1.5 % ABBR class with made noise: 0.05, where every other class gets 0.94-0.98)."""
-    return np.diag(anchor_transition(probs, anchor_quantile=anchor_quantile)) < LEARNT_AT
+def unlearnt_classes(anchor: np.ndarray) -> np.ndarray:
+    """(C,) bool: classes the small model never learnt to tell, whose surest texts (the anchor points of
+    ``anchor``, an :func:`anchor_transition`) it gives that class less than ``LEARNT_AT`` on average
+    (TREC's 1.5 % ABBR class with made noise: 0.05, where every other class gets 0.94-0.98)."""
+    return np.diag(anchor) < LEARNT_AT
 
 
 def trust_unlearnt(transition: np.ndarray, unlearnt: np.ndarray) -> np.ndarray:
@@ -443,9 +443,10 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
     answered = judged_labels >= 0
     calibrated, temperature = temperature_scale(probs, judged_labels)  # P(label | x)
     out_of_sample = ~human if (~human).any() else np.ones(n, dtype=bool)
-    unlearnt = unlearnt_classes(calibrated[out_of_sample])
+    anchor = anchor_transition(calibrated[out_of_sample])
+    unlearnt = unlearnt_classes(anchor)
     trans = trust_unlearnt(noise_transition(judged_labels, calibrated), unlearnt)
-    anchor = trust_unlearnt(anchor_transition(calibrated[out_of_sample]), unlearnt)
+    anchor = trust_unlearnt(anchor, unlearnt)
     posterior = posterior_given_label(calibrated, judged_labels, trans)
     strict = posterior_given_label(calibrated, judged_labels, anchor)
     judge_agreement = anchor_agreement(probs, judged_labels)  # labels vs the small model where it is surest
