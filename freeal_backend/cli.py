@@ -98,7 +98,12 @@ def health_line(run: FreeALRun) -> str:
     if not health:
         return "label health: not estimated (no SLM round ran)"
     shout = "WARNING: " if health["verdict"] != "ok" else ""
-    return "\n".join([f"label health: {shout}{health['message']}", *set_aside_notes(run.store)])
+    audit = health.get("audit") or {}
+    todo = int(health.get("audit_tasks") or 0) - int(audit.get("audited") or 0)
+    field = "human_spans" if run.task_type == "ner" else "human_label"
+    ask = [f"audit: {todo} of the {health['audit_tasks']} random audit tasks (\"audit\": true in the output) have "
+           f"no person's label yet; give them a {field} in the input and run again (no LLM call)"] if todo > 0 else []
+    return "\n".join([f"label health: {shout}{health['message']}", *ask, *set_aside_notes(run.store)])
 
 
 def _labels(arg: str | None, items: Sequence[Item], task_type: str) -> list[str]:

@@ -65,11 +65,16 @@ class Settings:
     #   not selected) instead of deleting them; while Label Studio deletes a version, people's saves wait for it
     target_error: float | None = None  # FREEAL_TARGET_ERROR, e.g. 0.05: review set = fewest least-confident texts
     #   whose review brings the estimated error of all labels to this or below (slm/budget.py); empty = off
+    audit_size: int = 0  # FREEAL_AUDIT, e.g. 50: tasks drawn at random for people to label blind (their labels
+    #   measure the run and teach it nothing); from 20 labelled on, run health and the scores' level are the
+    #   audit's (slm/audit.py); 0 = no audit
 
     def __post_init__(self) -> None:
         if self.target_error is not None and not 0 < self.target_error < 1:  # also refuses NaN
             raise ValueError(f"FREEAL_TARGET_ERROR must lie strictly between 0 and 1 (e.g. 0.05 for at most 5 % "
                              f"wrong labels), got {self.target_error!r}")
+        if self.audit_size < 0:
+            raise ValueError(f"FREEAL_AUDIT is a number of tasks (0 = no audit), got {self.audit_size!r}")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "Settings":
@@ -89,7 +94,7 @@ class Settings:
             "select_ratio": "FREEAL_SELECT_RATIO", "seed": "FREEAL_SEED", "task_description": "FREEAL_TASK",
             "queue_url": "FREEAL_QUEUE", "queue_lock_ttl": "FREEAL_QUEUE_LOCK_TTL",
             "push_every_round_max_tasks": "FREEAL_PUSH_EVERY_ROUND_MAX", "keep_old_versions": "FREEAL_KEEP_OLD_VERSIONS",
-            "target_error": "FREEAL_TARGET_ERROR",
+            "target_error": "FREEAL_TARGET_ERROR", "audit_size": "FREEAL_AUDIT",
         }
         values: dict[str, Any] = {}
         types = {f.name: f.type for f in fields(cls)}

@@ -31,8 +31,9 @@ import torch
 from freeal_backend.llm.annotate import Progress, annotate_items, generate_demos
 from freeal_backend.config import Settings
 from freeal_backend.dataio import clean_text
+from freeal_backend.slm.audit import audit_sample
 from freeal_backend.slm.budget import review_set
-from freeal_backend.slm.detection import Judgement, judge
+from freeal_backend.slm.detection import Judgement, SpanVerdict, judge
 from freeal_backend.llm.embedded import EmbeddedLLMServer
 from freeal_backend.slm.encoder import Encoder, LowerStates
 from freeal_backend.llm.cache import ResponseCache
@@ -103,6 +104,9 @@ class FreeALRun:
         self._demo_emb: tuple[str, np.ndarray] | None = None
         self.timings: dict[str, float] = {}
         self.burst: dict[str, int] | None = None  # this run's re-asks for new human labels (``_stage_reask``)
+        self.audit_size = settings.audit_size  # FREEAL_AUDIT (a Label Studio project may set its own)
+        self.audit_ids: set[str] = set()  # the random audit tasks (slm/audit.py)
+        self.audit_labels: dict[str, str] = {}  # people's labels on them, kept from the machine (blind)
 
     # resources ----------------------------------------------------------------------------------------
     @property
@@ -373,8 +377,12 @@ class FreeALRun:
         long = sum(len(it.text) > limit for it in items)
         if long:
             log.warning("%d texts are longer than %d characters and were truncated (FREEAL_MAX_CHARS)", long, limit)
-        items = [Item(it.item_id, clean_text(it.text)[:limit], it.human_label, it.gold,
-                      clean_text(it.augmented)[:limit] if it.augmented else None) for it in items]
+        self.audit_ids = audit_sample(ids, self.audit_size, self.settings.seed)
+        self.audit_labels = {it.item_id: it.human_label for it in items
+                             if it.item_id in self.audit_ids and it.human_label}
+        items = [Item(it.item_id, clean_text(it.text)[:limit],
+                      None if it.item_id in self.audit_labels else it.human_label,  # blind: measures, never teaches
+                      it.gold, clean_text(it.augmented)[:limit] if it.augmented else None) for it in items]
         s = self.settings
         settings = [s.llm_model, self.shots, self.demos_per_label, s.demo_pool_size, s.encoder, s.slm_epochs,
                     s.slm_min_steps, s.slm_warmup_epochs, s.slm_folds, s.slm_robust, s.slm_train_layers, s.slm_lr,
@@ -611,14 +619,17 @@ class FreeALRun:
                         on_epoch=lambda e, n, m: progress("slm", e, n))
         return model, out
 
-    def _judge(self, items: Sequence[Item], rnd: int) -> Judgement:
-        """SLM round ``rnd``'s verdict on the labels it was trained on (those after refinement ``rnd - 1``)."""
+    def _judge(self, items: Sequence[Item], rnd: int, *, audit: bool = False) -> Judgement:
+        """SLM round ``rnd``'s verdict on the labels it was trained on (those after refinement ``rnd - 1``);
+        ``audit``: with people's labels on the random audit tasks (the final verdict)."""
         slm = self.store.slm(rnd)
         labels, llm_probs = self._current(items, rnd - 1)
         y = np.array([self.labels.index(lab) if lab is not None else -1 for lab in labels])
         probs = np.array([slm[it.item_id]["probs"] for it in items])
         human = np.array([bool(it.human_label) for it in items])
-        return judge(probs, y, human, llm_probs)
+        person = self.audit_labels if audit else {}
+        truth = np.array([self.labels.index(person[it.item_id]) if it.item_id in person else -1 for it in items])
+        return judge(probs, y, human, llm_probs, audit_labels=truth)
 
     def _stage_slm(self, items: Sequence[Item], rnd: int, progress: Progress) -> None:
         """Cross-fit the SLM on the current labels and record its verdict on them (the run's health).
@@ -822,17 +833,20 @@ class FreeALRun:
         final labels (see detection.py)."""
         labels, _ = self._current(items, rounds)
         llm_conf = self._llm_confidences(items, self._latest_answers(items, rounds))
-        verdict = self._judge(items, rounds + 1)
+        verdict = self._judge(items, rounds + 1, audit=True)
+        self._keep_audited_health(rounds + 1, verdict)
         slm = self.store.slm(rounds + 1)
         results = []
         for i, (it, lab) in enumerate(zip(items, labels)):
             final = self.labels[int(verdict.labels[i])]
             p_slm = np.array(slm[it.item_id]["probs"])
             slm_label = self.labels[int(np.argmax(p_slm))]
-            if it.human_label:
-                results.append(ItemResult(it.item_id, it.human_label, 1.0,
-                                          {x: float(x == it.human_label) for x in self.labels},
-                                          round=rounds, source="human", llm_label=None))
+            in_audit = it.item_id in self.audit_ids
+            person = it.human_label or self.audit_labels.get(it.item_id)
+            if person:
+                results.append(ItemResult(it.item_id, person, 1.0, {x: float(x == person) for x in self.labels},
+                                          round=rounds, source="human", llm_label=lab if in_audit else None,
+                                          audit=in_audit))
                 continue
             flagged = bool(verdict.flagged[i])
             results.append(ItemResult(
@@ -841,8 +855,19 @@ class FreeALRun:
                 suspicious=flagged, reasons=verdict.reasons[i] if flagged else [],
                 suggested_label=slm_label if flagged and slm_label != final else None, llm_label=lab,
                 llm_confidence=llm_conf[it.item_id], slm_label=slm_label, slm_prob=float(p_slm.max()),
-                round=rounds, source="llm" if final == lab else "slm"))
+                round=rounds, source="llm" if final == lab else "slm", audit=in_audit))
         return results
+
+    def _keep_audited_health(self, rnd: int, verdict: Judgement | SpanVerdict) -> None:
+        """Store the final verdict's health with what the audit found (people label audit tasks between runs
+        without changing any stage, so the stage's stored health is replaced each run)."""
+        health: dict[str, object] = verdict.health.as_dict()
+        if verdict.audit is not None:
+            health["audit"] = verdict.audit.as_dict()
+        if self.audit_ids:
+            health["audit_tasks"] = len(self.audit_ids)
+        if self.store.get_meta(f"health_r{rnd}") != health:
+            self.store.set_meta(f"health_r{rnd}", health)
 
     def health(self) -> dict[str, object] | None:
         """The latest SLM round's verdict on the labels (estimated accuracy, kappa, verdict, message)."""

@@ -164,13 +164,15 @@ class SpanRun(FreeALRun):
         return ([decode_spans(r["predicted"], r["scores"]) for r in rows], np.array([r["doubt"] for r in rows]),
                 np.array([np.nan if r.get("words_right") is None else r["words_right"] for r in rows], dtype=float))
 
-    def _judge(self, items: Sequence[Item], rnd: int) -> SpanVerdict:  # type: ignore[override]
+    def _judge(self, items: Sequence[Item], rnd: int, *, audit: bool = False) -> SpanVerdict:  # type: ignore[override]
         labels, _ = self._current(items, rnd - 1)
         predicted, doubt, words_right = self._predicted(items, rnd)
         texts = [it.text for it in items]
+        audited = self.audit_labels if audit else {}
+        person = [decode_spans(audited[it.item_id]) if it.item_id in audited else None for it in items]
         return judge_span_labels([decode_spans(lab) if lab is not None else None for lab in labels], predicted,
                                  doubt, np.array([bool(it.human_label) for it in items]),
-                                 lambda i, spans: bio_tags(texts[i], spans, self.labels), words_right)
+                                 lambda i, spans: bio_tags(texts[i], spans, self.labels), words_right, person)
 
     def _slm_groups(self, items: Sequence[Item], rnd: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         labels, _ = self._current(items, rnd - 1)
@@ -197,13 +199,17 @@ class SpanRun(FreeALRun):
         labels, _ = self._current(items, rounds)
         latest = self._latest_answers(items, rounds)
         llm_conf = self._llm_confidences(items, latest)
-        verdict = self._judge(items, rounds + 1)
+        verdict = self._judge(items, rounds + 1, audit=True)
+        self._keep_audited_health(rounds + 1, verdict)
         predicted, _, _ = self._predicted(items, rounds + 1)
         results = []
         for i, (it, lab) in enumerate(zip(items, labels)):
-            if it.human_label:
-                results.append(ItemResult(it.item_id, it.human_label, 1.0, round=rounds, source="human",
-                                          llm_label=None, spans=span_dicts(it.text, decode_spans(it.human_label))))
+            in_audit = it.item_id in self.audit_ids
+            person = it.human_label or self.audit_labels.get(it.item_id)
+            if person:
+                results.append(ItemResult(it.item_id, person, 1.0, round=rounds, source="human",
+                                          llm_label=lab if in_audit else None, audit=in_audit,
+                                          spans=span_dicts(it.text, decode_spans(person))))
                 continue
             given = decode_spans(lab, latest.get(it.item_id, {}).get("probs")) if lab is not None else None
             pred = predicted[i]
@@ -221,7 +227,7 @@ class SpanRun(FreeALRun):
                 slm_label=encode_spans(pred), round=rounds, source="llm" if given is not None else "slm",
                 spans=span_dicts(it.text, final),
                 suggested_spans=span_dicts(it.text, pred) if flagged and encode_spans(pred) != encode_spans(final)
-                else None, note=note if flagged else None))
+                else None, note=note if flagged else None, audit=in_audit))
         return results
 
 

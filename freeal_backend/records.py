@@ -42,3 +42,4 @@ class ItemResult:
     spans: list[dict[str, Any]] | None = None  # {"start", "end", "label", "text", "score"}
     suggested_spans: list[dict[str, Any]] | None = None  # the small model's spans, when it disagrees
     note: str | None = None  # what the small model doubts, in words
+    audit: bool = False  # one of the random audit tasks (FREEAL_AUDIT): label it blind to measure the run

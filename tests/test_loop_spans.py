@@ -170,3 +170,36 @@ def test_written_demonstrations_without_a_single_entity_are_not_used(tmp_path, e
         r0 = run.store.annotations("llm_r0")
     assert info["texts"] == 0 and info["without_entities"] > 0 and demos == []
     assert len(r0) == len(items) and any(decode_spans(a["label"]) for a in r0.values())  # asked zero-shot
+
+
+def test_people_spans_on_audit_sentences_are_blind_and_measure_the_entity_lists(tmp_path, encoder):
+    """FREEAL_AUDIT on a span run: the person's spans on the audit sentences are not gold (the LLM is asked
+    about those sentences, the tagger never trains on them); the output keeps them; run health says how
+    many of the LLM's entity lists there were right."""
+    from freeal_backend.slm.audit import audit_sample
+
+    rows = shared_rows("bc5cdr", n=90, stride=17)
+    items = rows_to_items(rows, task_type="ner")
+    sample = audit_sample([it.item_id for it in items], 25, seed=0)
+    for r, it in zip(rows, items):
+        if it.item_id in sample:
+            r["human_spans"] = r["spans"]
+    items = rows_to_items(rows, task_type="ner")
+    with FakeOpenAI() as fake, make_run(tmp_path, fake, encoder, audit_size=25) as run:
+        results = {r.item_id: r for r in run.run(items, rounds=0)}
+        asked = {r.text for r in fake.records() if r.answered and r.text is not None}
+        answers = run.store.annotations("llm_r0")
+        health = run.health()
+        stored_human = [it for it in run.store.items() if it.human_label]
+    audited = [it for it in items if it.item_id in sample]
+    assert len(audited) == 25 and not stored_human
+    assert {it.text for it in audited} <= asked  # blind: asked like any other sentence
+    right = 0
+    for it in audited:
+        res = results[it.item_id]
+        assert res.audit and res.source == "human" and res.label == it.human_label
+        assert res.llm_label == answers[it.item_id]["label"]
+        right += answers[it.item_id]["label"] == it.human_label
+    assert sum(r.audit for r in results.values()) == 25
+    assert health["audit"]["audited"] == 25 and health["audit"]["llm_right"] == right
+    assert f"a random audit of 25 tasks found {right} of the LLM entity lists right" in health["message"]

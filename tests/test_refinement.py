@@ -147,8 +147,8 @@ def test_the_small_models_estimate_does_not_set_a_refinement_aside(tmp_path, enc
     SST-2 run where the refined labels were 8.7 points better. A lower estimate alone must keep them."""
     judge = FreeALRun._judge
 
-    def falling(self, items, rnd):  # round 1's labels look 90 % right, round 2's (refined) 50 %
-        verdict = judge(self, items, rnd)
+    def falling(self, items, rnd, **kw):  # round 1's labels look 90 % right, round 2's (refined) 50 %
+        verdict = judge(self, items, rnd, **kw)
         verdict.health = dataclasses.replace(verdict.health, estimated_accuracy=0.9 if rnd == 1 else 0.5)
         return verdict
 

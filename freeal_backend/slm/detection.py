@@ -35,7 +35,9 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
    The labels are near chance only when the SLM finds no more evidence for them than for shuffled labels
    (``above_chance``, a permutation test); then every text is flagged, and the estimate and every score are
    a guess's (1 / number of classes), whatever the posterior says. A low kappa above chance, or a
-   weak judge, is said to be the small model's weakness, not the labels'.
+   weak judge, is said to be the small model's weakness, not the labels'. With people's labels on a random
+   audit (``audit_labels``, slm/audit.py; blind: the rows are judged like any other) the audit's share of
+   right labels is run health from ``AUDIT_MIN`` audited texts on, and the scores are recalibrated on it.
 5. Spans (``judge_span_labels``): the held-out tagger's spans are compared with the label's
    (``judge_spans``: missing, spurious, wrong type, wrong boundary). The score of a sentence, P(its
    spans are right), ranks by the held-out tagger's doubt about its worst word and is set to the level
@@ -56,6 +58,8 @@ import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 from sklearn.metrics import cohen_kappa_score
 
+from freeal_backend.slm.audit import (AUDIT_MIN, Audit, audit_message, audit_outcome, calibrate_to_audit,
+                                      smoothed_share)
 from freeal_backend.slm.budget import review_order
 from freeal_backend.spans import Span
 
@@ -106,6 +110,7 @@ class Judgement:
     issues: np.ndarray  # (n,) bool, label issues (cleanlab's; once the LLM informs: as many, lowest-scored)
     temperature: float
     health: Health
+    audit: Audit | None = None  # what people's labels on the random audit tasks say (slm/audit.py)
 
 
 def temperature_scale(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
@@ -424,7 +429,8 @@ def _verdict(est: float, answered_acc: float, coverage: float, agreement: float,
 
 
 def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None,
-          llm_probs: np.ndarray | None = None, *, pool: bool = True, cap: bool = True) -> Judgement:
+          llm_probs: np.ndarray | None = None, *, pool: bool = True, cap: bool = True,
+          audit_labels: np.ndarray | None = None) -> Judgement:
     """Final label, score, flag and reasons per text, and the run's health (see the module doc).
 
     ``probs``: (n, C) out-of-sample SLM probabilities (human-labelled rows are trained on in every fold:
@@ -432,7 +438,11 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
     ``human``: (n,) bool, labels given by a person (kept, score 1, never flagged);
     ``llm_probs``: (n, C) the LLM's per-class probabilities, rows of zeros where it gave none;
     ``pool=False`` leaves out the linear pool with the LLM's calibrated confidence, ``cap=False`` the cap of
-    the scores and the estimate at the LLM's mean confidence (both for ablations).
+    the scores and the estimate at the LLM's mean confidence (both for ablations);
+    ``audit_labels``: (n,) a person's label for the random audit tasks, -1 elsewhere (blind: those rows are
+    judged like any other, see slm/audit.py). From ``AUDIT_MIN`` audited tasks on, run health is the audit's
+    share of right LLM labels (smoothed by one right and one wrong: 20 of 20 is not 100 %) and the answered
+    scores are recalibrated on the audited ones (``calibrate_to_audit``: Platt scaling, ranking unchanged).
     """
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=int)
@@ -495,6 +505,13 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
         chance = 1.0 / classes  # share, whatever the posterior says (one class for every text: "all right")
         health = replace(health, estimated_accuracy=chance * health.coverage, answered_accuracy=chance)
         scores[~human] = np.minimum(scores[~human], chance)
+    truth = np.full(n, -1) if audit_labels is None else np.where(human, -1, np.asarray(audit_labels, dtype=int))
+    audited = truth >= 0
+    llm_right, final_right = audited & (judged_labels == truth), audited & (final == truth)
+    scores_before, model_estimate = scores.copy(), health.estimated_accuracy
+    if audited.sum() >= AUDIT_MIN:
+        scores, health = _audit_level(scores, health, answered, unanswered, audited, llm_right, final_right)
+        posterior = _set_probability(posterior, np.flatnonzero(answered), final[answered], scores[answered])
     switched = answered & (final != judged_labels)
     reasons: list[list[str]] = []
     for i in range(n):
@@ -509,7 +526,37 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
             why.append("labels_near_chance")
         reasons.append(why)
     flagged = np.array([bool(r) for r in reasons]) & ~human
-    return Judgement(final, scores, flagged, reasons, posterior, issues, temperature, health)
+    audit, health = _audit_said(health, audited, llm_right, final_right, scores_before, flagged, model_estimate)
+    return Judgement(final, scores, flagged, reasons, posterior, issues, temperature, health, audit)
+
+
+def _audit_level(scores: np.ndarray, health: Health, answered: np.ndarray, unanswered: np.ndarray,
+                 audited: np.ndarray, llm_right: np.ndarray, final_right: np.ndarray) -> tuple[np.ndarray, Health]:
+    """With ``AUDIT_MIN`` audited texts or more (people's labels on random tasks outrank every estimate made
+    without them): the answered scores recalibrated on the audited ones (Platt, else one logit offset to the
+    audit's smoothed share), the unanswered kept below them, and run health the audit's share."""
+    scores = scores.copy()
+    on = audited & answered
+    if on.any():
+        platt = calibrate_to_audit(scores[answered], on[answered], final_right[on])
+        scores[answered] = (platt if platt is not None
+                            else shift_to_mean(scores[answered], smoothed_share(final_right[on])))
+        health = _with_accuracy(health, smoothed_share(llm_right[on]))
+    if unanswered.any() and answered.any():
+        scores[unanswered] = np.minimum(scores[unanswered], scores[answered].min()) * (1 - 1e-6)
+    verdict = "poor" if health.estimated_accuracy < POOR_ACCURACY else "ok"
+    return scores, replace(health, verdict=verdict, weak_side="labels" if verdict == "poor" else "")
+
+
+def _audit_said(health: Health, audited: np.ndarray, llm_right: np.ndarray, final_right: np.ndarray,
+                scores_before: np.ndarray, flagged: np.ndarray, model_estimate: float, what: str = "labels"
+                ) -> tuple[Audit | None, Health]:
+    """The audit's outcome (None without audited texts) and run health's message saying it."""
+    if not audited.any():
+        return None, health
+    audit = audit_outcome(llm_right[audited], final_right[audited], scores_before[audited], flagged[audited])
+    said = audit_message(audit, model_estimate, what)
+    return audit, replace(health, message=said if audit.decides else f"{health.message}; {said}")
 
 
 def _with_estimate(health: Health, posterior: np.ndarray, labels: np.ndarray, human: np.ndarray) -> Health:
@@ -602,6 +649,7 @@ class SpanVerdict:
     reasons: list[list[str]]
     judgements: list[list[SpanJudgement]]
     health: Health
+    audit: Audit | None = None  # what people's spans on the random audit sentences say (slm/audit.py)
 
 
 def span_words_right(word_probs: Sequence[np.ndarray], word_tags: Sequence[np.ndarray],
@@ -657,13 +705,15 @@ def span_clean_probability(doubt: np.ndarray, include: np.ndarray | None = None,
 
 def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequence[Sequence[Span]],
                       doubt: np.ndarray, human: np.ndarray, word_tags: Callable[[int, Sequence[Span]], list[str]],
-                      words_right: np.ndarray | None = None) -> SpanVerdict:
+                      words_right: np.ndarray | None = None,
+                      audit_labels: Sequence[Sequence[Span] | None] | None = None) -> SpanVerdict:
     """The verdict on span labels from the held-out tagger's spans and doubt (pure, no model).
 
     ``labels``: per sentence the label spans, None where the LLM gave no usable answer; ``predicted``:
     the held-out tagger's spans; ``doubt``: its doubt about the label (>= 0.5: it prefers another tag
     for some word); ``word_tags(i, spans)``: sentence i's word-level BIO tags for ``spans`` (for kappa);
-    ``words_right``: :func:`span_words_right` per sentence (NaN where unknown).
+    ``words_right``: :func:`span_words_right` per sentence (NaN where unknown); ``audit_labels``: a
+    person's spans on the random audit sentences, None elsewhere (blind, as for labels: see :func:`judge`).
     A sentence's score is P(its spans are right) (:func:`span_clean_probability` over the answered
     sentences); it is flagged when the LLM gave no answer, or the score is below ``SPAN_FLAG_BELOW`` and
     the tagger disagrees with the label (a missing, spurious, wrong-type or wrong-boundary span).
@@ -677,16 +727,6 @@ def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequen
     judgements = [judge_spans(labels[i] or [], predicted[i]) if answered[i] else [] for i in range(n)]
     scores = np.where(answered, span_clean_probability(doubt, answered, words_right), 0.0)
     scores[human] = 1.0
-    reasons: list[list[str]] = []
-    for i in range(n):
-        if human[i]:
-            reasons.append([])
-        elif not answered[i]:
-            reasons.append(["no_llm_label"])
-        elif judgements[i] and scores[i] < SPAN_FLAG_BELOW:
-            reasons.append(sorted({j.kind for j in judgements[i]}))
-        else:
-            reasons.append([])
     judged = ~human
     n_judged, n_answered = int(judged.sum()), int(answered.sum())
     coverage = n_answered / n_judged if n_judged else 1.0
@@ -706,9 +746,29 @@ def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequen
         kappa = 0.0 if np.isnan(kappa) else kappa
         answered_acc = float(scores[answered].mean())
         health = _verdict(answered_acc * coverage, answered_acc, coverage, agreement, kappa, "entity lists")
+    disputed_at = scores.copy()  # a disputed sentence is flagged below SPAN_FLAG_BELOW (before any near-chance cap)
     if health.verdict == "near_chance":  # as for labels: say so, flag every sentence, no score above the estimate
         scores[~human] = np.minimum(scores[~human], health.answered_accuracy)
-        for i in np.flatnonzero(~human):
-            reasons[i].append("labels_near_chance")
+    person = audit_labels if audit_labels is not None else [None] * n
+    audited = np.array([person[i] is not None for i in range(n)], dtype=bool) & ~human
+    final = [labels[i] if answered[i] else predicted[i] for i in range(n)]
+    llm_right = np.array([audited[i] and answered[i] and sorted(labels[i] or []) == sorted(person[i] or [])
+                          for i in range(n)], dtype=bool)
+    final_right = np.array([audited[i] and sorted(final[i] or []) == sorted(person[i] or []) for i in range(n)],
+                           dtype=bool)
+    scores_before, model_estimate = scores.copy(), health.estimated_accuracy
+    if audited.sum() >= AUDIT_MIN:
+        scores, health = _audit_level(scores, health, answered, ~answered & ~human, audited, llm_right, final_right)
+        disputed_at = scores
+    reasons: list[list[str]] = []
+    for i in range(n):
+        if human[i]:
+            reasons.append([])
+            continue
+        why = ["no_llm_label"] if not answered[i] else (
+            sorted({j.kind for j in judgements[i]}) if judgements[i] and disputed_at[i] < SPAN_FLAG_BELOW else [])
+        reasons.append(why + (["labels_near_chance"] if health.verdict == "near_chance" else []))
     flagged = np.array([bool(r) for r in reasons]) & ~human
-    return SpanVerdict(scores, flagged, reasons, judgements, health)
+    audit, health = _audit_said(health, audited, llm_right, final_right, scores_before, flagged, model_estimate,
+                                "entity lists")
+    return SpanVerdict(scores, flagged, reasons, judgements, health, audit)
