@@ -20,7 +20,8 @@ from freeal_backend.labelstudio.job_store import JobStore
 from freeal_backend.labelstudio.push import push_results
 from freeal_backend.labelstudio.review_tab import ReviewTab
 from freeal_backend.labelstudio.label_config import parse_label_config
-from freeal_backend.labelstudio.client import REVIEW_VIEW_TITLE, Connection, ProjectClient, is_review_view_title
+from freeal_backend.labelstudio.client import (AUDIT_VIEW_TITLE, REVIEW_VIEW_TITLE, Connection, ProjectClient,
+                                              is_review_view_title)
 from freeal_backend.records import ItemResult
 from tests.fixtures_ls import LabelStudioServer
 
@@ -43,7 +44,7 @@ def _results(task_ids: list[int]) -> list[ItemResult]:
             {"positive": 0.55 if flagged else 0.9, "negative": 0.45 if flagged else 0.1},
             suspicious=flagged, reasons=["slm_overrules_llm"] if flagged else [],
             suggested_label="negative" if flagged else None, llm_label="positive", slm_label="negative",
-            round=1, source="llm"))
+            round=1, source="llm", audit=i % 3 == 0))  # audit tasks, flagged (i = 9) and not
     return out
 
 
@@ -58,6 +59,7 @@ def flagged_project(label_studio: LabelStudioServer) -> tuple[int, int, list[int
     ids = sorted(t.task_id for t in pc.iter_tasks(cfg))
     results = _results(ids)
     push_results(pc, cfg, results, "freeal-r1-browser0")
+    pc.upsert_audit_view("freeal-r1-browser0", sum(r.audit for r in results))
     view = next(v for v in client.views.list(project=project.id) if is_review_view_title(v.data.get("title")))
     return project.id, int(view.id), [int(r.item_id) for r in results if r.suspicious]
 
@@ -91,6 +93,31 @@ def test_review_view_and_flag_in_labeling_ui(label_studio: LabelStudioServer,
     # the UI did not rewrite the tab: it still lists exactly the flagged tasks
     pc = ProjectClient(Connection(label_studio.url, label_studio.token), pid)
     assert sorted(pc.view_task_ids(view_id)) == sorted(flagged)
+
+
+def test_audit_view_loads_in_the_data_manager(label_studio: LabelStudioServer,
+                                              flagged_project: tuple[int, int, list[int]]) -> None:
+    """The audit tab (its filter, order and hidden prediction columns) loads in Label Studio 1.23's UI and
+    lists exactly the audit tasks, a flagged one among them (both markers in one prediction)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
+    from playwright.sync_api import expect
+
+    pid, _, flagged = flagged_project
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    view = next(v for v in client.views.list(project=pid) if str(v.data.get("title")).startswith(AUDIT_VIEW_TITLE))
+    pc = ProjectClient(Connection(label_studio.url, label_studio.token), pid)
+    audit = pc.view_task_ids(int(view.id))
+    ids = sorted(int(t.id) for t in client.tasks.list(project=pid, fields="task_only", page_size=100))
+    assert audit == [tid for i, tid in enumerate(ids) if i % 3 == 0] and set(audit) & set(flagged)
+    with logged_in_page(label_studio) as page:
+        page.goto(f"{label_studio.url}/projects/{pid}/data?tab={view.id}")
+        expect(page.get_by_text(AUDIT_VIEW_TITLE).first).to_be_visible(timeout=60_000)
+        expect(page.get_by_text(f"Tasks: {len(audit)} / {N_TASKS}")).to_be_visible(timeout=60_000)
+        expect(page.locator(".lsf-table__row-wrapper")).to_have_count(len(audit))
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "audit_view.png"), full_page=True)
+    assert pc.view_task_ids(int(view.id)) == audit  # the UI did not rewrite the tab
 
 
 @contextmanager

@@ -18,9 +18,9 @@ import pytest
 from label_studio_sdk import LabelStudio
 
 from freeal_backend.config import Settings
-from freeal_backend.labelstudio.client import Connection, ProjectClient, version_labels
+from freeal_backend.labelstudio.client import AUDIT_VIEW_TITLE, Connection, ProjectClient, version_labels
 from freeal_backend.labelstudio.label_config import parse_task_config
-from freeal_backend.labelstudio.label_results import FLAG_SUSPICIOUS
+from freeal_backend.labelstudio.label_results import FLAG_SUSPICIOUS, audit_marker
 from freeal_backend.loop import IMPORTED, FreeALRun
 from freeal_backend.records import Item
 from freeal_backend.spans import Span, encode_spans
@@ -253,4 +253,55 @@ def test_judge_version_judges_span_predictions(label_studio: LabelStudioServer, 
                           for r in mine["result"] if r["type"] == "labels") == other[tid]
     assert set(tasks) - set(judged) <= flagged
     assert review_view_ids(client, pid) == flagged and status["flagged"] == len(flagged)
+    assert fake_llm.log == []
+
+
+def audit_view_ids(client: LabelStudio, pid: int) -> set[int]:
+    views = [v for v in client.views.list(project=pid) if str((v.data or {}).get("title")).startswith(AUDIT_VIEW_TITLE)]
+    assert len(views) == 1
+    return {int(t.id) for t in client.tasks.list(project=pid, view=views[0].id, fields="task_only", page_size=100)}
+
+
+@pytest.mark.ls
+def test_audit_tab_and_blind_audit_labels_measure_the_judged_labels(
+        label_studio: LabelStudioServer, judge_backend: BackendServer, fake_llm: FakeOpenAI) -> None:
+    """The project option ``audit``: a tab of that many random tasks; people's labels on them are kept from the
+    small model and say how many of the judged labels are right (here the other model is wrong on every 4th)."""
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    project = client.projects.create(title="audit", label_config=SUBJ_CONFIG)
+    pid = project.id
+    rows = shared_rows("subj", n=N_TASKS)
+    client.projects.import_tasks(id=pid, request=[{"text": r["text"]} for r in rows])
+    label_of = {r["text"]: r["label"] for r in rows}
+    gold = {int(t.id): label_of[t.data["text"]]
+            for t in client.tasks.list(project=pid, fields="task_only", page_size=100)}
+    other = {tid: FLIP[gold[tid]] if i % 4 == 1 else gold[tid] for i, tid in enumerate(sorted(gold))}
+    client.projects.import_predictions(id=pid, request=[{"task": t, "result": choice(lab), "model_version": OTHER}
+                                                        for t, lab in other.items()])
+    ml = client.ml.create(url=judge_backend.url, project=pid, title="FreeAL judge",
+                          extra_params={"judge_version": OTHER, "audit": 30})
+    status = run_job(client, ml.id, judge_backend, pid)
+    assert status["state"] == "done", status
+    sample = audit_view_ids(client, pid)
+    assert len(sample) == 30
+    marked = {tid for tid, versions in by_version(client, pid).items()
+              if audit_marker(status["model_version"]) in str(versions[status["model_version"]][0]["result"])}
+    assert marked == sample
+
+    audited = sorted(sample)[:24]  # a person labels 24 of them (the truth)
+    for tid in audited:
+        client.annotations.create(id=tid, result=choice(gold[tid]))
+    status2 = run_job(client, ml.id, judge_backend, pid)
+    assert status2["state"] == "done", status2
+    right = sum(other[t] == gold[t] for t in audited)
+    assert f"a random audit of 24 tasks found {right} of the LLM labels right" in status2["message"], status2
+    assert audit_view_ids(client, pid) == sample - set(audited)  # the tab shrinks as people audit
+    store = Store(judge_backend.data_dir / f"project-{pid}" / "state.sqlite")
+    try:  # blind: the small model never trained on the audit labels; the output keeps the person's label
+        assert not any(it.human_label for it in store.items())
+        results = store.results()
+        assert all(results[str(t)].source == "human" and results[str(t)].label == gold[t] for t in audited)
+        assert store.get_meta("health_r1")["audit"]["audited"] == 24
+    finally:
+        store.close()
     assert fake_llm.log == []

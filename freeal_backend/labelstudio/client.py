@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +17,12 @@ from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.request_options import RequestOptions
 
 from freeal_backend.labelstudio.label_config import TaskConfig
-from freeal_backend.labelstudio.label_results import REVIEW_MARKER, human_labels, review_marker
+from freeal_backend.labelstudio.label_results import REVIEW_MARKER, audit_marker, human_labels, review_marker
 
 log = logging.getLogger(__name__)
 
 REVIEW_VIEW_TITLE = "FreeAL: needs review"
+AUDIT_VIEW_TITLE = "FreeAL: audit"
 FREEAL_VERSION_PREFIX = "freeal-"
 INITIAL_VERSION = FREEAL_VERSION_PREFIX + "llm-only"  # /predict's answers before the first push
 # Tasks are read 1000 a page with only the fields FreeAL uses: Label Studio's task list with every field
@@ -174,9 +175,17 @@ class ProjectClient:
         flagged (any FreeAL version's when None) and that are still unannotated, least confident first.
         ``title`` may carry live state after the stable prefix (see :func:`review_view_title`); the tab is
         found by that prefix. Returns the view id."""
-        data = review_view_data(title, version)
+        return self._upsert_view(is_review_view_title, review_view_data(title, version))
+
+    def upsert_audit_view(self, version: str, size: int) -> int:
+        """Create or update the "FreeAL: audit" tab: the ``size`` random audit tasks of ``version`` that nobody
+        has annotated yet (slm/audit.py). Returns the view id."""
+        return self._upsert_view(lambda t: isinstance(t, str) and t.startswith(AUDIT_VIEW_TITLE),
+                                 audit_view_data(version, size))
+
+    def _upsert_view(self, is_mine: Callable[[Any], bool], data: dict[str, Any]) -> int:
         for view in self.client.views.list(project=self.project_id):
-            if is_review_view_title((view.data or {}).get("title")):
+            if is_mine((view.data or {}).get("title")):
                 self.client.views.update(id=str(view.id), project=self.project_id, data=data)
                 return int(view.id)
         created = self.client.views.create(project=self.project_id, data=data)
@@ -227,6 +236,25 @@ def review_view_data(title: str = REVIEW_VIEW_TITLE, version: str | None = None)
         },
         "ordering": ["tasks:predictions_score"],
         "hiddenColumns": {"explore": ["tasks:annotations_results"], "labeling": []},
+    }
+
+
+def audit_view_data(version: str, size: int) -> dict[str, Any]:
+    """Data Manager view payload: the unannotated audit tasks of ``version`` (their prediction carries the
+    audit marker), in task order (the sample is random already)."""
+    return {
+        "title": f"{AUDIT_VIEW_TITLE} ({size})",  # Label Studio 1.23 shows about 16 characters of a tab title
+        "filters": {
+            "conjunction": "and",
+            "items": [
+                {"filter": "filter:tasks:predictions_results", "operator": "contains", "type": "String",
+                 "value": audit_marker(version)},
+                {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
+            ],
+        },
+        "ordering": ["tasks:id"],
+        "hiddenColumns": {"explore": ["tasks:annotations_results", "tasks:predictions_results",
+                                      "tasks:predictions_score"], "labeling": []},
     }
 
 

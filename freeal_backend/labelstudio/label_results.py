@@ -17,6 +17,7 @@ FLAG_SUSPICIOUS = "Needs review"
 FLAG_OK = "OK"
 MULTI_LABEL_THRESHOLD = 0.5
 REVIEW_MARKER = "freeal:needs-review"  # in a flagged prediction's result: what the review view filters on
+AUDIT_MARKER = "freeal:audit"  # in an audit task's prediction: what the audit view filters on
 REASON_TEXT = {  # {who}: who gave the label under judgement ("the LLM", or a judged model version)
     "slm_overrules_llm": "the small model is confident the label {who} gave is wrong and changed it",
     "label_issue": "the small model, which never saw this label, doubts it",
@@ -26,6 +27,7 @@ REASON_TEXT = {  # {who}: who gave the label under judgement ("the LLM", or a ju
     "not_yet_reviewed_by_slm": "LLM label only, not yet checked by the small model",
 }
 LLM = "the LLM"
+AUDIT_NOTE = "FreeAL: audit label (measures the run; never shown to the LLM or the small model)."
 
 
 def reasons_text(reasons: list[str], who: str = LLM) -> str:
@@ -39,6 +41,17 @@ def review_marker(model_version: str) -> str:
     The review view filters on the selected version's marker, so it is right as soon as a new version is
     in, while Label Studio is still deleting the previous one (slowly: one prediction at a time)."""
     return f"{REVIEW_MARKER}[{model_version}]"
+
+
+def audit_marker(model_version: str) -> str:
+    """The marker an audit task's prediction of ``model_version`` carries: ``freeal:audit[<version>]``."""
+    return f"{AUDIT_MARKER}[{model_version}]"
+
+
+def _markers(model_version: str, *, review: bool, audit: bool) -> str | None:
+    """What a prediction's first result item carries for the Data Manager's tabs to filter on (or None)."""
+    found = ([review_marker(model_version)] if review else []) + ([audit_marker(model_version)] if audit else [])
+    return " ".join(found) or None
 
 
 def choice_result(cfg: ClassificationConfig, labels: list[str], score: float | None = None) -> dict[str, Any]:
@@ -121,7 +134,8 @@ def render_prediction(cfg: ClassificationConfig, res: ItemResult, model_version:
     ``score`` is the final confidence in [0, 1] (0 when there is no label). The choices result carries
     the same score; the per-label confidences go into the review note when the config has one. A flagged
     prediction's first result item carries ``"freeal": review_marker(model_version)``, which the Data Manager
-    can filter on ("Prediction results" contains ...) whatever controls the config has.
+    can filter on ("Prediction results" contains ...) whatever controls the config has; an audit task's
+    carries ``audit_marker(model_version)`` (both, space-separated, when both apply).
     """
     score = min(1.0, max(0.0, float(res.confidence))) if res.confidence is not None else 0.0
     labels = predicted_labels(cfg, res.label, res.probs)
@@ -130,10 +144,11 @@ def render_prediction(cfg: ClassificationConfig, res: ItemResult, model_version:
     note = review_text(suspicious=suspicious, reasons=list(res.reasons), suggested_label=res.suggested_label,
                        probs=res.probs, who=who)
     if res.source == "human":
-        note = "FreeAL: human label (gold)."
+        note = AUDIT_NOTE if res.audit else "FreeAL: human label (gold)."
     result.extend(review_results(cfg, suspicious=suspicious, note=note))
-    if suspicious and result:
-        result[0]["freeal"] = review_marker(model_version)
+    marker = _markers(model_version, review=suspicious, audit=res.audit)
+    if marker and result:
+        result[0]["freeal"] = marker
     return {"result": result, "score": score, "model_version": model_version}
 
 
@@ -169,20 +184,22 @@ def span_region(cfg: SpanConfig, text: str, span: Span) -> dict[str, Any]:
 
 def render_span_prediction(cfg: SpanConfig, text: str, spans: list[Span], model_version: str, *,
                            score: float | None = None, suspicious: bool = False,
-                           note: str | None = None) -> dict[str, Any]:
+                           note: str | None = None, audit: bool = False) -> dict[str, Any]:
     """One Label Studio prediction for a task's spans (an empty result list when there is no entity).
 
     ``score`` is the task's confidence; without it, the lowest span score when every span has one, else
     the prediction carries no score (never a made-up constant). The review cue controls get ``note`` and
-    the flag when the config has them; a flagged prediction's first result item carries ``review_marker``.
+    the flag when the config has them; a flagged prediction's first result item carries ``review_marker``, an
+    ``audit`` sentence's ``audit_marker`` (both when both apply).
     """
     result = [span_region(cfg, text, s) for s in sorted(spans)]
     if score is None and spans and all(s.score is not None for s in spans):
         score = min(float(s.score) for s in spans if s.score is not None)
     if note is not None:
         result.extend(review_results(cfg, suspicious=suspicious, note=note))
-    if suspicious and result:
-        result[0]["freeal"] = review_marker(model_version)
+    marker = _markers(model_version, review=suspicious, audit=audit)
+    if marker and result:
+        result[0]["freeal"] = marker
     prediction: dict[str, Any] = {"result": result, "model_version": model_version}
     if score is not None:
         prediction["score"] = min(1.0, max(0.0, float(score)))
@@ -228,7 +245,7 @@ def render_task_prediction(cfg: TaskConfig, res: ItemResult, text: str, model_ve
         return render_prediction(cfg, res, model_version, who)
     suspicious = bool(res.suspicious) and res.source != "human"
     if res.source == "human":
-        note = "FreeAL: human label (gold)."
+        note = AUDIT_NOTE if res.audit else "FreeAL: human label (gold)."
     elif res.note:
         note = res.note
     elif suspicious:
@@ -237,4 +254,4 @@ def render_task_prediction(cfg: TaskConfig, res: ItemResult, text: str, model_ve
         note = "FreeAL: OK."
     spans = [Span(int(d["start"]), int(d["end"]), str(d["label"]), d.get("score")) for d in res.spans or []]
     return render_span_prediction(cfg, text, spans, model_version, score=res.confidence, suspicious=suspicious,
-                                  note=note)
+                                  note=note, audit=res.audit)

@@ -295,6 +295,7 @@ class JobManager:
         if not items:
             raise ValueError(f"no task has text in data[{cfg.data_key!r}] (the label config's <Text value>)")
         run = self.runs.get(project_id, cfg.labels, opts.task_description, task_type=cfg.task_type)
+        run.audit_size = self.settings.audit_size if opts.audit is None else opts.audit
         self.runs.keep_lower_states_of(project_id)
         llm_labels = judged_labels(records, items) if opts.judge_version else None
         who = f"model version {opts.judge_version!r}" if opts.judge_version else LLM  # for the review notes
@@ -358,3 +359,9 @@ class JobManager:
         claim.update(model_version=version, pushed_digest=digest, flagged=flagged, done=len(results))
         log.info("project %s: pushed %d predictions (%s), %d flagged", claim.project_id, len(results), version,
                  flagged)
+        audit = sum(r.audit for r in results)
+        if audit:
+            try:
+                client.upsert_audit_view(version, audit)
+            except Exception as exc:  # noqa: BLE001 - Label Studio unreachable for a moment: the next push retries
+                log.warning("project %s: audit tab not updated: %s", claim.project_id, exc)

@@ -23,16 +23,18 @@ class ProjectOptions:
     rounds: int | None = None
     task_description: str | None = None
     judge_version: str | None = None  # judge this model version's predictions instead of asking the LLM
+    audit: int | None = None  # random audit tasks (FREEAL_AUDIT for this project; 0 = none)
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> "ProjectOptions":
         extra = extra if isinstance(extra, dict) else {}
-        rounds = extra.get("rounds")
+        rounds, audit = extra.get("rounds"), extra.get("audit")
         return cls(
             from_name=str(extra["from_name"]) if extra.get("from_name") else None,
             rounds=int(rounds) if isinstance(rounds, (int, str)) and str(rounds).isdigit() else None,
             task_description=str(extra["task_description"]) if extra.get("task_description") else None,
             judge_version=str(extra["judge_version"]) if extra.get("judge_version") else None,
+            audit=int(audit) if isinstance(audit, (int, str)) and str(audit).isdigit() else None,
         )
 
 
