@@ -275,6 +275,12 @@ def test_evidence_ablation_tiny(tmp_path: Path) -> None:
     cases = json.loads((tmp_path / "budget.json").read_text())["cases"]
     assert [c["case"] for c in cases] == [f"re-judged run {run_dir}"] and cases[0]["texts"] == len(rows)
     assert cases[0]["true_accuracy"] == pytest.approx(data[0]["variants"]["SLM alone"]["final_accuracy"])
+    _run(["benchmarks/audit_check.py", "--npz", "--rejudge-run", str(run_dir), "--sizes", "20", "--draws", "3",
+          "--out", str(tmp_path / "audit")], tmp_path)
+    audited = json.loads((tmp_path / "audit.json").read_text())["cases"]
+    assert len(audited) == 1 and audited[0]["texts"] == len(rows) and audited[0]["draws"] == 3
+    assert [r["size"] for r in audited[0]["sizes"]] == [0, 20]
+    assert 0 <= audited[0]["sizes"][1]["interval_coverage"] <= 1
 
 
 def test_health_estimators_on_the_stored_probabilities(tmp_path: Path) -> None:
