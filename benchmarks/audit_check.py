@@ -21,7 +21,6 @@ re-judged from their stored evidence (LLM confidence included).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, fmt_table, loadavg, run_evidence, write_result  # noqa: E402
+from _common import RESULTS, fmt_table, loadavg, run_evidence, write_report  # noqa: E402
 from budget_check import check, npz_cases  # noqa: E402
 
 from freeal_backend.metrics import expected_calibration_error  # noqa: E402
@@ -150,11 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         "The audited rows were never people's labels in these runs, so the small model's probabilities are "
         "exactly what a blind audit leaves them (it trains on the LLM's label there, as here).",
     ])
-    print("\n" + body)
     stem = Path(args.out)
-    write_result(stem.with_suffix(".md"), "The random audit against gold", body, load_start)
-    stem.with_suffix(".json").write_text(json.dumps({"cases": cases, "load_start": load_start, "load_end": loadavg()},
-                                                    indent=1), encoding="utf-8")
+    write_report(stem.parent, stem.name, "The random audit against gold", body,
+                 {"cases": cases, "load_start": load_start, "load_end": loadavg()}, load_start)
     print(f"wrote {stem.with_suffix('.md')} and .json")
     return 0
 

@@ -173,3 +173,13 @@ def test_span_audit_measures_the_entity_lists_the_tagger_overrates():
     assert (np.argsort(v.scores, kind="stable") == np.argsort(plain.scores, kind="stable")).all()
     assert abs(v.scores.mean() - (1 - wrong.mean())) < 0.06 < abs(plain.scores.mean() - (1 - wrong.mean()))
     assert v.audit.flagged + v.audit.unflagged == 60
+
+
+def test_the_review_tab_title_says_when_an_audit_set_the_figure():
+    from freeal_backend.labelstudio.review_tab import health_note
+
+    assert health_note({"verdict": "ok", "estimated_accuracy": 0.88}) == "about 88% of LLM labels right"
+    assert health_note({"verdict": "ok", "estimated_accuracy": 0.88, "audit": {"audited": AUDIT_MIN - 1}}) == (
+        "about 88% of LLM labels right")  # reported, not yet deciding
+    assert health_note({"verdict": "poor", "estimated_accuracy": 0.6, "audit": {"audited": 30}}) == (
+        "about 60% of LLM labels right (poor, audit of 30)")

@@ -156,17 +156,21 @@ def check_judged(client: LabelStudio, backend: BackendServer, pid: int, status: 
         store.close()
 
 
+def subj_project(client: LabelStudio, title: str) -> tuple[int, dict[int, str]]:
+    """A project of ``N_TASKS`` SUBJ texts; its id and each task's gold label."""
+    pid = client.projects.create(title=title, label_config=SUBJ_CONFIG).id
+    rows = shared_rows("subj", n=N_TASKS)
+    client.projects.import_tasks(id=pid, request=[{"text": r["text"]} for r in rows])
+    label_of = {r["text"]: r["label"] for r in rows}
+    return pid, {int(t.id): label_of[t.data["text"]]
+                 for t in client.tasks.list(project=pid, fields="task_only", page_size=100)}
+
+
 @pytest.mark.ls
 def test_judge_version_judges_another_models_predictions_without_the_llm(
         label_studio: LabelStudioServer, judge_backend: BackendServer, fake_llm: FakeOpenAI) -> None:
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
-    project = client.projects.create(title="judge a version", label_config=SUBJ_CONFIG)
-    pid = project.id
-    rows = shared_rows("subj", n=N_TASKS)
-    client.projects.import_tasks(id=pid, request=[{"text": r["text"]} for r in rows])
-    label_of = {r["text"]: r["label"] for r in rows}
-    gold = {int(t.id): label_of[t.data["text"]]
-            for t in client.tasks.list(project=pid, fields="task_only", page_size=100)}
+    pid, gold = subj_project(client, "judge a version")
     task_ids = sorted(gold)
     # the other model: right but for every 7th task; none for the last few; a decoy version says the opposite
     other = {tid: FLIP[gold[tid]] if i % 7 == 3 else gold[tid] for i, tid in enumerate(task_ids[:-NO_PREDICTION])}
@@ -268,13 +272,7 @@ def test_audit_tab_and_blind_audit_labels_measure_the_judged_labels(
     """The project option ``audit``: a tab of that many random tasks; people's labels on them are kept from the
     small model and say how many of the judged labels are right (here the other model is wrong on every 4th)."""
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
-    project = client.projects.create(title="audit", label_config=SUBJ_CONFIG)
-    pid = project.id
-    rows = shared_rows("subj", n=N_TASKS)
-    client.projects.import_tasks(id=pid, request=[{"text": r["text"]} for r in rows])
-    label_of = {r["text"]: r["label"] for r in rows}
-    gold = {int(t.id): label_of[t.data["text"]]
-            for t in client.tasks.list(project=pid, fields="task_only", page_size=100)}
+    pid, gold = subj_project(client, "audit")
     other = {tid: FLIP[gold[tid]] if i % 4 == 1 else gold[tid] for i, tid in enumerate(sorted(gold))}
     client.projects.import_predictions(id=pid, request=[{"task": t, "result": choice(lab), "model_version": OTHER}
                                                         for t, lab in other.items()])

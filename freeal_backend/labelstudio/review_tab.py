@@ -8,6 +8,7 @@ from typing import Any
 
 from freeal_backend.labelstudio.client import INITIAL_VERSION, ProjectClient, review_view_title
 from freeal_backend.labelstudio.job_store import JobStore
+from freeal_backend.slm.audit import AUDIT_MIN
 from freeal_backend.status import job_summary, live_title_state
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,14 @@ class ReviewTab:
 
 
 def health_note(health: dict[str, Any] | None) -> str | None:
-    """The run health in a few words for the review tab's title ("labels look near chance", ...)."""
+    """The run health in a few words for the review tab's title ("labels look near chance", ...; "audit of
+    50" when a random audit set the figure)."""
     if not health:
         return None
     if health["verdict"] == "near_chance":
         return "LLM labels look near chance: use a stronger LLM"
+    audited = int((health.get("audit") or {}).get("audited") or 0)
+    notes = (["poor"] if health["verdict"] == "poor" else []) + ([f"audit of {audited}"] if audited >= AUDIT_MIN else [])
     return f"about {float(health['estimated_accuracy']):.0%} of LLM labels right" + (
-        " (poor)" if health["verdict"] == "poor" else "")
+        f" ({', '.join(notes)})" if notes else "")
 
