@@ -183,3 +183,20 @@ def test_the_review_tab_title_says_when_an_audit_set_the_figure():
         "about 88% of LLM labels right")  # reported, not yet deciding
     assert health_note({"verdict": "poor", "estimated_accuracy": 0.6, "audit": {"audited": 30}}) == (
         "about 60% of LLM labels right (poor, audit of 30)")
+
+
+def test_an_audit_that_finds_poor_labels_says_so_and_overrides_near_chance():
+    """An LLM that answered one class everywhere: the small model cannot tell its labels from chance. An audit
+    of 40 measures them (about half right); run health takes that figure, calls the labels poor and names the
+    fix."""
+    rng = np.random.default_rng(4)
+    probs = rng.dirichlet([1, 1], 300)
+    labels = np.zeros(300, dtype=int)
+    gold = rng.integers(0, 2, 300)
+    assert judge(probs, labels).health.verdict == "near_chance"
+    audit = np.full(300, -1)
+    audit[:40] = gold[:40]
+    v = judge(probs, labels, audit_labels=audit)
+    right = int((gold[:40] == 0).sum())
+    assert v.health.verdict == "poor" and v.health.estimated_accuracy == (right + 1) / 42
+    assert "consider a stronger LLM endpoint" in v.health.message and "random audit of 40" in v.health.message

@@ -556,6 +556,8 @@ def _audit_said(health: Health, audited: np.ndarray, llm_right: np.ndarray, fina
         return None, health
     audit = audit_outcome(llm_right[audited], final_right[audited], scores_before[audited], flagged[audited])
     said = audit_message(audit, model_estimate, what)
+    if audit.decides and health.verdict == "poor":
+        said += f"; the LLM {what} look poor: review the flagged tasks, and consider a stronger LLM endpoint"
     return audit, replace(health, message=said if audit.decides else f"{health.message}; {said}")
 
 
