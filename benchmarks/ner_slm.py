@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (DATA, RESULTS, command_line, current_peak_mib, fmt_table, loadavg, read_jsonl,  # noqa: E402
                      reset_peak_rss, rss_mib, subsample, write_result)
 
-from freeal_backend.span_eval import entity_scores, word_offsets  # noqa: E402
+from freeal_backend.span_eval import bio_tags, entity_scores, word_offsets  # noqa: E402
 from freeal_backend.spans import Span, spans_from_dicts  # noqa: E402
 
 TYPES = ["Chemical", "Disease"]
@@ -104,6 +104,40 @@ def ece(prob: np.ndarray, truth: np.ndarray, bins: int = 10) -> float:
                      for b in range(bins) if (which == b).any()))
 
 
+def audit_draws(texts: list[str], noisy: list[list[Span]], gold: list[list[Span]], result: Any, sizes: list[int],
+                draws: int, seed: int) -> list[dict[str, float]]:
+    """Random audits of each size (gold as the person's spans, ``draws`` times): run health's error against
+    the share of sentences exactly right, the Wilson interval's coverage and the ECE of the scores on the
+    sentences not audited, through ``judge_span_labels`` as a run judges them."""
+    from freeal_backend.slm.detection import judge_span_labels
+
+    n = len(texts)
+    right = np.array([sorted(a) == sorted(b) for a, b in zip(noisy, gold)])
+    human = np.zeros(n, dtype=bool)
+
+    def verdict(person: list[list[Span] | None]) -> Any:
+        return judge_span_labels(noisy, result.predicted, result.doubt, human,
+                                 lambda i, spans: bio_tags(texts[i], spans, TYPES), result.words_right, person)
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in [0, *sizes]:
+        errors, covered, eces = [], [], []
+        for _ in range(draws if k else 1):
+            rows = set(rng.choice(n, k, replace=False).tolist()) if k else set()
+            v = verdict([gold[i] if i in rows else None for i in range(n)])
+            rest = np.array([i for i in range(n) if i not in rows])
+            errors.append(100 * (v.health.estimated_accuracy - right.mean()))
+            eces.append(ece(v.scores[rest], right[rest]))
+            if v.audit is not None:
+                covered.append(v.audit.low <= right.mean() <= v.audit.high)
+        out.append({"size": k, "draws": len(errors), "mean_abs_error_points": float(np.mean(np.abs(errors))),
+                    "p90_abs_error_points": float(np.quantile(np.abs(errors), 0.9)),
+                    "interval_coverage": float(np.mean(covered)) if covered else None, "ece": float(np.mean(eces))})
+        print(f"audit of {k}: {out[-1]}", flush=True)
+    return out
+
+
 def one_round(encoder: Any, texts: list[str], labels: list[list[Span]], lower: Any, t_lower: float,
               args: argparse.Namespace) -> tuple[Any, dict]:
     """Cross-fitting over precomputed lower states; the round's time adds the lower states' time."""
@@ -148,6 +182,8 @@ def main() -> None:
     ap.add_argument("--spurious", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-gold", action="store_true", help="skip the gold-trained round")
+    ap.add_argument("--audit-sizes", default="", help="e.g. 20,50,100: random audits of the noisy round's verdict")
+    ap.add_argument("--audit-draws", type=int, default=50, help="random audits per size")
     ap.add_argument("--out", default=str(RESULTS / "ner_slm.md"))
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -207,6 +243,9 @@ def main() -> None:
                         "mean_clean_prob": float(result.clean_prob.mean()),
                         "judgements_by_kind": kinds,
                         "span_judgements": span_flag_scores(gold, noisy, result.judgements)})
+            if args.audit_sizes:
+                row["audit"] = audit_draws(texts, noisy, gold, result, [int(x) for x in args.audit_sizes.split(",")],
+                                           args.audit_draws, args.seed)
         report[name] = row
         print(json.dumps({k: v for k, v in row.items() if k in ("round_s", "peak_rss_mib")}), flush=True)
     report["load_end"] = loadavg()
@@ -259,6 +298,17 @@ def render(report: dict[str, Any], args: argparse.Namespace) -> str:
                   f"Span judgements: {sj['judgements']} made ({n['judgements_by_kind']}); precision "
                   f"{100 * sj['precision']:.1f}% (a judgement names a corrupted span), recall "
                   f"{100 * sj['recall']:.1f}% of {sj['span_errors']} corrupted spans.", ""]
+    if "noisy" in report and report["noisy"].get("audit"):
+        audit_rows = [[a["size"] or "no audit", a["draws"], f"{a['mean_abs_error_points']:.1f}",
+                       f"{a['p90_abs_error_points']:.1f}",
+                       "—" if a["interval_coverage"] is None else f"{a['interval_coverage']:.2f}", f"{a['ece']:.3f}"]
+                      for a in report["noisy"]["audit"]]
+        lines += ["### Random audits of the noisy round's verdict (gold as a person's spans)", "",
+                  "Run health (share of sentences whose entity list is exactly right) against the truth, the "
+                  "audit's 90 % Wilson interval, and the ECE of the scores on the sentences not audited "
+                  "(`detection.judge_span_labels` with `audit_labels`, as a run judges them):", "",
+                  fmt_table(["audited sentences", "draws", "health mean abs error, points", "90th percentile",
+                             "interval coverage", "ECE"], audit_rows), ""]
     time_rows = [[name, report[name]["round_s"], report[name]["lower_states_s"], report[name]["cross_fit_s"],
                   report[name]["peak_rss_mib"]] for name in ("noisy", "gold") if name in report]
     lines += ["### One SLM round (lower states of the training sentences + cross-fitting)", "",

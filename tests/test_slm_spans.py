@@ -141,14 +141,16 @@ def test_ner_benchmark_runs_on_a_tiny_slice(tmp_path: Path) -> None:
     out = tmp_path / "ner.md"
     proc = subprocess.run([sys.executable, "benchmarks/ner_slm.py", "--limit", "40", "--test-limit", "20", "--folds",
                            "2", "--epochs", "2", "--warmup", "1", "--train-layers", "0", "--threads", "1",
-                           "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+                           "--audit-sizes", "20", "--audit-draws", "2", "--out", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()
     for row in ["noisy labels themselves", "SLM on noisy labels, test", "SLM on gold labels, train", "top 15% by doubt",
-                "P(right) < 0.5 and disputed", "ECE", "Span judgements", "peak RSS",
+                "P(right) < 0.5 and disputed", "ECE", "Span judgements", "peak RSS", "Random audits",
                 "Command (from the repository root)"]:
         assert row in text, row
-    assert json.loads(out.with_suffix(".json").read_text())["train_sentences"] == 40
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["train_sentences"] == 40 and [a["size"] for a in data["noisy"]["audit"]] == [0, 20]
 
 
 def test_word_shape_and_features() -> None:
