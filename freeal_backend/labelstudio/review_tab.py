@@ -52,7 +52,8 @@ def health_note(health: dict[str, Any] | None) -> str | None:
     if health["verdict"] == "near_chance":
         return "LLM labels look near chance: use a stronger LLM"
     audited = int((health.get("audit") or {}).get("audited") or 0)
-    notes = (["poor"] if health["verdict"] == "poor" else []) + ([f"audit of {audited}"] if audited >= AUDIT_MIN else [])
+    notes = ["poor"] if health["verdict"] == "poor" else []
+    notes += [f"audit of {audited}"] if audited >= AUDIT_MIN else []
     return f"about {float(health['estimated_accuracy']):.0%} of LLM labels right" + (
         f" ({', '.join(notes)})" if notes else "")
 
