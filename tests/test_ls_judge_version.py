@@ -303,3 +303,32 @@ def test_audit_tab_and_blind_audit_labels_measure_the_judged_labels(
     finally:
         store.close()
     assert fake_llm.log == []
+
+
+@pytest.mark.ls
+def test_audit_of_a_span_project(label_studio: LabelStudioServer, judge_backend: BackendServer,
+                                 fake_llm: FakeOpenAI) -> None:
+    """Spans through the same audit: the tab lists the audit sentences; once people give their entities, the
+    job's message counts the judged entity lists that equal them."""
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    config = (ROOT / "label_config/ner_review.xml").read_text()
+    pid = client.projects.create(title="audit spans", label_config=config).id
+    rows = shared_rows("bc5cdr", n=40, stride=37)
+    client.projects.import_tasks(id=pid, request=[{"text": r["text"]} for r in rows])
+    tasks = {int(t.id): t.data["text"] for t in client.tasks.list(project=pid, fields="task_only", page_size=100)}
+    spans_of = {r["text"]: r["spans"] for r in rows}
+    other = {t: spans_of[tasks[t]][1:] if i % 3 == 0 else spans_of[tasks[t]] for i, t in enumerate(sorted(tasks))}
+    client.projects.import_predictions(id=pid, request=[{"task": t, "model_version": OTHER, "result": span_regions(
+        tasks[t], s)} for t, s in other.items()])
+    ml = client.ml.create(url=judge_backend.url, project=pid, title="FreeAL judge",
+                          extra_params={"judge_version": OTHER, "audit": 20})
+    assert run_job(client, ml.id, judge_backend, pid)["state"] == "done"
+    sample = audit_view_ids(client, pid)
+    assert len(sample) == 20
+    for tid in sample:
+        client.annotations.create(id=tid, result=span_regions(tasks[tid], spans_of[tasks[tid]]))
+    status = run_job(client, ml.id, judge_backend, pid)
+    right = sum(other[t] == spans_of[tasks[t]] for t in sample)
+    assert f"a random audit of 20 tasks found {right} of the LLM entity lists right" in status["message"], status
+    assert audit_view_ids(client, pid) == set()
+    assert fake_llm.log == []
