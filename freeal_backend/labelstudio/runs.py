@@ -28,14 +28,18 @@ class ProjectOptions:
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> "ProjectOptions":
         extra = extra if isinstance(extra, dict) else {}
-        rounds, audit = extra.get("rounds"), extra.get("audit")
         return cls(
             from_name=str(extra["from_name"]) if extra.get("from_name") else None,
-            rounds=int(rounds) if isinstance(rounds, (int, str)) and str(rounds).isdigit() else None,
+            rounds=_count(extra.get("rounds")),
             task_description=str(extra["task_description"]) if extra.get("task_description") else None,
             judge_version=str(extra["judge_version"]) if extra.get("judge_version") else None,
-            audit=int(audit) if isinstance(audit, (int, str)) and str(audit).isdigit() else None,
+            audit=_count(extra.get("audit")),
         )
+
+
+def _count(value: Any) -> int | None:
+    """A whole number given as an int or a string of digits ("2"); None for anything else."""
+    return int(value) if isinstance(value, (int, str)) and str(value).isdigit() else None
 
 
 class RunRegistry:

@@ -97,18 +97,16 @@ def calibrate_to_audit(scores: np.ndarray, audited: np.ndarray, right: np.ndarra
 
 
 def audit_outcome(llm_right: np.ndarray, final_right: np.ndarray, scores: np.ndarray, flagged: np.ndarray) -> Audit:
-    """The audit from its rows: whether the LLM's label (none = wrong) and the final label equal the person's,
-    the final label's score before the audit and the review flag."""
+    """The audit from its rows (at least one): whether the LLM's label (none = wrong) and the final label equal
+    the person's, the final label's score before the audit and the review flag."""
     llm_ok, final_ok = np.asarray(llm_right, dtype=bool), np.asarray(final_right, dtype=bool)
     flag = np.asarray(flagged, dtype=bool)
-    n = len(llm_ok)
-    low, high = wilson(int(llm_ok.sum()), n) if n else (0.0, 1.0)
-    return Audit(audited=n, llm_right=int(llm_ok.sum()), accuracy=float(llm_ok.mean()) if n else float("nan"),
-                 low=low, high=high, final_right=int(final_ok.sum()),
-                 final_accuracy=float(final_ok.mean()) if n else float("nan"),
-                 score_before=float(np.mean(scores)) if n else float("nan"),
-                 flagged=int(flag.sum()), flagged_wrong=int((flag & ~final_ok).sum()),
-                 unflagged=int((~flag).sum()), unflagged_right=int((~flag & final_ok).sum()))
+    low, high = wilson(int(llm_ok.sum()), len(llm_ok))
+    return Audit(audited=len(llm_ok), llm_right=int(llm_ok.sum()), accuracy=float(llm_ok.mean()), low=low, high=high,
+                 final_right=int(final_ok.sum()), final_accuracy=float(final_ok.mean()),
+                 score_before=float(np.mean(scores)), flagged=int(flag.sum()),
+                 flagged_wrong=int((flag & ~final_ok).sum()), unflagged=int((~flag).sum()),
+                 unflagged_right=int((~flag & final_ok).sum()))
 
 
 def audit_message(audit: Audit, model_estimate: float, what: str = "labels") -> str:

@@ -493,9 +493,7 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
         if own < health.answered_accuracy:
             health = _below_llm_confidence(health, own)
     unanswered = ~human & ~answered
-    if unanswered.any():
-        floor = scores[answered].min() if answered.any() else 1.0
-        scores[unanswered] = np.minimum(scores[unanswered], floor) * (1 - 1e-6)
+    _below_answered(scores, answered, unanswered)
     issues = find_issues(judged_labels, calibrated, posterior)
     if llm_informs:  # cleanlab sizes the set; the ranking takes the LLM's calibrated confidence in too
         lowest = review_order(scores, answered)[:int(issues.sum())]
@@ -530,6 +528,13 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
     return Judgement(final, scores, flagged, reasons, posterior, issues, temperature, health, audit)
 
 
+def _below_answered(scores: np.ndarray, answered: np.ndarray, unanswered: np.ndarray) -> None:
+    """Score every unanswered text (in place) below every answered one, so it comes first in review."""
+    if unanswered.any():
+        floor = scores[answered].min() if answered.any() else 1.0
+        scores[unanswered] = np.minimum(scores[unanswered], floor) * (1 - 1e-6)
+
+
 def _audit_level(scores: np.ndarray, health: Health, answered: np.ndarray, unanswered: np.ndarray,
                  audited: np.ndarray, llm_right: np.ndarray, final_right: np.ndarray) -> tuple[np.ndarray, Health]:
     """With ``AUDIT_MIN`` audited texts or more (people's labels on random tasks outrank every estimate made
@@ -542,8 +547,8 @@ def _audit_level(scores: np.ndarray, health: Health, answered: np.ndarray, unans
         scores[answered] = (platt if platt is not None
                             else shift_to_mean(scores[answered], smoothed_share(final_right[on])))
         health = _with_accuracy(health, smoothed_share(llm_right[on]))
-    if unanswered.any() and answered.any():
-        scores[unanswered] = np.minimum(scores[unanswered], scores[answered].min()) * (1 - 1e-6)
+    if answered.any():
+        _below_answered(scores, answered, unanswered)
     verdict = "poor" if health.estimated_accuracy < POOR_ACCURACY else "ok"
     return scores, replace(health, verdict=verdict, weak_side="labels" if verdict == "poor" else "")
 
