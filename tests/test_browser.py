@@ -7,6 +7,7 @@ FreeAL results are given here (the algorithm is tested elsewhere); they are push
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,12 +99,13 @@ def test_review_view_and_flag_in_labeling_ui(label_studio: LabelStudioServer,
 def test_audit_view_loads_in_the_data_manager(label_studio: LabelStudioServer,
                                               flagged_project: tuple[int, int, list[int]]) -> None:
     """The audit tab (its filter, order and hidden prediction columns) loads in Label Studio 1.23's UI and
-    lists exactly the audit tasks, a flagged one among them (both markers in one prediction)."""
+    lists exactly the audit tasks, a flagged one among them (both markers in one prediction); an audit task
+    opens blind: the note says why, and nothing is pre-filled where another task shows the model's choices."""
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
     from playwright.sync_api import expect
 
-    pid, _, flagged = flagged_project
+    pid, review_tab, flagged = flagged_project
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
     view = next(v for v in client.views.list(project=pid) if str(v.data.get("title")).startswith(AUDIT_VIEW_TITLE))
     pc = ProjectClient(Connection(label_studio.url, label_studio.token), pid)
@@ -117,6 +119,19 @@ def test_audit_view_loads_in_the_data_manager(label_studio: LabelStudioServer,
         expect(page.locator(".lsf-table__row-wrapper")).to_have_count(len(audit))
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "audit_view.png"), full_page=True)
+        def checked() -> list[str]:
+            return [name for name in ("positive", "negative", "Needs review", "OK")
+                    if page.get_by_role("checkbox", name=re.compile(f"^{name}")).is_checked()]
+
+        other = next(tid for tid in flagged if tid not in audit)  # not audited: its prediction is pre-filled
+        page.goto(f"{label_studio.url}/projects/{pid}/data?tab={review_tab}&task={other}")
+        expect(page.get_by_text("NEEDS REVIEW").first).to_be_visible(timeout=60_000)
+        assert checked() == ["positive", "Needs review"]
+        page.goto(f"{label_studio.url}/projects/{pid}/data?tab={view.id}&task={audit[0]}")
+        expect(page.get_by_text("FreeAL: audit task").first).to_be_visible(timeout=60_000)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(ARTIFACTS / "audit_task.png"), full_page=True)
+        assert checked() == []  # blind: neither the label nor the flag is pre-filled
     assert pc.view_task_ids(int(view.id)) == audit  # the UI did not rewrite the tab
 
 

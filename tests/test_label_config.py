@@ -21,6 +21,7 @@ from freeal_backend.labelstudio.label_results import (
     FLAG_OK,
     FLAG_SUSPICIOUS,
     REVIEW_MARKER,
+    audit_marker,
     choice_result,
     labels_from_result,
     render_prediction,
@@ -190,3 +191,24 @@ def test_render_prediction_flagged_human_and_multilabel() -> None:
     multi = parse_label_config((SHIPPED / "multilabel.xml").read_text())
     res = ItemResult("4", "plot", 0.7, {"plot": 0.7, "acting": 0.6, "music": 0.1, "visuals": 0.2})
     assert render_prediction(multi, res, "v")["result"][0]["value"]["choices"] == ["acting", "plot"]
+
+
+def test_an_audit_task_awaiting_its_label_is_blind() -> None:
+    """A random audit task nobody has labelled yet: its prediction holds no label (shown, or pre-labelled, the
+    machine's label would sway the person whose label is to measure it), only the marker the audit tab filters
+    on, the review marker when flagged, and a note saying why; once a person labelled it, their label shows."""
+    for name in ("review.xml", "sentiment.xml"):
+        cfg = parse_label_config((SHIPPED / name).read_text())
+        res = ItemResult("1", "positive", 0.6, {"positive": 0.6, "negative": 0.4}, suspicious=True,
+                         reasons=["label_issue"], suggested_label="negative", llm_label="positive", audit=True)
+        pred = render_prediction(cfg, res, "v1")
+        text = json.dumps(pred)
+        assert "positive" not in text and "negative" not in text and "Suggested" not in text, (name, pred)
+        assert labels_from_result(cfg, pred["result"]) == []
+        assert pred["result"][0]["freeal"] == f"{review_marker('v1')} {audit_marker('v1')}"
+        assert pred["model_version"] == "v1" and pred["score"] == 0.6
+        assert ("withheld" in text) == (name == "review.xml")  # the note, where the config has one
+        human = ItemResult("1", "negative", 1.0, {}, source="human", llm_label="positive", audit=True)
+        shown = render_prediction(cfg, human, "v1")
+        assert labels_from_result(cfg, shown["result"]) == ["negative"]
+        assert shown["result"][0]["freeal"] == audit_marker("v1")

@@ -20,10 +20,13 @@ from freeal_backend.labelstudio.label_config import (
 )
 from freeal_backend.labelstudio.label_results import (
     FLAG_SUSPICIOUS,
+    audit_marker,
     render_span_prediction,
+    render_task_prediction,
     spans_from_result,
     review_marker,
 )
+from freeal_backend.records import ItemResult
 from freeal_backend.spans import Span
 
 SHIPPED = Path(__file__).resolve().parents[1] / "label_config"
@@ -119,3 +122,22 @@ def test_span_parser_never_crashes_on_junk(xml: str) -> None:
         parse_span_config(xml)
     except LabelConfigError:
         pass
+
+
+def test_an_audit_sentence_awaiting_its_entities_is_blind() -> None:
+    """With the review note to carry the audit marker, an audit sentence nobody has labelled yet shows no
+    entity of the machine's (they would sway the person); without a note control there is nothing to carry
+    the marker but the regions, so the sentence keeps them (the README says to switch off pre-labelling)."""
+    text = "Lithium - induced tremor ."
+    spans = [{"start": 0, "end": 7, "label": "Chemical", "score": 0.9}]
+    res = ItemResult("1", "x", 0.8, {}, spans=spans, audit=True)
+    review = parse_span_config((SHIPPED / "ner_review.xml").read_text())
+    blind = render_task_prediction(review, res, text, "v1")
+    assert spans_from_result(review, text, blind["result"]) == [] and "Chemical" not in json.dumps(blind)
+    assert blind["result"][0]["freeal"] == audit_marker("v1") and "withheld" in json.dumps(blind)
+    plain = parse_span_config((SHIPPED / "ner.xml").read_text())
+    shown = render_task_prediction(plain, res, text, "v1")
+    assert spans_from_result(plain, text, shown["result"]) == [Span(0, 7, "Chemical")]
+    human = ItemResult("1", "x", 1.0, {}, spans=spans, source="human", audit=True)
+    assert spans_from_result(review, text, render_task_prediction(review, human, text, "v1")["result"]) == [
+        Span(0, 7, "Chemical")]

@@ -282,9 +282,10 @@ def test_audit_tab_and_blind_audit_labels_measure_the_judged_labels(
     assert status["state"] == "done", status
     sample = audit_view_ids(client, pid)
     assert len(sample) == 30
-    marked = {tid for tid, versions in by_version(client, pid).items()
-              if audit_marker(status["model_version"]) in str(versions[status["model_version"]][0]["result"])}
-    assert marked == sample
+    mine = {tid: versions[status["model_version"]][0] for tid, versions in by_version(client, pid).items()}
+    assert {tid for tid, pred in mine.items() if audit_marker(status["model_version"]) in str(pred["result"])} == sample
+    assert all(pred["result"][0]["value"]["choices"] == [] for tid, pred in mine.items() if tid in sample)  # blind
+    assert all(choice_of(pred) in FLIP for tid, pred in mine.items() if tid not in sample)
 
     audited = sorted(sample)[:24]  # a person labels 24 of them (the truth)
     for tid in audited:
@@ -294,6 +295,9 @@ def test_audit_tab_and_blind_audit_labels_measure_the_judged_labels(
     right = sum(other[t] == gold[t] for t in audited)
     assert f"a random audit of 24 tasks found {right} of the LLM labels right" in status2["message"], status2
     assert audit_view_ids(client, pid) == sample - set(audited)  # the tab shrinks as people audit
+    mine = {tid: versions[status2["model_version"]][0] for tid, versions in by_version(client, pid).items()}
+    assert all(choice_of(mine[t]) == gold[t] for t in audited)  # once labelled, the person's label shows
+    assert all(mine[t]["result"][0]["value"]["choices"] == [] for t in sample - set(audited))
     store = Store(judge_backend.data_dir / f"project-{pid}" / "state.sqlite")
     try:  # blind: the small model never trained on the audit labels; the output keeps the person's label
         assert not any(it.human_label for it in store.items())
@@ -322,9 +326,14 @@ def test_audit_of_a_span_project(label_studio: LabelStudioServer, judge_backend:
         tasks[t], s)} for t, s in other.items()])
     ml = client.ml.create(url=judge_backend.url, project=pid, title="FreeAL judge",
                           extra_params={"judge_version": OTHER, "audit": 20})
-    assert run_job(client, ml.id, judge_backend, pid)["state"] == "done"
+    first = run_job(client, ml.id, judge_backend, pid)
+    assert first["state"] == "done", first
     sample = audit_view_ids(client, pid)
     assert len(sample) == 20
+    version = first["model_version"]
+    shown = {tid: [r for pred in versions.get(version, []) for r in pred["result"] if r["type"] == "labels"]
+             for tid, versions in by_version(client, pid).items()}
+    assert not any(shown[t] for t in sample) and any(shown.values())  # blind: no entity of the machine's
     for tid in sample:
         client.annotations.create(id=tid, result=span_regions(tasks[tid], spans_of[tasks[tid]]))
     status = run_job(client, ml.id, judge_backend, pid)

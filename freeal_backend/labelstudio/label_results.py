@@ -4,6 +4,9 @@ config, and the labels a person's annotation gives.
 Classification predictions are ``choices`` results (:func:`render_prediction`); span (NER) predictions are
 ``labels`` regions with character offsets (:func:`render_span_prediction`). The review cue controls the
 config has (:class:`~freeal_backend.labelstudio.label_config.ReviewCue`) get the review note and flag.
+A random audit task nobody has labelled yet is *blind* (:func:`blind_prediction`): its prediction carries
+the markers and the score but no label, so neither the Data Manager nor pre-labelling shows the person
+whose label is to measure the run what the machine said.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ REASON_TEXT = {  # {who}: who gave the label under judgement ("the LLM", or a ju
 }
 LLM = "the LLM"
 AUDIT_NOTE = "FreeAL: audit label (measures the run; never shown to the LLM or the small model)."
+BLIND_NOTE = ("FreeAL: audit task. Give your own label: the machine's is withheld until you do, so it cannot sway "
+              "you. Your label measures the run and is never shown to the LLM or the small model.")
 
 
 def reasons_text(reasons: list[str], who: str = LLM) -> str:
@@ -135,9 +140,12 @@ def render_prediction(cfg: ClassificationConfig, res: ItemResult, model_version:
     the same score; the per-label confidences go into the review note when the config has one. A flagged
     prediction's first result item carries ``"freeal": review_marker(model_version)``, which the Data Manager
     can filter on ("Prediction results" contains ...) whatever controls the config has; an audit task's
-    carries ``audit_marker(model_version)`` (both, space-separated, when both apply).
+    carries ``audit_marker(model_version)`` (both, space-separated, when both apply). An audit task that
+    awaits a person's label gets :func:`blind_prediction`.
     """
     score = min(1.0, max(0.0, float(res.confidence))) if res.confidence is not None else 0.0
+    if awaits_audit(res):
+        return blind_prediction(cfg, model_version, score=score, review=bool(res.suspicious))
     labels = predicted_labels(cfg, res.label, res.probs)
     result = [choice_result(cfg, labels, score=score)] if labels else []
     suspicious = bool(res.suspicious) and res.source != "human"
@@ -150,6 +158,30 @@ def render_prediction(cfg: ClassificationConfig, res: ItemResult, model_version:
     if marker and result:
         result[0]["freeal"] = marker
     return {"result": result, "score": score, "model_version": model_version}
+
+
+def awaits_audit(res: ItemResult) -> bool:
+    """Whether ``res`` is a random audit task that no person has labelled yet."""
+    return res.audit and res.source != "human"
+
+
+def can_blind(cfg: TaskConfig) -> bool:
+    """Whether ``cfg`` has a control that carries the audit marker without a label: a classification control
+    (an empty choice) or the review note; a span config without the note has only its regions."""
+    return isinstance(cfg, ClassificationConfig) or bool(cfg.review.text_name and cfg.review.text_to_name)
+
+
+def blind_prediction(cfg: TaskConfig, model_version: str, *, score: float | None, review: bool) -> dict[str, Any]:
+    """The prediction of an audit task that awaits a person's label (``can_blind(cfg)``): no label, no flag,
+    no suggestion; the empty classification choice or the note (:data:`BLIND_NOTE`) carries the audit marker
+    and, when the task is flagged (``review``), the review marker, so both tabs still list it."""
+    carrier = [choice_result(cfg, [])] if isinstance(cfg, ClassificationConfig) else []
+    carrier += [r for r in review_results(cfg, suspicious=False, note=BLIND_NOTE) if r["type"] == "textarea"]
+    carrier[0]["freeal"] = _markers(model_version, review=review, audit=True)
+    prediction: dict[str, Any] = {"result": carrier, "model_version": model_version}
+    if score is not None:
+        prediction["score"] = min(1.0, max(0.0, float(score)))
+    return prediction
 
 
 def labels_from_result(cfg: ClassificationConfig, result: list[dict[str, Any]]) -> list[str]:
@@ -190,7 +222,9 @@ def render_span_prediction(cfg: SpanConfig, text: str, spans: list[Span], model_
     ``score`` is the task's confidence; without it, the lowest span score when every span has one, else
     the prediction carries no score (never a made-up constant). The review cue controls get ``note`` and
     the flag when the config has them; a flagged prediction's first result item carries ``review_marker``, an
-    ``audit`` sentence's ``audit_marker`` (both when both apply).
+    ``audit`` sentence's ``audit_marker`` (both when both apply). (An audit sentence that awaits a person's
+    entities is rendered by :func:`blind_prediction` instead, where the config allows: see
+    :func:`render_task_prediction`.)
     """
     result = [span_region(cfg, text, s) for s in sorted(spans)]
     if score is None and spans and all(s.score is not None for s in spans):
@@ -244,6 +278,8 @@ def render_task_prediction(cfg: TaskConfig, res: ItemResult, text: str, model_ve
     if isinstance(cfg, ClassificationConfig):
         return render_prediction(cfg, res, model_version, who)
     suspicious = bool(res.suspicious) and res.source != "human"
+    if awaits_audit(res) and can_blind(cfg):
+        return blind_prediction(cfg, model_version, score=res.confidence, review=suspicious)
     if res.source == "human":
         note = AUDIT_NOTE if res.audit else "FreeAL: human label (gold)."
     elif res.note:
