@@ -212,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'token dropout' if args.no_augment else 'the authors back-translations'}.",
         "",
         "Recall and precision of the review tab count the *answered-but-wrong* gpt-3.5 labels among the "
-        "answered texts; unanswered texts are counted apart (they are always flagged). The review order puts "
-        "unanswered texts first, then the lowest scores.",
+        "answered texts; unanswered texts are counted apart (they are always flagged). The review order is the "
+        "review tab's: lowest score first.",
         "",
         table_md,
         "",

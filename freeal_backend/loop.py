@@ -702,7 +702,8 @@ class FreeALRun:
 
         The clean agreed pool (per class: out-of-sample SLM prediction == label, top ``select_ratio`` by
         SLM confidence) and human labels keep their labels; every other text is re-annotated (the paper),
-        or only the lowest-scored ``refine_share`` of them (a budget knob for endpoints paid per call).
+        or only a ``refine_share`` of them (a budget knob for endpoints paid per call): those the LLM left
+        unanswered first, then the lowest-scored.
         A class the SLM agrees on nowhere is filled with its labelled texts the SLM finds likeliest, so the
         LLM still sees demos of every class it answered (spans instead skip a one-group pool).
         """
@@ -724,8 +725,8 @@ class FreeALRun:
         todo = np.flatnonzero(~kept & ~gold)
         share = self.settings.refine_share
         if share < 1.0 and len(todo):
-            scores = self._judge(items, rnd).scores
-            todo = todo[np.argsort(scores[todo], kind="stable")[:int(np.ceil(share * len(todo)))]]
+            scores = self._judge(items, rnd).scores  # texts with no LLM label first, then the lowest scores
+            todo = todo[np.lexsort((scores[todo], y[todo] >= 0))[:int(np.ceil(share * len(todo)))]]
             todo = np.sort(todo)
         return RefinementScope(todo.tolist(), pool_idx, pool_cls, filled)
 

@@ -73,7 +73,7 @@ def review_scores(score: Sequence[float], wrong: Sequence[bool], *, unanswered: 
 
     if flagged is not None:
         take(np.asarray(flagged, dtype=bool), "flag")
-    order = np.lexsort((s, ~un))  # unanswered first, then lowest score first
+    order = np.argsort(s, kind="stable")  # the review tab's order: lowest score first
     for share in shares:
         top = np.zeros(len(s), dtype=bool)
         top[order[: int(round(share * len(s)))]] = True

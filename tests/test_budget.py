@@ -224,3 +224,15 @@ def test_budget_check_benchmark_measures_true_accuracy_after_review(tmp_path: Pa
         assert point["true"] == pytest.approx(after.mean())
     assert run["true_accuracy"] == pytest.approx(right.mean()) and run["reviewable"] == 29
     assert "| made toy_seed0 | 300 |" in (tmp_path / "check.md").read_text()
+
+
+def test_benchmark_review_measure_follows_the_review_tab_order() -> None:
+    """``metrics.review_scores`` takes the first share of the review tab's order (lowest score first), with
+    texts the LLM left unanswered where their score puts them, not ahead of everything."""
+    from freeal_backend.metrics import review_scores
+
+    score = np.array([0.9, 0.1, 0.2, 0.95, 0.97, 0.99, 0.98, 0.96, 0.94, 0.93])
+    wrong = np.array([True, True, True] + [False] * 7)
+    unanswered = np.array([True] + [False] * 9)
+    out = review_scores(score, wrong, unanswered=unanswered, shares=(0.2,))
+    assert out["top20pct_answered_wrong_recall"] == 1.0 and out["top20pct_unanswered_recall"] == 0.0

@@ -2,6 +2,7 @@
 OpenAI-compatible server: which texts are re-asked, human labels never, failed requests retried."""
 import dataclasses
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -100,6 +101,24 @@ def test_budget_knob_reasks_only_the_lowest_scored_share(tmp_path, encoder):
     assert 0.15 * outside <= len(todo) <= 0.3 * outside
     rest = np.setdiff1d(np.arange(len(items)), todo)
     assert scores[todo].max() <= np.sort(scores[rest])[len(rest) // 2]  # lower scores than most of the rest
+
+
+def test_budget_knob_reasks_texts_with_no_llm_label_first(tmp_path, encoder, monkeypatch):
+    """A text the LLM left unanswered is scored by the small model's posterior like any other (it may score
+    high), but with ``refine_share`` it is re-asked before every answered one: the LLM's answer is missing."""
+    items = rows_to_items(shared_rows("sst2", n=80, stride=53))
+    with FakeOpenAI() as fake, make_run(tmp_path, fake, encoder, refine_share=0.25) as run:
+        run.run(items, rounds=1)
+        full = run.refinement_scope(items, 1).todo
+        scores = run._judge(items, 1).scores
+        missing = [i for i in np.argsort(-scores) if i not in full][:3]  # high scorers the knob leaves out
+        for i in missing:
+            run.store.add_annotation("llm_r0", items[i].item_id, None, None, {}, "", "no usable label")
+        high = scores.copy()
+        high[missing] = 0.999
+        monkeypatch.setattr(run, "_judge", lambda *a, **k: SimpleNamespace(scores=high))
+        todo = run.refinement_scope(items, 1).todo
+    assert set(missing) <= set(todo) and len(todo) <= len(full) + 1
 
 
 def test_failed_refinement_requests_are_retried_on_the_next_run(tmp_path, encoder):

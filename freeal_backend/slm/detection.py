@@ -25,7 +25,8 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
    other class, the latter with at least ``OVERRULE_AT``. A *weak judge* (labels agree with it on fewer
    than ``WEAK_JUDGE_BELOW`` of its surest texts, ``anchor_agreement``: an LLM errs on hard texts, so the
    small model is the one misled there) overrules nothing, and its scores are the conservative
-   posterior's. Texts the LLM left unanswered get the SLM's label, scored below every answered text.
+   posterior's. Texts the LLM left unanswered get the SLM's label and, like any other text, that label's
+   posterior as their score (they are always flagged, so the review tab holds them whatever they score).
    The flag holds cleanlab's issues; once the LLM's confidence is informative, cleanlab only sizes the set
    and it holds that many lowest-scored answered texts (the ranking uses all the evidence).
 4. Run health: estimated accuracy of the labels (mean posterior of the given label; unanswered texts
@@ -103,7 +104,7 @@ class Judgement:
     """Per text: final label, calibrated score, review flag and reasons; plus the run's health."""
 
     labels: np.ndarray  # (n,) final class index
-    scores: np.ndarray  # (n,) probability that the final label is right (unanswered: capped, see module doc)
+    scores: np.ndarray  # (n,) probability that the final label is right
     flagged: np.ndarray  # (n,) bool
     reasons: list[list[str]]
     posterior: np.ndarray  # (n, classes)
@@ -493,7 +494,6 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
         if own < health.answered_accuracy:
             health = _below_llm_confidence(health, own)
     unanswered = ~human & ~answered
-    _below_answered(scores, answered, unanswered)
     issues = find_issues(judged_labels, calibrated, posterior)
     if llm_informs:  # cleanlab sizes the set; the ranking takes the LLM's calibrated confidence in too
         lowest = review_order(scores, answered)[:int(issues.sum())]
@@ -508,7 +508,7 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
     llm_right, final_right = audited & (judged_labels == truth), audited & (final == truth)
     scores_before, model_estimate = scores.copy(), health.estimated_accuracy
     if audited.sum() >= AUDIT_MIN:
-        scores, health = _audit_level(scores, health, answered, unanswered, audited, llm_right, final_right)
+        scores, health = _audit_level(scores, health, answered, audited, llm_right, final_right)
         posterior = _set_probability(posterior, np.flatnonzero(answered), final[answered], scores[answered])
     switched = answered & (final != judged_labels)
     reasons: list[list[str]] = []
@@ -528,18 +528,11 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
     return Judgement(final, scores, flagged, reasons, posterior, issues, temperature, health, audit)
 
 
-def _below_answered(scores: np.ndarray, answered: np.ndarray, unanswered: np.ndarray) -> None:
-    """Score every unanswered text (in place) below every answered one, so it comes first in review."""
-    if unanswered.any():
-        floor = scores[answered].min() if answered.any() else 1.0
-        scores[unanswered] = np.minimum(scores[unanswered], floor) * (1 - 1e-6)
-
-
-def _audit_level(scores: np.ndarray, health: Health, answered: np.ndarray, unanswered: np.ndarray,
-                 audited: np.ndarray, llm_right: np.ndarray, final_right: np.ndarray) -> tuple[np.ndarray, Health]:
+def _audit_level(scores: np.ndarray, health: Health, answered: np.ndarray, audited: np.ndarray,
+                 llm_right: np.ndarray, final_right: np.ndarray) -> tuple[np.ndarray, Health]:
     """With ``AUDIT_MIN`` audited texts or more (people's labels on random tasks outrank every estimate made
     without them): the answered scores recalibrated on the audited ones (Platt, else one logit offset to the
-    audit's smoothed share), the unanswered kept below them, and run health the audit's share."""
+    audit's smoothed share; unanswered texts keep theirs), and run health the audit's share."""
     scores = scores.copy()
     on = audited & answered
     if on.any():
@@ -547,8 +540,6 @@ def _audit_level(scores: np.ndarray, health: Health, answered: np.ndarray, unans
         scores[answered] = (platt if platt is not None
                             else shift_to_mean(scores[answered], smoothed_share(final_right[on])))
         health = _with_accuracy(health, smoothed_share(llm_right[on]))
-    if answered.any():
-        _below_answered(scores, answered, unanswered)
     verdict = "poor" if health.estimated_accuracy < POOR_ACCURACY else "ok"
     return scores, replace(health, verdict=verdict, weak_side="labels" if verdict == "poor" else "")
 
@@ -765,7 +756,7 @@ def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequen
                            dtype=bool)
     scores_before, model_estimate = scores.copy(), health.estimated_accuracy
     if audited.sum() >= AUDIT_MIN:
-        scores, health = _audit_level(scores, health, answered, ~answered & ~human, audited, llm_right, final_right)
+        scores, health = _audit_level(scores, health, answered, audited, llm_right, final_right)
         disputed_at = scores
     reasons: list[list[str]] = []
     for i in range(n):
