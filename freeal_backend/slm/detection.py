@@ -19,8 +19,9 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
    tend to overrate the labels (a small model trained on them learns the LLM's consistent errors; LLMs are
    overconfident), so where the LLM's mean confidence in its labels is below the mean score, every
    answered score moves down to it by one logit offset (``shift_to_mean``: rankings unchanged) and run
-   health takes that lower figure. The
-   final label is the LLM's unless the evidence against it is strong: the posterior and a conservative
+   health takes that lower figure. Where the LLM's confidence does not inform (none, or uninformative),
+   each score is instead pooled linearly with the run's estimated accuracy (``_pool_with_base_rate``: the
+   same double-counting, with no second opinion but the base rate). The final label is the LLM's unless the evidence against it is strong: the posterior and a conservative
    anchor-point posterior (anchors from out-of-sample rows only: human rows are trained on) pick the same
    other class, the latter with at least ``OVERRULE_AT``. A *weak judge* (labels agree with it on fewer
    than ``WEAK_JUDGE_BELOW`` of its surest texts, ``anchor_agreement``: an LLM errs on hard texts, so the
@@ -319,6 +320,21 @@ def _pool_label(posterior: np.ndarray, labels: np.ndarray, llm_right: np.ndarray
     return _set_probability(posterior, rows, cols, (posterior[rows, cols] + llm_right[rows]) / 2)
 
 
+def _pool_with_base_rate(scores: np.ndarray, posterior: np.ndarray, final: np.ndarray, judged: np.ndarray,
+                         base: float) -> tuple[np.ndarray, np.ndarray]:
+    """Where the LLM's confidence does not inform, each judged text's score is pooled linearly, with equal
+    weights, with the run's estimated accuracy ``base`` (one map for every text, so the order stays). The
+    posterior counts the small model's evidence as independent of the labeller's errors, but the small model
+    learnt from those very labels, so its extremes are too extreme: on the MR replay labels it scored below
+    0.1 were right 75 % of the time, on made noise labels it scored above 0.9 were wrong 8-12 % of the time
+    (ECE 0.057-0.063 -> 0.018-0.025 and 0.08-0.13 -> 0.07-0.10; ``benchmarks/budget_check.py``). Equal
+    weights as in ``_pool_label``: there is no gold to fit them (an audit does: ``_audit_level``)."""
+    scores = scores.copy()
+    scores[judged] = (scores[judged] + base) / 2
+    rows = np.flatnonzero(judged)
+    return scores, _set_probability(posterior, rows, final[rows], scores[rows])
+
+
 def _set_probability(posterior: np.ndarray, rows: np.ndarray, cols: np.ndarray, new: np.ndarray) -> np.ndarray:
     """``posterior`` with ``posterior[rows, cols] = new``, each row's other classes keeping their proportions."""
     out = posterior.copy()
@@ -438,7 +454,8 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
     in sample, so they never estimate noise); ``labels``: (n,) given label index or -1;
     ``human``: (n,) bool, labels given by a person (kept, score 1, never flagged);
     ``llm_probs``: (n, C) the LLM's per-class probabilities, rows of zeros where it gave none;
-    ``pool=False`` leaves out the linear pool with the LLM's calibrated confidence, ``cap=False`` the cap of
+    ``pool=False`` leaves out the linear pool (with the LLM's calibrated confidence where it informs, else
+    with the run's estimated accuracy: ``_pool_with_base_rate``), ``cap=False`` the cap of
     the scores and the estimate at the LLM's mean confidence (both for ablations);
     ``audit_labels``: (n,) a person's label for the random audit tasks, -1 elsewhere (blind: those rows are
     judged like any other, see slm/audit.py). From ``AUDIT_MIN`` audited tasks on, run health is the audit's
@@ -493,6 +510,8 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
             posterior = _set_probability(posterior, np.flatnonzero(answered), final[answered], scores[answered])
         if own < health.answered_accuracy:
             health = _below_llm_confidence(health, own)
+    if pool and not llm_informs and health.verdict != "near_chance" and answered.any():
+        scores, posterior = _pool_with_base_rate(scores, posterior, final, ~human, health.answered_accuracy)
     unanswered = ~human & ~answered
     issues = find_issues(judged_labels, calibrated, posterior)
     if llm_informs:  # cleanlab sizes the set; the ranking takes the LLM's calibrated confidence in too
