@@ -20,7 +20,8 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
 DATA = Path(os.environ.get("FREEAL_SHARED_DATA", ROOT.parent / "shared" / "data"))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from freeal_backend.metrics import markdown_table  # noqa: E402  (needs the sys.path line above)
+from freeal_backend.config import ENV_NAMES  # noqa: E402  (needs the sys.path line above)
+from freeal_backend.metrics import markdown_table  # noqa: E402
 
 # one line per data set telling the LLM what the labels mean
 TASKS = {
@@ -31,11 +32,10 @@ TASKS = {
 }
 
 # environment variables that change a benchmark's result (printed with every result)
-SETTING_VARS = ["LLM_BASE_URL", "LLM_MODEL", "LLM_CONCURRENCY", "FREEAL_SHOTS", "FREEAL_ENCODER",
-                "FREEAL_SLM_EPOCHS", "FREEAL_SLM_WARMUP", "FREEAL_SLM_TRAIN_LAYERS", "FREEAL_SLM_LR",
-                "FREEAL_SLM_BATCH", "FREEAL_SLM_ROBUST", "FREEAL_CLEAN_THRESHOLD", "FREEAL_SELECT_RATIO",
-                "FREEAL_MAX_LENGTH", "FREEAL_DEMO_POOL", "FREEAL_DEMOS_PER_LABEL", "FREEAL_SLM_FOLDS",
-                "FREEAL_TORCH_THREADS", "LS_FAST_PREDICTION_IMPORT"]
+# every setting's variable (a result must say how it was made; FREEAL_SEED was once left out), but the data
+# folder and the queue's URL (where, not how)
+SETTING_VARS = [v for v in ENV_NAMES.values() if v not in ("FREEAL_DATA_DIR", "FREEAL_QUEUE")] + [
+    "LS_FAST_PREDICTION_IMPORT"]
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

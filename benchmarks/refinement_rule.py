@@ -10,8 +10,11 @@ on the refined labels); which one the LLM is surer of; and what each rule decide
 
 - the small model's estimate (the rule until 2026-12-04): set aside when the run-health estimate of the refined
   labels (next SLM round) is more than a point below the previous labels';
-- the LLM's confidence (``FreeALRun._refinement_worse``, the rule now): set aside when the LLM is on average
-  less sure of its changed answers than of the answers they would replace.
+- the LLM's confidence (``FreeALRun._refinement_worse``, the default on 2026-12-04 and 05, an option since,
+  ``FREEAL_SET_ASIDE_LESS_SURE``): set aside when the LLM is on average less sure of its changed answers than
+  of the answers they would replace.
+
+The right call (gold) is the better of the two label sets; keeping every refinement is the paper's rule.
 
 Nothing is trained or asked: the stored answers, SLM outputs and health records are read.
 Writes ``benchmarks/results/refinement_rule_<name>.md`` and ``.json``.

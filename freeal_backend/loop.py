@@ -387,6 +387,7 @@ class FreeALRun:
         settings = [s.llm_model, self.shots, self.demos_per_label, s.demo_pool_size, s.encoder, s.slm_epochs,
                     s.slm_min_steps, s.slm_warmup_epochs, s.slm_folds, s.slm_robust, s.slm_train_layers, s.slm_lr,
                     s.clean_threshold, s.select_ratio, s.refine_share, s.seed, s.max_length]
+        settings += ["set_aside_less_sure"] if s.set_aside_less_sure else []  # off: the hashes runs had before it
         data_hash = _hash({"labels": self.labels, "task": self.task_description,
                            "items": [[it.item_id, it.text, it.human_label, it.augmented] for it in items],
                            "settings": settings})
@@ -634,8 +635,9 @@ class FreeALRun:
     def _stage_slm(self, items: Sequence[Item], rnd: int, progress: Progress) -> None:
         """Cross-fit the SLM on the current labels and record its verdict on them (the run's health).
 
-        A refinement that looks worse than the labels it would replace (:meth:`_refinement_worse`) does not
-        replace them: its labels are set aside and this round reuses the previous SLM round's output.
+        Every refinement replaces the labels before it (the paper). With ``FREEAL_SET_ASIDE_LESS_SURE``, one
+        that looks worse than the labels it would replace (:meth:`_refinement_worse`) does not: its labels are
+        set aside and this round reuses the previous SLM round's output.
         """
         if self.store.stage_done(f"slm_r{rnd}"):
             return
@@ -643,7 +645,7 @@ class FreeALRun:
             self._reuse_slm(rnd - 1, rnd, self.store.get_meta(f"health_r{rnd - 1}"))
             self.store.mark_stage(f"slm_r{rnd}", {"reused_round": rnd - 1})
             return
-        worse = self._refinement_worse(items, rnd - 1) if rnd > 1 else None
+        worse = self._refinement_worse(items, rnd - 1) if rnd > 1 and self.settings.set_aside_less_sure else None
         if worse:
             self.store.set_meta(f"rejected_r{rnd - 1}", True)
             self._reuse_slm(rnd - 1, rnd, self.store.get_meta(f"health_r{rnd - 1}"))

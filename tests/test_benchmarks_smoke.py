@@ -288,3 +288,17 @@ def test_health_estimators_on_the_stored_probabilities(tmp_path: Path) -> None:
     rows = json.loads((tmp_path / "health_estimators_tiny.json").read_text())
     assert len(rows) == 10 and {"true", "health", "anchor"} <= set(rows[0])
     assert "within 2 points" in (tmp_path / "health_estimators_tiny.md").read_text()
+
+
+def test_a_result_names_every_setting_it_was_made_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The main job's seeds 1 and 2 ran with FREEAL_SEED, which their reports' command and header left out:
+    every setting's variable counts (not the data folder or the queue's URL)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from _common import command_line, machine
+
+    monkeypatch.setenv("FREEAL_SEED", "2")
+    monkeypatch.setenv("FREEAL_SET_ASIDE_LESS_SURE", "1")
+    monkeypatch.setenv("FREEAL_DATA_DIR", "/tmp/somewhere")
+    line, header = command_line(), machine("0 / 0 / 0")
+    for text in (line, header):
+        assert "FREEAL_SEED=2" in text and "FREEAL_SET_ASIDE_LESS_SURE=1" in text and "/tmp/somewhere" not in text
