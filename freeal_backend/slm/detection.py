@@ -21,9 +21,10 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
    answered score moves down to it by one logit offset (``shift_to_mean``: rankings unchanged) and run
    health takes that lower figure. Where the LLM's confidence does not inform (none, or uninformative),
    each score is instead pooled linearly with the run's estimated accuracy (``_pool_with_base_rate``: the
-   same double-counting, with no second opinion but the base rate). The final label is the LLM's unless the evidence against it is strong: the posterior and a conservative
-   anchor-point posterior (anchors from out-of-sample rows only: human rows are trained on) pick the same
-   other class, the latter with at least ``OVERRULE_AT``. A *weak judge* (labels agree with it on fewer
+   same double-counting, with no second opinion but the base rate). The final label is the LLM's unless
+   the evidence against it is strong: the posterior and a conservative anchor-point posterior (anchors
+   from out-of-sample rows only: human rows are trained on) pick the same other class, the latter with at
+   least ``OVERRULE_AT``. A *weak judge* (labels agree with it on fewer
    than ``WEAK_JUDGE_BELOW`` of its surest texts, ``anchor_agreement``: an LLM errs on hard texts, so the
    small model is the one misled there) overrules nothing, and its scores are the conservative
    posterior's. Texts the LLM left unanswered get the SLM's label and, like any other text, that label's
@@ -327,7 +328,8 @@ def _pool_with_base_rate(scores: np.ndarray, posterior: np.ndarray, final: np.nd
     posterior counts the small model's evidence as independent of the labeller's errors, but the small model
     learnt from those very labels, so its extremes are too extreme: on the MR replay labels it scored below
     0.1 were right 75 % of the time, on made noise labels it scored above 0.9 were wrong 8-12 % of the time
-    (ECE 0.057-0.063 -> 0.018-0.025 and 0.08-0.13 -> 0.07-0.10; ``benchmarks/budget_check.py``). Equal
+    (ECE on the MR replay 0.057-0.063 -> 0.018-0.025, on made noise 0.08-0.13 -> 0.07-0.10; re-judged by
+    ``benchmarks/audit_check.py``). Equal
     weights as in ``_pool_label``: there is no gold to fit them (an audit does: ``_audit_level``)."""
     scores = scores.copy()
     scores[judged] = (scores[judged] + base) / 2
