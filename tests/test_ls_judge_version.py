@@ -266,6 +266,19 @@ def audit_view_ids(client: LabelStudio, pid: int) -> set[int]:
     return {int(t.id) for t in client.tasks.list(project=pid, view=views[0].id, fields="task_only", page_size=100)}
 
 
+def judge_with_audit(client: LabelStudio, backend: BackendServer, pid: int, size: int
+                     ) -> tuple[int, dict[str, Any], set[int]]:
+    """Connect the backend to judge ``OTHER`` with an audit of ``size`` tasks and run its first job: the ML
+    backend's id, the job's status and the audit tab's tasks (exactly ``size`` of them)."""
+    ml = client.ml.create(url=backend.url, project=pid, title="FreeAL judge",
+                          extra_params={"judge_version": OTHER, "audit": size})
+    status = run_job(client, ml.id, backend, pid)
+    assert status["state"] == "done", status
+    sample = audit_view_ids(client, pid)
+    assert len(sample) == size
+    return ml.id, status, sample
+
+
 @pytest.mark.ls
 def test_audit_tab_and_blind_audit_labels_measure_the_judged_labels(
         label_studio: LabelStudioServer, judge_backend: BackendServer, fake_llm: FakeOpenAI) -> None:
@@ -276,12 +289,7 @@ def test_audit_tab_and_blind_audit_labels_measure_the_judged_labels(
     other = {tid: FLIP[gold[tid]] if i % 4 == 1 else gold[tid] for i, tid in enumerate(sorted(gold))}
     client.projects.import_predictions(id=pid, request=[{"task": t, "result": choice(lab), "model_version": OTHER}
                                                         for t, lab in other.items()])
-    ml = client.ml.create(url=judge_backend.url, project=pid, title="FreeAL judge",
-                          extra_params={"judge_version": OTHER, "audit": 30})
-    status = run_job(client, ml.id, judge_backend, pid)
-    assert status["state"] == "done", status
-    sample = audit_view_ids(client, pid)
-    assert len(sample) == 30
+    ml_id, status, sample = judge_with_audit(client, judge_backend, pid, 30)
     mine = {tid: versions[status["model_version"]][0] for tid, versions in by_version(client, pid).items()}
     assert {tid for tid, pred in mine.items() if audit_marker(status["model_version"]) in str(pred["result"])} == sample
     assert all(pred["result"][0]["value"]["choices"] == [] for tid, pred in mine.items() if tid in sample)  # blind
@@ -290,7 +298,7 @@ def test_audit_tab_and_blind_audit_labels_measure_the_judged_labels(
     audited = sorted(sample)[:24]  # a person labels 24 of them (the truth)
     for tid in audited:
         client.annotations.create(id=tid, result=choice(gold[tid]))
-    status2 = run_job(client, ml.id, judge_backend, pid)
+    status2 = run_job(client, ml_id, judge_backend, pid)
     assert status2["state"] == "done", status2
     right = sum(other[t] == gold[t] for t in audited)
     assert f"a random audit of 24 tasks found {right} of the LLM labels right" in status2["message"], status2
@@ -324,19 +332,14 @@ def test_audit_of_a_span_project(label_studio: LabelStudioServer, judge_backend:
     other = {t: spans_of[tasks[t]][1:] if i % 3 == 0 else spans_of[tasks[t]] for i, t in enumerate(sorted(tasks))}
     client.projects.import_predictions(id=pid, request=[{"task": t, "model_version": OTHER, "result": span_regions(
         tasks[t], s)} for t, s in other.items()])
-    ml = client.ml.create(url=judge_backend.url, project=pid, title="FreeAL judge",
-                          extra_params={"judge_version": OTHER, "audit": 20})
-    first = run_job(client, ml.id, judge_backend, pid)
-    assert first["state"] == "done", first
-    sample = audit_view_ids(client, pid)
-    assert len(sample) == 20
+    ml_id, first, sample = judge_with_audit(client, judge_backend, pid, 20)
     version = first["model_version"]
     shown = {tid: [r for pred in versions.get(version, []) for r in pred["result"] if r["type"] == "labels"]
              for tid, versions in by_version(client, pid).items()}
     assert not any(shown[t] for t in sample) and any(shown.values())  # blind: no entity of the machine's
     for tid in sample:
         client.annotations.create(id=tid, result=span_regions(tasks[tid], spans_of[tasks[tid]]))
-    status = run_job(client, ml.id, judge_backend, pid)
+    status = run_job(client, ml_id, judge_backend, pid)
     right = sum(other[t] == spans_of[tasks[t]] for t in sample)
     assert f"a random audit of 20 tasks found {right} of the LLM entity lists right" in status["message"], status
     assert audit_view_ids(client, pid) == set()
