@@ -183,10 +183,20 @@ def fmt_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return markdown_table(header, rows, digits=2)
 
 
+def run_llm_calibrated(store: Any, settings: Any) -> bool:
+    """Whether the LLM that answered a stored run (its state's record; runs made before that record: the
+    environment's LLM_MODEL / LLM_BASE_URL) is known to be calibrated (``FREEAL_LLM_CALIBRATED`` overrides)."""
+    from freeal_backend.llm.embedded import confidence_calibrated
+
+    llm = store.get_meta("llm") or {"model": settings.llm_model, "endpoint": bool(settings.llm_base_url)}
+    return confidence_calibrated(llm["model"], llm["endpoint"], settings.llm_calibrated)
+
+
 def run_evidence(run_dir: Path) -> dict[str, Any]:
     """What the verdict of a finished classification run judged, from its state (no training, no LLM call):
     the out-of-sample SLM probabilities of its last SLM round, the labels judged (index, -1: none), gold
-    (index), people's labels (bool) and the LLM's per-class probabilities averaged over rounds."""
+    (index), people's labels (bool), the LLM's per-class probabilities averaged over rounds, and whether that
+    LLM's confidence is known to be calibrated (the run's LLM as its state records it, else LLM_MODEL)."""
     import numpy as np
 
     from freeal_backend.config import Settings
@@ -195,10 +205,12 @@ def run_evidence(run_dir: Path) -> dict[str, Any]:
 
     store = Store(run_dir / "state.sqlite")
     labels_set, rounds = store.get_meta("labels"), int(store.get_meta("rounds_done") or 0)
+    settings = Settings.from_env(data_dir=run_dir.parent.parent)
+    calibrated = run_llm_calibrated(store, settings)
     store.close()
     if not labels_set:
         raise SystemExit(f"error: {run_dir} holds no finished classification run")
-    with FreeALRun(Settings.from_env(data_dir=run_dir.parent.parent), list(labels_set), run_dir) as run:
+    with FreeALRun(settings, list(labels_set), run_dir) as run:
         items = run.store.items()
         if any(it.gold is None for it in items):
             raise SystemExit(f"error: {run_dir} has texts without gold")
@@ -207,4 +219,5 @@ def run_evidence(run_dir: Path) -> dict[str, Any]:
     return {"probs": np.array([slm[it.item_id]["probs"] for it in items]),
             "labels": np.array([run.labels.index(g) if g is not None else -1 for g in given]),
             "gold": np.array([run.labels.index(str(it.gold)) for it in items]),
-            "human": np.array([bool(it.human_label) for it in items]), "llm_probs": averaged}
+            "human": np.array([bool(it.human_label) for it in items]), "llm_probs": averaged,
+            "llm_calibrated": calibrated}

@@ -39,7 +39,8 @@ SIZES = (20, 30, 50, 100)
 
 
 def measure(name: str, probs: np.ndarray, labels: np.ndarray, gold: np.ndarray, human: np.ndarray | None,
-            llm_probs: np.ndarray | None, sizes: tuple[int, ...], draws: int, seed: int) -> dict[str, Any]:
+            llm_probs: np.ndarray | None, sizes: tuple[int, ...], draws: int, seed: int,
+            llm_calibrated: bool = False) -> dict[str, Any]:
     """Run health, interval, calibration and the unflagged share over ``draws`` random audits per size."""
     n = len(labels)
     human = np.zeros(n, dtype=bool) if human is None else human
@@ -49,7 +50,7 @@ def measure(name: str, probs: np.ndarray, labels: np.ndarray, gold: np.ndarray, 
     def one(audit_rows: np.ndarray) -> dict[str, float]:
         audit = np.full(n, -1)
         audit[audit_rows] = gold[audit_rows]
-        v = judge(probs, labels, human, llm_probs, audit_labels=audit)
+        v = judge(probs, labels, human, llm_probs, audit_labels=audit, llm_calibrated=llm_calibrated)
         rest = np.setdiff1d(free, audit_rows)
         right = v.labels[rest] == gold[rest]
         unflagged = rest[~v.flagged[rest]]
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     for run_dir in map(Path, args.rejudge_run):
         ev = run_evidence(run_dir)
         cases.append(measure(f"run {run_dir.parent.parent.parent.name}/{run_dir.name}", ev["probs"], ev["labels"],
-                             ev["gold"], ev["human"], ev["llm_probs"], sizes, args.draws, args.seed))
+                             ev["gold"], ev["human"], ev["llm_probs"], sizes, args.draws, args.seed,
+                             ev["llm_calibrated"]))
         print(f"{run_dir}: done", flush=True)
 
     def cell(case: dict[str, Any], k: int, key: str, fmt: str) -> str:

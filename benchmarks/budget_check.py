@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {run_dir}: max |gap| {results[-1]['max_abs_gap_points']:.2f} points", flush=True)
     for run_dir in map(Path, args.rejudge_run):
         ev = run_evidence(run_dir)
-        verdict = judge(ev["probs"], ev["labels"], ev["human"], ev["llm_probs"])
+        verdict = judge(ev["probs"], ev["labels"], ev["human"], ev["llm_probs"], llm_calibrated=ev["llm_calibrated"])
         results.append(check(f"re-judged run {run_dir}", verdict.scores, verdict.labels == ev["gold"],
                              ~ev["human"]))
         print(f"re-judged run {run_dir}: max |gap| {results[-1]['max_abs_gap_points']:.2f} points", flush=True)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, fmt_table, loadavg, mean_sd, write_report  # noqa: E402
+from _common import RESULTS, fmt_table, loadavg, mean_sd, run_llm_calibrated, write_report  # noqa: E402
 from second_judge import probe_oof  # noqa: E402
 
 from freeal_backend.config import Settings  # noqa: E402
@@ -64,8 +64,10 @@ def ablate(run_dir: Path, rounds: int | None) -> dict[str, Any]:
     store = Store(run_dir / "state.sqlite")
     labels_set = list(store.get_meta("labels"))
     rounds = int(store.get_meta("rounds_done") or 0) if rounds is None else rounds
+    settings = Settings.from_env(data_dir=run_dir.parent.parent)
+    calibrated = run_llm_calibrated(store, settings)
     store.close()
-    with FreeALRun(Settings.from_env(data_dir=run_dir.parent.parent), labels_set, run_dir) as run:
+    with FreeALRun(settings, labels_set, run_dir) as run:
         items = run.store.items()
         if any(it.gold is None for it in items):
             raise SystemExit(f"error: {run_dir} has texts without gold")
@@ -92,7 +94,7 @@ def ablate(run_dir: Path, rounds: int | None) -> dict[str, Any]:
             final, flagged, est = y, None, float("nan")
         else:
             slm_side, llm_side, pool, cap = spec
-            j = judge(judges[slm_side], y, None, llms[llm_side], pool=pool, cap=cap)
+            j = judge(judges[slm_side], y, None, llms[llm_side], pool=pool, cap=cap, llm_calibrated=calibrated)
             score, final, flagged, est = j.scores, j.labels, j.flagged, j.health.estimated_accuracy
         wrong = final != gold
         rs = review_scores(score, wrong, unanswered=unanswered, flagged=flagged, shares=(0.10, 0.20))

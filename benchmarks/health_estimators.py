@@ -33,10 +33,10 @@ from freeal_backend.slm import detection  # noqa: E402
 
 
 def estimates(name: str, probs: np.ndarray, labels: np.ndarray, gold: np.ndarray,
-              llm_probs: np.ndarray | None = None) -> dict[str, Any]:
+              llm_probs: np.ndarray | None = None, llm_calibrated: bool = False) -> dict[str, Any]:
     """The true accuracy of ``labels`` (-1: none) and the three estimates of it."""
     answered = labels >= 0
-    verdict = detection.judge(probs, labels, None, llm_probs)
+    verdict = detection.judge(probs, labels, None, llm_probs, llm_calibrated=llm_calibrated)
     calibrated, _ = detection.temperature_scale(probs, labels)
     anchor = detection.posterior_given_label(calibrated, labels, detection.anchor_transition(calibrated))
     rows = np.flatnonzero(answered)
@@ -54,7 +54,8 @@ def estimates(name: str, probs: np.ndarray, labels: np.ndarray, gold: np.ndarray
 
 def live_run(run_dir: Path) -> dict[str, Any]:
     ev = run_evidence(run_dir)
-    return estimates(f"live: {run_dir.name}", ev["probs"], ev["labels"], ev["gold"], ev["llm_probs"])
+    return estimates(f"live: {run_dir.name}", ev["probs"], ev["labels"], ev["gold"], ev["llm_probs"],
+                     ev["llm_calibrated"])
 
 
 def main(argv: list[str] | None = None) -> int:

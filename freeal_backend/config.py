@@ -30,7 +30,7 @@ ENV_NAMES = {  # Settings field -> the environment variable that sets it
     "select_ratio": "FREEAL_SELECT_RATIO", "seed": "FREEAL_SEED", "task_description": "FREEAL_TASK",
     "queue_url": "FREEAL_QUEUE", "queue_lock_ttl": "FREEAL_QUEUE_LOCK_TTL",
     "push_every_round_max_tasks": "FREEAL_PUSH_EVERY_ROUND_MAX", "keep_old_versions": "FREEAL_KEEP_OLD_VERSIONS",
-    "target_error": "FREEAL_TARGET_ERROR", "audit_size": "FREEAL_AUDIT",
+    "target_error": "FREEAL_TARGET_ERROR", "audit_size": "FREEAL_AUDIT", "llm_calibrated": "FREEAL_LLM_CALIBRATED",
 }
 
 
@@ -90,6 +90,9 @@ class Settings:
     #   not selected) instead of deleting them; while Label Studio deletes a version, people's saves wait for it
     target_error: float | None = None  # FREEAL_TARGET_ERROR, e.g. 0.05: review set = fewest least-confident texts
     #   whose review brings the estimated error of all labels to this or below (slm/budget.py); empty = off
+    llm_calibrated: bool | None = None  # FREEAL_LLM_CALIBRATED: the LLM's logprob confidence is calibrated, so its
+    #   mean sets the level of the scores and of run health (up as well as down); empty = on for an embedded model
+    #   measured so (the 1.5B), off for an endpoint: then the lower of its figure and the small model's counts
     audit_size: int = 0  # FREEAL_AUDIT, e.g. 50: tasks drawn at random for people to label blind (their labels
     #   measure the run and teach it nothing); from 20 labelled on, run health and the scores' level are the
     #   audit's (slm/audit.py); 0 = no audit

@@ -34,7 +34,7 @@ from freeal_backend.dataio import clean_text
 from freeal_backend.slm.audit import audit_sample
 from freeal_backend.slm.budget import review_set
 from freeal_backend.slm.detection import Judgement, SpanVerdict, judge
-from freeal_backend.llm.embedded import EmbeddedLLMServer
+from freeal_backend.llm.embedded import EmbeddedLLMServer, confidence_calibrated
 from freeal_backend.slm.encoder import Encoder, LowerStates
 from freeal_backend.llm.cache import ResponseCache
 from freeal_backend.llm.client import LazyRequests, LLMAnswer, LLMClient, Parse, label_parser
@@ -398,6 +398,7 @@ class FreeALRun:
         if self.store.get_meta("r0_hash") != r0_hash:  # round-0 answers would differ: start afresh
             self.store.reset_stages()
             self.store.set_meta("r0_hash", r0_hash)
+        self.store.set_meta("llm", {"model": s.llm_model, "endpoint": bool(s.llm_base_url)})  # who answered
         if self.store.get_meta("data_hash") != data_hash:  # per-item round-0 answers stay valid
             before = {it.item_id: it.human_label for it in self.store.items()}
             keep = ["demos", "zero_shot", "llm_r0"]
@@ -620,6 +621,13 @@ class FreeALRun:
                         on_epoch=lambda e, n, m: progress("slm", e, n))
         return model, out
 
+    @property
+    def llm_calibrated(self) -> bool:
+        """Whether the LLM's confidence sets the level of the scores (FREEAL_LLM_CALIBRATED; by default: an
+        embedded model measured calibrated, never an endpoint freeal knows nothing of)."""
+        s = self.settings
+        return confidence_calibrated(s.llm_model, bool(s.llm_base_url), s.llm_calibrated)
+
     def _judge(self, items: Sequence[Item], rnd: int, *, audit: bool = False) -> Judgement:
         """SLM round ``rnd``'s verdict on the labels it was trained on (those after refinement ``rnd - 1``);
         ``audit``: with people's labels on the random audit tasks (the final verdict)."""
@@ -630,7 +638,7 @@ class FreeALRun:
         human = np.array([bool(it.human_label) for it in items])
         person = self.audit_labels if audit else {}
         truth = np.array([self.labels.index(person[it.item_id]) if it.item_id in person else -1 for it in items])
-        return judge(probs, y, human, llm_probs, audit_labels=truth)
+        return judge(probs, y, human, llm_probs, audit_labels=truth, llm_calibrated=self.llm_calibrated)
 
     def _stage_slm(self, items: Sequence[Item], rnd: int, progress: Progress) -> None:
         """Cross-fit the SLM on the current labels and record its verdict on them (the run's health).

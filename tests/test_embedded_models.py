@@ -6,8 +6,9 @@ import pytest
 
 from freeal_backend.llm.cache import ResponseCache
 from freeal_backend.llm.client import LLMClient
+from freeal_backend.config import Settings
 from freeal_backend.llm.embedded import (DEFAULT_EMBEDDED, EMBEDDED_MODELS, EmbeddedLLMServer, EmbeddedModel,
-                                         embedded_model, join_chunks, model_path)
+                                         confidence_calibrated, embedded_model, join_chunks, model_path)
 from freeal_backend.llm.prompts import label_messages
 
 
@@ -63,3 +64,16 @@ def test_default_model_is_verified_qwen_and_labels_plain_sentiment(tmp_path):
                                                     "movie review.") for t in texts], labels)
     assert [a.label for a in answers] == list(texts.values())
     assert all(a.confidence is not None and a.confidence > 0.5 for a in answers)
+
+
+def test_only_an_embedded_model_measured_calibrated_sets_the_level_by_default(monkeypatch):
+    assert confidence_calibrated("qwen2.5-coder-1.5b-instruct", endpoint=False)
+    assert not confidence_calibrated("qwen2.5-coder-1.5b-instruct", endpoint=True)  # a name on an endpoint: unknown
+    assert not confidence_calibrated("qwen2.5-coder-0.5b-instruct", endpoint=False)  # measured underconfident
+    assert not confidence_calibrated("gpt-4o-mini", endpoint=True)
+    assert confidence_calibrated("gpt-4o-mini", endpoint=True, setting=True)
+    assert not confidence_calibrated("qwen2.5-coder-1.5b-instruct", endpoint=False, setting=False)
+    monkeypatch.setenv("FREEAL_LLM_CALIBRATED", "1")
+    assert Settings.from_env().llm_calibrated is True
+    monkeypatch.setenv("FREEAL_LLM_CALIBRATED", "")
+    assert Settings.from_env().llm_calibrated is None

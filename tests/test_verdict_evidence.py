@@ -235,6 +235,30 @@ def test_an_llm_surer_than_the_small_model_does_not_raise_the_estimate():
     assert np.array_equal(capped.scores, uncapped.scores)
 
 
+def test_an_llm_known_to_be_calibrated_sets_the_level_up_as_well():
+    """The embedded 1.5B's confidence is calibrated (main job: its mean within 1 point of the truth, ECE
+    0.02-0.04) while the small model, 67-73 % right on 160 texts, doubts right labels: run health said 81-82 %
+    where 92.5 % were right, ECE 0.11-0.12. Its level must count, up as well as down (labels and order kept);
+    for an LLM not known to be calibrated the lower figure still counts, and the message names the other."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    true = rng.integers(0, 2, n)
+    conf = 1 - 0.25 * rng.random(n) ** 2  # the LLM is right with the probability it gives its answer (~92 %)
+    labels = np.where(rng.random(n) < conf, true, 1 - true)
+    sure = rng.uniform(0.55, 0.95, n)  # a weak small model, right with the probability it gives (~75 %)
+    p1 = np.where((rng.random(n) < sure) == (true == 1), sure, 1 - sure)
+    probs = np.stack([1 - p1, p1], axis=1)
+    llm = np.zeros((n, 2))
+    llm[np.arange(n), labels], llm[np.arange(n), 1 - labels] = conf, 1 - conf
+    unknown, known = judge(probs, labels, llm_probs=llm), judge(probs, labels, llm_probs=llm, llm_calibrated=True)
+    truth = (labels == true).mean()
+    assert unknown.health.estimated_accuracy < truth - 0.1 and "FREEAL_LLM_CALIBRATED" in unknown.health.message
+    assert abs(known.health.estimated_accuracy - truth) < 0.02
+    assert _ece(known.scores, known.labels == true) < 0.05 < _ece(unknown.scores, unknown.labels == true)
+    assert (known.labels == unknown.labels).all()
+    assert np.array_equal(np.argsort(known.scores, kind="stable"), np.argsort(unknown.scores, kind="stable"))
+
+
 def test_without_llm_confidence_scores_are_pooled_with_the_run_estimate():
     """The posterior counts the small model as independent of the labeller's errors; one that learnt them
     (it leans to the label given on the hard texts the labeller gets wrong) and errs on its own elsewhere

