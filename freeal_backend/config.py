@@ -43,7 +43,7 @@ class Settings:
 
     data_dir: Path = Path("./freeal_data")  # FREEAL_DATA_DIR: all state, caches and models live here
     llm_base_url: str | None = None  # LLM_BASE_URL, e.g. https://api.openai.com/v1 or http://vllm:8000/v1
-    llm_model: str = "qwen2.5-coder-0.5b-instruct"  # LLM_MODEL; without LLM_BASE_URL: an embedded model's name
+    llm_model: str = "qwen2.5-coder-1.5b-instruct"  # LLM_MODEL; without LLM_BASE_URL: an embedded model's name
     llm_api_key: str | None = field(default=None, repr=False)  # LLM_API_KEY or OPENAI_API_KEY
     llm_concurrency: int = 4  # LLM_CONCURRENCY: requests in flight at once
     llm_timeout: float = 60.0  # LLM_TIMEOUT seconds per request

