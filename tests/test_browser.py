@@ -126,6 +126,8 @@ def test_audit_view_loads_in_the_data_manager(label_studio: LabelStudioServer,
         other = next(tid for tid in flagged if tid not in audit)  # not audited: its prediction is pre-filled
         page.goto(f"{label_studio.url}/projects/{pid}/data?tab={review_tab}&task={other}")
         expect(page.get_by_text("NEEDS REVIEW").first).to_be_visible(timeout=60_000)
+        # the choices render after the note: on a loaded machine they were not checked yet (seen failing)
+        expect(page.get_by_role("checkbox", name=re.compile("^positive"))).to_be_checked(timeout=30_000)
         assert checked() == ["positive", "Needs review"]
         page.goto(f"{label_studio.url}/projects/{pid}/data?tab={view.id}&task={audit[0]}")
         expect(page.get_by_text("FreeAL: audit task").first).to_be_visible(timeout=60_000)
