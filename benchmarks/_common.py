@@ -183,15 +183,6 @@ def fmt_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return markdown_table(header, rows, digits=2)
 
 
-def run_llm_calibrated(store: Any, settings: Any) -> bool:
-    """Whether the LLM that answered a stored run (its state's record; runs made before that record: the
-    environment's LLM_MODEL / LLM_BASE_URL) is known to be calibrated (``FREEAL_LLM_CALIBRATED`` overrides)."""
-    from freeal_backend.llm.embedded import confidence_calibrated
-
-    llm = store.get_meta("llm") or {"model": settings.llm_model, "endpoint": bool(settings.llm_base_url)}
-    return confidence_calibrated(llm["model"], llm["endpoint"], settings.llm_calibrated)
-
-
 def run_evidence(run_dir: Path) -> dict[str, Any]:
     """What the verdict of a finished classification run judged, from its state (no training, no LLM call):
     the out-of-sample SLM probabilities of its last SLM round, the labels judged (index, -1: none), gold
@@ -205,17 +196,16 @@ def run_evidence(run_dir: Path) -> dict[str, Any]:
 
     store = Store(run_dir / "state.sqlite")
     labels_set, rounds = store.get_meta("labels"), int(store.get_meta("rounds_done") or 0)
-    settings = Settings.from_env(data_dir=run_dir.parent.parent)
-    calibrated = run_llm_calibrated(store, settings)
     store.close()
     if not labels_set:
         raise SystemExit(f"error: {run_dir} holds no finished classification run")
-    with FreeALRun(settings, list(labels_set), run_dir) as run:
+    with FreeALRun(Settings.from_env(data_dir=run_dir.parent.parent), list(labels_set), run_dir) as run:
         items = run.store.items()
         if any(it.gold is None for it in items):
             raise SystemExit(f"error: {run_dir} has texts without gold")
         slm = run.store.slm(rounds + 1)
         given, averaged = run._current(items, rounds)
+        calibrated = run.llm_calibrated
     return {"probs": np.array([slm[it.item_id]["probs"] for it in items]),
             "labels": np.array([run.labels.index(g) if g is not None else -1 for g in given]),
             "gold": np.array([run.labels.index(str(it.gold)) for it in items]),

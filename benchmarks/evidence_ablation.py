@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, fmt_table, loadavg, mean_sd, run_llm_calibrated, write_report  # noqa: E402
+from _common import RESULTS, fmt_table, loadavg, mean_sd, write_report  # noqa: E402
 from second_judge import probe_oof  # noqa: E402
 
 from freeal_backend.config import Settings  # noqa: E402
@@ -64,10 +64,8 @@ def ablate(run_dir: Path, rounds: int | None) -> dict[str, Any]:
     store = Store(run_dir / "state.sqlite")
     labels_set = list(store.get_meta("labels"))
     rounds = int(store.get_meta("rounds_done") or 0) if rounds is None else rounds
-    settings = Settings.from_env(data_dir=run_dir.parent.parent)
-    calibrated = run_llm_calibrated(store, settings)
     store.close()
-    with FreeALRun(settings, labels_set, run_dir) as run:
+    with FreeALRun(Settings.from_env(data_dir=run_dir.parent.parent), labels_set, run_dir) as run:
         items = run.store.items()
         if any(it.gold is None for it in items):
             raise SystemExit(f"error: {run_dir} has texts without gold")
@@ -79,6 +77,7 @@ def ablate(run_dir: Path, rounds: int | None) -> dict[str, Any]:
         given, averaged = run._current(items, rounds)
         last = last_answer_probs(run, items, rounds)
         frozen = run._embeddings(items, lambda *a: None)
+        calibrated = run.llm_calibrated
     y = np.array([run.labels.index(g) if g is not None else -1 for g in given])
     unanswered = y < 0
     probe = probe_oof(frozen, y, len(run.labels), [it.text for it in items], 1.0, run.settings.seed)

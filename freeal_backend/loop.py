@@ -623,10 +623,12 @@ class FreeALRun:
 
     @property
     def llm_calibrated(self) -> bool:
-        """Whether the LLM's confidence sets the level of the scores (FREEAL_LLM_CALIBRATED; by default: an
+        """Whether the confidence of the LLM that answered (as the run's state records it; runs made before
+        that record: the configured one) sets the level of the scores (FREEAL_LLM_CALIBRATED; by default: an
         embedded model measured calibrated, never an endpoint freeal knows nothing of)."""
         s = self.settings
-        return confidence_calibrated(s.llm_model, bool(s.llm_base_url), s.llm_calibrated)
+        llm = self.store.get_meta("llm") or {"model": s.llm_model, "endpoint": bool(s.llm_base_url)}
+        return confidence_calibrated(llm["model"], llm["endpoint"], s.llm_calibrated)
 
     def _judge(self, items: Sequence[Item], rnd: int, *, audit: bool = False) -> Judgement:
         """SLM round ``rnd``'s verdict on the labels it was trained on (those after refinement ``rnd - 1``);

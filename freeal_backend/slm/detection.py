@@ -550,9 +550,9 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
         rows = np.flatnonzero(~np.isnan(conf) & ~human)
         scores[rows] = conf[rows]
         posterior = _set_probability(posterior, rows, final[rows], scores[rows])
-    if cap and llm_informs and health.verdict != "near_chance":  # both views tend to overrate the labels:
-        #   the lower figure counts, every score moved to it alike;
-        if llm_calibrated or own < scores[answered].mean():  # an LLM known to be calibrated sets it either way
+    if cap and llm_informs and health.verdict != "near_chance":  # both views tend to overrate the labels: the
+        # lower figure counts, every score moved to it alike (an LLM known to be calibrated sets it either way)
+        if llm_calibrated or own < scores[answered].mean():
             scores[answered] = shift_to_mean(scores[answered], own)
             posterior = _set_probability(posterior, np.flatnonzero(answered), final[answered], scores[answered])
         health = _level_llm_confidence(health, own, llm_calibrated)
