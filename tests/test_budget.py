@@ -11,7 +11,7 @@ import pytest
 
 from freeal_backend.config import Settings
 from freeal_backend.records import Item, ItemResult
-from freeal_backend.slm.budget import budget_curve, budget_summary, review_order, review_set
+from freeal_backend.slm.budget import budget_curve, budget_summary, holding_share, review_order, review_set
 from freeal_backend.storage import Store
 
 HAND = [0.5, 0.9, 1.0, 0.7]  # review order: 0 (0.5), 3 (0.7), 1 (0.9), 2 (1.0)
@@ -236,3 +236,14 @@ def test_benchmark_review_measure_follows_the_review_tab_order() -> None:
     unanswered = np.array([True] + [False] * 9)
     out = review_scores(score, wrong, unanswered=unanswered, shares=(0.2,))
     assert out["top20pct_answered_wrong_recall"] == 1.0 and out["top20pct_unanswered_recall"] == 0.0
+
+
+def test_holding_share_is_the_fewest_lowest_scored_texts_expected_to_hold_that_share_of_the_wrong_labels():
+    scores = np.array([0.9, 0.1, 1.0, 0.5, 0.0])
+    reviewable = np.array([True, True, True, True, False])  # a person's label: never in the set
+    # expected wrong among the reviewable: 0.9 + 0.5 + 0.1 + 0 = 1.5; three quarters of it is 1.125
+    assert holding_share(scores, 0.75, reviewable).tolist() == [1, 3]
+    assert holding_share(scores, 0.6, reviewable).tolist() == [1]
+    assert holding_share(np.ones(3), 0.75).tolist() == []  # nothing expected wrong: nothing to hold
+    with pytest.raises(ValueError, match="share"):
+        holding_share(scores, 1.0)

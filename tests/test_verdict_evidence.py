@@ -3,7 +3,7 @@ posterior, a weak judge, run health against chance, and the LLM's logprobs calib
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from freeal_backend.slm.detection import judge
+from freeal_backend.slm.detection import FLAG_EXPECTED_RECALL, judge
 
 
 def _ece(scores: np.ndarray, right: np.ndarray) -> float:
@@ -235,13 +235,14 @@ def test_an_llm_surer_than_the_small_model_does_not_raise_the_estimate():
     assert np.array_equal(capped.scores, uncapped.scores)
 
 
-def _calibrated_llm(rng: np.random.Generator, n: int, sure: tuple[float, float], learnt: float
+def _calibrated_llm(rng: np.random.Generator, n: int, sure: tuple[float, float], learnt: float, peak: int = 2
                     ) -> tuple[np.ndarray, ...]:
-    """An LLM right with the probability it gives its answer (~92 %), and a small model right with the
-    probability it gives its top class (``sure``), except that on a share ``learnt`` of the LLM's wrong
-    labels it learnt the LLM's answer (trained on those labels, as in a FreeAL run)."""
+    """An LLM right with the probability it gives its answer (~92 %; the higher ``peak``, the more of its
+    answers are near-certain), and a small model right with the probability it gives its top class
+    (``sure``), except that on a share ``learnt`` of the LLM's wrong labels it learnt the LLM's answer
+    (trained on those labels, as in a FreeAL run)."""
     true = rng.integers(0, 2, n)
-    conf = 1 - 0.25 * rng.random(n) ** 2
+    conf = 1 - (peak + 1) / 12 * rng.random(n) ** peak
     labels = np.where(rng.random(n) < conf, true, 1 - true)
     p_top = rng.uniform(*sure, n)
     lean = np.where((labels != true) & (rng.random(n) < learnt), labels,
@@ -281,6 +282,24 @@ def test_a_small_model_a_calibrated_llm_outranks_overrules_nothing_and_its_confi
     assert (known.labels == labels).all() and np.allclose(known.scores, conf)
     assert _ece(known.scores, known.labels == true) < 0.05 < _ece(unknown.scores, unknown.labels == true)
     assert roc_auc_score(wrong, -known.scores) > roc_auc_score(unknown.labels != true, -unknown.scores) + 0.05
+
+
+def test_an_outranked_small_model_does_not_size_the_flag():
+    """Main job with the 1.5B, seed 2: the small model agreed with 61 % of the labels, cleanlab on its view
+    found 55 issues among 160 texts (34 % flagged where 8 % were wrong). A judge the LLM outranks sizes
+    nothing: the flag is the fewest lowest-scored texts expected (by the calibrated scores) to hold
+    ``FLAG_EXPECTED_RECALL`` of the wrong labels, and so it holds most of them in a small share (the 1.5B's
+    confidences: median 0.99, a tenth below 0.72-0.75; here 0.69)."""
+    true, probs, labels, llm, conf = _calibrated_llm(np.random.default_rng(0), 2000, (0.5, 0.8), 0.7, peak=6)
+    assert abs(np.median(conf) - 0.99) < 0.01 and 0.65 < np.quantile(conf, 0.1) < 0.76
+    verdict = judge(probs, labels, llm_probs=llm, llm_calibrated=True)
+    wrong = labels != true
+    assert verdict.health.weak_side == "judge" and "at most" in verdict.health.message
+    assert verdict.flagged.mean() < 0.2 and (verdict.flagged & wrong).sum() > 0.6 * wrong.sum()
+    expected_wrong = 1 - verdict.scores
+    held = expected_wrong[verdict.flagged].sum() / expected_wrong.sum()
+    assert FLAG_EXPECTED_RECALL <= held < FLAG_EXPECTED_RECALL + expected_wrong[verdict.flagged].max() / expected_wrong.sum()
+    assert "expected to hold" in verdict.health.message
 
 
 def test_without_llm_confidence_scores_are_pooled_with_the_run_estimate():

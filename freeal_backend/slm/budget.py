@@ -108,6 +108,19 @@ def review_set(scores: Sequence[float] | np.ndarray, target_error: float,
     return order[:best], curve.points()[0]
 
 
+def holding_share(scores: Sequence[float] | np.ndarray, share: float,
+                  reviewable: Sequence[bool] | np.ndarray | None = None) -> np.ndarray:
+    """The fewest reviewable texts, lowest score first, expected to hold ``share`` of the wrong labels among
+    the reviewable ones (expected wrong: sum of 1 - score). Returns their indices in review order."""
+    _check_probability("share", share)
+    p, mask = _checked(scores, reviewable)
+    order = _order(p, mask)
+    held = np.cumsum(1.0 - p[order])
+    if not len(order) or held[-1] <= 0:
+        return order[:0]
+    return order[:int(np.searchsorted(held, share * held[-1] - 1e-12)) + 1]
+
+
 def budget_summary(scores: Sequence[float] | np.ndarray, reviewable: Sequence[bool] | np.ndarray | None = None,
                    target_error: float | None = None, shares: Sequence[float] = SHARES,
                    level: float = LEVEL) -> dict[str, object]:

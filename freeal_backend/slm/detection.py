@@ -34,7 +34,9 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
    posterior's. Texts the LLM left unanswered get the SLM's label and, like any other text, that label's
    posterior as their score (they are always flagged, so the review tab holds them whatever they score).
    The flag holds cleanlab's issues; once the LLM's confidence is informative, cleanlab only sizes the set
-   and it holds that many lowest-scored answered texts (the ranking uses all the evidence).
+   and it holds that many lowest-scored answered texts (the ranking uses all the evidence); an outranked
+   small model sizes nothing either: the flag is then the fewest lowest-scored texts that the calibrated
+   scores expect to hold ``FLAG_EXPECTED_RECALL`` of the wrong labels (``budget.holding_share``).
 4. Run health: estimated accuracy of the labels (mean posterior of the given label; unanswered texts
    count as wrong), agreement and Cohen's kappa between the SLM and the labels, and which side looks weak.
    The labels look poor when the estimate is below ``POOR_ACCURACY``; a low kappa with a fair estimate makes
@@ -67,7 +69,7 @@ from sklearn.metrics import cohen_kappa_score
 
 from freeal_backend.slm.audit import (AUDIT_MIN, Audit, audit_message, audit_outcome, calibrate_to_audit,
                                       smoothed_share)
-from freeal_backend.slm.budget import review_order
+from freeal_backend.slm.budget import holding_share, review_order
 from freeal_backend.spans import Span
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,9 @@ OVERRULE_AT = 0.99  # the conservative posterior must give another class this mu
 #   made noise: at 0.5, 3 % of labels changed and the final labels lost 0.7 points; at 0.99, 0.4 % and 0.3)
 CHANCE_PERMUTATIONS = 199  # label permutations for the near-chance test
 CHANCE_P = 0.01  # labels are near chance when shuffled labels get this often as much evidence from the small model
+FLAG_EXPECTED_RECALL = 0.75  # an outranked small model's flag: the fewest texts expected to hold this share of
+#   the wrong labels (1.5B main jobs, 3 seeds: 14-17 % of the texts holding 50-77 % of them, where cleanlab's
+#   count on the small model's view flagged 16-34 %; benchmarks/results/evidence_ablation_main_jobs_1.5b.md)
 WEAK_JUDGE_BELOW = 0.8  # labels agree with the small model's surest texts less than this: the judge is misled
 SAY_LLM_CONFIDENCE_GAP = 0.05  # run health says why it took the LLM's lower mean confidence from this gap on
 LLM_CALIBRATION_MIN = 50  # fewer answers with a confidence than this: the LLM's confidence is not used
@@ -565,8 +570,14 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
         scores, posterior = _pool_with_base_rate(scores, posterior, final, ~human, health.answered_accuracy)
     unanswered = ~human & ~answered
     issues = find_issues(judged_labels, calibrated, posterior)
-    if llm_informs:  # cleanlab sizes the set; the ranking takes the LLM's calibrated confidence in too
+    if outranked:  # nor does the outranked small model size the flag: the calibrated scores do
+        lowest = holding_share(scores, FLAG_EXPECTED_RECALL, answered)
+        health = replace(health, message=health.message + (
+            f"; the flag holds the {len(lowest)} lowest-scored labels, expected to hold "
+            f"{FLAG_EXPECTED_RECALL:.0%} of the wrong ones"))
+    elif llm_informs:  # cleanlab sizes the set; the ranking takes the LLM's calibrated confidence in too
         lowest = review_order(scores, answered)[:int(issues.sum())]
+    if llm_informs:
         issues = np.zeros(n, dtype=bool)
         issues[lowest] = True
     if health.verdict == "near_chance":  # labels the small model cannot tell from chance are worth a guess's
