@@ -103,6 +103,16 @@ def test_quality_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> None
     assert [r["round"] for r in rule] == [1] and rule[0]["n"] == 12
     assert isinstance(rule[0]["llm_rule_sets_aside"], bool) and isinstance(rule[0]["slm_rule_sets_aside"], bool)
     assert "LLM-confidence rule" in (tmp_path / "refinement_rule_tiny.md").read_text()
+    # why the refinement helped or not: the same two finished runs, pooled over seeds
+    _run(["benchmarks/refinement_why.py", str(run_dir), str(run_dir.with_name(run_dir.name.replace("-s0-", "-s1-"))),
+          "--name", "tiny", "--out-dir", str(tmp_path)], tmp_path)
+    why = json.loads((tmp_path / "refinement_why_tiny.json").read_text())["runs"]
+    assert [(r["dataset"], r["seed"]) for r in why] == [("mr", 0), ("mr", 1)]
+    for r in why:
+        (entry,) = r["rounds"]
+        assert entry["asked_not_stored"] == 0 and entry["kept"] + entry["asked"] == 12
+        assert entry["after"] == pytest.approx(runs[str(r["seed"])]["stages"]["llm_r1"]["accuracy"])
+    assert "| mr | 1 | 2 |" in (tmp_path / "refinement_why_tiny.md").read_text()
 
 
 def test_main_job_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> None:
