@@ -21,7 +21,8 @@ Faults are queued with :meth:`FakeOpenAI.inject` and each one is consumed by one
     garbage     a 200 whose body is not JSON at all
     truncated   a 200 whose body stops half-way (Content-Length promises more), then the socket closes
 
-and, for the whole server: ``delay`` (seconds added to every answer), :meth:`hold_after` (answer ``n``
+and, for the whole server: ``delay`` (seconds added to every answer), ``serial`` (answer one request at a
+time, the rest waiting their turn, as llama.cpp's server with one slot does), :meth:`hold_after` (answer ``n``
 requests, then keep every further one waiting until :meth:`release`) and :meth:`die_after` (answer ``n``
 requests, then close the listening socket and drop every request: connection refused from then on).
 
@@ -183,9 +184,10 @@ class Record:
 class FakeOpenAI:
     """The misbehaving OpenAI-compatible server; a context manager that starts and stops it."""
 
-    def __init__(self, *, port: int = 0, delay: float = 0.0, model: str = MODEL) -> None:
+    def __init__(self, *, port: int = 0, delay: float = 0.0, model: str = MODEL, serial: bool = False) -> None:
         self.port = port
         self.delay = delay
+        self.serial = threading.Lock() if serial else None  # held while one request is answered
         self.model = model
         self.log: list[Record] = []
         self.demo_requests = 0
@@ -489,6 +491,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if kind == "slow":
             time.sleep(float(opts.get("seconds", 5.0)))
+        elif owner.serial is not None:
+            with owner.serial:
+                time.sleep(owner.delay)
         elif owner.delay:
             time.sleep(owner.delay)
         if kind == "garbage":

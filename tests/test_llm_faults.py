@@ -388,3 +388,22 @@ def test_prompts_are_built_only_as_requests_go_out(fake: FakeOpenAI, tmp_path: P
     out = client.answer_many(LazyRequests(300, build), on_answer=lambda i, a: answered.append(i), collect=False)
     assert out == [] and sorted(answered) == list(range(300)) and sorted(built) == list(range(300))
     assert max(ahead) <= 4 * 3 + 1 < 300  # the window, not the whole list
+
+
+def test_the_embedded_servers_queue_does_not_time_requests_out(tmp_path: Path) -> None:
+    """The embedded llama.cpp server answers one request at a time, so with ``concurrency`` in flight a
+    request waits behind the others before its own answer starts. Seen on a busy 2-core machine: the 1.5B
+    writing entity lists (~15 s each) behind 3 queued requests hit the 60 s timeout, and the run stopped
+    with "failed 3 requests in a row (APITimeoutError)". For the embedded server the timeout covers the
+    queue: ``timeout`` x ``concurrency``; an endpoint's stays ``timeout`` (it answers in parallel)."""
+    with FakeOpenAI(delay=0.4, serial=True) as server:
+        client = LLMClient(server.base_url, MODEL, ResponseCache(tmp_path / "cache.sqlite"), concurrency=4,
+                           timeout=1.0, max_retries=0, embedded=True)
+        answers = client.label_many([msgs(t) for t in TEXTS[:8]], LABELS)
+    assert all(a is not None and a.error is None for a in answers), [a.error for a in answers if a]
+    assert client.stats.failures == 0
+    with FakeOpenAI(delay=0.4, serial=True) as server:
+        endpoint = LLMClient(server.base_url, MODEL, ResponseCache(tmp_path / "cache2.sqlite"), concurrency=4,
+                             timeout=1.0, max_retries=0, max_consecutive_failures=100)
+        endpoint.label_many([msgs(t) for t in TEXTS[:8]], LABELS)
+    assert endpoint.stats.failures > 0  # the same queue times an ordinary endpoint's requests out

@@ -136,7 +136,8 @@ class LLMClient:
     Retries with exponential back-off on 429 (honouring Retry-After), 5xx, timeouts and refused
     connections are done by the ``openai`` client itself (``max_retries``). Every successful response is
     cached, keyed by ``base_url`` as well as ``model`` (``embedded=True``: by model alone, for the bundled
-    server's changing port), so a re-run with the same prompts makes zero calls.
+    server's changing port), so a re-run with the same prompts makes zero calls. That server answers one
+    request at a time, so there ``timeout`` is per request in flight: ``timeout`` x ``concurrency`` each.
     """
 
     def __init__(self, base_url: str, model: str, cache: ResponseCache, *, api_key: str | None = None,
@@ -157,6 +158,8 @@ class LLMClient:
         self.max_unparsed_share = max_unparsed_share
         self.min_answers_judged = min_answers_judged
         self.stats = LLMStats()
+        if embedded:  # it answers one request at a time: a request also waits for those queued before it
+            timeout *= self.concurrency
         self._client = openai.OpenAI(base_url=base_url, api_key=api_key or "not-needed", timeout=timeout,
                                      max_retries=max_retries)
 
