@@ -166,11 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print("\n" + body)
     stem = Path(args.out)
-    write_result(stem.with_suffix(".md"), "The review budget against gold", body, load_start)
-    stem.with_suffix(".json").write_text(json.dumps({"goal_points": GOAL_POINTS, "cases": results,
-                                                     "load_start": load_start, "load_end": loadavg()}, indent=1),
-                                         encoding="utf-8")
-    print(f"wrote {stem.with_suffix('.md')} and .json")
+    write_result(stem.with_name(stem.name + ".md"), "The review budget against gold", body, load_start)
+    data = {"goal_points": GOAL_POINTS, "cases": results, "load_start": load_start, "load_end": loadavg()}
+    stem.with_name(stem.name + ".json").write_text(json.dumps(data, indent=1), encoding="utf-8")
+    print(f"wrote {stem.with_name(stem.name + '.md')} and .json")
     return 0
 
 

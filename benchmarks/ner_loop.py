@@ -105,7 +105,8 @@ def main() -> int:
            "peak_rss_mib": current_peak_mib(), "llm": llm, "health": health, "demos": demos, "dropped": dropped,
            "stages": per_stage, "flag": flag}
     stem = Path(args.out) if args.out else RESULTS / f"ner_loop_n{len(items)}"
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=2, default=float))
+    md = stem.with_name(stem.name + ".md")  # not with_suffix: a stem may hold a dot ("_1.5b")
+    stem.with_name(stem.name + ".json").write_text(json.dumps(out, indent=2, default=float))
     body = (
         f"{len(items)} BC5CDR {args.split} sentences (every {args.stride}th), {args.rounds} refinement round(s), "
         f"LLM {model} ({'the embedded offline model' if not settings.llm_base_url else 'LLM_BASE_URL'}); "
@@ -127,9 +128,9 @@ def main() -> int:
         + f"; peak RSS {current_peak_mib():.0f} MiB; LLM {json.dumps(llm)}; mentions dropped while locating "
         f"answers: {json.dumps(dropped)}.\n"
     )
-    write_result(stem.with_suffix(".md"), f"FreeAL for spans on BC5CDR: {len(items)} sentences, whole loop", body,
+    write_result(md, f"FreeAL for spans on BC5CDR: {len(items)} sentences, whole loop", body,
                  load_start)
-    print(stem.with_suffix(".md").read_text())
+    print(md.read_text())
     return 0
 
 

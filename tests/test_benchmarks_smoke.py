@@ -185,14 +185,14 @@ def test_ls_push_tiny(tmp_path: Path, label_studio: LabelStudioServer) -> None:
 def test_ner_loop_tiny(tmp_path: Path) -> None:
     from tests.fake_openai import MODEL, FakeOpenAI
 
-    stem = tmp_path / "ner_loop"
+    stem = tmp_path / "ner_loop_n16_1.5b"  # a dot in the name: the files are <stem>.md/.json, not <stem minus .5b>
     with FakeOpenAI() as fake:
         _run(["benchmarks/ner_loop.py", "--n", "16", "--stride", "50", "--out", str(stem)], tmp_path,
              LLM_BASE_URL=fake.base_url, LLM_MODEL=MODEL, FREEAL_SLM_FOLDS="2", FREEAL_SHOTS="2")
-    text = stem.with_suffix(".md").read_text()
+    text = stem.with_name(stem.name + ".md").read_text()
     for row in ["Entities per stage", "| llm_r0 |", "| final |", "Review flag", "ECE", "Command (from the repository root)"]:
         assert row in text, row
-    data = json.loads(stem.with_suffix(".json").read_text())
+    data = json.loads(stem.with_name(stem.name + ".json").read_text())
     assert data["n"] == 16 and set(data["stages"]) >= {"llm_r0", "slm_r1", "llm_r1", "final"}
 
 
