@@ -7,9 +7,11 @@ import os
 import platform
 import random
 import resource
+import math
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -178,18 +180,34 @@ def mean_sd(values: Sequence[float], percent: bool) -> str:
     return f"{np.nanmean(arr):.{digits}f} ± {np.nanstd(arr):.{digits}f}" if len(arr) > 1 else f"{arr[0]:.{digits}f}"
 
 
+def cell(records: Sequence[Mapping[str, Any]], path: Sequence[str], percent: bool) -> str:
+    """mean ± sd over ``records`` of the number at ``path`` (a dash when none has it); counts (whole numbers,
+    not percent) as ``12`` for one record, ``12.3 ± 0.5`` for more."""
+    import numpy as np
+
+    vals = []
+    for r in records:
+        v: Any = r
+        for p in path:
+            v = v.get(p) if isinstance(v, Mapping) else None
+        vals.append(math.nan if v is None else float(v))
+    if all(math.isnan(v) for v in vals):
+        return "—"
+    if not percent and all(v.is_integer() for v in vals):
+        return f"{vals[0]:.0f}" if len(vals) == 1 else f"{np.mean(vals):.1f} ± {np.std(vals):.1f}"
+    return mean_sd(vals, percent)
+
+
 def fmt_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """The core's Markdown table with two decimals."""
     return markdown_table(header, rows, digits=2)
 
 
-def run_evidence(run_dir: Path) -> dict[str, Any]:
-    """What the verdict of a finished classification run judged, from its state (no training, no LLM call):
-    the out-of-sample SLM probabilities of its last SLM round, the labels judged (index, -1: none), gold
-    (index), people's labels (bool), the LLM's per-class probabilities averaged over rounds, and whether that
-    LLM's confidence is known to be calibrated (the run's LLM as its state records it, else LLM_MODEL)."""
-    import numpy as np
-
+@contextmanager
+def finished_run(run_dir: Path, **settings: Any) -> Iterator[tuple[Any, list[Any], int]]:
+    """A finished classification run whose items carry gold, opened from its state to be read (no training,
+    no LLM call): the ``FreeALRun``, its items and the refinement rounds it finished. ``settings`` override
+    the environment's (e.g. the run's seed)."""
     from freeal_backend.config import Settings
     from freeal_backend.loop import FreeALRun
     from freeal_backend.storage import Store
@@ -199,10 +217,21 @@ def run_evidence(run_dir: Path) -> dict[str, Any]:
     store.close()
     if not labels_set:
         raise SystemExit(f"error: {run_dir} holds no finished classification run")
-    with FreeALRun(Settings.from_env(data_dir=run_dir.parent.parent), list(labels_set), run_dir) as run:
+    with FreeALRun(Settings.from_env(data_dir=run_dir.parent.parent, **settings), list(labels_set), run_dir) as run:
         items = run.store.items()
         if any(it.gold is None for it in items):
             raise SystemExit(f"error: {run_dir} has texts without gold")
+        yield run, items, rounds
+
+
+def run_evidence(run_dir: Path) -> dict[str, Any]:
+    """What the verdict of a finished classification run judged, from its state (no training, no LLM call):
+    the out-of-sample SLM probabilities of its last SLM round, the labels judged (index, -1: none), gold
+    (index), people's labels (bool), the LLM's per-class probabilities averaged over rounds, and whether that
+    LLM's confidence is known to be calibrated (the run's LLM as its state records it, else LLM_MODEL)."""
+    import numpy as np
+
+    with finished_run(run_dir) as (run, items, rounds):
         slm = run.store.slm(rounds + 1)
         given, averaged = run._current(items, rounds)
         calibrated = run.llm_calibrated

@@ -30,14 +30,12 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, fmt_table, loadavg, mean_sd, write_report  # noqa: E402
+from _common import RESULTS, finished_run, fmt_table, loadavg, mean_sd, write_report  # noqa: E402
 from second_judge import probe_oof  # noqa: E402
 
-from freeal_backend.config import Settings  # noqa: E402
 from freeal_backend.loop import FreeALRun  # noqa: E402
 from freeal_backend.metrics import expected_calibration_error, review_scores  # noqa: E402
 from freeal_backend.slm.detection import judge  # noqa: E402
-from freeal_backend.storage import Store  # noqa: E402
 
 VARIANTS = {  # name: (judge's probabilities, the LLM's, linear pool, cap at the LLM's mean confidence);
     "SLM alone": ("SLM", None, True, True),  # None: the LLM's confidence as it comes
@@ -61,14 +59,8 @@ def last_answer_probs(run: FreeALRun, items: list[Any], rounds: int) -> np.ndarr
 
 
 def ablate(run_dir: Path, rounds: int | None) -> dict[str, Any]:
-    store = Store(run_dir / "state.sqlite")
-    labels_set = list(store.get_meta("labels"))
-    rounds = int(store.get_meta("rounds_done") or 0) if rounds is None else rounds
-    store.close()
-    with FreeALRun(Settings.from_env(data_dir=run_dir.parent.parent), labels_set, run_dir) as run:
-        items = run.store.items()
-        if any(it.gold is None for it in items):
-            raise SystemExit(f"error: {run_dir} has texts without gold")
+    with finished_run(run_dir) as (run, items, done):
+        rounds = done if rounds is None else rounds
         gold = np.array([run.labels.index(str(it.gold)) for it in items])
         slm = run.store.slm(rounds + 1)
         if not slm:

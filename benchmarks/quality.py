@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DATA, RESULTS, SETTING_VARS, TASKS, command_line, current_peak_mib, fmt_table,  # noqa: E402
+from _common import (DATA, RESULTS, SETTING_VARS, TASKS, cell, command_line, current_peak_mib, fmt_table,  # noqa: E402
                      loadavg, mean_sd, pct, read_jsonl, reset_peak_rss, subsample, write_result)
 
 from freeal_backend.config import Settings  # noqa: E402
@@ -300,22 +300,6 @@ def aggregate(values: Sequence[Any]) -> Any:
         arr = np.array(numbers, dtype=float)
         return {"mean": float(arr.mean()), "sd": float(arr.std()), "values": list(values)}
     return None
-
-
-def cell(records: Sequence[Mapping[str, Any]], path: Sequence[str], percent: bool) -> str:
-    """mean ± sd over ``records`` of the number at ``path`` (a dash when none has it); counts (whole numbers,
-    not percent) as ``12`` for one record, ``12.3 ± 0.5`` for more."""
-    vals = []
-    for r in records:
-        v: Any = r
-        for p in path:
-            v = v.get(p) if isinstance(v, Mapping) else None
-        vals.append(math.nan if v is None else float(v))
-    if all(math.isnan(v) for v in vals):
-        return "—"
-    if not percent and all(v.is_integer() for v in vals):
-        return f"{vals[0]:.0f}" if len(vals) == 1 else f"{np.mean(vals):.1f} ± {np.std(vals):.1f}"
-    return mean_sd(vals, percent)
 
 
 def dataset_report(name: str, records: Mapping[int, Mapping[str, Any]], seeds: Sequence[int],

@@ -29,11 +29,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, fmt_table, loadavg, write_report  # noqa: E402
+from _common import RESULTS, finished_run, fmt_table, loadavg, write_report  # noqa: E402
 
-from freeal_backend.config import Settings  # noqa: E402
-from freeal_backend.loop import REJECT_MARGIN, FreeALRun  # noqa: E402
-from freeal_backend.storage import Store  # noqa: E402
+from freeal_backend.loop import REJECT_MARGIN  # noqa: E402
 
 
 def accuracy(labels: dict[str, Any], gold: dict[str, str]) -> float:
@@ -42,12 +40,8 @@ def accuracy(labels: dict[str, Any], gold: dict[str, str]) -> float:
 
 def check(run_dir: Path) -> list[dict[str, Any]]:
     """One row per refinement round of the run in ``run_dir``."""
-    store = Store(run_dir / "state.sqlite")
-    labels_set = list(store.get_meta("labels"))
-    store.close()
     rows = []
-    with FreeALRun(Settings.from_env(data_dir=run_dir.parent.parent), labels_set, run_dir) as run:
-        items = run.store.items()
+    with finished_run(run_dir) as (run, items, _):
         gold = {it.item_id: str(it.gold) for it in items}
         rnd = 1
         while run.store.stage_done(f"llm_r{rnd}") and run.store.slm(rnd + 1):

@@ -23,11 +23,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, fmt_table, loadavg, mean_sd, write_report  # noqa: E402
+from _common import RESULTS, cell, finished_run, fmt_table, loadavg, write_report  # noqa: E402
 
-from freeal_backend.config import Settings  # noqa: E402
-from freeal_backend.loop import FreeALRun  # noqa: E402
-from freeal_backend.storage import Store  # noqa: E402
 
 RECORD = "loop_result.json"  # quality.py's record of a finished loop run: its data set and seed
 
@@ -38,25 +35,14 @@ def _share(mask: np.ndarray, of: np.ndarray) -> float:
 
 def diagnose(run_dir: Path) -> dict[str, Any]:
     """Per refinement round of the run in ``run_dir``: the numbers of the module doc."""
-    store = Store(run_dir / "state.sqlite")
-    labels_set, rounds = store.get_meta("labels"), int(store.get_meta("rounds_done") or 0)
-    store.close()
-    if not labels_set:
-        raise SystemExit(f"error: {run_dir} holds no finished classification run")
     record = json.loads((run_dir / RECORD).read_text(encoding="utf-8")) if (run_dir / RECORD).exists() else {}
     config = record.get("config", {})
-    settings = Settings.from_env(data_dir=run_dir.parent.parent, **({"seed": config["seed"]} if "seed" in config
-                                                                    else {}))
-    out: dict[str, Any] = {"run_dir": str(run_dir), "dataset": config.get("dataset", run_dir.name),
-                           "seed": config.get("seed", settings.seed), "rounds": []}
-    with FreeALRun(settings, list(labels_set), run_dir) as run:
-        items = run.store.items()
-        if any(it.gold is None for it in items):
-            raise SystemExit(f"error: {run_dir} has texts without gold")
+    with finished_run(run_dir, **({"seed": config["seed"]} if "seed" in config else {})) as (run, items, rounds):
+        out: dict[str, Any] = {"run_dir": str(run_dir), "dataset": config.get("dataset", run_dir.name),
+                               "seed": run.settings.seed, "n": len(items), "rounds": []}
         gold = np.array([str(it.gold) for it in items])
         ids = [it.item_id for it in items]
         stages = run.stage_labels()
-        out["n"] = len(items)
 
         def right(stage: str) -> np.ndarray:
             return np.array([stages[stage].get(i) for i in ids], dtype=object) == gold
@@ -112,12 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             groups[(r["dataset"], entry["round"])].append(entry)
     rows = []
     for (dataset, rnd), entries in sorted(groups.items()):
-        cells: list[object] = [dataset, rnd, len(entries)]
-        for key, _, percent in COLUMNS:
-            vals = [e[key] if e.get(key) is not None else np.nan for e in entries]
-            cells.append(mean_sd(vals, percent) if percent else
-                         (f"{vals[0]:.0f}" if len(vals) == 1 else f"{np.mean(vals):.1f} ± {np.std(vals):.1f}"))
-        rows.append(cells)
+        rows.append([dataset, rnd, len(entries), *(cell(entries, [key], percent) for key, _, percent in COLUMNS)])
     mismatched = [f"{r['run_dir']} round {e['round']}: {e['asked_not_stored']}" for r in runs for e in r["rounds"]
                   if e["asked_not_stored"]]
     body = "\n".join([
