@@ -701,6 +701,7 @@ class FreeALRun:
     def _reuse_slm(self, src: int, dst: int, health: dict[str, object] | None) -> None:
         """SLM round ``dst`` takes round ``src``'s output (its labels are the same)."""
         self.store.copy_slm(src, dst)
+        self.store.set_meta(f"slm_evidence_r{dst}", self.store.get_meta(f"slm_evidence_r{src}"))
         shutil.copyfile(self.run_dir / f"slm_r{src}_embeddings.npy", self.run_dir / f"slm_r{dst}_embeddings.npy")
         self.store.set_meta(f"health_r{dst}", health)
 

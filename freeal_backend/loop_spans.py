@@ -144,6 +144,7 @@ class SpanRun(FreeALRun):
                         on_fold=lambda k, n: progress("slm", k, n))
         assert res.embeddings is not None
         np.save(self.run_dir / f"slm_r{rnd}_embeddings.npy", res.embeddings)
+        self.store.set_meta(f"slm_evidence_r{rnd}", res.evidence)  # for run health (detection.span_judge_evidence)
         torch.save({"types": self.labels, "folds": [m.model.state_dict() for m in res.models]},
                    self.run_dir / f"slm_r{rnd}.pt")
         self.store.set_slm(rnd, [
@@ -172,7 +173,8 @@ class SpanRun(FreeALRun):
         person = [decode_spans(audited[it.item_id]) if it.item_id in audited else None for it in items]
         return judge_span_labels([decode_spans(lab) if lab is not None else None for lab in labels], predicted,
                                  doubt, np.array([bool(it.human_label) for it in items]),
-                                 lambda i, spans: bio_tags(texts[i], spans, self.labels), words_right, person)
+                                 lambda i, spans: bio_tags(texts[i], spans, self.labels), words_right, person,
+                                 self.store.get_meta(f"slm_evidence_r{rnd}"))
 
     def _slm_groups(self, items: Sequence[Item], rnd: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         labels, _ = self._current(items, rnd - 1)

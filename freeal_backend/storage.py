@@ -205,6 +205,8 @@ class Store(Transactional):
             db.executemany("DELETE FROM annotations WHERE stage = ?", [(n,) for n in later if n.startswith("llm_r")])
             db.execute("DELETE FROM slm WHERE round > ?", (rnd,))
             db.execute("DELETE FROM meta WHERE key LIKE 'health_r%' AND CAST(substr(key, 9) AS INTEGER) > ?", (rnd,))
+            db.execute("DELETE FROM meta WHERE key LIKE 'slm_evidence_r%' AND CAST(substr(key, 15) AS INTEGER) > ?",
+                       (rnd,))
             db.execute("DELETE FROM meta WHERE key LIKE 'rejected_r%' AND CAST(substr(key, 11) AS INTEGER) >= ?",
                        (rnd,))
 

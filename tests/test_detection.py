@@ -232,6 +232,53 @@ def test_span_labels_near_chance_are_said_to_be_so_and_every_sentence_is_flagged
     assert (v.scores <= v.health.answered_accuracy + 1e-12).all()
 
 
+def test_a_weak_tagger_is_not_read_as_span_labels_near_chance() -> None:
+    """Entity lists 97 % right judged by a tagger too weak to name an entity (BC5CDR, 40 sentences: it found 7 %
+    of them, kappa 0.06). Its word probabilities still favour the label's tags, which shuffled tags do not get:
+    the lists are not near chance, run health blames the tagger, and not every sentence is flagged. Entity
+    lists unrelated to the text stay near chance under the same test."""
+    from freeal_backend.slm.detection import judge_span_labels, span_judge_evidence
+    from freeal_backend.spans import Span
+
+    rng = np.random.default_rng(5)
+    n, words = 200, 8
+    a = Span(0, 5, "Chemical")
+    is_entity = rng.random(n) < 0.4  # word 0 of these sentences is a chemical
+    labels = [[a] if e != (rng.random() < 0.03) else [] for e in is_entity]
+    predicted: list = [[] for _ in range(n)]  # the tagger names no entity
+    tags = [np.array([1 if lab else 0] + [0] * (words - 1)) for lab in labels]  # O, B-Chemical, I-Chemical
+    probs = []
+    for e in is_entity:
+        p = np.tile([0.9, 0.06, 0.04], (words, 1))
+        p[0] = [0.7, 0.26, 0.04] if e else [0.9, 0.06, 0.04]  # a chemical gets a little more B, never the argmax
+        probs.append(p)
+    doubt = np.array([1.0 - p[np.arange(words), t].min() for p, t in zip(probs, tags)])
+
+    def word_tags(i: int, spans: list) -> list[str]:
+        return ["B-Chemical" if spans else "O"] + ["O"] * (words - 1)
+
+    human = np.zeros(n, dtype=bool)
+    evidence = span_judge_evidence(probs, tags)
+    assert evidence is not None and evidence["p_value"] < 0.01
+    kappa_only = judge_span_labels(labels, predicted, doubt, human, word_tags)
+    assert kappa_only.health.verdict == "near_chance"  # kappa 0: the old reading, which blamed the labels
+    v = judge_span_labels(labels, predicted, doubt, human, word_tags, evidence=evidence)
+    assert v.health.verdict != "near_chance" and v.health.weak_side == "judge" and "weak judge" in v.health.message
+    assert v.health.p_value == evidence["p_value"] and not v.flagged.all()
+    assert not any("labels_near_chance" in r for r in v.reasons)
+
+    unrelated = [np.zeros(words, dtype=int) for _ in range(n)]  # a chemical on a random word of 40 % of them
+    for t in unrelated:
+        if rng.random() < 0.4:
+            t[rng.integers(words)] = 1
+    noise = span_judge_evidence(probs, unrelated)
+    assert noise is not None and noise["p_value"] >= 0.01
+    lists = [[a] if t[0] else [] for t in unrelated]
+    chance = judge_span_labels(lists, predicted, doubt, human, word_tags, evidence=noise)
+    assert chance.health.verdict == "near_chance" and chance.flagged.all()
+    assert span_judge_evidence([np.zeros((0, 3))] * 3, [np.zeros(0, dtype=int)] * 3) is None
+
+
 def test_labels_of_one_class_are_near_chance_and_scored_so():
     """An LLM that answers one class for every text (the embedded 0.5B on SUBJ: 300 of 300) gives labels the
     small model can neither confirm nor refute: near chance, and neither the run's estimate nor any score may

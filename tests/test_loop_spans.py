@@ -97,6 +97,7 @@ def test_span_loop_labels_judges_and_refines_every_sentence_outside_the_pool(tmp
                                         "labels_near_chance"}
     assert len(scores) > 5  # scores vary with the evidence, never a constant
     assert health is not None and 0.0 <= health["estimated_accuracy"] <= 1.0 and "entity lists" in health["message"]
+    assert health["p_value"] is not None  # run health took the tagger's word evidence (span_judge_evidence)
     assert {"llm_r0", "slm_r1", "llm_r1", "final"} <= set(table_stages)
 
 

@@ -54,7 +54,8 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
    the words as one classification task under cleanlab's noise transition, so the tagger's own mistakes
    are not all charged to the labels; no gold); a sentence is flagged when that is below
    ``SPAN_FLAG_BELOW`` and the tagger disagrees with the label.
-   Health as above, with kappa over word-level BIO tags.
+   Health as above, with kappa over word-level BIO tags and the permutation test over the tagger's word
+   tag probabilities (``span_judge_evidence``).
 """
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ class Health:
     verdict: str  # ok | poor | near_chance
     message: str
     weak_side: str = ""  # labels | judge (the small model) | "" (neither looks weak)
-    p_value: float | None = None  # of the label-permutation test (``above_chance``; classes only)
+    p_value: float | None = None  # of the label-permutation test (``above_chance``; spans: over word tags)
 
     def as_dict(self) -> dict[str, float | str]:
         return asdict(self)
@@ -460,7 +461,8 @@ def _verdict(est: float, answered_acc: float, coverage: float, agreement: float,
 
     With ``p_value`` (the label-permutation test, :func:`above_chance`) the labels are near chance only when
     the small model finds no more evidence for them than for shuffled ones; a low kappa above chance, or a
-    ``weak_judge``, blames the small model, not the labels. Without it, kappa alone decides (spans).
+    ``weak_judge``, blames the small model, not the labels. Without it, kappa alone decides (spans judged
+    without the tagger's word evidence).
     """
     chance = kappa < NEAR_CHANCE_KAPPA if p_value is None else p_value >= CHANCE_P
     if chance:
@@ -746,17 +748,41 @@ def span_words_right(word_probs: Sequence[np.ndarray], word_tags: Sequence[np.nd
     n = len(word_tags)
     include = np.ones(n, dtype=bool) if include is None else np.asarray(include, dtype=bool)
     out = np.full(n, np.nan)
-    rows = [i for i in np.flatnonzero(include) if len(word_tags[i])]
-    if include.sum() < SPAN_CALIBRATION_MIN or not rows:
+    probs, tags, sentence = _pooled_words(word_probs, word_tags, include)
+    if include.sum() < SPAN_CALIBRATION_MIN or not len(tags):
         return out
-    probs = np.concatenate([np.asarray(word_probs[i], dtype=np.float64) for i in rows])
-    tags = np.concatenate([np.asarray(word_tags[i], dtype=int) for i in rows])
-    sentence = np.concatenate([np.full(len(word_tags[i]), i) for i in rows])
     calibrated, _ = temperature_scale(probs, tags)
     posterior = posterior_given_label(calibrated, tags, noise_transition(tags, calibrated))
     out[include] = 1.0  # a sentence without a tagged word has nothing to get wrong
     np.minimum.at(out, sentence, posterior[np.arange(len(tags)), tags])
     return out
+
+
+def _pooled_words(word_probs: Sequence[np.ndarray], word_tags: Sequence[np.ndarray], include: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``include``d sentences' tagged words as one classification task: (words, tags) probabilities,
+    label tag ids and each word's sentence index."""
+    rows = [i for i in np.flatnonzero(include) if len(word_tags[i])]
+    if not rows:
+        return np.zeros((0, 0)), np.zeros(0, dtype=int), np.zeros(0, dtype=int)
+    return (np.concatenate([np.asarray(word_probs[i], dtype=np.float64) for i in rows]),
+            np.concatenate([np.asarray(word_tags[i], dtype=int) for i in rows]),
+            np.concatenate([np.full(len(word_tags[i]), i) for i in rows]))
+
+
+def span_judge_evidence(word_probs: Sequence[np.ndarray], word_tags: Sequence[np.ndarray],
+                        include: np.ndarray | None = None) -> dict[str, float] | None:
+    """How much the held-out tagger's word tags say about the label's, for run health (as :func:`judge`
+    finds for classes): ``p_value`` of the label-permutation test over the ``include``d sentences' words
+    (:func:`above_chance`: does the tagger give the label tags more probability than shuffled ones?) and
+    ``judge_agreement`` (:func:`anchor_agreement`: do the labels agree with the tagger where it is surest?).
+    Kappa over word tags cannot tell a weak tagger from labels near chance: a tagger trained on 40 sentences
+    that finds 7 % of the entities agrees with fair labels at kappa 0.06. None without tagged words."""
+    include = np.ones(len(word_tags), dtype=bool) if include is None else np.asarray(include, dtype=bool)
+    probs, tags, _ = _pooled_words(word_probs, word_tags, include)
+    if not len(tags):
+        return None
+    return {"p_value": above_chance(probs, tags), "judge_agreement": anchor_agreement(probs, tags)}
 
 
 def span_clean_probability(doubt: np.ndarray, include: np.ndarray | None = None,
@@ -785,20 +811,24 @@ def span_clean_probability(doubt: np.ndarray, include: np.ndarray | None = None,
 def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequence[Sequence[Span]],
                       doubt: np.ndarray, human: np.ndarray, word_tags: Callable[[int, Sequence[Span]], list[str]],
                       words_right: np.ndarray | None = None,
-                      audit_labels: Sequence[Sequence[Span] | None] | None = None) -> SpanVerdict:
+                      audit_labels: Sequence[Sequence[Span] | None] | None = None,
+                      evidence: dict[str, float] | None = None) -> SpanVerdict:
     """The verdict on span labels from the held-out tagger's spans and doubt (pure, no model).
 
     ``labels``: per sentence the label spans, None where the LLM gave no usable answer; ``predicted``:
     the held-out tagger's spans; ``doubt``: its doubt about the label (>= 0.5: it prefers another tag
     for some word); ``word_tags(i, spans)``: sentence i's word-level BIO tags for ``spans`` (for kappa);
     ``words_right``: :func:`span_words_right` per sentence (NaN where unknown); ``audit_labels``: a
-    person's spans on the random audit sentences, None elsewhere (blind, as for labels: see :func:`judge`).
+    person's spans on the random audit sentences, None elsewhere (blind, as for labels: see :func:`judge`);
+    ``evidence``: :func:`span_judge_evidence` of the round's tagger (without it, kappa alone decides).
     A sentence's score is P(its spans are right) (:func:`span_clean_probability` over the answered
     sentences); it is flagged when the LLM gave no answer, or the score is below ``SPAN_FLAG_BELOW`` and
     the tagger disagrees with the label (a missing, spurious, wrong-type or wrong-boundary span).
     Health: agreement = share of answered sentences whose label the tagger reproduces exactly; kappa over
     the word tags of the answered sentences; estimated accuracy = mean score x coverage. Entity lists near
-    chance are said to be so and every sentence is flagged, as for labels.
+    chance (the permutation test of ``evidence``) are said to be so and every sentence is flagged, as for
+    labels; a low kappa above chance, or labels at odds with the tagger's surest words, is the tagger's
+    weakness, and run health says so.
     """
     n = len(labels)
     human = np.asarray(human, dtype=bool)
@@ -824,7 +854,10 @@ def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequen
                      if len(set(pred_tags) | set(gold_tags)) > 1 else 0.0)
         kappa = 0.0 if np.isnan(kappa) else kappa
         answered_acc = float(scores[answered].mean())
-        health = _verdict(answered_acc * coverage, answered_acc, coverage, agreement, kappa, "entity lists")
+        p_value = None if evidence is None else float(evidence["p_value"])
+        weak = evidence is not None and float(evidence["judge_agreement"]) < WEAK_JUDGE_BELOW
+        health = replace(_verdict(answered_acc * coverage, answered_acc, coverage, agreement, kappa, "entity lists",
+                                  p_value=p_value, weak_judge=weak), p_value=p_value)
     disputed_at = scores.copy()  # a disputed sentence is flagged below SPAN_FLAG_BELOW (before any near-chance cap)
     if health.verdict == "near_chance":  # as for labels: say so, flag every sentence, no score above the estimate
         scores[~human] = np.minimum(scores[~human], health.answered_accuracy)

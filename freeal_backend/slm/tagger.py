@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from freeal_backend.slm.detection import (SPAN_FLAG_BELOW, SpanJudgement, judge_spans, span_clean_probability,
-                                           span_words_right)
+                                           span_judge_evidence, span_words_right)
 from freeal_backend.slm.encoder import Encoder, LowerStates, mean_pool
 from freeal_backend.slm.selection import split_clean_noisy
 from freeal_backend.slm.classifier import TopLayers, _batches, group_folds, text_groups
@@ -338,6 +338,7 @@ class CrossFitResult:
     words_right: np.ndarray | None = None  # (n,) detection.span_words_right (NaN: gold or unlabelled)
     embeddings: np.ndarray | None = None  # (n, K*hidden) pooled top-layer states of the K taggers (retrieval)
     fold: np.ndarray | None = None  # (n,) the fold whose tagger judged the sentence
+    evidence: dict[str, float] | None = None  # detection.span_judge_evidence (run health)
 
     def predict(self, lower: LowerStates, tok: Tokenized, types: Sequence[str]) -> list[list[Span]]:
         """Spans for new texts from the mean of the fold taggers' tag probabilities."""
@@ -445,14 +446,15 @@ def cross_fit(encoder: Encoder, texts: Sequence[str], spans: Sequence[Sequence[S
     doubt = np.array([doubt_score(probs[i], tags[i]) for i in range(n)])
     doubt[gold] = 0.0
     words = [tags[i] != IGNORE for i in range(n)]
-    words_right = span_words_right([probs[i][words[i]] for i in range(n)], [tags[i][words[i]] for i in range(n)],
-                                   labelled & ~gold)
+    word_probs, word_tags = [probs[i][words[i]] for i in range(n)], [tags[i][words[i]] for i in range(n)]
+    words_right = span_words_right(word_probs, word_tags, labelled & ~gold)
     clean_prob = span_clean_probability(doubt, labelled & ~gold, words_right)
     clean_prob[gold] = 1.0
     flagged = np.array([bool(j) for j in judgements]) & (clean_prob < SPAN_FLAG_BELOW) & labelled & ~gold
     emb = pooled_embeddings(models, lower) if with_embeddings else None
+    evidence = span_judge_evidence(word_probs, word_tags, labelled & ~gold)
     return CrossFitResult(predicted, judgements, doubt, sentence_losses(probs, tags), flagged, lost, models,
-                          clean_prob, words_right, emb, assign)
+                          clean_prob, words_right, emb, assign, evidence)
 
 
 @torch.no_grad()
