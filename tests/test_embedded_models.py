@@ -1,5 +1,10 @@
 """The embedded LLMs: chunked GGUFs are joined and checked before use; the default model serves and labels."""
 import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +82,38 @@ def test_only_an_embedded_model_measured_calibrated_sets_the_level_by_default(mo
     assert Settings.from_env().llm_calibrated is True
     monkeypatch.setenv("FREEAL_LLM_CALIBRATED", "")
     assert Settings.from_env().llm_calibrated is None
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie no one has reaped yet does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_killed_run_leaves_no_llm_server_behind(tmp_path):
+    """``kill -9`` of a run (or the OOM killer) runs no cleanup: the llama.cpp server it started served on,
+    holding its weights and every core, until the server was started so that it ends with its parent."""
+    script = (
+        "import sys, time\n"
+        "from freeal_backend.llm.embedded import EmbeddedLLMServer\n"
+        "server = EmbeddedLLMServer('smollm2-135m-instruct', threads=1).start()\n"
+        "print(server.pid, flush=True)\n"
+        "time.sleep(600)\n")
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(run.stdout.readline())
+        assert _alive(pid)
+    finally:
+        run.kill()
+        run.wait()
+    deadline = time.monotonic() + 20
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    still = _alive(pid)
+    if still:
+        os.kill(pid, signal.SIGKILL)
+    assert not still, "the LLM server outlived the run that started it"
+

@@ -186,7 +186,8 @@ def free_port() -> int:
 
 class EmbeddedLLMServer:
     """Starts ``python -m llama_cpp.server`` with embedded model ``model`` on a free loopback port, serving it
-    under that name; a context manager that stops it."""
+    under that name; a context manager that stops it. The server also ends when this process does, however
+    it ends (``serve_embedded``: a killed run leaves no server behind)."""
 
     def __init__(self, model: str = DEFAULT_EMBEDDED, *, threads: int = 2, n_ctx: int | None = None,
                  port: int | None = None, log_path: Path | None = None, startup_timeout: float = 120.0) -> None:
@@ -211,7 +212,8 @@ class EmbeddedLLMServer:
 
     def start(self) -> "EmbeddedLLMServer":
         model = model_path(self.model.name)
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", self.model.name,
+        cmd = [sys.executable, "-m", "freeal_backend.llm.serve_embedded", str(os.getpid()),  # ends with this process
+               "--model", str(model), "--model_alias", self.model.name,
                "--host", "127.0.0.1", "--port", str(self.port), "--n_threads", str(self.threads),
                "--n_ctx", str(self.n_ctx), "--verbose", "False"]
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
