@@ -149,6 +149,12 @@ def command_line() -> str:
     return (env + " " + cmd).strip()
 
 
+def beside(stem: Path, ext: str) -> Path:
+    """``<stem><ext>``: an output file named by its stem. Not ``with_suffix``, which cuts a stem holding a dot
+    (``loop_sst2_n300_1.5b`` became ``loop_sst2_n300_1.md``)."""
+    return stem.with_name(stem.name + ext)
+
+
 def write_result(path: Path, title: str, body: str, load_start: str) -> None:
     """Write one result file (atomically) with the machine description and the exact command."""
     path.parent.mkdir(parents=True, exist_ok=True)

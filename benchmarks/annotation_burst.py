@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, RESULTS, TASKS, fmt_table, loadavg, read_jsonl, subsample, write_result  # noqa: E402
+from _common import DATA, RESULTS, TASKS, beside, fmt_table, loadavg, read_jsonl, subsample, write_result  # noqa: E402
 
 from freeal_backend.config import Settings  # noqa: E402
 from freeal_backend.llm.cache import ResponseCache  # noqa: E402
@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             + f"\n\nIncremental path: {json.dumps(out['incremental']['reask'])}. Wall times are the small model's "
               "and the client's (the fake server answers at once); the machine's load is printed above.")
     stem = Path(args.out_dir) / f"annotation_burst_n{args.n}_k{args.labels}"
-    write_result(stem.with_suffix(".md"), "A burst of people's labels: incremental path versus a full re-run", body,
+    write_result(beside(stem, ".md"), "A burst of people's labels: incremental path versus a full re-run", body,
                  load_start)
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=1), encoding="utf-8")
+    beside(stem, ".json").write_text(json.dumps(out, indent=1), encoding="utf-8")
     print(body)
     return 0
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, fmt_table, loadavg, run_evidence, write_report  # noqa: E402
+from _common import RESULTS, beside, fmt_table, loadavg, run_evidence, write_report  # noqa: E402
 from budget_check import check, npz_cases  # noqa: E402
 
 from freeal_backend.metrics import expected_calibration_error  # noqa: E402
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = Path(args.out)
     write_report(stem.parent, stem.name, "The random audit against gold", body,
                  {"cases": cases, "load_start": load_start, "load_end": loadavg()}, load_start)
-    print(f"wrote {stem.with_suffix('.md')} and .json")
+    print(f"wrote {beside(stem, '.md')} and .json")
     return 0
 
 

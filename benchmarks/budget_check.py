@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, fmt_table, loadavg, run_evidence, write_result  # noqa: E402
+from _common import RESULTS, beside, fmt_table, loadavg, run_evidence, write_result  # noqa: E402
 
 from freeal_backend.slm.budget import SHARES, budget_curve, review_order, review_set  # noqa: E402
 from freeal_backend.slm.detection import judge  # noqa: E402
@@ -166,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print("\n" + body)
     stem = Path(args.out)
-    write_result(stem.with_name(stem.name + ".md"), "The review budget against gold", body, load_start)
+    write_result(beside(stem, ".md"), "The review budget against gold", body, load_start)
     data = {"goal_points": GOAL_POINTS, "cases": results, "load_start": load_start, "load_end": loadavg()}
-    stem.with_name(stem.name + ".json").write_text(json.dumps(data, indent=1), encoding="utf-8")
-    print(f"wrote {stem.with_name(stem.name + '.md')} and .json")
+    beside(stem, ".json").write_text(json.dumps(data, indent=1), encoding="utf-8")
+    print(f"wrote {beside(stem, '.md')} and .json")
     return 0
 
 

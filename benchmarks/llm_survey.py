@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, RESULTS, TASKS, fmt_table, loadavg, read_jsonl, subsample, write_result  # noqa: E402
+from _common import DATA, RESULTS, TASKS, beside, fmt_table, loadavg, read_jsonl, subsample, write_result  # noqa: E402
 
 from freeal_backend.llm.cache import ResponseCache  # noqa: E402
 from freeal_backend.llm.client import LazyRequests, LLMClient, label_parser  # noqa: E402
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "llm_survey"), help="result path without suffix")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    json_path = out.with_suffix(".json")
+    json_path = beside(out, ".json")
     done: dict[str, Any] = json.loads(json_path.read_text()) if json_path.exists() else {}
     cells = done.setdefault("cells", {})
     done["args"] = {k: v for k, v in vars(args).items() if k not in ("fresh", "out")}
@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             "lowest). CPU-s/text: CPU time of the llama.cpp server process per request (it holds when other "
             "jobs share the machine); wall s/text is only comparable between cells run at a load near or below "
             f"{os.cpu_count()} (the load column).\n\n{table}\n")
-    write_result(out.with_suffix(".md"), "Embedded LLM survey: zero-shot and few-shot labelling", body, load_start)
-    print(f"wrote {out.with_suffix('.md')} and {json_path}")
+    write_result(beside(out, ".md"), "Embedded LLM survey: zero-shot and few-shot labelling", body, load_start)
+    print(f"wrote {beside(out, '.md')} and {json_path}")
     return 0
 
 

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, command_line, fmt_table, loadavg, write_result
+from _common import RESULTS, beside, command_line, fmt_table, loadavg, write_result
 
 from freeal_backend.labelstudio.job_store import JobStore
 from freeal_backend.labelstudio.push import PushJournal, push_results
@@ -259,10 +259,10 @@ def main() -> int:
     suffix = ("_postgres" if args.postgres else "") + ("_fastimport" if fast else "") + (
         "_probe" if args.probe_annotations else "")
     out = Path(args.out) if args.out else RESULTS / f"ls_push_n{args.tasks}{suffix}"
-    write_result(out.with_suffix(".md"), f"Pushing predictions into Label Studio: {args.tasks} tasks", report(data),
+    write_result(beside(out, ".md"), f"Pushing predictions into Label Studio: {args.tasks} tasks", report(data),
                  load_start)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    print(f"wrote {out.with_suffix('.md')} and .json")
+    beside(out, ".json").write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {beside(out, '.md')} and .json")
     return 0
 
 

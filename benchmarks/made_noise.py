@@ -28,7 +28,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, RESULTS, fmt_table, loadavg, mean_sd, read_jsonl, write_result  # noqa: E402
+from _common import DATA, RESULTS, beside, fmt_table, loadavg, mean_sd, read_jsonl, write_result  # noqa: E402
 
 from freeal_backend.config import Settings  # noqa: E402
 from freeal_backend.slm.detection import judge  # noqa: E402
@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     per: dict[str, list[dict[str, float]]] = {}
     kept: dict[str, np.ndarray] = {}
-    rejudged = json.loads(Path(args.rejudge).with_suffix(".json").read_text()) if args.rejudge else None
-    saved = np.load(Path(args.rejudge).with_suffix(".npz")) if args.rejudge else None
+    rejudged = json.loads(beside(Path(args.rejudge), ".json").read_text()) if args.rejudge else None
+    saved = np.load(beside(Path(args.rejudge), ".npz")) if args.rejudge else None
     for dataset in args.datasets.split(","):
         per[dataset] = []
         for k, seed in enumerate(seeds):
@@ -137,14 +137,14 @@ def main(argv: list[str] | None = None) -> int:
                        "probabilities (detection.py as committed); SLM seconds are the run's." if args.rejudge else ""))
     print("\n" + body)
     stem = Path(args.out) if args.out else RESULTS / f"made_noise_n{args.n}"
-    write_result(stem.with_suffix(".md"), "The SLM's verdict on made, instance-dependent label noise", body, load_start)
-    stem.with_suffix(".json").write_text(json.dumps(
+    write_result(beside(stem, ".md"), "The SLM's verdict on made, instance-dependent label noise", body, load_start)
+    beside(stem, ".json").write_text(json.dumps(
         {"n": args.n, "seed_n": args.seed_n, "seeds": seeds, "per_seed": per, "load_start": load_start,
          "load_end": loadavg(),
          "mean": {d: {k: float(np.mean([m[k] for m in per[d]])) for k in per[d][0]} for d in per}}, indent=1),
         encoding="utf-8")
-    np.savez_compressed(stem.with_suffix(".npz"), **kept)  # out-of-sample probabilities: re-judge offline
-    print(f"wrote {stem.with_suffix('.md')}, .json and .npz")
+    np.savez_compressed(beside(stem, ".npz"), **kept)  # out-of-sample probabilities: re-judge offline
+    print(f"wrote {beside(stem, '.md')}, .json and .npz")
     return 0
 
 

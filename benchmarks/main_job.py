@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, RESULTS, fmt_table, loadavg, mem_total_gib, pct, write_result  # noqa: E402
+from _common import RESULTS, ROOT, beside, fmt_table, loadavg, mem_total_gib, pct, write_result  # noqa: E402
 from quality import final_metrics, judged_stage, rejected_rounds, write_json  # noqa: E402
 
 from freeal_backend.cli import build_parser  # noqa: E402
@@ -239,9 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     stem = Path(args.out_dir) / f"main_job_{Path(parsed.input).parent.name}_n{data['n']}"
     body = report(data)
-    write_result(stem.with_suffix(".md"), f"The README's first command: {data['n']} texts of {parsed.input}",
+    write_result(beside(stem, ".md"), f"The README's first command: {data['n']} texts of {parsed.input}",
                  body, load_start)
-    write_json(stem.with_suffix(".json"), data)
+    write_json(beside(stem, ".json"), data)
     print(body)
     print(f"wrote {stem}.md and .json", flush=True)
     return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, RESULTS, current_peak_mib, fmt_table, loadavg, read_jsonl, write_result  # noqa: E402
+from _common import DATA, RESULTS, beside, current_peak_mib, fmt_table, loadavg, read_jsonl, write_result  # noqa: E402
 
 from freeal_backend.config import Settings  # noqa: E402
 from freeal_backend.dataio import rows_to_items  # noqa: E402
@@ -105,8 +105,8 @@ def main() -> int:
            "peak_rss_mib": current_peak_mib(), "llm": llm, "health": health, "demos": demos, "dropped": dropped,
            "stages": per_stage, "flag": flag}
     stem = Path(args.out) if args.out else RESULTS / f"ner_loop_n{len(items)}"
-    md = stem.with_name(stem.name + ".md")  # not with_suffix: a stem may hold a dot ("_1.5b")
-    stem.with_name(stem.name + ".json").write_text(json.dumps(out, indent=2, default=float))
+    md = beside(stem, ".md")
+    beside(stem, ".json").write_text(json.dumps(out, indent=2, default=float))
     body = (
         f"{len(items)} BC5CDR {args.split} sentences (every {args.stride}th), {args.rounds} refinement round(s), "
         f"LLM {model} ({'the embedded offline model' if not settings.llm_base_url else 'LLM_BASE_URL'}); "

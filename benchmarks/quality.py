@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DATA, RESULTS, SETTING_VARS, TASKS, cell, command_line, current_peak_mib, fmt_table,  # noqa: E402
-                     loadavg, mean_sd, pct, read_jsonl, reset_peak_rss, subsample, write_result)
+from _common import (DATA, RESULTS, SETTING_VARS, TASKS, beside, cell, command_line, current_peak_mib,  # noqa: E402
+                     fmt_table, loadavg, mean_sd, pct, read_jsonl, reset_peak_rss, subsample, write_result)
 
 from freeal_backend.config import Settings  # noqa: E402
 from freeal_backend.loop import FreeALRun  # noqa: E402
@@ -373,13 +373,13 @@ def dataset_report(name: str, records: Mapping[int, Mapping[str, Any]], seeds: S
             f"({first['config']['endpoint']}), {first.get('shots')} demonstrations per prompt; "
             f"rounds {args.rounds}.\n\n{table}\n\n" + "\n".join(lines))
     stem = Path(args.out_dir) / f"loop_{name}_n{first['n']}{model_suffix(args, model)}"
-    write_result(stem.with_suffix(".md"), f"FreeAL's whole loop with a live LLM: {name}", body, load_start)
+    write_result(beside(stem, ".md"), f"FreeAL's whole loop with a live LLM: {name}", body, load_start)
     data = {"dataset": name, "command": command_line(), "model": model, "endpoint": first["config"]["endpoint"],
             "n": first["n"], "rounds": args.rounds, "sample_seed": args.sample_seed, "seeds": list(seeds),
             "seeds_finished": done, "stage_order": order,
             "titles": {s: first["stages"][s]["title"] for s in order}, "mean_sd": aggregate(recs),
             "per_seed": {str(s): records[s] for s in done}}
-    write_json(stem.with_suffix(".json"), data)
+    write_json(beside(stem, ".json"), data)
     print(f"wrote {stem}.md and .json ({len(done)} seed(s))", flush=True)
     return data
 
@@ -412,9 +412,9 @@ def summary_report(reports: Sequence[Mapping[str, Any]], args: argparse.Namespac
               "Per data set tables: `loop_<name>_n<N>*.md`.")
     n = reports[0]["n"] if len({r["n"] for r in reports}) == 1 else "mixed"
     stem = Path(args.out_dir) / f"loop_summary_n{n}{model_suffix(args, model)}"
-    write_result(stem.with_suffix(".md"), "FreeAL's whole loop with a live LLM: summary over data sets", body,
+    write_result(beside(stem, ".md"), "FreeAL's whole loop with a live LLM: summary over data sets", body,
                  load_start)
-    write_json(stem.with_suffix(".json"), data)
+    write_json(beside(stem, ".json"), data)
     print(f"wrote {stem}.md and .json", flush=True)
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DATA, RESULTS, current_peak_mib, fmt_table, loadavg, mean_sd, read_jsonl,  # noqa: E402
+from _common import (DATA, RESULTS, beside, current_peak_mib, fmt_table, loadavg, mean_sd, read_jsonl,  # noqa: E402
                      reset_peak_rss, subsample, write_result)
 
 from freeal_backend.config import Settings  # noqa: E402
@@ -112,21 +112,21 @@ def measure(run: FreeALRun, items: list[Item], llm: list[str | None], gold: np.n
 def rejudge(stem: Path) -> int:
     """Recompute the verdict's numbers from a run's saved out-of-sample probabilities (``stem``.npz) with
     the current detection.py; training-side numbers (test accuracy, seconds) stay those of the run."""
-    saved = np.load(stem.with_suffix(".npz"))
-    data = json.loads(stem.with_suffix(".json").read_text())
+    saved = np.load(beside(stem, ".npz"))
+    data = json.loads(beside(stem, ".json").read_text())
     for variant, runs in data["per_seed"].items():
         for seed, m in zip(data["seeds"], runs):
             m.update(verdict_metrics(saved[f"{variant}_seed{seed}"], saved["labels"], saved["gold"]))
-    md = stem.with_suffix(".md").read_text()
+    md = beside(stem, ".md").read_text()
     head, _, _ = md.partition("| measure (% where a share)")
     tail = md[md.index("\n\nEncoding the frozen lower layers"):]
     data["rejudged"] = "verdict numbers recomputed by --rejudge from the saved out-of-sample probabilities"
     variants = list(data["per_seed"])
-    stem.with_suffix(".md").write_text(head + table(data["per_seed"], variants, len(data["seeds"])) + tail
-                                       + "\n\nVerdict numbers recomputed with `--rejudge " + str(stem)
-                                       + "` from the saved out-of-sample probabilities (detection.py as committed).\n")
+    beside(stem, ".md").write_text(head + table(data["per_seed"], variants, len(data["seeds"])) + tail
+                                   + "\n\nVerdict numbers recomputed with `--rejudge " + str(stem)
+                                   + "` from the saved out-of-sample probabilities (detection.py as committed).\n")
     _write_json(stem, data)
-    print(stem.with_suffix(".md").read_text())
+    print(beside(stem, ".md").read_text())
     return 0
 
 
@@ -139,7 +139,7 @@ def _write_json(stem: Path, data: dict) -> None:
     per = data["per_seed"]
     data["mean"] = {v: {k: float(np.nanmean([m[k] for m in per[v]])) for k in per[v][0]} for v in per}
     data["sd"] = {v: {k: float(np.nanstd([m[k] for m in per[v]])) for k in per[v][0]} for v in per}
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1), encoding="utf-8")
+    beside(stem, ".json").write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,14 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print("\n" + body)
     stem = Path(args.out) if args.out else RESULTS / (f"replay_mr_n{args.n}" if args.n else "replay_mr")
-    write_result(stem.with_suffix(".md"), "MR replay of the FreeAL authors' gpt-3.5-turbo labels: the SLM's verdict",
+    write_result(beside(stem, ".md"), "MR replay of the FreeAL authors' gpt-3.5-turbo labels: the SLM's verdict",
                  body, load_start)
     _write_json(stem, {"texts": len(items), "test_texts": len(test), "seeds": seeds, "per_seed": per,
                        "phases": phases, "peak_rss_mib": peaks, "total_s": total, "load_start": load_start,
                        "load_end": loadavg()})
-    np.savez_compressed(stem.with_suffix(".npz"), labels=np.array([LABELS.index(x) if x else -1 for x in llm]),
+    np.savez_compressed(beside(stem, ".npz"), labels=np.array([LABELS.index(x) if x else -1 for x in llm]),
                         gold=gold, **oof)  # the SLM's out-of-sample probabilities: re-judge without retraining
-    print(f"\nwrote {stem.with_suffix('.md')}, .json and .npz")
+    print(f"\nwrote {beside(stem, '.md')}, .json and .npz")
     return 0
 
 

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from _common import (DATA, RESULTS, TASKS, current_peak_mib, fmt_table, loadavg, read_jsonl, reset_peak_rss,
+from _common import (DATA, RESULTS, TASKS, beside, current_peak_mib, fmt_table, loadavg, read_jsonl, reset_peak_rss,
                      rss_mib, write_result)
 
 from freeal_backend.config import Settings
@@ -262,10 +262,10 @@ def rendered(paths: list[Path]) -> dict[str, Any]:
 
 def write(out: Path, data: dict[str, Any], load_start: str) -> None:
     """The report as ``out``.md and the data as ``out``.json."""
-    write_result(out.with_suffix(".md"), "Scale: time and memory per stage as the project grows", report(data),
+    write_result(beside(out, ".md"), "Scale: time and memory per stage as the project grows", report(data),
                  load_start)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    print(f"wrote {out.with_suffix('.md')} and .json")
+    beside(out, ".json").write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {beside(out, '.md')} and .json")
 
 
 def main() -> int:

@@ -22,7 +22,8 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, RESULTS, fmt_table, loadavg, mean_sd, read_jsonl, subsample, write_report  # noqa: E402
+from _common import (DATA, RESULTS, beside, fmt_table, loadavg, mean_sd, read_jsonl, subsample,  # noqa: E402
+                     write_report)
 import made_noise  # noqa: E402
 import replay_mr  # noqa: E402
 
@@ -65,7 +66,7 @@ def variants(slm: np.ndarray, probe: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def made_noise_runs(stem: Path, encoder: Encoder, c: float) -> dict[str, dict[str, list[dict[str, float]]]]:
-    saved, meta = np.load(stem.with_suffix(".npz")), json.loads(stem.with_suffix(".json").read_text())
+    saved, meta = np.load(beside(stem, ".npz")), json.loads(beside(stem, ".json").read_text())
     out: dict[str, dict[str, list[dict[str, float]]]] = {}
     for ds in meta["per_seed"]:
         rows = read_jsonl(DATA / ds / "train.jsonl")
@@ -87,7 +88,7 @@ def made_noise_runs(stem: Path, encoder: Encoder, c: float) -> dict[str, dict[st
 
 
 def replay_runs(stem: Path, encoder: Encoder, c: float) -> dict[str, dict[str, list[dict[str, float]]]]:
-    saved = np.load(stem.with_suffix(".npz"))
+    saved = np.load(beside(stem, ".npz"))
     rows = subsample(read_jsonl(DATA / "mr_freeal" / "train.jsonl"), 0, 0)
     llm, gold = saved["labels"], saved["gold"]
     texts = [r["text"] for r in rows]

@@ -29,13 +29,13 @@ def _run(args: list[str], tmp_path: Path, **env: str) -> str:
 
 
 def test_replay_mr_tiny(tmp_path: Path) -> None:
-    stem = tmp_path / "replay"
+    stem = tmp_path / "replay_v1.5"  # a dot in a stem: the files are <stem>.md/.json/.npz
     _run(["benchmarks/replay_mr.py", "--n", "60", "--test-n", "20", "--seeds", "0,1", "--out", str(stem)], tmp_path)
-    text = stem.with_suffix(".md").read_text()
+    text = stem.with_name(stem.name + ".md").read_text()
     for row in ["robust SLM (mean ± sd, 2 seeds)", "naive SLM", "answered-but-wrong", "expected calibration error",
                 "Command (from the repository root)", "load average"]:
         assert row in text, row
-    data = json.loads(stem.with_suffix(".json").read_text())
+    data = json.loads(stem.with_name(stem.name + ".json").read_text())
     assert len(data["per_seed"]["robust"]) == 2 and "llm_auroc" in data["mean"]["naive"]
     assert data["mean"]["robust"]["llm_accuracy"] == pytest.approx(
         float(re.search(r"gpt-3.5 labels right[^|]*\| ([\d.]+)", text).group(1)) / 100, abs=1e-3)
@@ -138,17 +138,17 @@ def test_main_job_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> Non
 
 
 def test_llm_survey_tiny(tmp_path: Path) -> None:
-    stem = tmp_path / "survey"
+    stem = tmp_path / "survey_0.5b"
     args = ["benchmarks/llm_survey.py", "--models", "smollm2-135m-instruct", "--datasets", "sst2,trec", "--n", "4",
             "--shots", "2", "--pool", "2", "--out", str(stem), "--cache-dir", str(tmp_path / "cache")]
     _run(args, tmp_path)
-    cells = json.loads(stem.with_suffix(".json").read_text())["cells"]
+    cells = json.loads(stem.with_name(stem.name + ".json").read_text())["cells"]
     assert set(cells) == {f"smollm2-135m-instruct|{d}|{c}" for d in ("sst2", "trec") for c in ("zero-shot", "2-shot")}
     assert all(c["n"] == 4 and c["calls"] == 4 and c["cpu_seconds_per_text"] > 0 for c in cells.values())
-    text = stem.with_suffix(".md").read_text()
+    text = stem.with_name(stem.name + ".md").read_text()
     assert "CPU-s/text" in text and "Command (from the repository root)" in text
     _run([*args, "--datasets", "sst2,trec,subj"], tmp_path)  # resumes: only the new data set's cells are asked
-    again = json.loads(stem.with_suffix(".json").read_text())["cells"]
+    again = json.loads(stem.with_name(stem.name + ".json").read_text())["cells"]
     assert {k: v for k, v in again.items() if "|subj|" not in k} == cells and len(again) == 6
 
 
@@ -197,14 +197,14 @@ def test_ner_loop_tiny(tmp_path: Path) -> None:
 
 
 def test_scale_tiny(tmp_path: Path) -> None:
-    stem = tmp_path / "scale"
+    stem = tmp_path / "scale_v1.0"
     _run(["benchmarks/scale.py", "--full", "40,80", "--encode", "40,80", "--out", str(stem)], tmp_path,
          FREEAL_SLM_EPOCHS="1", FREEAL_SLM_TRAIN_LAYERS="1", OMP_NUM_THREADS="1")
-    text = stem.with_suffix(".md").read_text()
+    text = stem.with_name(stem.name + ".md").read_text()
     for row in ["| slm_r1 |", "| total |", "time exponent", "encode_lower", "RSS left after each stage",
                 "Command (from the repository root)"]:
         assert row in text, row
-    data = json.loads(stem.with_suffix(".json").read_text())
+    data = json.loads(stem.with_name(stem.name + ".json").read_text())
     assert [r["n"] for r in data["full"]] == [40, 80] and [r["n"] for r in data["encode"]] == [40, 80]
     assert all(r["seconds"]["total"] > 0 and r["peak_mib"]["slm_r1"] > 0 for r in data["full"])
 
@@ -286,8 +286,8 @@ def test_evidence_ablation_tiny(tmp_path: Path) -> None:
     assert [c["case"] for c in cases] == [f"re-judged run {run_dir}"] and cases[0]["texts"] == len(rows)
     assert cases[0]["true_accuracy"] == pytest.approx(data[0]["variants"]["SLM alone"]["final_accuracy"])
     _run(["benchmarks/audit_check.py", "--npz", "--rejudge-run", str(run_dir), "--sizes", "20", "--draws", "3",
-          "--out", str(tmp_path / "audit")], tmp_path)
-    audited = json.loads((tmp_path / "audit.json").read_text())["cases"]
+          "--out", str(tmp_path / "audit_1.5b")], tmp_path)
+    audited = json.loads((tmp_path / "audit_1.5b.json").read_text())["cases"]
     assert len(audited) == 1 and audited[0]["texts"] == len(rows) and audited[0]["draws"] == 3
     assert [r["size"] for r in audited[0]["sizes"]] == [0, 20]
     assert 0 <= audited[0]["sizes"][1]["interval_coverage"] <= 1
