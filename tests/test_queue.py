@@ -216,6 +216,41 @@ def test_a_big_project_gets_only_the_final_round_pushed(label_studio: LabelStudi
     assert view.data["filters"]["items"][0]["value"] == f"freeal:needs-review[{pushed[0]}]"
 
 
+@pytest.mark.ls
+def test_a_persons_label_gets_the_final_round_pushed_only(label_studio: LabelStudioServer, tmp_path: Path) -> None:
+    """Once Label Studio holds FreeAL's predictions, a job started by people's labels pushes its final round
+    only: pushing every round again replaced each version twice more, and Label Studio deletes a replaced
+    version one prediction at a time while people's saves wait (README, *Scaling*)."""
+    n = 12
+    pid, task_ids, _ = make_project(label_studio, n, "annotated-rerun")
+    pushed: list[str] = []
+
+    class Recording(JobManager):
+        def push(self, client: ProjectClient, *args: Any, **kwargs: Any) -> None:
+            pushed.append(args[2])
+            super().push(client, *args, **kwargs)
+
+    with FakeOpenAI() as fake:
+        settings = Settings(slm_min_steps=0, data_dir=tmp_path / "data", llm_base_url=fake.base_url, llm_model=MODEL,
+                            rounds=1, shots=2, demos_per_label=3, slm_epochs=1)
+        store = JobStore(tmp_path / "backend.sqlite")
+        store.save_project(pid, label_config=SENTIMENT, extra_params=None, ls_url=label_studio.url,
+                           ls_key=label_studio.token)
+        manager = Recording(settings, store, RunRegistry(settings))
+        assert store.claim(pid, "test", stale_s=600)
+        manager.run_once(Claim(store, pid, "test"))
+        assert [v[:10] for v in pushed] == ["freeal-r0-", "freeal-r1-"]  # a first run shows each round
+        store.finish(pid, "test", "done", "first")
+        LabelStudio(base_url=label_studio.url, api_key=label_studio.token).annotations.create(
+            id=task_ids[0], result=[{"from_name": "sentiment", "to_name": "text", "type": "choices",
+                                     "value": {"choices": ["negative"]}}])
+        pushed.clear()
+        assert store.claim(pid, "test", stale_s=600)
+        manager.run_once(Claim(store, pid, "test"))
+    assert len(pushed) == 1 and pushed[0].startswith("freeal-r1-"), pushed
+    assert_exactly_one(label_studio, pid, task_ids, pushed[0])
+
+
 # --- workers ------------------------------------------------------------------------------------------------
 
 def worker_env(queue_url: str, data_dir: Path, ls: LabelStudioServer, fake: FakeOpenAI) -> dict[str, str]:

@@ -31,7 +31,7 @@ from freeal_backend.labelstudio.client import (FREEAL_VERSION_PREFIX, IMPORT_BAT
 from freeal_backend.labelstudio.job_store import JobStore
 from freeal_backend.labelstudio.label_config import TaskConfig, parse_task_config
 from freeal_backend.labelstudio.label_results import LLM
-from freeal_backend.labelstudio.push import (PushJournal, flagged_ids, is_final_of, predictions_digest, push_results,
+from freeal_backend.labelstudio.push import (PushJournal, flagged_ids, predictions_digest, push_results,
                                              version_for)
 from freeal_backend.labelstudio.review_tab import ReviewTab, health_note
 from freeal_backend.labelstudio.runs import (ProjectOptions, RunRegistry, build_items, burst_note, judge_summary,
@@ -274,8 +274,9 @@ class JobManager:
         """Fetch every task, run the FreeAL rounds, push predictions and the review view after each round.
 
         A round is pushed unless Label Studio already holds exactly its predictions (same digest), or it
-        is not the last round and Label Studio holds this run's final round already, or the project is too
-        big to replace a version every round. With the project option ``judge_version``, the small model
+        is not the last round and Label Studio holds FreeAL predictions already (a job started by people's
+        labels, or one resumed: each replaced version is deleted one prediction at a time while people's
+        saves wait, so only the final round is), or the project is too big to replace a version every round. With the project option ``judge_version``, the small model
         judges that model version's predictions instead (round 0 only, no LLM call)."""
         project_id = claim.project_id
         if self.projects is not None and project_id not in self.projects:  # e.g. a job resumed after a restart
@@ -316,9 +317,8 @@ class JobManager:
             cost.finish()
             save_round_flagged(run.store, rnd, len(flagged_ids(results)))
             version = run.model_version()
-            if rnd < rounds and (is_final_of(pushed, version, rounds)
-                                 or len(items) > self.settings.push_every_round_max_tasks):
-                continue  # Label Studio has this run's final round; a big project gets the final round only
+            if rnd < rounds and (pushed is not None or len(items) > self.settings.push_every_round_max_tasks):
+                continue  # Label Studio shows FreeAL's labels already; a big project gets the final round only
             digest = predictions_digest(cfg, results, texts, who)
             if digest == pushed_digest:
                 continue  # Label Studio holds exactly these predictions already

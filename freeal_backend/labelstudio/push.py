@@ -150,9 +150,3 @@ def version_for(base: str, digest: str, pushed: str | None) -> str:
     settings>``): ``base``, unless the last push (``pushed``) used that name for other predictions (a job
     that retried failed LLM requests), then ``base-<6 hex of the predictions>``."""
     return base if base != pushed else f"{base}-{digest[:6]}"
-
-
-def is_final_of(pushed: str | None, version: str, rounds: int) -> bool:
-    """Whether ``pushed`` is a final-round (``rounds``) version of the run that produced ``version``."""
-    final = f"freeal-r{rounds}-{version.split('-')[2]}"
-    return pushed is not None and (pushed == final or pushed.startswith(final + "-"))
