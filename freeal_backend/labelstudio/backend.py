@@ -23,7 +23,7 @@ from freeal_backend.labelstudio.jobqueue import runner_for
 from freeal_backend.labelstudio.label_config import ClassificationConfig, TaskConfig, parse_task_config
 from freeal_backend.labelstudio.label_results import render_task_prediction, review_results
 from freeal_backend.labelstudio.manager import JobManager
-from freeal_backend.labelstudio.request_checks import BadRequest, task_texts
+from freeal_backend.labelstudio.request_checks import BadRequest, no_text_note, task_texts
 from freeal_backend.labelstudio.runs import ProjectOptions, RunRegistry
 from freeal_backend.llm.client import LLMUnavailable
 from freeal_backend.loop import FreeALRun, latest_health
@@ -217,6 +217,10 @@ class Backend:
         unseen: list[Item] = []
         for task in tasks:
             tid = int(task["id"])
+            if tid not in texts:
+                out[tid] = {"result": review_results(cfg, suspicious=True, note=no_text_note(cfg)), "score": 0.0,
+                            "model_version": version}
+                continue
             human = human_result(cfg, str(tid), gold[tid][0], texts[tid]) if tid in gold else None
             if human is not None:
                 out[tid] = render_task_prediction(cfg, human, texts[tid], version)

@@ -16,18 +16,20 @@ class BadRequest(ValueError):
 
 
 def task_texts(cfg: TaskConfig, tasks: list[dict[str, Any]]) -> dict[int, str]:
-    """The text of each task, or :class:`BadRequest` naming the tasks that lack it."""
-    texts, missing = {}, []
+    """The text of each task that has one (tasks without it are left out: :func:`no_text_note`)."""
+    texts = {}
     for task in tasks:
         value = (task.get("data") or {}).get(cfg.data_key)
         if isinstance(value, str) and value.strip():
             texts[int(task["id"])] = value
-        else:
-            missing.append(task["id"])
-    if missing:
-        raise BadRequest(f"tasks {missing[:20]} have no text in data[{cfg.data_key!r}] "
-                         f"(named by <Text value=\"${cfg.data_key}\"> in the label config)")
     return texts
+
+
+def no_text_note(cfg: TaskConfig) -> str:
+    """What a task without text is told (the others of its batch get their labels: Label Studio stores
+    nothing for any task of a batch that /predict refuses)."""
+    return (f"FreeAL: no text in data[{cfg.data_key!r}] (named by <Text value=\"${cfg.data_key}\"> in the label "
+            "config); nothing to label.")
 
 
 def valid_extra(value: Any) -> dict[str, Any]:
