@@ -447,6 +447,66 @@ def test_api_keys_never_appear_in_responses_or_logs(tmp_path: Path, fake_llm: Fa
         assert secret not in logged, "an API key was logged"
 
 
+def test_retrieve_predictions_retries_a_failed_job(tmp_path: Path, fake_llm: FakeOpenAI,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Label Studio sends /predict only the tasks without a prediction of the version /setup names, and
+    /predict's placeholders carry that version: after a failed job (Label Studio or the LLM down for a
+    while), *Retrieve Predictions* sent nothing, and nothing started the job again. Label Studio calls
+    /setup before every retrieval: a failed job is retried there."""
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    monkeypatch.setattr("freeal_backend.labelstudio.server.FAILED_JOB_RETRY_AFTER_S", 0.5)
+    ls = FakeLabelStudio(delay=0.01)  # answers 401: each job fails
+    app = make_app(tmp_path, fake_llm, auto_job=True)
+    setup = {"project": 4, "schema": SENTIMENT, "hostname": ls.url, "access_token": LS_KEY}
+    try:
+        client = app.test_client()
+        assert client.post("/setup", json=setup).status_code == 200
+        assert client.post("/predict", json={"project": 4, "tasks": [{"id": 1, "data": {"text": "fine"}}]}
+                           ).status_code == 200
+        time.sleep(0.2)
+        wait_job(app, 4)
+        assert client.get("/status/4").get_json()["state"] == "failed"
+        reached = len(ls.requests)
+        assert client.post("/setup", json=setup).status_code == 200  # at once: someone opens the settings
+        wait_job(app, 4)
+        assert len(ls.requests) == reached
+        time.sleep(0.5)
+        assert client.post("/setup", json=setup).status_code == 200  # the next Retrieve Predictions
+        time.sleep(0.2)
+        wait_job(app, 4)
+        assert len(ls.requests) > reached, "the failed job was not started again"
+        assert client.get("/status/4").get_json()["state"] == "failed"
+        reached = len(ls.requests)
+        time.sleep(0.5)
+        client.post("/setup", json={**setup, "schema": "<View"})  # a config it refuses starts nothing
+        time.sleep(0.2)
+        wait_job(app, 4)
+        assert len(ls.requests) == reached
+    finally:
+        close_app(app)
+        ls.stop()
+
+
+def test_a_placeholder_says_why_no_job_will_label_its_task(tmp_path: Path, fake_llm: FakeOpenAI,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task /predict could not label in time said "queued; the background job will label this task" even
+    where no job can run (Label Studio's URL or key not set): it names what is missing instead."""
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    review = (ROOT / "label_config" / "review.xml").read_text(encoding="utf-8")
+    app = make_app(tmp_path, fake_llm, auto_job=True, predict_budget_s=0.0)  # no time to ask the LLM
+    try:
+        client = app.test_client()
+        assert client.post("/setup", json={"project": 6, "schema": review}).status_code == 200
+        out = client.post("/predict", json={"project": 6, "tasks": [{"id": 1, "data": {"text": "fine"}}]}).get_json()
+        note = json.dumps(out["results"][0]["result"])
+        assert "no background job runs" in note and "LABEL_STUDIO_URL" in note and "queued" not in note
+        assert app.extensions["freeal"].store.status(6) is None  # and none was started
+    finally:
+        close_app(app)
+
+
 # --- concurrency and single-flight ---------------------------------------------------------------------------
 
 def test_concurrent_predict_and_webhook_calls_start_one_job_at_a_time(tmp_path: Path, fake_llm: FakeOpenAI,

@@ -192,13 +192,21 @@ class Backend:
     def version(self, project_id: int) -> str:
         return self.store.model_version(project_id) or INITIAL_VERSION
 
-    def maybe_start_job(self, project_id: int, reason: str) -> None:
+    def no_job_because(self, project_id: int) -> str | None:
+        """Why no background job can run for the project (None: one can)."""
         if not self.server.auto_job:
-            return
+            return "FREEAL_AUTO_JOB is off"
         try:
             self.jobs.connection(project_id)
         except MissingCredentialsError as exc:
-            log.warning("project %s: background job not started: %s", project_id, exc)
+            return str(exc)
+        return None
+
+    def maybe_start_job(self, project_id: int, reason: str) -> None:
+        why = self.no_job_because(project_id)
+        if why is not None:
+            if self.server.auto_job:
+                log.warning("project %s: background job not started: %s", project_id, why)
             return
         self.jobs.trigger(project_id, reason)
 
@@ -231,9 +239,11 @@ class Backend:
         if unseen and not opts.judge_version:  # a judge project makes no LLM call: its job judges them
             for res in self.quick_label(run, unseen):
                 out[int(res.item_id)] = render_task_prediction(cfg, res, texts[int(res.item_id)], version)
+        no_job = self.no_job_because(project_id) if len(out) < len(tasks) else None
         for item in unseen:
             if int(item.item_id) not in out:
-                note = (f"FreeAL: queued; the background job will judge model version {opts.judge_version!r} "
+                note = (f"FreeAL: not labelled: no background job runs for this project ({no_job})." if no_job else
+                        f"FreeAL: queued; the background job will judge model version {opts.judge_version!r} "
                         "on this task." if opts.judge_version else
                         "FreeAL: queued; the background job will label this task.")
                 out[int(item.item_id)] = {"result": review_results(cfg, suspicious=True, note=note), "score": 0.0,

@@ -42,6 +42,10 @@ PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:;
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 TRAIN_EVENTS = ("START_TRAINING",)
+FAILED_JOB_RETRY_AFTER_S = 15.0  # /setup retries a job that failed at least this long ago. Label Studio calls /setup
+#   before every Retrieve Predictions and sends /predict no task holding a prediction of the version /setup names,
+#   which the placeholders of a failed job's tasks do: that retrieval is the user's way to retry. Not sooner:
+#   Label Studio also calls /setup (with the old settings) as someone opens the model settings to fix them.
 OPEN_ENDPOINTS = frozenset({"health"})  # the container healthcheck's; it answers nothing but that the server is up
 
 
@@ -124,6 +128,9 @@ def create_app(settings: Settings | None = None, server: ServerSettings | None =
         token = body.get("access_token") if isinstance(body.get("access_token"), str) else None
         backend.store.save_project(pid, label_config=schema, extra_params=extra, ls_url=hostname, ls_key=token)
         log.info("LS setup project=%s extra_params=%s", pid, sorted(extra))
+        row = backend.store.status(pid) or {}
+        if row.get("state") == "failed" and time.time() - (row.get("finished") or 0.0) >= FAILED_JOB_RETRY_AFTER_S:
+            backend.maybe_start_job(pid, "setup after a failed job")
         return jsonify(model_version=backend.version(pid))
 
     @app.post("/predict")
