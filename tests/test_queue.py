@@ -188,28 +188,43 @@ def test_kept_old_versions_stay_hidden_from_the_review_tab(label_studio: LabelSt
         [t for t in task_ids if t % 3 == 0])
 
 
+class PushRecorder(JobManager):
+    """A job manager that records the version of every push."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pushed: list[str] = []
+
+    def push(self, client: ProjectClient, *args: Any, **kwargs: Any) -> None:
+        self.pushed.append(args[2])
+        super().push(client, *args, **kwargs)
+
+    def job(self, project_id: int) -> None:
+        """One job of the project, run here."""
+        assert self.store.claim(project_id, "test", stale_s=600)
+        self.run_once(Claim(self.store, project_id, "test"))
+        self.store.finish(project_id, "test", "done", "")
+
+
+def push_recorder(ls: LabelStudioServer, tmp_path: Path, fake: FakeOpenAI, pid: int, **settings: Any) -> PushRecorder:
+    """A :class:`PushRecorder` for project ``pid``: one round, a fast small model, the fake LLM."""
+    cfg = Settings(slm_min_steps=0, data_dir=tmp_path / "data", llm_base_url=fake.base_url, llm_model=MODEL, rounds=1,
+                   shots=2, demos_per_label=3, slm_epochs=1, **settings)
+    store = JobStore(tmp_path / "backend.sqlite")
+    store.save_project(pid, label_config=SENTIMENT, extra_params=None, ls_url=ls.url, ls_key=ls.token)
+    return PushRecorder(cfg, store, RunRegistry(cfg))
+
+
 @pytest.mark.ls
 def test_a_big_project_gets_only_the_final_round_pushed(label_studio: LabelStudioServer, tmp_path: Path) -> None:
     """Above FREEAL_PUSH_EVERY_ROUND_MAX tasks, the job pushes the last round only (each replaced version
     would be deleted by Label Studio one prediction at a time); the review tab follows the pushed version."""
     n = 12
     pid, task_ids, _ = make_project(label_studio, n, "final-round-only")
-    pushed: list[str] = []
-
-    class Recording(JobManager):
-        def push(self, client: ProjectClient, *args: Any, **kwargs: Any) -> None:
-            pushed.append(args[2])
-            super().push(client, *args, **kwargs)
-
     with FakeOpenAI() as fake:
-        settings = Settings(slm_min_steps=0, data_dir=tmp_path / "data", llm_base_url=fake.base_url, llm_model=MODEL, rounds=1,
-                            shots=2, demos_per_label=3, slm_epochs=1, push_every_round_max_tasks=n - 1)
-        store = JobStore(tmp_path / "backend.sqlite")
-        store.save_project(pid, label_config=SENTIMENT, extra_params=None, ls_url=label_studio.url,
-                           ls_key=label_studio.token)
-        manager = Recording(settings, store, RunRegistry(settings))
-        assert store.claim(pid, "test", stale_s=600)
-        manager.run_once(Claim(store, pid, "test"))
+        manager = push_recorder(label_studio, tmp_path, fake, pid, push_every_round_max_tasks=n - 1)
+        manager.job(pid)
+    pushed = manager.pushed
     assert len(pushed) == 1 and pushed[0].startswith("freeal-r1-")
     assert_exactly_one(label_studio, pid, task_ids, pushed[0])
     view = next(v for v in LabelStudio(base_url=label_studio.url, api_key=label_studio.token).views.list(project=pid))
@@ -221,34 +236,18 @@ def test_a_persons_label_gets_the_final_round_pushed_only(label_studio: LabelStu
     """Once Label Studio holds FreeAL's predictions, a job started by people's labels pushes its final round
     only: pushing every round again replaced each version twice more, and Label Studio deletes a replaced
     version one prediction at a time while people's saves wait (README, *Scaling*)."""
-    n = 12
-    pid, task_ids, _ = make_project(label_studio, n, "annotated-rerun")
-    pushed: list[str] = []
-
-    class Recording(JobManager):
-        def push(self, client: ProjectClient, *args: Any, **kwargs: Any) -> None:
-            pushed.append(args[2])
-            super().push(client, *args, **kwargs)
-
+    pid, task_ids, _ = make_project(label_studio, 12, "annotated-rerun")
     with FakeOpenAI() as fake:
-        settings = Settings(slm_min_steps=0, data_dir=tmp_path / "data", llm_base_url=fake.base_url, llm_model=MODEL,
-                            rounds=1, shots=2, demos_per_label=3, slm_epochs=1)
-        store = JobStore(tmp_path / "backend.sqlite")
-        store.save_project(pid, label_config=SENTIMENT, extra_params=None, ls_url=label_studio.url,
-                           ls_key=label_studio.token)
-        manager = Recording(settings, store, RunRegistry(settings))
-        assert store.claim(pid, "test", stale_s=600)
-        manager.run_once(Claim(store, pid, "test"))
-        assert [v[:10] for v in pushed] == ["freeal-r0-", "freeal-r1-"]  # a first run shows each round
-        store.finish(pid, "test", "done", "first")
+        manager = push_recorder(label_studio, tmp_path, fake, pid)
+        manager.job(pid)
+        assert [v[:10] for v in manager.pushed] == ["freeal-r0-", "freeal-r1-"]  # a first run shows each round
         LabelStudio(base_url=label_studio.url, api_key=label_studio.token).annotations.create(
             id=task_ids[0], result=[{"from_name": "sentiment", "to_name": "text", "type": "choices",
                                      "value": {"choices": ["negative"]}}])
-        pushed.clear()
-        assert store.claim(pid, "test", stale_s=600)
-        manager.run_once(Claim(store, pid, "test"))
-    assert len(pushed) == 1 and pushed[0].startswith("freeal-r1-"), pushed
-    assert_exactly_one(label_studio, pid, task_ids, pushed[0])
+        manager.pushed.clear()
+        manager.job(pid)
+    assert len(manager.pushed) == 1 and manager.pushed[0].startswith("freeal-r1-"), manager.pushed
+    assert_exactly_one(label_studio, pid, task_ids, manager.pushed[0])
 
 
 # --- workers ------------------------------------------------------------------------------------------------
