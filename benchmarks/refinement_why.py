@@ -7,7 +7,8 @@ Each RUN_DIR is a finished classification run with gold (a ``benchmarks/quality.
 refinement round: the small model's accuracy and its agreement with the labels it was trained on; the clean
 agreed set (kept as labelled, not re-asked) and the demo pool drawn from it, with the share of their labels
 that are right; the texts re-asked, how right the LLM was on them zero-shot, in round 0 (its own written
-demonstrations) and after (demonstrations from the pool), and how many it fixed and broke. Runs of the same
+demonstrations) and after (demonstrations from the pool), and how many it fixed and broke; and how right the
+label with the highest probability averaged over the rounds would have been. Runs of the same
 data set are pooled as mean ± sd (population sd). Writes ``benchmarks/results/refinement_why_<name>.md`` and
 ``.json``.
 """
@@ -55,6 +56,9 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
             asked[scope.todo] = True
             stored = set(run.store.annotations(f"llm_r{rnd}"))
             before_ok, after_ok = right("llm_r0" if rnd == 1 else f"llm_r{rnd - 1}"), right(f"llm_r{rnd}")
+            given, averaged = run._current(items, rnd)  # the rounds' per-class probabilities, averaged
+            pooled = np.array([run.labels[int(averaged[i].argmax())] if averaged[i].sum() > 0 else given[i]
+                               for i in range(len(items))], dtype=object) == gold
             y, pred, _ = run._slm_groups(items, rnd)
             answered = y >= 0
             pool_right = np.array([run.labels[c] for c in scope.pool_cls]) == gold[scope.pool_idx]
@@ -65,9 +69,9 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
                 "pool": len(scope.pool_idx), "pool_right": float(pool_right.mean()) if len(pool_right) else None,
                 "asked": int(asked.sum()), "asked_not_stored": len(set(np.array(ids)[asked]) ^ stored),
                 "asked_right_r0": _share(right("llm_r0"), asked), "asked_right_before": _share(before_ok, asked),
-                "asked_right_after": _share(after_ok, asked),
+                "asked_right_after": _share(after_ok, asked), "asked_right_averaged": _share(pooled, asked),
                 "fixed": int((asked & ~before_ok & after_ok).sum()), "broken": int((asked & before_ok & ~after_ok).sum()),
-                "before": float(before_ok.mean()), "after": float(after_ok.mean()),
+                "before": float(before_ok.mean()), "after": float(after_ok.mean()), "averaged": float(pooled.mean()),
             }
             if "zero_shot" in stages:
                 entry["asked_right_zero_shot"] = _share(right("zero_shot"), asked)
@@ -80,8 +84,10 @@ COLUMNS = [("slm_accuracy", "SLM right %", True), ("slm_agreement", "SLM agrees 
            ("pool", "demo pool", False), ("pool_right", "pool right %", True), ("asked", "re-asked", False),
            ("asked_right_zero_shot", "re-asked: zero-shot right %", True),
            ("asked_right_r0", "re-asked: round 0 right %", True),
-           ("asked_right_after", "re-asked: refined right %", True), ("fixed", "fixed", False),
-           ("broken", "broken", False), ("before", "all: before %", True), ("after", "all: after %", True)]
+           ("asked_right_after", "re-asked: refined right %", True),
+           ("asked_right_averaged", "re-asked: rounds averaged right %", True), ("fixed", "fixed", False),
+           ("broken", "broken", False), ("before", "all: before %", True), ("after", "all: after %", True),
+           ("averaged", "all: rounds averaged %", True)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         "demo pool drawn from it (share of their labels right); the texts re-asked and how right the LLM's labels "
         "of them were zero-shot, in round 0 (its own written demonstrations) and after this round (the pool's "
         "demonstrations, retrieved by the small model's embeddings); fixed = wrong before and right after, broken "
-        "= the reverse; the whole set's accuracy before and after. Cells are mean ± sd over the runs.",
+        "= the reverse; the whole set's accuracy before and after. 'Rounds averaged': the label with the highest "
+        "probability averaged over every round that asked the text (what the verdict takes as the LLM's confidence), "
+        "instead of the last round's answer. Cells are mean ± sd over the runs.",
         "", "Re-asked texts recomputed here but not stored as asked by the run (or the reverse): "
         + ("; ".join(mismatched) if mismatched else "none (the recomputed scope is the one the runs used)."),
         "", "Runs: " + ", ".join(f"{r['dataset']} seed {r['seed']} ({r['n']} texts)" for r in runs),
