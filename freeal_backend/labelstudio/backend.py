@@ -242,7 +242,8 @@ class Backend:
         no_job = self.no_job_because(project_id) if len(out) < len(tasks) else None
         for item in unseen:
             if int(item.item_id) not in out:
-                note = (f"FreeAL: not labelled: no background job runs for this project ({no_job})." if no_job else
+                note = (f"FreeAL: not labelled: no background job runs for this project ({no_job}). Once one "
+                        "can, Start Training in the model settings starts it." if no_job else
                         f"FreeAL: queued; the background job will judge model version {opts.judge_version!r} "
                         "on this task." if opts.judge_version else
                         "FreeAL: queued; the background job will label this task.")
