@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DATA, RESULTS, beside, command_line, current_peak_mib, fmt_table, loadavg,  # noqa: E402
-                     read_jsonl, reset_peak_rss, rss_mib, subsample, write_result)
+from _common import (DATA, RESULTS, command_line, current_peak_mib, fmt_table, loadavg, read_jsonl,  # noqa: E402
+                     reset_peak_rss, rss_mib, subsample, write_result)
 
 from freeal_backend.span_eval import bio_tags, entity_scores, word_offsets  # noqa: E402
 from freeal_backend.spans import Span, spans_from_dicts  # noqa: E402
@@ -250,8 +250,8 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k in ("round_s", "peak_rss_mib")}), flush=True)
     report["load_end"] = loadavg()
     out = Path(args.out)
-    beside(out, ".json").parent.mkdir(parents=True, exist_ok=True)
-    beside(out, ".json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    out.with_suffix(".json").parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     write_result(out, "Span SLM on BC5CDR: noisy (LLM-like) vs gold labels", render(report, args), load_start)
     print(out.read_text())
 
