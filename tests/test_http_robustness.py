@@ -466,7 +466,8 @@ def test_retrieve_predictions_retries_a_failed_job(tmp_path: Path, fake_llm: Fak
                            ).status_code == 200
         time.sleep(0.2)
         wait_job(app, 4)
-        assert client.get("/status/4").get_json()["state"] == "failed"
+        failed = client.get("/status/4").get_json()
+        assert failed["state"] == "failed" and "set LABEL_STUDIO_API_KEY" in failed["message"]  # what to check
         reached = len(ls.requests)
         assert client.post("/setup", json=setup).status_code == 200  # at once: someone opens the settings
         wait_job(app, 4)

@@ -25,6 +25,9 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+import httpx
+from label_studio_sdk.core.api_error import ApiError
+
 from freeal_backend.config import Settings
 from freeal_backend.labelstudio.client import (FREEAL_VERSION_PREFIX, IMPORT_BATCH, Connection, ProjectClient,
                                               connection_from_env)
@@ -46,6 +49,17 @@ HOST = socket.gethostname()
 _running: set[str] = set()  # owners whose job runs in this process right now
 _running_lock = threading.Lock()
 
+
+def failure_message(exc: BaseException) -> str:
+    """A failed job's message: the error and, where Label Studio refused the backend's key, what to check."""
+    status = exc.status_code if isinstance(exc, ApiError) else (
+        exc.response.status_code if isinstance(exc, httpx.HTTPStatusError) else None)
+    message = f"{type(exc).__name__}: {exc}"
+    if status in (401, 403):
+        message += ("; Label Studio refused the backend's API key: set LABEL_STUDIO_API_KEY (or the token Label "
+                    "Studio sends) to the key of a user who can open this project, from Account & Settings > "
+                    "Access Token (legacy tokens and personal access tokens both work)")
+    return message
 
 class LostOwnership(RuntimeError):
     """The run no longer owns its job: another run took it over, or its Redis lock expired."""
@@ -256,7 +270,7 @@ class JobManager:
                 return
             except Exception as exc:  # noqa: BLE001 - a job must end in a visible state, never die silently
                 log.exception("project %s: FreeAL job failed", project_id)
-                message, state = f"{type(exc).__name__}: {exc}", "failed"
+                message, state = failure_message(exc), "failed"
                 self._failed_title(project_id)  # while the job is still ours: no next job races this title
             if not finish(state, message):
                 return
