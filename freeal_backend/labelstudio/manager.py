@@ -61,6 +61,7 @@ def failure_message(exc: BaseException) -> str:
                     "Access Token (legacy tokens and personal access tokens both work)")
     return message
 
+
 class LostOwnership(RuntimeError):
     """The run no longer owns its job: another run took it over, or its Redis lock expired."""
 
@@ -290,8 +291,9 @@ class JobManager:
         A round is pushed unless Label Studio already holds exactly its predictions (same digest), or it
         is not the last round and Label Studio holds FreeAL predictions already (a job started by people's
         labels, or one resumed: each replaced version is deleted one prediction at a time while people's
-        saves wait, so only the final round is), or the project is too big to replace a version every round. With the project option ``judge_version``, the small model
-        judges that model version's predictions instead (round 0 only, no LLM call)."""
+        saves wait, so only the final round is), or the project is too big to replace a version every round.
+        With the project option ``judge_version``, the small model judges that model version's predictions
+        instead (round 0 only, no LLM call)."""
         project_id = claim.project_id
         if self.projects is not None and project_id not in self.projects:  # e.g. a job resumed after a restart
             raise ValueError(f"project {project_id} is not served by this backend (FREEAL_PROJECTS)")
