@@ -105,6 +105,7 @@ class FreeALRun:
         self.timings: dict[str, float] = {}
         self.burst: dict[str, int] | None = None  # this run's re-asks for new human labels (``_stage_reask``)
         self.audit_size = settings.audit_size  # FREEAL_AUDIT (a Label Studio project may set its own)
+        self.target_error = settings.target_error  # FREEAL_TARGET_ERROR (likewise)
         self.audit_ids: set[str] = set()  # the random audit tasks (slm/audit.py)
         self.audit_labels: dict[str, str] = {}  # people's labels on them, kept from the machine (blind)
 
@@ -207,7 +208,7 @@ class FreeALRun:
     def _within_budget(self, results: list[ItemResult]) -> list[ItemResult]:
         """With ``FREEAL_TARGET_ERROR``, the flag also holds the smallest set of lowest-scored texts whose review
         brings the estimated error of all labels to the target (reason ``review_budget``); see slm/budget.py."""
-        target = self.settings.target_error
+        target = self.target_error
         if target is None:
             return results
         reviewable = [r.source != "human" for r in results]

@@ -230,7 +230,7 @@ def test_projects_outside_freeal_projects_get_403_everywhere(tmp_path: Path, fak
 
 # --- /setup bounds ---------------------------------------------------------------------------------------------
 
-def test_setup_bounds_rounds_and_the_task_description(tmp_path: Path, fake_llm: FakeOpenAI) -> None:
+def test_setup_bounds_rounds_the_task_description_and_the_target_error(tmp_path: Path, fake_llm: FakeOpenAI) -> None:
     app = make_app(tmp_path, fake_llm)
     with serve(app) as client:
         def setup(extra: Any) -> httpx.Response:
@@ -245,6 +245,10 @@ def test_setup_bounds_rounds_and_the_task_description(tmp_path: Path, fake_llm: 
         long = setup({"task_description": "x" * (MAX_TASK_DESCRIPTION + 1)})
         assert long.status_code == 400 and str(MAX_TASK_DESCRIPTION) in long.json()["error"]
         assert setup({"task_description": {"a": 1}}).status_code == 400
+        for target in (0, 1, 1.5, -0.1, "x", "nan", True, [0.1], "inf"):
+            resp = setup({"target_error": target})
+            assert resp.status_code == 400 and "strictly between 0 and 1" in resp.json()["error"], target
+        assert setup({"target_error": "0.05"}).status_code == 200 and setup({"target_error": 0.1}).status_code == 200
         assert setup({"task_description": "y" * MAX_TASK_DESCRIPTION}).status_code == 200
         saved = app.extensions["freeal"].store.project(5)
     assert saved is not None and saved["extra_params"]["task_description"] == "y" * MAX_TASK_DESCRIPTION

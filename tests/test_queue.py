@@ -206,12 +206,13 @@ class PushRecorder(JobManager):
         self.store.finish(project_id, "test", "done", "")
 
 
-def push_recorder(ls: LabelStudioServer, tmp_path: Path, fake: FakeOpenAI, pid: int, **settings: Any) -> PushRecorder:
+def push_recorder(ls: LabelStudioServer, tmp_path: Path, fake: FakeOpenAI, pid: int,
+                  extra_params: dict[str, Any] | None = None, **settings: Any) -> PushRecorder:
     """A :class:`PushRecorder` for project ``pid``: one round, a fast small model, the fake LLM."""
     cfg = Settings(slm_min_steps=0, data_dir=tmp_path / "data", llm_base_url=fake.base_url, llm_model=MODEL, rounds=1,
                    shots=2, demos_per_label=3, slm_epochs=1, **settings)
     store = JobStore(tmp_path / "backend.sqlite")
-    store.save_project(pid, label_config=SENTIMENT, extra_params=None, ls_url=ls.url, ls_key=ls.token)
+    store.save_project(pid, label_config=SENTIMENT, extra_params=extra_params, ls_url=ls.url, ls_key=ls.token)
     return PushRecorder(cfg, store, RunRegistry(cfg))
 
 
@@ -248,6 +249,17 @@ def test_a_persons_label_gets_the_final_round_pushed_only(label_studio: LabelStu
         manager.job(pid)
     assert len(manager.pushed) == 1 and manager.pushed[0].startswith("freeal-r1-"), manager.pushed
     assert_exactly_one(label_studio, pid, task_ids, manager.pushed[0])
+
+
+@pytest.mark.ls
+def test_a_project_sets_its_own_target_error(label_studio: LabelStudioServer, tmp_path: Path) -> None:
+    """One backend serves many projects; the target error of the review budget (FREEAL_TARGET_ERROR) is a
+    project's choice too (extra params ``target_error``): its job's run flags toward its target."""
+    pid, _, _ = make_project(label_studio, 12, "own-target")
+    with FakeOpenAI() as fake:
+        manager = push_recorder(label_studio, tmp_path, fake, pid, {"target_error": 0.05}, target_error=0.3)
+        manager.job(pid)
+    assert manager.runs.get(pid, ("positive", "negative")).target_error == 0.05
 
 
 # --- workers ------------------------------------------------------------------------------------------------

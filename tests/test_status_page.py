@@ -142,14 +142,16 @@ def auth(user: str = USER, password: str = PASSWORD) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
-def make_backend(tmp_path: Path, *, state: str, target_error: float | None = None) -> Flask:
+def make_backend(tmp_path: Path, *, state: str, target_error: float | None = None,
+                 extra_params: dict[str, Any] | None = None) -> Flask:
     """A backend with one project whose job is ``running`` (round 2 of 2, 43/100) or ``done``."""
     data = tmp_path / "data"
     write_run(data / f"project-{PID}" / "state.sqlite", gold=False)
     app = create_app(Settings(slm_min_steps=0, data_dir=data, target_error=target_error),
                      ServerSettings(basic_auth_user=USER, basic_auth_pass=PASSWORD, auto_job=False))
     jobs: JobStore = app.extensions["freeal"].store
-    jobs.save_project(PID, label_config="<View/>", extra_params={}, ls_url="http://ls.example:8080", ls_key="k")
+    jobs.save_project(PID, label_config="<View/>", extra_params=extra_params or {}, ls_url="http://ls.example:8080",
+                      ls_key="k")
     jobs.claim(PID, "me", stale_s=60)
     jobs.update(PID, "me", state="running", rounds=2, round=2, tasks=N, flagged=10, view_id=3)
     jobs.update(PID, "me", stage="llm_r2", done=10, total=100)
@@ -250,6 +252,13 @@ def test_page_and_status_show_the_review_budget_for_the_target_error(tmp_path: P
     cells.feed(client.get(f"/projects/{PID}", headers=auth()).get_data(as_text=True))
     assert cells.by_id["budget-sentence"] == budget["sentence"][0].upper() + budget["sentence"][1:] + "."
     assert f"{budget['target']['k']} (target)" in cells.by_id["budget"]
+
+
+def test_a_projects_own_target_error_sets_its_review_budget(tmp_path: Path) -> None:
+    """One backend serves many projects: extra params ``target_error`` outranks FREEAL_TARGET_ERROR."""
+    app = make_backend(tmp_path, state="done", target_error=0.3, extra_params={"target_error": "0.2"})
+    budget = app.test_client().get(f"/status/{PID}", headers=auth()).get_json()["run"]["budget"]
+    assert budget["target"]["target_error"] == 0.2
 
 
 def test_no_answer_shows_a_server_path(tmp_path: Path) -> None:

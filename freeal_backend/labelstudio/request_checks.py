@@ -33,7 +33,8 @@ def no_text_note(cfg: TaskConfig) -> str:
 
 
 def valid_extra(value: Any) -> dict[str, Any]:
-    """/setup's extra_params, with ``rounds`` and ``task_description`` in bounds (else :class:`BadRequest`)."""
+    """/setup's extra_params, with ``rounds``, ``task_description`` and ``target_error`` in bounds (else
+    :class:`BadRequest`)."""
     extra = value if isinstance(value, dict) else {}
     rounds = extra.get("rounds")
     if rounds is not None:
@@ -48,7 +49,20 @@ def valid_extra(value: Any) -> dict[str, Any]:
     if isinstance(task, str) and len(task) > MAX_TASK_DESCRIPTION:
         raise BadRequest(f"extra_params.task_description has {len(task)} characters; at most "
                          f"{MAX_TASK_DESCRIPTION} are allowed")
+    target = extra.get("target_error")
+    if target is not None and unit_share(target) is None:
+        raise BadRequest("extra_params.target_error must be a number strictly between 0 and 1 (e.g. 0.05: review "
+                         f"until about 5 % of the labels are wrong), not {str(target)[:20]!r}")
     return extra
+
+
+def unit_share(value: Any) -> float | None:
+    """A number strictly between 0 and 1, given as a number or a string ("0.05"); None for anything else."""
+    try:
+        share = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+    except ValueError:
+        return None
+    return share if share is not None and 0 < share < 1 else None
 
 
 def valid_tasks(value: Any) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ from typing import Any
 
 from freeal_backend.config import Settings
 from freeal_backend.labelstudio.client import TaskRecord
+from freeal_backend.labelstudio.request_checks import unit_share
 from freeal_backend.loop import FreeALRun
 from freeal_backend.loop_spans import run_type
 from freeal_backend.records import Item
@@ -24,6 +25,7 @@ class ProjectOptions:
     task_description: str | None = None
     judge_version: str | None = None  # judge this model version's predictions instead of asking the LLM
     audit: int | None = None  # random audit tasks (FREEAL_AUDIT for this project; 0 = none)
+    target_error: float | None = None  # the review budget's target (FREEAL_TARGET_ERROR for this project)
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> "ProjectOptions":
@@ -34,6 +36,7 @@ class ProjectOptions:
             task_description=str(extra["task_description"]) if extra.get("task_description") else None,
             judge_version=str(extra["judge_version"]) if extra.get("judge_version") else None,
             audit=_count(extra.get("audit")),
+            target_error=unit_share(extra.get("target_error")),
         )
 
 
