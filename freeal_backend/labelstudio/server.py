@@ -1,6 +1,7 @@
 """The Label Studio ML backend HTTP service (Flask), a thin shell around the FreeAL library.
 
-Label Studio 1.23 calls: ``GET /health``, ``POST /setup`` (3 s timeout: nothing heavy here), ``POST /predict``
+Label Studio 1.23 calls: ``GET /health``, ``POST /setup`` (3 s timeout: nothing heavy here; it retries a failed
+job, see ``FAILED_JOB_RETRY_AFTER_S``), ``POST /predict``
 (100 s timeout: cached results at once, LLM labels for unseen tasks within a budget, the full FreeAL
 job in the background), ``POST /webhook`` (1 s timeout: acknowledge at once), and ``GET /versions``.
 ``POST /train`` is kept for older Label Studio versions. For people: ``GET /`` lists the projects and
@@ -9,7 +10,8 @@ as JSON.
 
 Who may do what: with ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS`` set every route but ``GET /health`` needs them
 (only one of the two set refuses to start; neither set starts with a loud warning); ``FREEAL_PROJECTS`` limits
-the backend to some projects (403 for the others); ``/setup`` bounds ``rounds`` and the task description;
+the backend to some projects (403 for the others); ``/setup`` bounds ``rounds``, the task description and
+``target_error``;
 ``/predict`` cannot change the label set of a project's run; no answer shows a server path.
 """
 from __future__ import annotations
