@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import random
 import resource
-import math
 import shlex
 import sys
 from collections.abc import Iterator, Mapping, Sequence

@@ -227,8 +227,7 @@ class Backend:
         for task in tasks:
             tid = int(task["id"])
             if tid not in texts:
-                out[tid] = {"result": review_results(cfg, suspicious=True, note=no_text_note(cfg)), "score": 0.0,
-                            "model_version": version}
+                out[tid] = placeholder(cfg, no_text_note(cfg), version)
                 continue
             human = human_result(cfg, str(tid), gold[tid][0], texts[tid]) if tid in gold else None
             if human is not None:
@@ -243,13 +242,7 @@ class Backend:
         no_job = self.no_job_because(project_id) if len(out) < len(tasks) else None
         for item in unseen:
             if int(item.item_id) not in out:
-                note = (f"FreeAL: not labelled: no background job runs for this project ({no_job}). Once one "
-                        "can, Start Training in the model settings starts it." if no_job else
-                        f"FreeAL: queued; the background job will judge model version {opts.judge_version!r} "
-                        "on this task." if opts.judge_version else
-                        "FreeAL: queued; the background job will label this task.")
-                out[int(item.item_id)] = {"result": review_results(cfg, suspicious=True, note=note), "score": 0.0,
-                                          "model_version": version}
+                out[int(item.item_id)] = placeholder(cfg, waiting_note(opts, no_job), version)
         return [out[int(t["id"])] for t in tasks], len(unseen)
 
     def quick_label(self, run: FreeALRun, items: list[Item]) -> list[ItemResult]:
@@ -270,6 +263,21 @@ class Backend:
                 break
             done.extend(r for r in labelled if r.label is not None)
         return done
+
+
+def placeholder(cfg: TaskConfig, note: str, version: str) -> dict[str, Any]:
+    """The prediction of a task /predict gives no label: empty but for the review cue (``note``), score 0."""
+    return {"result": review_results(cfg, suspicious=True, note=note), "score": 0.0, "model_version": version}
+
+
+def waiting_note(opts: ProjectOptions, no_job: str | None) -> str:
+    """What a task /predict could not label in time is told: why no job will (``no_job``), or that one will."""
+    if no_job:
+        return (f"FreeAL: not labelled: no background job runs for this project ({no_job}). Once one can, Start "
+                "Training in the model settings starts it.")
+    if opts.judge_version:
+        return f"FreeAL: queued; the background job will judge model version {opts.judge_version!r} on this task."
+    return "FreeAL: queued; the background job will label this task."
 
 
 def human_result(cfg: TaskConfig, task_id: str, label: str, text: str) -> ItemResult | None:
