@@ -216,7 +216,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the Label Studio ML backend under gunicorn (threads; one FreeAL job per project)."""
     from gunicorn.app.wsgiapp import run as gunicorn_run
-    sys.argv = ["gunicorn", "--bind", f"{args.host}:{args.port}", "--workers", str(args.workers),
+    from freeal_backend.labelstudio.bind import serve_host
+
+    sys.argv = ["gunicorn", "--bind", f"{serve_host(os.environ, args.host)}:{args.port}", "--workers", str(args.workers),
                 "--threads", str(args.threads), "--timeout", os.environ.get("GUNICORN_TIMEOUT", "300"),
                 "--access-logfile", "-", "freeal_backend.labelstudio.wsgi:app"]
     gunicorn_run()
@@ -283,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--max-flagged", type=int, default=2000, help="list at most this many flagged texts")
     rep.set_defaults(func=cmd_report)
     serve = sub.add_parser("serve", help="run the Label Studio ML backend (gunicorn)")
-    serve.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    serve.add_argument("--host", help="address to listen on (default HOST, else 0.0.0.0 with BASIC_AUTH_USER/"
+                                      "BASIC_AUTH_PASS set and 127.0.0.1 without)")
     serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
     serve.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "1")))
     serve.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "8")))

@@ -29,6 +29,7 @@ from werkzeug.serving import make_server
 from freeal_backend.config import Settings
 from freeal_backend.labelstudio.client import MissingCredentialsError, connection_from_env
 from freeal_backend.labelstudio.backend import ServerSettings
+from freeal_backend.labelstudio.bind import ALLOW_NO_AUTH, serve_host
 from freeal_backend.labelstudio.request_checks import MAX_ROUNDS, MAX_TASK_DESCRIPTION
 from freeal_backend.labelstudio.server import create_app
 from freeal_backend.llm.embedded import stop_process
@@ -140,31 +141,78 @@ def test_the_secret_opens_every_route(tmp_path: Path, fake_llm: FakeOpenAI) -> N
                            headers=basic()).status_code == 200
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def gunicorn(tmp_path: Path, **env_vars: str) -> Iterator[subprocess.Popen[bytes]]:
+    """The real start: ``gunicorn -c gunicorn.conf.py`` with ``env_vars`` over a clean environment (no inherited
+    BASIC_AUTH_/FREEAL_/LLM_/HOST variables); its output is piped. Stopped on exit."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BASIC_AUTH_", "FREEAL_", "LLM_", "HOST"))}
+    env.update(PORT=str(free_port()), WORKERS="1", FREEAL_DATA_DIR=str(tmp_path / "data"),
+               LLM_BASE_URL="http://127.0.0.1:9/v1", HF_HUB_OFFLINE="1", **env_vars)
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("gunicorn")), "-c", str(ROOT / "gunicorn.conf.py"),
+                             "freeal_backend.labelstudio.wsgi:app"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        stop_process(proc, timeout=30)
+
+
+def refused_start(tmp_path: Path, **env_vars: str) -> str:
+    """gunicorn's output, where it exited non-zero within 120 s instead of serving (else the test fails)."""
+    with gunicorn(tmp_path, **env_vars) as proc:
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            stop_process(proc, timeout=30)
+            out = proc.stdout.read() if proc.stdout else b""
+            pytest.fail(f"gunicorn still serves with {env_vars}: " + out.decode(errors="replace")[-1500:])
+        assert proc.returncode != 0
+        return out.decode(errors="replace")
+
+
 def test_only_one_of_user_and_password_refuses_to_start(tmp_path: Path) -> None:
     for kw, lacking in (({"basic_auth_user": USER}, "BASIC_AUTH_PASS"), ({"basic_auth_pass": PASSWORD},
                                                                          "BASIC_AUTH_USER")):
         with pytest.raises(ValueError, match=f"{lacking} is not"):
             ServerSettings(**kw)
     # the real start: gunicorn with BASIC_AUTH_USER alone exits with the reason instead of serving without auth
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BASIC_AUTH_", "FREEAL_", "LLM_"))}
-    env.update(HOST="127.0.0.1", PORT=str(port), WORKERS="1", FREEAL_DATA_DIR=str(tmp_path / "data"),
-               BASIC_AUTH_USER=USER, LLM_BASE_URL="http://127.0.0.1:9/v1", HF_HUB_OFFLINE="1")
-    gunicorn = Path(sys.executable).with_name("gunicorn")
-    proc = subprocess.Popen([str(gunicorn), "-c", str(ROOT / "gunicorn.conf.py"),
-                             "freeal_backend.labelstudio.wsgi:app"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        out, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        stop_process(proc, timeout=30)
-        out = proc.stdout.read() if proc.stdout else b""
-        pytest.fail("gunicorn still runs with only BASIC_AUTH_USER set: " + out.decode(errors="replace")[-1500:])
-    text = out.decode(errors="replace")
-    assert proc.returncode != 0
+    text = refused_start(tmp_path, HOST="127.0.0.1", BASIC_AUTH_USER=USER)
     assert "BASIC_AUTH_USER is set but BASIC_AUTH_PASS is not" in text, text[-2000:]
+
+
+def test_where_it_listens_is_safe_by_default() -> None:
+    pair = {"BASIC_AUTH_USER": USER, "BASIC_AUTH_PASS": PASSWORD}
+    assert serve_host({}) == "127.0.0.1"  # no pair: only this machine
+    assert serve_host(pair) == "0.0.0.0"  # a pair: every interface, as a container needs
+    assert serve_host({**pair, "HOST": "10.1.2.3"}) == "10.1.2.3"
+    for loopback in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"):
+        assert serve_host({"HOST": loopback}) == loopback
+    for open_host in ("0.0.0.0", "::", "10.1.2.3", "freeal.example.org"):
+        with pytest.raises(SystemExit, match="refusing to listen on .* without BASIC_AUTH_USER"):
+            serve_host({"HOST": open_host})
+        with pytest.raises(SystemExit, match=ALLOW_NO_AUTH):
+            serve_host({}, open_host)  # freeal serve --host
+        assert serve_host({"HOST": open_host, ALLOW_NO_AUTH: "1"}) == open_host
+    assert serve_host({"HOST": "0.0.0.0"}, "127.0.0.1") == "127.0.0.1"  # the flag outranks HOST
+
+
+def test_gunicorn_without_auth_listens_on_loopback_only_and_refuses_an_open_address(tmp_path: Path) -> None:
+    text = refused_start(tmp_path / "open", HOST="0.0.0.0")
+    assert "refusing to listen on 0.0.0.0 without BASIC_AUTH_USER and BASIC_AUTH_PASS" in text, text[-2000:]
+    with gunicorn(tmp_path / "default") as proc:
+        assert proc.stdout is not None
+        seen = b""
+        deadline = time.monotonic() + 120
+        while b"Listening at" not in seen and proc.poll() is None and time.monotonic() < deadline:
+            seen += proc.stdout.readline()
+        assert b"Listening at: http://127.0.0.1:" in seen, seen.decode(errors="replace")[-2000:]
 
 
 def test_starting_without_auth_warns_loudly(tmp_path: Path, fake_llm: FakeOpenAI,
