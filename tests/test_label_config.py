@@ -188,6 +188,11 @@ def test_render_prediction_flagged_human_and_multilabel() -> None:
     unlabeled = render_prediction(cfg, ItemResult("3", None, None), "v")
     assert unlabeled["score"] == 0.0 and all(r["type"] != "choices" or r["from_name"] != "sentiment"
                                              for r in unlabeled["result"])
+    # a label with no confidence (an endpoint without logprobs, before the small model's verdict) carries no
+    # score, as a span prediction does: 0 would claim it surely wrong and sort it first among the doubtful
+    quick = render_prediction(cfg, ItemResult("6", "positive", None, {}, reasons=["not_yet_reviewed_by_slm"]), "v")
+    assert "score" not in quick and quick["result"][0]["value"] == {"choices": ["positive"]}
+    assert all("score" not in r for r in quick["result"])
     multi = parse_label_config((SHIPPED / "multilabel.xml").read_text())
     res = ItemResult("4", "plot", 0.7, {"plot": 0.7, "acting": 0.6, "music": 0.1, "visuals": 0.2})
     assert render_prediction(multi, res, "v")["result"][0]["value"]["choices"] == ["acting", "plot"]

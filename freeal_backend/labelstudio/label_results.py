@@ -136,14 +136,16 @@ def render_prediction(cfg: ClassificationConfig, res: ItemResult, model_version:
                       ) -> dict[str, Any]:
     """One Label Studio prediction (``result``, ``score``, ``model_version``) for a FreeAL result.
 
-    ``score`` is the final confidence in [0, 1] (0 when there is no label). The choices result carries
+    ``score`` is the final confidence in [0, 1] (0 when there is no label; none when a label has no confidence,
+    i.e. an endpoint without logprobs before the small model's verdict, as for spans). The choices result carries
     the same score; the per-label confidences go into the review note when the config has one. A flagged
     prediction's first result item carries ``"freeal": review_marker(model_version)``, which the Data Manager
     can filter on ("Prediction results" contains ...) whatever controls the config has; an audit task's
     carries ``audit_marker(model_version)`` (both, space-separated, when both apply). An audit task that
     awaits a person's label gets :func:`blind_prediction`.
     """
-    score = min(1.0, max(0.0, float(res.confidence))) if res.confidence is not None else 0.0
+    score = (min(1.0, max(0.0, float(res.confidence))) if res.confidence is not None
+             else None if res.label is not None else 0.0)
     if awaits_audit(res):
         return blind_prediction(cfg, model_version, score=score, review=bool(res.suspicious))
     labels = predicted_labels(cfg, res.label, res.probs)
@@ -157,7 +159,7 @@ def render_prediction(cfg: ClassificationConfig, res: ItemResult, model_version:
     marker = _markers(model_version, review=suspicious, audit=res.audit)
     if marker and result:
         result[0]["freeal"] = marker
-    return {"result": result, "score": score, "model_version": model_version}
+    return {"result": result, **({} if score is None else {"score": score}), "model_version": model_version}
 
 
 def awaits_audit(res: ItemResult) -> bool:
