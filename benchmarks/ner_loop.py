@@ -66,8 +66,8 @@ def main() -> int:
             results = run.run(items, rounds=args.rounds)
             wall = time.perf_counter() - start
             stages = run.stage_labels()
-            llm = run.llm.stats.as_dict() if run._llm else {}
-            model = run.llm.model if run._llm else None
+            llm = run.llm.stats.as_dict() if run.llm_started else {}
+            model = run.llm.model if run.llm_started else None
             timings = dict(run.timings)
             health = run.health()
             dropped = {k: run.store.get_meta(f"dropped_mentions_{k}") for k in ("llm_r0", *(f"llm_r{r}" for r in

@@ -143,7 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     bars = ProgressBars()
     with run_type(task_type)(settings, labels, run_dir, zero_shot_baseline=args.zero_shot_baseline) as run:
-        cost = RoundLLMStats(run.store, lambda: run._llm)  # LLM calls per round, for `freeal report`
+        cost = RoundLLMStats(run.store, lambda: run.llm_started)  # LLM calls per round, for `freeal report`
 
         def progress(stage: str, done: int, total: int) -> None:
             bars(stage, done, total)
@@ -167,7 +167,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               + (f"; {len(missing)} the LLM left unanswered (ids: {', '.join(missing[:20])}"
                  f"{' …' if len(missing) > 20 else ''}): their labels are the small model's, flagged" if missing else ""))
         print(f"model version {run.model_version()}; wall time {time.perf_counter() - start:.1f} s; "
-              f"LLM: {json.dumps(run.llm.stats.as_dict()) if run._llm else 'not used'}")
+              f"LLM: {json.dumps(run.llm.stats.as_dict()) if run.llm_started else 'not used'}")
         print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in run.timings.items()))
         print(health_line(run))
         print("review budget: " + budget_summary([r.confidence for r in results],

@@ -34,11 +34,11 @@ from freeal_backend.dataio import clean_text
 from freeal_backend.slm.audit import audit_sample
 from freeal_backend.slm.budget import review_set
 from freeal_backend.slm.detection import Judgement, SpanVerdict, judge
-from freeal_backend.llm.embedded import EmbeddedLLMServer, confidence_calibrated
+from freeal_backend.llm.embedded import confidence_calibrated
 from freeal_backend.slm.encoder import Encoder, LowerStates
-from freeal_backend.llm.cache import ResponseCache
 from freeal_backend.llm.client import LazyRequests, LLMAnswer, LLMClient, Parse, label_parser
 from freeal_backend.llm.prompts import Message, label_messages
+from freeal_backend.llm.provider import LLMProvider
 from freeal_backend.records import Item, ItemResult
 from freeal_backend.slm.selection import (clean_agreed_pool, demo_pool, nearest_demos, retrieve_demos,
                                           shared_prefix_order)
@@ -74,7 +74,7 @@ class FreeALRun:
     """One FreeAL run over one data set (a CLI input file or a Label Studio project), in ``run_dir``."""
 
     def __init__(self, settings: Settings, labels: Sequence[str], run_dir: Path, task_description: str | None = None,
-                 *, llm: LLMClient | None = None, encoder: Encoder | None = None,
+                 *, llm: LLMClient | LLMProvider | None = None, encoder: Encoder | None = None,
                  zero_shot_baseline: bool = False) -> None:
         if len(set(labels)) < 2:
             raise ValueError(f"FreeAL needs at least two distinct labels, got {list(labels)}")
@@ -97,9 +97,9 @@ class FreeALRun:
         if kind is not None and kind != self.task_type:
             raise ValueError(f"{self.run_dir} holds a {kind} run, not {self.task_type}; use another run directory")
         self.store.set_meta("task_type", self.task_type)
-        self._llm = llm
+        self._owns_llm = not isinstance(llm, LLMProvider)  # shared from another run: that run stops its server
+        self.llm_provider = llm if isinstance(llm, LLMProvider) else LLMProvider(settings, llm)
         self._encoder = encoder
-        self._server: EmbeddedLLMServer | None = None
         self._lower: tuple[str, LowerStates, LowerStates | None] | None = None
         self._demo_emb: tuple[str, np.ndarray] | None = None
         self.timings: dict[str, float] = {}
@@ -113,21 +113,12 @@ class FreeALRun:
     @property
     def llm(self) -> LLMClient:
         """The LLM client; starts the embedded offline server when no LLM_BASE_URL is configured."""
-        if self._llm is None:
-            s = self.settings
-            base_url = s.llm_base_url
-            model = s.llm_model
-            if not base_url:
-                self._server = EmbeddedLLMServer(model, threads=s.llm_threads,
-                                                 log_path=s.data_dir / "embedded_llm.log")
-                self._server.start()
-                base_url = self._server.base_url
-            cache = ResponseCache(s.data_dir / "llm_cache.sqlite")
-            self._llm = LLMClient(base_url, model, cache, api_key=s.llm_api_key, concurrency=s.llm_concurrency,
-                                  timeout=s.llm_timeout, max_retries=s.llm_max_retries, logprobs=s.llm_logprobs,
-                                  max_tokens=s.llm_max_tokens, no_think=s.llm_no_think,
-                                  embedded=self._server is not None)
-        return self._llm
+        return self.llm_provider.get()
+
+    @property
+    def llm_started(self) -> LLMClient | None:
+        """The LLM client if it exists (reading it starts no server)."""
+        return self.llm_provider.started
 
     @property
     def shots(self) -> int:
@@ -161,9 +152,8 @@ class FreeALRun:
         self._lower = None
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
+        if self._owns_llm:
+            self.llm_provider.close()
         self.store.close()
 
     def __enter__(self) -> "FreeALRun":

@@ -1,9 +1,12 @@
 """The embedded LLMs: chunked GGUFs are joined and checked before use; the default model serves and labels."""
+import dataclasses
 import hashlib
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,8 +16,12 @@ from freeal_backend.llm.cache import ResponseCache
 from freeal_backend.llm.client import LLMClient
 from freeal_backend.config import Settings
 from freeal_backend.llm.embedded import (DEFAULT_EMBEDDED, EMBEDDED_MODELS, EmbeddedLLMServer, EmbeddedModel,
-                                         confidence_calibrated, embedded_model, join_chunks, model_path)
+                                         TEST_MODEL, confidence_calibrated, embedded_model, join_chunks, model_path)
 from freeal_backend.llm.prompts import label_messages
+from freeal_backend.labelstudio.backend import ServerSettings
+from freeal_backend.labelstudio.label_config import parse_task_config
+from freeal_backend.labelstudio.server import create_app
+from freeal_backend.loop import FreeALRun
 
 
 def _chunk_packages(root: Path, parts: list[bytes]) -> list[str]:
@@ -117,3 +124,49 @@ def test_a_killed_run_leaves_no_llm_server_behind(tmp_path):
         os.kill(pid, signal.SIGKILL)
     assert not still, "the LLM server outlived the run that started it"
 
+
+
+def test_concurrent_first_uses_start_one_embedded_server(tmp_path, caplog):
+    """A job and ``/predict`` that reach a run's LLM at once after a restart started one llama.cpp server each
+    (1.1 GB and every core per copy with the default model); now one starts it and the other waits."""
+    settings = Settings(data_dir=tmp_path, llm_model=TEST_MODEL, llm_threads=1)
+    run = FreeALRun(settings, ["positive", "negative"], tmp_path / "run")
+    got: list[LLMClient] = []
+    try:
+        with caplog.at_level(logging.INFO, logger="freeal_backend.llm.embedded"):
+            threads = [threading.Thread(target=lambda: got.append(run.llm)) for _ in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=180)
+        starts = [r for r in caplog.records if r.getMessage().startswith("starting embedded LLM")]
+        assert len(got) == 3 and all(c is got[0] for c in got) and len(starts) == 1, (got, len(starts))
+    finally:
+        run.close()
+
+
+def test_predict_never_waits_past_its_budget_for_the_llm_to_start(tmp_path):
+    """The first ``/predict`` after a restart started the embedded server inside the call, outside its time
+    budget, so a slow start (a cold disk, a busy machine: up to two minutes) could run past Label Studio's 100 s
+    and lose the batch. Now the start runs beside the call, which answers "queued" once its budget is spent;
+    a later call finds the server up and labels."""
+    from tests.test_auth import SENTIMENT, serve
+
+    settings = Settings(slm_min_steps=0, data_dir=tmp_path, llm_model=TEST_MODEL, llm_threads=1, llm_max_retries=1)
+    app = create_app(settings, ServerSettings(auto_job=False, predict_budget_s=0.05))
+    backend = app.extensions["freeal"]
+    tasks = [{"id": i, "data": {"text": t}} for i, t in enumerate(["a great film, moving and funny",
+                                                                    "a dull, lifeless mess"], 1)]
+    with serve(app) as client:
+        assert client.post("/setup", json={"project": 1, "schema": SENTIMENT}).status_code == 200
+        first = client.post("/predict", json={"project": 1, "tasks": tasks})
+        run = backend.runs.get(1, tuple(parse_task_config(SENTIMENT).labels))
+        assert first.status_code == 200 and run.llm_started is None, "/predict waited for the LLM to start"
+        assert [p["score"] for p in first.json()["results"]] == [0.0, 0.0]  # left to the job, not made up
+        deadline = time.monotonic() + 180
+        while run.llm_started is None and time.monotonic() < deadline:  # the start went on after the call
+            time.sleep(0.2)
+        assert run.llm_started is not None
+        backend.server = dataclasses.replace(backend.server, predict_budget_s=60.0)
+        later = client.post("/predict", json={"project": 1, "tasks": tasks}).json()["results"]
+        assert any(r["type"] == "choices" for p in later for r in p["result"]), later

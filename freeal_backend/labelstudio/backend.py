@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -248,6 +249,9 @@ class Backend:
     def quick_label(self, run: FreeALRun, items: list[Item]) -> list[ItemResult]:
         """LLM labels for unseen tasks, in chunks, until the time budget is spent or the LLM fails."""
         deadline = time.monotonic() + self.server.predict_budget_s
+        if not llm_up_by(run, deadline):
+            log.info("the LLM is still starting: %d unseen tasks left to the background job", len(items))
+            return []
         chunk = max(4, 2 * self.settings.llm_concurrency)
         done: list[ItemResult] = []
         for start in range(0, len(items), chunk):
@@ -263,6 +267,25 @@ class Backend:
                 break
             done.extend(r for r in labelled if r.label is not None)
         return done
+
+
+def llm_up_by(run: FreeALRun, deadline: float) -> bool:
+    """Whether ``run``'s LLM is up by ``deadline`` (a ``time.monotonic()`` value). Its first start (the embedded
+    server after a restart: seconds to a minute) runs in a thread of its own, waited for only until the deadline,
+    so that it never makes Label Studio's /predict call run past its timeout; the next call finds it up."""
+    if run.llm_started is not None:
+        return True
+
+    def start() -> None:
+        try:
+            run.llm  # noqa: B018 - the property starts it; concurrent starters wait for one server
+        except Exception as exc:  # noqa: BLE001 - /predict answers anyway; the job retries and reports it
+            log.warning("the LLM did not start during /predict: %s", exc)
+
+    starter = threading.Thread(target=start, daemon=True, name="freeal-llm-start")
+    starter.start()
+    starter.join(max(0.0, deadline - time.monotonic()))
+    return run.llm_started is not None
 
 
 def placeholder(cfg: TaskConfig, note: str, version: str) -> dict[str, Any]:

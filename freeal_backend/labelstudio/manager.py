@@ -322,7 +322,7 @@ class JobManager:
         claim.update(rounds=rounds, tasks=len(items))
         results: list[ItemResult] = []
         pushed, pushed_digest = self.store.model_version(project_id), self.store.pushed_digest(project_id)
-        cost = RoundLLMStats(run.store, lambda: run._llm)  # what the LLM cost, per round, for the status page
+        cost = RoundLLMStats(run.store, lambda: run.llm_started)  # what the LLM cost, per round, for the status page
         for rnd in range(rounds + 1):
             def progress(stage: str, done: int, total: int, rnd: int = rnd) -> None:
                 claim.update(stage=stage, done=done, total=total, round=rnd)

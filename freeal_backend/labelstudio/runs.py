@@ -70,7 +70,7 @@ class RunRegistry:
                 run_dir = self.run_dir(project_id)
                 shared = self._shared
                 run = run_type(task_type)(self.settings, list(labels), run_dir, task_description,
-                                          llm=shared.llm if shared else None,
+                                          llm=shared.llm_provider if shared else None,
                                           encoder=shared.encoder if shared else None)
                 self._shared = self._shared or run
                 self._runs[key] = run
