@@ -12,6 +12,16 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value if value not in (None, "") else default
 
 
+def unit_share(value: Any) -> float | None:
+    """A number strictly between 0 and 1, given as a number or a string ("0.05"); None for anything else
+    (a target error rate: ``FREEAL_TARGET_ERROR`` or a Label Studio project's ``target_error``)."""
+    try:
+        share = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+    except ValueError:
+        return None
+    return share if share is not None and 0 < share < 1 else None
+
+
 ENV_NAMES = {  # Settings field -> the environment variable that sets it
     "data_dir": "FREEAL_DATA_DIR", "llm_base_url": "LLM_BASE_URL", "llm_model": "LLM_MODEL",
     "llm_concurrency": "LLM_CONCURRENCY", "llm_timeout": "LLM_TIMEOUT",
@@ -98,7 +108,7 @@ class Settings:
     #   audit's (slm/audit.py); 0 = no audit
 
     def __post_init__(self) -> None:
-        if self.target_error is not None and not 0 < self.target_error < 1:  # also refuses NaN
+        if self.target_error is not None and unit_share(self.target_error) is None:  # also refuses NaN
             raise ValueError(f"FREEAL_TARGET_ERROR must lie strictly between 0 and 1 (e.g. 0.05 for at most 5 % "
                              f"wrong labels), got {self.target_error!r}")
         if self.audit_size < 0:

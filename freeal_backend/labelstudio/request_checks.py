@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from freeal_backend.config import unit_share
 from freeal_backend.labelstudio.label_config import TaskConfig
 
 MAX_ROUNDS = 5  # /setup's extra_params.rounds: 1..MAX_ROUNDS (each round is a pass of LLM calls over the project)
@@ -54,15 +55,6 @@ def valid_extra(value: Any) -> dict[str, Any]:
         raise BadRequest("extra_params.target_error must be a number strictly between 0 and 1 (e.g. 0.05: review "
                          f"until about 5 % of the labels are wrong), not {str(target)[:20]!r}")
     return extra
-
-
-def unit_share(value: Any) -> float | None:
-    """A number strictly between 0 and 1, given as a number or a string ("0.05"); None for anything else."""
-    try:
-        share = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
-    except ValueError:
-        return None
-    return share if share is not None and 0 < share < 1 else None
 
 
 def valid_tasks(value: Any) -> list[dict[str, Any]]:

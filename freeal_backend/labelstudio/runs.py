@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from freeal_backend.config import Settings
+from freeal_backend.config import Settings, unit_share
 from freeal_backend.labelstudio.client import TaskRecord
-from freeal_backend.labelstudio.request_checks import unit_share
 from freeal_backend.loop import FreeALRun
 from freeal_backend.loop_spans import run_type
 from freeal_backend.records import Item
