@@ -258,11 +258,21 @@ def audit_view_data(version: str, size: int) -> dict[str, Any]:
     }
 
 
+def is_prediction_copy(annotation: dict[str, Any]) -> bool:
+    """Whether an annotation is an untouched copy of a prediction, as the Data Manager's "Create Annotations
+    From Predictions" makes them (often only to export the labels): it names its ``parent_prediction`` and no
+    ``lead_time``. Label Studio's editor sends the time a person spent with every annotation it saves, one
+    started from a prediction included, so a person's accepted or corrected prediction still counts."""
+    return annotation.get("parent_prediction") is not None and not annotation.get("lead_time")
+
+
 def latest_human_labels(cfg: TaskConfig, annotations: list[dict[str, Any]], text: str | None = None
                         ) -> tuple[list[str], int | None]:
     """Labels (and annotation id) of the most recently updated submitted annotation naming a known label
-    (for spans: any submitted annotation; one without regions says "no entity")."""
-    usable = [a for a in annotations if isinstance(a, dict) and not a.get("was_cancelled")]
+    (for spans: any submitted annotation; one without regions says "no entity"); copies of predictions
+    (:func:`is_prediction_copy`) are no person's labels."""
+    usable = [a for a in annotations if isinstance(a, dict) and not a.get("was_cancelled")
+              and not is_prediction_copy(a)]
     usable.sort(key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), int(a.get("id") or 0)))
     for ann in reversed(usable):
         labels = human_labels(cfg, ann.get("result") or [], text)

@@ -29,7 +29,7 @@ from freeal_backend import html_report
 from freeal_backend import status as run_status
 from freeal_backend.config import Settings
 from freeal_backend.labelstudio.backend import Backend, ServerSettings
-from freeal_backend.labelstudio.client import INITIAL_VERSION
+from freeal_backend.labelstudio.client import INITIAL_VERSION, is_prediction_copy
 from freeal_backend.labelstudio.job_store import ACTIVE, progress_text
 from freeal_backend.labelstudio.label_config import LabelConfigError, parse_task_config
 from freeal_backend.labelstudio.label_results import human_labels
@@ -156,8 +156,8 @@ def create_app(settings: Settings | None = None, server: ServerSettings | None =
         pid = backend.project_id(project.get("id") if isinstance(project, dict) else project)
         log.info("LS webhook action=%s project=%s", action, pid)
         if action in ANNOTATION_EVENTS:
-            _record_annotation(backend, pid, body)
-            backend.maybe_start_job(pid, action)
+            if _record_annotations(backend, pid, body):
+                backend.maybe_start_job(pid, action)
         elif action == "ANNOTATIONS_DELETED":
             anns = body.get("annotations")
             ids = [a.get("id") for a in anns if isinstance(a, dict)] if isinstance(anns, list) else []
@@ -216,12 +216,30 @@ def _is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _record_annotation(backend: Backend, pid: int, body: dict[str, Any]) -> None:
-    """Store the human labels of an annotation event as gold (a skipped annotation removes them)."""
-    ann = body.get("annotation")
+def _record_annotations(backend: Backend, pid: int, body: dict[str, Any]) -> int:
+    """Store the human labels of an annotation event as gold (a skipped annotation removes them) and return
+    how many annotations counted. ``ANNOTATIONS_CREATED`` (the Data Manager's bulk actions) carries lists of
+    annotations and tasks; its copies of predictions are no person's labels (``is_prediction_copy``)."""
+    anns, tasks = body.get("annotation"), body.get("task")
+    if isinstance(anns, list):
+        by_id = {t["id"]: t for t in tasks if isinstance(t, dict) and _is_id(t.get("id"))} if isinstance(
+            tasks, list) else {}
+        people = [a for a in anns if not (isinstance(a, dict) and is_prediction_copy(a))]
+        for ann in people:
+            _record_annotation(backend, pid, body, ann, by_id.get(ann.get("task")) if isinstance(ann, dict) else None)
+        return len(people)
+    if isinstance(anns, dict) and is_prediction_copy(anns):
+        return 0
+    _record_annotation(backend, pid, body, anns, tasks if isinstance(tasks, dict) else None)
+    return 1
+
+
+def _record_annotation(backend: Backend, pid: int, body: dict[str, Any], ann: Any, task_obj: dict[str, Any] | None
+                       ) -> None:
+    """Store one annotation's human labels as gold (``task_obj``: its task as the event sends it)."""
     if not isinstance(ann, dict) or not _is_id(ann.get("id")):
         raise BadRequest("annotation event without an 'annotation' object with an integer 'id'")
-    task_obj = body.get("task") if isinstance(body.get("task"), dict) else {}
+    task_obj = task_obj or {}
     task = ann.get("task") if _is_id(ann.get("task")) else task_obj.get("id")
     if not _is_id(task):
         raise BadRequest("annotation event without a task id")

@@ -1,0 +1,66 @@
+"""People's labels as a real Label Studio 1.23 sends them: the Data Manager's "Create Annotations From
+Predictions" (often used only to export) makes annotations in bulk, one ``ANNOTATIONS_CREATED`` webhook with
+lists; those untouched copies of predictions are no person's judgement and must not become gold (it would empty
+the review tab of flagged labels nobody checked), while a person's saved annotation, one started from a
+prediction included, is gold. The app is the real Flask app on a real socket; the LLM is the fake server."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Response, request
+from label_studio_sdk import LabelStudio
+
+from freeal_backend.labelstudio.client import Connection, ProjectClient
+from freeal_backend.labelstudio.label_config import parse_task_config
+from tests.fake_openai import FakeOpenAI
+from tests.fixtures_ls import LabelStudioServer
+from tests.test_auth import SENTIMENT, make_app, serve
+
+
+def choice(label: str) -> list[dict[str, Any]]:
+    return [{"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]
+
+
+@pytest.mark.ls
+def test_bulk_copies_of_predictions_are_not_gold_but_a_persons_annotation_is(
+        label_studio: LabelStudioServer, tmp_path: Path, fake_llm: FakeOpenAI) -> None:
+    app = make_app(tmp_path, fake_llm)
+    seen: list[tuple[str, int]] = []
+
+    @app.after_request
+    def _record(resp: Response) -> Response:
+        if request.path == "/webhook":
+            seen.append((str((request.get_json(silent=True) or {}).get("action")), resp.status_code))
+        return resp
+
+    backend = app.extensions["freeal"]
+    ls = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    with serve(app) as client:
+        pid = ls.projects.create(title="bulk copies", label_config=SENTIMENT).id
+        ls.projects.import_tasks(id=pid, request=[
+            {"data": {"text": text}, "predictions": [{"model_version": "freeal-r1-x", "score": 0.9,
+                                                      "result": choice(label)}]}
+            for text, label in (("a great film", "positive"), ("a dull film", "positive"), ("a fine film", "positive"))])
+        tasks = {int(t.id): t for t in ls.tasks.list(project=pid, fields="all", page_size=10)}
+        first, *rest = sorted(tasks)
+        assert ls.ml.create(url=f"http://127.0.0.1:{client.base_url.port}", project=pid, title="FreeAL").id
+
+        # a person corrects the first task in the editor: it sends the time spent and the prediction it began from
+        ls.annotations.create(id=first, result=choice("negative"), lead_time=4.2,
+                              parent_prediction=tasks[first].predictions[0].id)
+        # the Data Manager's bulk action copies the other two predictions into annotations
+        ls.actions.create(id="predictions_to_annotations", project=pid,
+                          selected_items={"all": False, "included": rest})
+        deadline = time.monotonic() + 30
+        while not any(a == "ANNOTATIONS_CREATED" for a, _ in seen) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    assert ("ANNOTATIONS_CREATED", 200) in seen, seen  # the bulk event's lists were answered 400 before
+    assert backend.store.gold(pid) == {first: ["negative"]}
+    cfg = parse_task_config(SENTIMENT)
+    read = {r.task_id: r.human_labels for r in ProjectClient(Connection(label_studio.url, label_studio.token),
+                                                             pid).iter_tasks(cfg)}
+    assert read == {first: ("negative",), rest[0]: (), rest[1]: ()}, read  # what a job reads as people's labels
