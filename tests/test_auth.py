@@ -30,6 +30,7 @@ from freeal_backend.config import Settings
 from freeal_backend.labelstudio.client import MissingCredentialsError, connection_from_env
 from freeal_backend.labelstudio.backend import ServerSettings
 from freeal_backend.labelstudio.bind import ALLOW_NO_AUTH, serve_host
+from freeal_backend.labelstudio.label_config import parse_task_config
 from freeal_backend.labelstudio.request_checks import MAX_ROUNDS, MAX_TASK_DESCRIPTION
 from freeal_backend.labelstudio.server import create_app
 from freeal_backend.llm.embedded import stop_process
@@ -347,6 +348,24 @@ def test_predict_cannot_change_the_label_set_of_a_run(tmp_path: Path, fake_llm: 
         assert real.status_code == 200
         assert real.json()["results"][0]["result"][0]["value"]["choices"] == ["negative"]
     assert _run_labels(tmp_path / "project-7") == LABELS
+
+
+def test_reordered_choices_keep_the_projects_run(tmp_path: Path, fake_llm: FakeOpenAI) -> None:
+    """Moving a <Choice> up in the config changes no label: /predict answered 400 for good and every job failed
+    (the run's labels were compared in order), and only deleting the run's state helped."""
+    app = make_app(tmp_path, fake_llm)
+    reordered = SENTIMENT.replace('<Choice value="positive"/>', "@").replace(
+        '<Choice value="negative"/>', '<Choice value="positive"/>').replace("@", '<Choice value="negative"/>')
+    assert parse_task_config(reordered).labels == ("negative", "positive")
+    with serve(app) as client:
+        assert client.post("/setup", json={"project": 9, "schema": SENTIMENT}).status_code == 200
+        assert client.post("/predict", json={"project": 9, "tasks": TASKS}).status_code == 200
+        assert client.post("/setup", json={"project": 9, "schema": reordered}).status_code == 200
+        again = client.post("/predict", json={"project": 9, "tasks": TASKS})
+        assert again.status_code == 200, again.text
+        runs = app.extensions["freeal"].runs
+        assert runs.get(9, ("negative", "positive")) is runs.get(9, ("positive", "negative"))  # as the job asks
+    assert _run_labels(tmp_path / "project-9") == LABELS
 
 
 # --- no server path in any answer ----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from freeal_backend.labelstudio.label_config import ClassificationConfig, TaskCo
 from freeal_backend.labelstudio.label_results import render_task_prediction, review_results
 from freeal_backend.labelstudio.manager import JobManager
 from freeal_backend.labelstudio.request_checks import BadRequest, no_text_note, task_texts
-from freeal_backend.labelstudio.runs import ProjectOptions, RunRegistry
+from freeal_backend.labelstudio.runs import ProjectOptions, RunRegistry, same_label_set
 from freeal_backend.llm.client import LLMUnavailable
 from freeal_backend.loop import FreeALRun, latest_health
 from freeal_backend.loop_spans import span_dicts
@@ -160,7 +160,7 @@ class Backend:
                 return
             setup_cfg = parse_task_config(saved, from_name=opts.from_name)
             theirs, whose = (setup_cfg.task_type, list(setup_cfg.labels)), "the label config /setup stored"
-        if theirs != mine:
+        if theirs[0] != mine[0] or not same_label_set(theirs[1], mine[1]):
             raise BadRequest(f"project {project_id}: this label_config has the {mine[0]} labels {mine[1]}, but "
                              f"{whose} has the {theirs[0]} labels {theirs[1]}; /predict cannot change a project's "
                              "label set (Label Studio calls /setup with a changed config first)")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,9 +62,15 @@ class RunRegistry:
 
     def get(self, project_id: int, labels: tuple[str, ...], task_description: str | None = None, *,
             task_type: str = "classification") -> FreeALRun:
+        """The project's run; ``labels`` in another order than its stored run's (a config whose choices were
+        only reordered) get that run, in its order."""
         with self._lock:
             key = (project_id, task_type, labels)
             run = self._runs.get(key)
+            if run is None:
+                labels = self._stored_order(project_id, labels)
+                key = (project_id, task_type, labels)
+                run = self._runs.get(key)
             if run is None:
                 run_dir = self.run_dir(project_id)
                 shared = self._shared
@@ -76,6 +82,17 @@ class RunRegistry:
             if task_description:
                 run.task_description = task_description
             return run
+
+    def _stored_order(self, project_id: int, labels: tuple[str, ...]) -> tuple[str, ...]:
+        path = self.run_dir(project_id) / "state.sqlite"
+        if not path.exists():
+            return labels
+        store = Store(path)
+        try:
+            stored = store.get_meta("labels")
+        finally:
+            store.close()
+        return tuple(stored) if stored is not None and same_label_set(stored, labels) else labels
 
     def keep_lower_states_of(self, project_id: int) -> None:
         """Free the cached lower states of every other project's runs: the disk holds one project's at a
@@ -91,6 +108,11 @@ class RunRegistry:
                 run.close()
             self._runs.clear()
             self._shared = None
+
+
+def same_label_set(a: Sequence[str], b: Sequence[str]) -> bool:
+    """The same labels, in any order (the order of a config's choices does not change what they mean)."""
+    return len(a) == len(b) and sorted(a) == sorted(b)
 
 
 def build_items(records: list[TaskRecord], gold: dict[int, list[str]]) -> tuple[list[Item], list[int]]:
