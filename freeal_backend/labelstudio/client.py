@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
 from label_studio_sdk.core.request_options import RequestOptions
 
 from freeal_backend.labelstudio.label_config import TaskConfig
@@ -138,9 +139,31 @@ class ProjectClient:
         stored = 0
         for start in range(0, len(predictions), batch):
             chunk = list(predictions[start : start + batch])
-            self.client.projects.import_predictions(id=self.project_id, request=chunk)
+            try:
+                self.client.projects.import_predictions(id=self.project_id, request=chunk)
+            except ApiError as exc:  # a task deleted since the job read it makes Label Studio refuse the request
+                kept = self._still_there(chunk) if exc.status_code == 400 else chunk
+                if len(kept) == len(chunk):
+                    raise
+                log.warning("project %s: %d tasks were deleted in Label Studio since the job read them; their "
+                            "predictions are left out", self.project_id, len(chunk) - len(kept))
+                if kept:
+                    self.client.projects.import_predictions(id=self.project_id, request=kept)
+                chunk = kept
             stored += len(chunk)
         return stored
+
+    def _still_there(self, predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The predictions whose task still exists (a request per task: only after a refused import)."""
+        gone = set()
+        for task_id in {int(p["task"]) for p in predictions}:
+            try:
+                self.client.tasks.get(id=task_id)
+            except ApiError as exc:
+                if exc.status_code != 404:
+                    raise
+                gone.add(task_id)
+        return [p for p in predictions if int(p["task"]) not in gone]
 
     def model_versions(self) -> dict[str, int]:
         """Model versions of the project's predictions with their counts."""

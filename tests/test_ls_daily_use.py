@@ -1,8 +1,12 @@
-"""People's labels as a real Label Studio 1.23 sends them: the Data Manager's "Create Annotations From
-Predictions" (often used only to export) makes annotations in bulk, one ``ANNOTATIONS_CREATED`` webhook with
-lists; those untouched copies of predictions are no person's judgement and must not become gold (it would empty
-the review tab of flagged labels nobody checked), while a person's saved annotation, one started from a
-prediction included, is gold. The app is the real Flask app on a real socket; the LLM is the fake server."""
+"""What people do in a real Label Studio 1.23 while FreeAL works on their project.
+
+* The Data Manager's "Create Annotations From Predictions" (often used only to export) makes annotations in
+  bulk, one ``ANNOTATIONS_CREATED`` webhook with lists; those untouched copies of predictions are no person's
+  judgement and must not become gold (it would empty the review tab of flagged labels nobody checked), while a
+  person's saved annotation, one started from a prediction included, is gold.
+* A task deleted while a job runs must not make the job's push (and so the whole job) fail.
+
+The app is the real Flask app on a real socket; the LLM is the fake server."""
 from __future__ import annotations
 
 import time
@@ -15,6 +19,8 @@ from label_studio_sdk import LabelStudio
 
 from freeal_backend.labelstudio.client import Connection, ProjectClient
 from freeal_backend.labelstudio.label_config import parse_task_config
+from freeal_backend.labelstudio.push import push_results
+from freeal_backend.records import ItemResult
 from tests.fake_openai import FakeOpenAI
 from tests.fixtures_ls import LabelStudioServer
 from tests.test_auth import SENTIMENT, make_app, serve
@@ -64,3 +70,18 @@ def test_bulk_copies_of_predictions_are_not_gold_but_a_persons_annotation_is(
     read = {r.task_id: r.human_labels for r in ProjectClient(Connection(label_studio.url, label_studio.token),
                                                              pid).iter_tasks(cfg)}
     assert read == {first: ("negative",), rest[0]: (), rest[1]: ()}, read  # what a job reads as people's labels
+
+
+@pytest.mark.ls
+def test_a_task_deleted_while_a_job_runs_does_not_fail_its_push(label_studio: LabelStudioServer) -> None:
+    ls = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    pid = ls.projects.create(title="deleted task", label_config=SENTIMENT).id
+    ls.projects.import_tasks(id=pid, request=[{"text": t} for t in ("a great film", "a dull film", "a fine film")])
+    ids = sorted(int(t.id) for t in ls.tasks.list(project=pid, fields="task_only", page_size=10))
+    cfg = parse_task_config(SENTIMENT)
+    results = [ItemResult(str(i), "positive", 0.9, {"positive": 0.9, "negative": 0.1}) for i in ids]
+    ls.tasks.delete(id=ids[1])  # someone deletes a task after the job read the project
+    client = ProjectClient(Connection(label_studio.url, label_studio.token), pid)
+    push_results(client, cfg, results, "freeal-r1-deleted")  # raised ApiError 400 before, failing the job
+    stored = {int(t.id): len(t.predictions or []) for t in ls.tasks.list(project=pid, fields="all", page_size=10)}
+    assert stored == {ids[0]: 1, ids[2]: 1}, stored
