@@ -5,6 +5,7 @@
   judgement and must not become gold (it would empty the review tab of flagged labels nobody checked), while a
   person's saved annotation, one started from a prediction included, is gold.
 * A task deleted while a job runs must not make the job's push (and so the whole job) fail.
+* The job retitling the review tab must keep the sort order and columns a reviewer set on it.
 
 The app is the real Flask app on a real socket; the LLM is the fake server."""
 from __future__ import annotations
@@ -17,8 +18,9 @@ import pytest
 from flask import Response, request
 from label_studio_sdk import LabelStudio
 
-from freeal_backend.labelstudio.client import Connection, ProjectClient
+from freeal_backend.labelstudio.client import Connection, ProjectClient, review_view_title
 from freeal_backend.labelstudio.label_config import parse_task_config
+from freeal_backend.labelstudio.label_results import review_marker
 from freeal_backend.labelstudio.push import push_results
 from freeal_backend.records import ItemResult
 from tests.fake_openai import FakeOpenAI
@@ -85,3 +87,21 @@ def test_a_task_deleted_while_a_job_runs_does_not_fail_its_push(label_studio: La
     push_results(client, cfg, results, "freeal-r1-deleted")  # raised ApiError 400 before, failing the job
     stored = {int(t.id): len(t.predictions or []) for t in ls.tasks.list(project=pid, fields="all", page_size=10)}
     assert stored == {ids[0]: 1, ids[2]: 1}, stored
+
+
+@pytest.mark.ls
+def test_the_review_tab_keeps_the_sort_and_columns_people_set(label_studio: LabelStudioServer) -> None:
+    """A running job retitles the tab every few seconds (its live state); that rewrote the whole tab, undoing
+    the sort order and columns a reviewer had just set on it. What FreeAL owns is its title and filters."""
+    ls = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    pid = ls.projects.create(title="review tab", label_config=SENTIMENT).id
+    client = ProjectClient(Connection(label_studio.url, label_studio.token), pid)
+    view = client.upsert_review_view(review_view_title(3, "round 1/2, 10%"), "freeal-r1-a")
+    theirs = {"ordering": ["-tasks:id"], "hiddenColumns": {"explore": ["tasks:data.text"], "labeling": []},
+              "columnsWidth": {"tasks:id": 77}}
+    ls.views.update(id=str(view), project=pid, data={**(ls.views.get(id=str(view)).data or {}), **theirs})
+    assert client.upsert_review_view(review_view_title(3, "round 2/2, 50%"), "freeal-r2-b") == view
+    data = ls.views.get(id=str(view)).data or {}
+    assert {k: data.get(k) for k in theirs} == theirs, data
+    assert data["title"] == review_view_title(3, "round 2/2, 50%")
+    assert review_marker("freeal-r2-b") in str(data["filters"])  # what the tab holds follows the new version

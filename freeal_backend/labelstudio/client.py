@@ -207,9 +207,12 @@ class ProjectClient:
                                  audit_view_data(version, size))
 
     def _upsert_view(self, is_mine: Callable[[Any], bool], data: dict[str, Any]) -> int:
+        """Create the tab with ``data``, or update its title and filters (what it holds), keeping what people
+        set on it (sort order, columns and their widths): the title follows a running job every few seconds."""
         for view in self.client.views.list(project=self.project_id):
             if is_mine((view.data or {}).get("title")):
-                self.client.views.update(id=str(view.id), project=self.project_id, data=data)
+                ours = {k: data[k] for k in ("title", "filters") if k in data}
+                self.client.views.update(id=str(view.id), project=self.project_id, data={**(view.data or {}), **ours})
                 return int(view.id)
         created = self.client.views.create(project=self.project_id, data=data)
         return int(created.id)
