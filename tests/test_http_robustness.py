@@ -34,7 +34,11 @@ from hypothesis import strategies as st
 from freeal_backend.config import Settings
 from freeal_backend.llm.embedded import stop_process
 from freeal_backend.labelstudio.backend import ServerSettings
+from freeal_backend.labelstudio.label_config import parse_label_config
+from freeal_backend.labelstudio.label_results import render_prediction
+from freeal_backend.labelstudio.runs import with_people_labels
 from freeal_backend.labelstudio.server import create_app
+from freeal_backend.records import ItemResult
 from tests.fake_openai import MODEL, FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -349,6 +353,29 @@ def test_unknown_labels_in_webhook_annotations_are_ignored(app: Flask) -> None:
     # a prediction for a task whose human label is unknown is FreeAL's own, never the bogus label
     resp = client.post("/predict", json={"project": 1, "tasks": [{"id": 1401, "data": {"text": "a boring film"}}]})
     assert "bogus" not in resp.get_data(as_text=True)
+
+
+def test_a_persons_multi_label_annotation_shows_every_label(tmp_path: Path, fake_llm: FakeOpenAI) -> None:
+    """An annotation naming two aspects came back from /predict, and from the job's push, with only the first."""
+    app = make_app(tmp_path, fake_llm)
+    multi = (ROOT / "label_config" / "multilabel.xml").read_text()
+    try:
+        client = app.test_client()
+        assert client.post("/setup", json={"project": 4, "schema": multi}).status_code == 200
+        both = _annotation_event(701, 31, ["acting", "music"], project=4)
+        both["annotation"]["result"][0]["from_name"] = "aspects"
+        assert client.post("/webhook", json=both).status_code == 200
+        out = assert_clean(client.post("/predict", json={"project": 4, "tasks": [{"id": 31, "data": {"text": "x"}}]}))
+        assert out["results"][0]["result"][0]["value"]["choices"] == ["acting", "music"]
+    finally:
+        close_app(app)
+    # the job: the run keeps the first label as the text's; what it pushes shows both
+    run_result = ItemResult("31", "acting", 1.0, {"acting": 1.0, "plot": 0.0, "visuals": 0.0, "music": 0.0},
+                            source="human")
+    shown = with_people_labels([run_result, ItemResult("32", "plot", 0.8, {"plot": 0.8})], {31: ["acting", "music"]})
+    cfg = parse_label_config(multi)
+    assert render_prediction(cfg, shown[0], "v")["result"][0]["value"]["choices"] == ["acting", "music"]
+    assert shown[1].probs == {"plot": 0.8}
 
 
 @FEW

@@ -153,8 +153,8 @@ def test_a_job_that_retried_failed_requests_pushes_its_new_results_and_says_what
         state = Store(settings.data_dir / f"project-{pid}" / "state.sqlite")
         failed = {k for k, a in state.annotations("llm_r1").items() if a["error"]}
         assert failed, "no refinement request failed: the test needs some"
-        assert f"refinement round 1 unfinished ({len(failed)} requests failed); the next job retries them" in \
-            first["message"], first["message"]
+        assert (f"refinement round 1 unfinished ({len(failed)} requests failed); the next job (Start Training in "
+                "the model settings, or an annotation) retries them") in first["message"], first["message"]
         before = shown(label_studio, pid)
         assert {v for v, _, _ in before.values()} == {first["model_version"]}
 

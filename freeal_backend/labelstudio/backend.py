@@ -9,7 +9,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -230,7 +230,7 @@ class Backend:
             if tid not in texts:
                 out[tid] = placeholder(cfg, no_text_note(cfg), version)
                 continue
-            human = human_result(cfg, str(tid), gold[tid][0], texts[tid]) if tid in gold else None
+            human = human_result(cfg, str(tid), gold[tid], texts[tid]) if tid in gold else None
             if human is not None:
                 out[tid] = render_task_prediction(cfg, human, texts[tid], version)
             elif str(tid) in cached and cached[str(tid)].label is not None:
@@ -303,12 +303,17 @@ def waiting_note(opts: ProjectOptions, no_job: str | None) -> str:
     return "FreeAL: queued; the background job will label this task."
 
 
-def human_result(cfg: TaskConfig, task_id: str, label: str, text: str) -> ItemResult | None:
-    """A person's label as a result to show back (None when it no longer fits the config's labels)."""
+def human_result(cfg: TaskConfig, task_id: str, labels: Sequence[str], text: str) -> ItemResult | None:
+    """A person's labels (several for a multi-label config; spans: one encoded list) as a result to show back
+    (None when they no longer fit the config's labels)."""
     if isinstance(cfg, ClassificationConfig):
-        if label not in cfg.labels:
+        chosen = [lab for lab in labels if lab in cfg.labels]
+        if not chosen:
             return None
-        return ItemResult(task_id, label, 1.0, {lab: float(lab == label) for lab in cfg.labels}, source="human")
+        return ItemResult(task_id, chosen[0], 1.0, {lab: float(lab in chosen) for lab in cfg.labels}, source="human")
+    if not labels:
+        return None
+    label = labels[0]
     try:
         spans = decode_spans(label)
     except (ValueError, TypeError):

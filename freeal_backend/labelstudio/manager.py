@@ -38,7 +38,7 @@ from freeal_backend.labelstudio.push import (PushJournal, flagged_ids, predictio
                                              version_for)
 from freeal_backend.labelstudio.review_tab import ReviewTab, health_note
 from freeal_backend.labelstudio.runs import (ProjectOptions, RunRegistry, build_items, burst_note, judge_summary,
-                                            judged_labels, unfinished_work)
+                                            judged_labels, unfinished_work, with_people_labels)
 from freeal_backend.loop import set_aside_notes
 from freeal_backend.records import ItemResult
 from freeal_backend.status import RoundLLMStats, save_round_flagged
@@ -308,7 +308,8 @@ class JobManager:
         records = list(client.iter_tasks(cfg, judge_version=opts.judge_version))
         self.store.replace_gold(project_id, [(r.annotation_id, r.task_id, list(r.human_labels))
                                              for r in records if r.human_labels and r.annotation_id is not None])
-        items, no_text = build_items(records, self.store.gold(project_id))
+        gold = self.store.gold(project_id)
+        items, no_text = build_items(records, gold)
         if not items:
             raise ValueError(f"no task has text in data[{cfg.data_key!r}] (the label config's <Text value>)")
         run = self.runs.get(project_id, cfg.labels, opts.task_description, task_type=cfg.task_type)
@@ -330,7 +331,8 @@ class JobManager:
 
             cost.switch(rnd)
             claim.update(round=rnd, stage=f"round {rnd} of {rounds}")
-            results = run.run(items, rounds=rnd, on_progress=progress, llm_labels=llm_labels)
+            results = with_people_labels(run.run(items, rounds=rnd, on_progress=progress, llm_labels=llm_labels),
+                                         gold)
             cost.finish()
             save_round_flagged(run.store, rnd, len(flagged_ids(results)))
             version = run.model_version()

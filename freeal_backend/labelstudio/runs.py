@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,7 @@ from freeal_backend.config import Settings, unit_share
 from freeal_backend.labelstudio.client import TaskRecord
 from freeal_backend.loop import FreeALRun
 from freeal_backend.loop_spans import run_type
-from freeal_backend.records import Item
+from freeal_backend.records import Item, ItemResult
 from freeal_backend.storage import Store
 
 
@@ -115,6 +115,13 @@ def same_label_set(a: Sequence[str], b: Sequence[str]) -> bool:
     return len(a) == len(b) and sorted(a) == sorted(b)
 
 
+def with_people_labels(results: list[ItemResult], gold: Mapping[int, list[str]]) -> list[ItemResult]:
+    """Results whose person's annotation names several labels (a multi-label config) show them all: the run
+    keeps the first as the text's label."""
+    return [replace(r, probs={**r.probs, **{lab: 1.0 for lab in gold[int(r.item_id)]}})
+            if r.source == "human" and len(gold.get(int(r.item_id), ())) > 1 else r for r in results]
+
+
 def build_items(records: list[TaskRecord], gold: dict[int, list[str]]) -> tuple[list[Item], list[int]]:
     """Items for FreeAL (human labels = gold, the API's annotations first) and ids of tasks without text."""
     items, no_text = [], []
@@ -162,7 +169,8 @@ def unfinished_work(store: Store, items: list[Item], rounds: int) -> str | None:
         if not store.stage_done(f"llm_r{rnd}"):
             failed = sum(1 for ann in store.annotations(f"llm_r{rnd}").values() if ann["error"])
             parts.append(f"refinement round {rnd} unfinished ({failed} requests failed)")
-    return "; ".join(parts) + "; the next job retries them" if parts else None
+    return ("; ".join(parts) + "; the next job (Start Training in the model settings, or an annotation) retries them"
+            if parts else None)
 
 
 def burst_note(burst: dict[str, int] | None) -> str | None:
