@@ -216,6 +216,13 @@ class FreeALRun:
         """The latest stored results, by item id (all, or only ``item_ids``)."""
         return self.store.results(item_ids)
 
+    def changed_texts(self, texts: dict[str, str]) -> set[str]:
+        """Ids among ``texts`` (item id -> text) whose text differs from the one this run holds for them (a task
+        edited since, or another project under a reused id): their stored results are not theirs."""
+        held = self.store.item_texts(texts)
+        limit = self.settings.max_chars
+        return {i for i, text in texts.items() if i in held and held[i] != clean_text(text)[:limit]}
+
     def model_version(self) -> str:
         """``freeal-r<rounds>-<hash of data and settings>``: one stable version per finished round."""
         return f"freeal-r{self.store.get_meta('rounds_done') or 0}-{(self.store.get_meta('data_hash') or '')[:8]}"

@@ -125,6 +125,15 @@ class Store(Transactional):
                            [(it.item_id, i, it.text, it.human_label, it.gold, it.augmented)
                             for i, it in enumerate(items)])
 
+    def item_texts(self, item_ids: Iterable[str]) -> dict[str, str]:
+        """The stored text of each of ``item_ids`` the run holds (cheap for a few)."""
+        ids, rows = list(dict.fromkeys(item_ids)), []
+        for start in range(0, len(ids), 500):
+            chunk = tuple(ids[start : start + 500])
+            rows += self._read(f"SELECT item_id, text FROM items WHERE item_id IN ({','.join('?' * len(chunk))})",
+                               chunk)
+        return {r[0]: r[1] for r in rows}
+
     def items(self) -> list[Item]:
         return [Item(r[0], r[1], r[2], r[3], r[4]) for r in
                 self._read("SELECT item_id, text, human_label, gold, augmented FROM items ORDER BY pos")]

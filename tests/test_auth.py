@@ -34,7 +34,7 @@ from freeal_backend.labelstudio.label_config import parse_task_config
 from freeal_backend.labelstudio.request_checks import MAX_ROUNDS, MAX_TASK_DESCRIPTION
 from freeal_backend.labelstudio.server import create_app
 from freeal_backend.llm.embedded import stop_process
-from freeal_backend.records import ItemResult
+from freeal_backend.records import Item, ItemResult
 from freeal_backend.storage import Store
 from tests.fake_openai import MODEL, FakeOpenAI
 from tests.fixtures_ls import LabelStudioServer
@@ -366,6 +366,27 @@ def test_reordered_choices_keep_the_projects_run(tmp_path: Path, fake_llm: FakeO
         runs = app.extensions["freeal"].runs
         assert runs.get(9, ("negative", "positive")) is runs.get(9, ("positive", "negative"))  # as the job asks
     assert _run_labels(tmp_path / "project-9") == LABELS
+
+
+def test_predict_serves_a_stored_label_only_for_the_text_it_was_made_for(tmp_path: Path, fake_llm: FakeOpenAI
+                                                                           ) -> None:
+    """A task edited since the job labelled it, or a new Label Studio project under a reused id (its database
+    reset, the backend's kept), got the stored label of whatever text had that id before."""
+    store = Store(tmp_path / "project-12" / "state.sqlite")
+    store.set_meta("labels", LABELS)
+    store.set_meta("task_type", "classification")
+    store.replace_items([Item("1", "a great film")])
+    store.set_results([ItemResult("1", "negative", 0.9, {"negative": 0.9, "positive": 0.1})])
+    store.close()
+    app = make_app(tmp_path, fake_llm)
+    with serve(app) as client:
+        same = client.post("/predict", json={"project": 12, "tasks": TASKS, "label_config": SENTIMENT}).json()
+        assert same["results"][0]["score"] == 0.9  # the stored label, for its own text
+        other = "an entirely different sentence about the weather"
+        asked = len(fake_llm.records())
+        client.post("/predict", json={"project": 12, "tasks": [{"id": 1, "data": {"text": other}}],
+                                      "label_config": SENTIMENT})
+        assert any(r.text == other for r in fake_llm.records()[asked:]), "the stored label was served instead"
 
 
 # --- no server path in any answer ----------------------------------------------------------------------------

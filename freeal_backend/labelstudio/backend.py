@@ -223,6 +223,10 @@ class Backend:
         except ValueError as exc:  # e.g. the project's label set changed since its FreeAL run
             raise BadRequest(self.public(str(exc))) from exc
         cached = run.results([str(t["id"]) for t in tasks])  # only these tasks: cost independent of project size
+        changed = run.changed_texts({str(tid): text for tid, text in texts.items()})
+        if changed:
+            log.warning("project %s: %d tasks hold other texts than FreeAL labelled under their ids (edited, or a "
+                        "new project under a reused id): labelled again", project_id, len(changed))
         out: dict[int, dict[str, Any]] = {}
         unseen: list[Item] = []
         for task in tasks:
@@ -230,10 +234,11 @@ class Backend:
             if tid not in texts:
                 out[tid] = placeholder(cfg, no_text_note(cfg), version)
                 continue
-            human = human_result(cfg, str(tid), gold[tid], texts[tid]) if tid in gold else None
+            stale = str(tid) in changed
+            human = human_result(cfg, str(tid), gold[tid], texts[tid]) if tid in gold and not stale else None
             if human is not None:
                 out[tid] = render_task_prediction(cfg, human, texts[tid], version)
-            elif str(tid) in cached and cached[str(tid)].label is not None:
+            elif str(tid) in cached and cached[str(tid)].label is not None and not stale:
                 out[tid] = render_task_prediction(cfg, cached[str(tid)], texts[tid], version)
             else:
                 unseen.append(Item(str(tid), texts[tid][: self.settings.max_chars]))
