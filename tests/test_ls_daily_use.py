@@ -6,8 +6,9 @@
   person's saved annotation, one started from a prediction included, is gold.
 * A task deleted while a job runs must not make the job's push (and so the whole job) fail.
 * The job retitling the review tab must keep the sort order and columns a reviewer set on it.
+* Annotations saved or deleted while a job reads the project must not be undone by what it read.
 
-The app is the real Flask app on a real socket; the LLM is the fake server."""
+Label Studio is real; the app is the real Flask app on a real socket; the LLM is the fake server."""
 from __future__ import annotations
 
 import time
@@ -18,10 +19,12 @@ import pytest
 from flask import Response, request
 from label_studio_sdk import LabelStudio
 
-from freeal_backend.labelstudio.client import Connection, ProjectClient, review_view_title
+from freeal_backend.labelstudio.client import Connection, ProjectClient, TaskRecord, review_view_title
+from freeal_backend.labelstudio.job_store import JobStore
 from freeal_backend.labelstudio.label_config import parse_task_config
 from freeal_backend.labelstudio.label_results import review_marker
 from freeal_backend.labelstudio.push import push_results
+from freeal_backend.labelstudio.runs import build_items
 from freeal_backend.records import ItemResult
 from tests.fake_openai import FakeOpenAI
 from tests.fixtures_ls import LabelStudioServer
@@ -105,3 +108,25 @@ def test_the_review_tab_keeps_the_sort_and_columns_people_set(label_studio: Labe
     assert {k: data.get(k) for k in theirs} == theirs, data
     assert data["title"] == review_view_title(3, "round 2/2, 50%")
     assert review_marker("freeal-r2-b") in str(data["filters"])  # what the tab holds follows the new version
+
+
+def test_webhooks_during_a_jobs_read_of_the_project_are_not_undone(tmp_path: Path) -> None:
+    """A job reads every task's annotations (minutes for a big project), then makes the backend's gold what
+    it read. An annotation deleted while it read came back as gold, and one saved while it read was lost."""
+    store = JobStore(tmp_path / "backend.sqlite")
+    store.set_gold(5, 1, 10, ["positive"])
+    read_since = time.time()
+    time.sleep(0.01)
+    store.delete_gold(5, [1])  # deleted after the read passed its task
+    store.set_gold(5, 2, 11, ["negative"])  # saved after the read passed its task
+    store.set_gold(5, 3, 12, ["positive"])
+    store.set_gold(5, 3, 12, [])  # skipped (was_cancelled) after the read passed its task
+    store.replace_gold(5, [(1, 10, ["positive"]), (3, 12, ["positive"]), (4, 13, ["negative"])], read_since)
+    assert store.gold(5) == {11: ["negative"], 13: ["negative"]}
+    store.set_gold(5, 1, 10, ["negative"])  # an annotation gone once may come back (updated) later
+    store.replace_gold(5, [(1, 10, ["negative"]), (2, 11, ["negative"]), (4, 13, ["negative"])], time.time())
+    assert store.gold(5) == {10: ["negative"], 11: ["negative"], 13: ["negative"]}
+    records = [TaskRecord(10, "a", ("positive",), 1), TaskRecord(11, "b", (), None),
+               TaskRecord(14, "c", ("positive",), 9)]
+    items, _ = build_items(records, {10: ["negative"], 11: ["negative"]})  # the reconciled gold decides
+    assert [(it.item_id, it.human_label) for it in items] == [("10", "negative"), ("11", "negative"), ("14", None)]

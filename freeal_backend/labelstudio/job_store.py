@@ -24,6 +24,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS gold (
     project_id INTEGER NOT NULL, annotation_id INTEGER NOT NULL, task_id INTEGER NOT NULL, labels TEXT NOT NULL,
     updated REAL, PRIMARY KEY (project_id, annotation_id));
+CREATE TABLE IF NOT EXISTS gold_gone (
+    project_id INTEGER NOT NULL, annotation_id INTEGER NOT NULL, gone REAL NOT NULL,
+    PRIMARY KEY (project_id, annotation_id));
 CREATE TABLE IF NOT EXISTS projects (
     project_id INTEGER PRIMARY KEY, label_config TEXT, extra_params TEXT, ls_url TEXT, ls_key TEXT, updated REAL);
 CREATE TABLE IF NOT EXISTS pushed (
@@ -186,24 +189,40 @@ class JobStore(Transactional):
     # human labels from webhooks -----------------------------------------------------------------------
     def set_gold(self, project_id: int, annotation_id: int, task_id: int, labels: list[str]) -> None:
         """Record (or, with no labels, forget) the labels one annotation gives its task."""
+        if not labels:
+            self.delete_gold(project_id, [annotation_id])
+            return
         with self.transaction() as db:
-            if labels:
-                db.execute("INSERT OR REPLACE INTO gold VALUES (?, ?, ?, ?, ?)",
-                           (project_id, annotation_id, task_id, json.dumps(labels), time.time()))
-            else:
-                db.execute("DELETE FROM gold WHERE project_id = ? AND annotation_id = ?", (project_id, annotation_id))
+            db.execute("INSERT OR REPLACE INTO gold VALUES (?, ?, ?, ?, ?)",
+                       (project_id, annotation_id, task_id, json.dumps(labels), time.time()))
+            db.execute("DELETE FROM gold_gone WHERE project_id = ? AND annotation_id = ?", (project_id, annotation_id))
 
     def delete_gold(self, project_id: int, annotation_ids: list[int]) -> None:
+        """Forget these annotations' labels (deleted or skipped), and when: a job's read of the project that
+        began earlier may still show them (:meth:`replace_gold`)."""
+        now = time.time()
         with self.transaction() as db:
             db.executemany("DELETE FROM gold WHERE project_id = ? AND annotation_id = ?",
                            [(project_id, a) for a in annotation_ids])
+            db.executemany("INSERT OR REPLACE INTO gold_gone VALUES (?, ?, ?)", [(project_id, a, now)
+                                                                                 for a in annotation_ids])
 
-    def replace_gold(self, project_id: int, rows: list[tuple[int, int, list[str]]]) -> None:
-        """Make the project's gold exactly ``(annotation_id, task_id, labels)`` rows (what the API shows)."""
+    def replace_gold(self, project_id: int, rows: list[tuple[int, int, list[str]]], read_since: float) -> None:
+        """Make the project's gold the ``(annotation_id, task_id, labels)`` rows a read of Label Studio's tasks
+        that began at ``read_since`` (a ``time.time()``) showed, but for what webhooks said meanwhile: labels
+        recorded after it stay, and annotations deleted or skipped after it stay gone."""
         with self.transaction() as db:
+            newer = db.execute("SELECT annotation_id, task_id, labels, updated FROM gold WHERE project_id = ? AND "
+                               "updated > ?", (project_id, read_since)).fetchall()
+            gone = {int(a) for (a,) in db.execute("SELECT annotation_id FROM gold_gone WHERE project_id = ? AND "
+                                                  "gone > ?", (project_id, read_since)).fetchall()}
             db.execute("DELETE FROM gold WHERE project_id = ?", (project_id,))
+            db.execute("DELETE FROM gold_gone WHERE project_id = ? AND gone <= ?", (project_id, read_since))
             db.executemany("INSERT OR REPLACE INTO gold VALUES (?, ?, ?, ?, ?)",
-                           [(project_id, a, t, json.dumps(labels), time.time()) for a, t, labels in rows])
+                           [(project_id, a, t, json.dumps(labels), read_since) for a, t, labels in rows
+                            if a not in gone])
+            db.executemany("INSERT OR REPLACE INTO gold VALUES (?, ?, ?, ?, ?)",
+                           [(project_id, a, t, labels, updated) for a, t, labels, updated in newer])
 
     def gold(self, project_id: int) -> dict[int, list[str]]:
         """Human labels by task id (the most recently updated annotation wins)."""

@@ -305,9 +305,11 @@ class JobManager:
         if opts.judge_version:
             check_judged_version(client, opts.judge_version)
         claim.update(state="running", stage="fetching tasks", done=0, total=0)
+        read_since = time.time()
         records = list(client.iter_tasks(cfg, judge_version=opts.judge_version))
         self.store.replace_gold(project_id, [(r.annotation_id, r.task_id, list(r.human_labels))
-                                             for r in records if r.human_labels and r.annotation_id is not None])
+                                             for r in records if r.human_labels and r.annotation_id is not None],
+                                read_since)
         gold = self.store.gold(project_id)
         items, no_text = build_items(records, gold)
         if not items:

@@ -123,13 +123,14 @@ def with_people_labels(results: list[ItemResult], gold: Mapping[int, list[str]])
 
 
 def build_items(records: list[TaskRecord], gold: dict[int, list[str]]) -> tuple[list[Item], list[int]]:
-    """Items for FreeAL (human labels = gold, the API's annotations first) and ids of tasks without text."""
+    """Items for FreeAL and ids of tasks without text. Human labels are ``gold`` (the read's annotations with
+    what webhooks said since: ``JobStore.replace_gold``); an annotation without an id counts as read."""
     items, no_text = [], []
     for rec in records:
         if not rec.text or not rec.text.strip():
             no_text.append(rec.task_id)
             continue
-        labels = list(rec.human_labels) or gold.get(rec.task_id, [])
+        labels = gold.get(rec.task_id) or (list(rec.human_labels) if rec.annotation_id is None else [])
         items.append(Item(str(rec.task_id), rec.text, human_label=labels[0] if labels else None))
     return items, no_text
 
