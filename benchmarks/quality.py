@@ -72,7 +72,8 @@ class BenchRun(FreeALRun):
         self._base: tuple[float, dict[str, int]] = (time.perf_counter(), self._counts())
 
     def _counts(self) -> dict[str, int]:
-        stats = self.llm_started.stats.as_dict() if self.llm_started is not None else {}  # no server started just to read 0
+        llm = self.llm_started  # no server started just to read 0
+        stats = llm.stats.as_dict() if llm is not None else {}
         return {k: int(stats.get(k, 0)) for k in STAT_KEYS}
 
     def book(self) -> None:

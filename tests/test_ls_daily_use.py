@@ -54,7 +54,8 @@ def test_bulk_copies_of_predictions_are_not_gold_but_a_persons_annotation_is(
         ls.projects.import_tasks(id=pid, request=[
             {"data": {"text": text}, "predictions": [{"model_version": "freeal-r1-x", "score": 0.9,
                                                       "result": choice(label)}]}
-            for text, label in (("a great film", "positive"), ("a dull film", "positive"), ("a fine film", "positive"))])
+            for text, label in (("a great film", "positive"), ("a dull film", "positive"),
+                                ("a fine film", "positive"))])
         tasks = {int(t.id): t for t in ls.tasks.list(project=pid, fields="all", page_size=10)}
         first, *rest = sorted(tasks)
         assert ls.ml.create(url=f"http://127.0.0.1:{client.base_url.port}", project=pid, title="FreeAL").id
