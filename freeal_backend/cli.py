@@ -218,7 +218,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gunicorn.app.wsgiapp import run as gunicorn_run
     from freeal_backend.labelstudio.bind import serve_host
 
-    bind = f"{serve_host(os.environ, args.host)}:{args.port}"
+    os.environ["HOST"] = serve_host(os.environ, args.host)  # what ./gunicorn.conf.py reads, where gunicorn loads it
+    bind = f"{os.environ['HOST']}:{args.port}"
     sys.argv = ["gunicorn", "--bind", bind, "--workers", str(args.workers),
                 "--threads", str(args.threads), "--timeout", os.environ.get("GUNICORN_TIMEOUT", "300"),
                 "--access-logfile", "-", "freeal_backend.labelstudio.wsgi:app"]

@@ -178,6 +178,16 @@ def refused_start(tmp_path: Path, **env_vars: str) -> str:
         return out.decode(errors="replace")
 
 
+def assert_listens_on_loopback(proc: subprocess.Popen[bytes]) -> None:
+    """Read the server's output until it says where it listens (120 s at most): 127.0.0.1."""
+    assert proc.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + 120
+    while b"Listening at" not in seen and proc.poll() is None and time.monotonic() < deadline:
+        seen += proc.stdout.readline()
+    assert b"Listening at: http://127.0.0.1:" in seen, seen.decode(errors="replace")[-2000:]
+
+
 def test_only_one_of_user_and_password_refuses_to_start(tmp_path: Path) -> None:
     for kw, lacking in (({"basic_auth_user": USER}, "BASIC_AUTH_PASS"), ({"basic_auth_pass": PASSWORD},
                                                                          "BASIC_AUTH_USER")):
@@ -208,12 +218,21 @@ def test_gunicorn_without_auth_listens_on_loopback_only_and_refuses_an_open_addr
     text = refused_start(tmp_path / "open", HOST="0.0.0.0")
     assert "refusing to listen on 0.0.0.0 without BASIC_AUTH_USER and BASIC_AUTH_PASS" in text, text[-2000:]
     with gunicorn(tmp_path / "default") as proc:
-        assert proc.stdout is not None
-        seen = b""
-        deadline = time.monotonic() + 120
-        while b"Listening at" not in seen and proc.poll() is None and time.monotonic() < deadline:
-            seen += proc.stdout.readline()
-        assert b"Listening at: http://127.0.0.1:" in seen, seen.decode(errors="replace")[-2000:]
+        assert_listens_on_loopback(proc)
+
+
+def test_freeal_serve_host_outranks_host_where_gunicorn_loads_the_repos_config(tmp_path: Path) -> None:
+    """gunicorn loads ./gunicorn.conf.py from the folder it starts in: `freeal serve --host 127.0.0.1` run
+    from the repository refused to start when HOST named an open address."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BASIC_AUTH_", "FREEAL_", "LLM_", "HOST"))}
+    env.update(HOST="0.0.0.0", FREEAL_DATA_DIR=str(tmp_path / "data"), LLM_BASE_URL="http://127.0.0.1:9/v1")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("freeal")), "serve", "--host", "127.0.0.1",
+                             "--port", str(free_port())], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        assert_listens_on_loopback(proc)
+    finally:
+        stop_process(proc, timeout=30)
 
 
 def test_starting_without_auth_warns_loudly(tmp_path: Path, fake_llm: FakeOpenAI,
