@@ -79,6 +79,14 @@ class Transactional:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
+    def _read_ids(self, select: str, item_ids: Iterable[str]) -> list[tuple[Any, ...]]:
+        """Rows of ``select`` (a query ending in ``WHERE item_id``) for each of ``item_ids``, 500 ids a query."""
+        ids, rows = list(dict.fromkeys(item_ids)), []
+        for start in range(0, len(ids), 500):
+            chunk = tuple(ids[start : start + 500])
+            rows += self._read(f"{select} IN ({','.join('?' * len(chunk))})", chunk)
+        return rows
+
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Rows of one read-only query (for aggregates computed in SQL, e.g. the status page)."""
         return self._read(sql, args)
@@ -127,12 +135,7 @@ class Store(Transactional):
 
     def item_texts(self, item_ids: Iterable[str]) -> dict[str, str]:
         """The stored text of each of ``item_ids`` the run holds (cheap for a few)."""
-        ids, rows = list(dict.fromkeys(item_ids)), []
-        for start in range(0, len(ids), 500):
-            chunk = tuple(ids[start : start + 500])
-            rows += self._read(f"SELECT item_id, text FROM items WHERE item_id IN ({','.join('?' * len(chunk))})",
-                               chunk)
-        return {r[0]: r[1] for r in rows}
+        return {r[0]: r[1] for r in self._read_ids("SELECT item_id, text FROM items WHERE item_id", item_ids)}
 
     def items(self) -> list[Item]:
         return [Item(r[0], r[1], r[2], r[3], r[4]) for r in
@@ -230,12 +233,6 @@ class Store(Transactional):
 
     def results(self, item_ids: Iterable[str] | None = None) -> dict[str, ItemResult]:
         """Stored results by item id: all of them, or only those of ``item_ids`` (cheap for a few)."""
-        if item_ids is None:
-            rows = self._read("SELECT item_id, record FROM results")
-        else:
-            ids, rows = list(dict.fromkeys(item_ids)), []
-            for start in range(0, len(ids), 500):
-                chunk = tuple(ids[start : start + 500])
-                marks = ",".join("?" * len(chunk))
-                rows += self._read(f"SELECT item_id, record FROM results WHERE item_id IN ({marks})", chunk)
+        rows = (self._read("SELECT item_id, record FROM results") if item_ids is None
+                else self._read_ids("SELECT item_id, record FROM results WHERE item_id", item_ids))
         return {r[0]: ItemResult(**json.loads(r[1])) for r in rows}

@@ -9,8 +9,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +30,6 @@ from freeal_backend.loop import FreeALRun, latest_health
 from freeal_backend.loop_spans import span_dicts
 from freeal_backend.records import Item, ItemResult
 from freeal_backend.spans import decode_spans
-from freeal_backend.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +147,7 @@ class Backend:
         else those of the label config /setup stored. /predict would otherwise create the run with its own
         labels, and the job, which reads the config from Label Studio, could never use that run."""
         mine = (cfg.task_type, list(cfg.labels))
-        with self.run_store(project_id) as store:
+        with self.runs.stored_state(project_id) as store:
             stored = store.get_meta("labels") if store is not None else None
             kind = (store.get_meta("task_type") if store is not None else None) or cfg.task_type
         if stored is not None:
@@ -165,19 +163,6 @@ class Backend:
                              f"{whose} has the {theirs[0]} labels {theirs[1]}; /predict cannot change a project's "
                              "label set (Label Studio calls /setup with a changed config first)")
 
-    @contextmanager
-    def run_store(self, project_id: int) -> Iterator[Store | None]:
-        """The project's FreeAL state, opened for reading (None before its first job wrote any)."""
-        path = self.runs.run_dir(project_id) / "state.sqlite"
-        if not path.exists():
-            yield None
-            return
-        store = Store(path)
-        try:
-            yield store
-        finally:
-            store.close()
-
     def project_status(self, project_id: int, row: dict[str, Any] | None) -> dict[str, Any]:
         """The numbers ``/status/<id>`` and ``/projects/<id>`` show, for the job row ``row``."""
         try:
@@ -185,7 +170,7 @@ class Backend:
         except MissingCredentialsError:
             ls_url = None
         target = ProjectOptions.from_extra((self.store.project(project_id) or {}).get("extra_params")).target_error
-        with self.run_store(project_id) as store:
+        with self.runs.stored_state(project_id) as store:
             data = run_status.project_status(project_id, row, store, ls_url,
                                              target_error=self.settings.target_error if target is None else target)
             data["health"] = latest_health(store) if store is not None else None

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -83,15 +84,22 @@ class RunRegistry:
                 run.task_description = task_description
             return run
 
-    def _stored_order(self, project_id: int, labels: tuple[str, ...]) -> tuple[str, ...]:
+    @contextmanager
+    def stored_state(self, project_id: int) -> Iterator[Store | None]:
+        """The project's FreeAL state, opened for reading (None before its first job wrote any)."""
         path = self.run_dir(project_id) / "state.sqlite"
         if not path.exists():
-            return labels
+            yield None
+            return
         store = Store(path)
         try:
-            stored = store.get_meta("labels")
+            yield store
         finally:
             store.close()
+
+    def _stored_order(self, project_id: int, labels: tuple[str, ...]) -> tuple[str, ...]:
+        with self.stored_state(project_id) as store:
+            stored = store.get_meta("labels") if store is not None else None
         return tuple(stored) if stored is not None and same_label_set(stored, labels) else labels
 
     def keep_lower_states_of(self, project_id: int) -> None:
