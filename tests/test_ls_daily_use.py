@@ -7,6 +7,7 @@
 * A task deleted while a job runs must not make the job's push (and so the whole job) fail.
 * The job retitling the review tab must keep the sort order and columns a reviewer set on it.
 * Annotations saved or deleted while a job reads the project must not be undone by what it read.
+* An annotation converted to a draft leaves an event with no project or ids (or none): answered, not refused.
 
 Label Studio is real; the app is the real Flask app on a real socket; the LLM is the fake server."""
 from __future__ import annotations
@@ -131,3 +132,17 @@ def test_webhooks_during_a_jobs_read_of_the_project_are_not_undone(tmp_path: Pat
                TaskRecord(14, "c", ("positive",), 9)]
     items, _ = build_items(records, {10: ["negative"], 11: ["negative"]})  # the reconciled gold decides
     assert [(it.item_id, it.human_label) for it in items] == [("10", "negative"), ("11", "negative"), ("14", None)]
+
+
+
+def test_a_deletion_event_without_annotations_is_answered(tmp_path: Path, fake_llm: FakeOpenAI) -> None:
+    """Converting an annotation to a draft deletes it before Label Studio 1.23 serialises the event, so where
+    its webhook batching flag is off the ``ANNOTATIONS_DELETED`` event carries only its action (no project, no
+    ids; with the flag on, the default, nothing is sent). The backend answered it 400. Nothing can be done
+    with it but to say so: the next job's read of the project drops the label (``replace_gold``)."""
+    with serve(make_app(tmp_path, fake_llm)) as client:
+        resp = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED"})
+        assert resp.status_code == 200, resp.text  # 400 before
+        assert resp.json()["status"] == "ignored", resp.json()
+        resp = client.post("/webhook", json={"action": "ANNOTATION_CREATED"})
+        assert resp.status_code == 400, resp.text  # an event that must name its project still does

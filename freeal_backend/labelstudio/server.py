@@ -153,6 +153,12 @@ def create_app(settings: Settings | None = None, server: ServerSettings | None =
         body = json_body()
         action = str(body.get("action") or "")
         project = body.get("project")
+        if action == "ANNOTATIONS_DELETED" and project is None and not body.get("annotations"):
+            # Label Studio deletes a converted-to-draft annotation before serialising the event: no project,
+            # no ids. The next job's read of the project drops its label (JobStore.replace_gold).
+            log.info("LS webhook %s without project or annotations: left to the next job's read", action)
+            return jsonify(status="ignored", action=action,
+                           reason="no project or annotation ids; the next job's read of the project catches up")
         pid = backend.project_id(project.get("id") if isinstance(project, dict) else project)
         log.info("LS webhook action=%s project=%s", action, pid)
         if action in ANNOTATION_EVENTS:
