@@ -169,10 +169,9 @@ class Backend:
             ls_url: str | None = self.jobs.connection(project_id).url
         except MissingCredentialsError:
             ls_url = None
-        target = ProjectOptions.from_extra((self.store.project(project_id) or {}).get("extra_params")).target_error
+        opts = ProjectOptions.from_extra((self.store.project(project_id) or {}).get("extra_params")).over(self.settings)
         with self.runs.stored_state(project_id) as store:
-            data = run_status.project_status(project_id, row, store, ls_url,
-                                             target_error=self.settings.target_error if target is None else target)
+            data = run_status.project_status(project_id, row, store, ls_url, target_error=opts.target_error)
             data["health"] = latest_health(store) if store is not None else None
             return data
 

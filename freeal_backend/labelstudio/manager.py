@@ -315,8 +315,8 @@ class JobManager:
         if not items:
             raise ValueError(f"no task has text in data[{cfg.data_key!r}] (the label config's <Text value>)")
         run = self.runs.get(project_id, cfg.labels, opts.task_description, task_type=cfg.task_type)
-        run.audit_size = self.settings.audit_size if opts.audit is None else opts.audit
-        run.target_error = self.settings.target_error if opts.target_error is None else opts.target_error
+        chosen = opts.over(self.settings)
+        run.audit_size, run.target_error = chosen.audit, chosen.target_error
         self.runs.keep_lower_states_of(project_id)
         llm_labels = judged_labels(records, items) if opts.judge_version else None
         who = f"model version {opts.judge_version!r}" if opts.judge_version else LLM  # for the review notes

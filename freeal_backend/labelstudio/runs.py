@@ -39,6 +39,11 @@ class ProjectOptions:
             target_error=unit_share(extra.get("target_error")),
         )
 
+    def over(self, settings: Settings) -> "ProjectOptions":
+        """These options with the backend's settings where the project sets none (audit, target error)."""
+        return replace(self, audit=settings.audit_size if self.audit is None else self.audit,
+                       target_error=settings.target_error if self.target_error is None else self.target_error)
+
 
 def _count(value: Any) -> int | None:
     """A whole number given as an int or a string of digits ("2"); None for anything else."""
