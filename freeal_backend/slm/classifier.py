@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import GroupKFold, GroupShuffleSplit
 from torch import nn
 
-from freeal_backend.slm.encoder import Encoder, LowerStates, _layer_out, additive_mask, mean_pool
+from freeal_backend.slm.encoder import Encoder, LowerStates, mean_pool, run_layers
 from freeal_backend.slm.selection import split_clean_noisy
 
 log = logging.getLogger(__name__)
@@ -88,14 +88,11 @@ class TopLayers(nn.Module):
             p.requires_grad_(True)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(encoder.hidden_size, outputs)
+        self._layer_inputs = encoder.layer_inputs  # frozen (MPNet's position bias): not a trained parameter
 
     def hidden(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-token hidden states after the trainable top layers."""
-        attn = additive_mask(mask, states.dtype)
-        hidden = states
-        for layer in self.top:
-            hidden = _layer_out(layer(hidden, attention_mask=attn))
-        return hidden
+        return run_layers(self.top, states, self._layer_inputs(states, mask))
 
 
 class SLMClassifier(TopLayers):

@@ -10,7 +10,7 @@ import ctypes
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,11 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+# Model families whose layers the split encoder can call on their own: BERT-like layers take the hidden
+# states and an additive attention mask; MPNet's also take the relative position bias its encoder computes
+# once for all layers (``Encoder.layer_inputs``). Others (DeBERTa, DistilBERT, ...) are refused, not run wrongly.
+ENCODER_FAMILIES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet"})
+NO_SDPA = frozenset({"mpnet"})  # no scaled-dot-product attention in transformers: eager attention
 MMAP_THRESHOLD_BYTES = 4 * 2**20
 _M_MMAP_THRESHOLD = -3  # mallopt parameter, glibc's malloc.h
 _heap_capped = False
@@ -126,7 +131,7 @@ class Encoder:
     def __init__(self, path: str | Path | None = None, *, device: torch.device | None = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         cap_heap_retention()
 
@@ -136,12 +141,19 @@ class Encoder:
                                     "local Hugging Face model directory)")
         self.device = device or pick_device()
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        family = AutoConfig.from_pretrained(str(self.path), local_files_only=True).model_type
+        if family not in ENCODER_FAMILIES:
+            raise ValueError(f"encoder {self.path.name!r} is a {family!r} model; the split encoder runs "
+                             f"{', '.join(sorted(ENCODER_FAMILIES))} models (their layers take the hidden states "
+                             "and the attention mask, and MPNet's position bias)")
+        attention = "eager" if family in NO_SDPA else "sdpa"
         self.model = AutoModel.from_pretrained(str(self.path), local_files_only=True,
-                                               attn_implementation="sdpa").to(self.device).eval()
+                                               attn_implementation=attention).to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.layers: nn.ModuleList = self.model.encoder.layer
         self.hidden_size: int = self.model.config.hidden_size
+        self._position_bias = getattr(self.model.encoder, "compute_position_bias", None)  # MPNet's
 
     @property
     def num_layers(self) -> int:
@@ -150,6 +162,14 @@ class Encoder:
     def split_for(self, train_layers: int) -> int:
         """The layers below the top ``train_layers``: the frozen part whose output the lower-state cache holds."""
         return max(0, self.num_layers - train_layers)
+
+    def layer_inputs(self, hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What each layer takes beside the hidden states: the additive attention mask of the (batch, length)
+        0/1 ``mask``, and for MPNet the relative position bias (it depends on the length only)."""
+        inputs = {"attention_mask": additive_mask(mask, hidden.dtype)}
+        if self._position_bias is not None:
+            inputs["position_bias"] = self._position_bias(hidden)
+        return inputs
 
     def tokenize(self, texts: Sequence[str], max_length: int, *, chunk: int = 1024) -> list[list[int]]:
         """Token ids per text, ``chunk`` texts per tokenizer call: one call over all texts holds a full
@@ -174,9 +194,7 @@ class Encoder:
                 input_ids[j, : len(ids[i])] = torch.tensor(ids[i])
                 mask[j, : len(ids[i])] = 1
             hidden = self.model.embeddings(input_ids=input_ids.to(self.device))
-            attn = additive_mask(mask.to(self.device), hidden.dtype)
-            for layer in self.layers[:split]:
-                hidden = _layer_out(layer(hidden, attention_mask=attn))
+            hidden = run_layers(self.layers[:split], hidden, self.layer_inputs(hidden, mask.to(self.device)))
             yield chunk, hidden
             if on_batch is not None:
                 on_batch(len(chunk))
@@ -222,9 +240,7 @@ class Encoder:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             hidden, mask = lower.batch(chunk, self.device)
-            attn = additive_mask(mask, hidden.dtype)
-            for layer in self.layers[split:]:
-                hidden = _layer_out(layer(hidden, attention_mask=attn))
+            hidden = run_layers(self.layers[split:], hidden, self.layer_inputs(hidden, mask))
             out[chunk] = _sentence_vectors(hidden, mask)
             if on_batch is not None:
                 on_batch(len(chunk))
@@ -236,6 +252,13 @@ def _sentence_vectors(hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     stores them (so :meth:`Encoder.embed` and :meth:`Encoder.embed_lower` give the same vectors)."""
     pooled = mean_pool(hidden.to(torch.float16).float(), mask)
     return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+
+
+def run_layers(layers: Iterable[nn.Module], hidden: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``hidden`` through ``layers`` in turn, each given ``inputs`` (:meth:`Encoder.layer_inputs`)."""
+    for layer in layers:
+        hidden = _layer_out(layer(hidden, **inputs))
+    return hidden
 
 
 def _layer_out(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
