@@ -78,3 +78,15 @@ def test_a_family_whose_layers_need_more_is_refused_by_name(tmp_path: Path) -> N
     tok.save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="'deberta-v2' model.*mpnet"):
         Encoder(tmp_path)
+
+
+def test_the_span_tagger_runs_on_an_mpnet_encoder(mpnet_dir: Path) -> None:
+    """Spans go through the same split encoder: word alignment from MPNet's fast tokenizer, top layers with
+    the position bias (a run, not a quality check: the model is random)."""
+    from freeal_backend.slm.tagger import cross_fit
+    from freeal_backend.spans import Span
+    texts = [f"aspirin {i} caused fever in patient {i}" for i in range(8)]
+    spans = [[Span(0, 7, "Chemical"), Span(len(f"aspirin {i} caused "), len(f"aspirin {i} caused fever"), "Disease")]
+             for i in range(8)]
+    res = cross_fit(Encoder(mpnet_dir), texts, spans, ["Chemical", "Disease"], folds=2, train_layers=1)
+    assert len(res.predicted) == len(texts) and np.isfinite(res.doubt).all()
