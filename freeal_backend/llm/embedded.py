@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -116,24 +117,30 @@ def chunk_files(model: EmbeddedModel) -> list[Path]:
     return files
 
 
+def join_files(parts: Sequence[Path], target: Path) -> tuple[int, str]:
+    """Write ``parts`` end to end into ``target``; returns its size and sha256 (hashed as it is written)."""
+    digest, size = hashlib.sha256(), 0
+    with open(target, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as src:
+                while block := src.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+                    size += len(block)
+    return size, digest.hexdigest()
+
+
 def join_chunks(model: EmbeddedModel, target: Path) -> Path:
     """Join ``model``'s chunks into ``target``, checking size, GGUF magic and sha256; nothing is left at
     ``target`` unless all three match."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".partial")
-    digest = hashlib.sha256()
-    with open(tmp, "wb") as out:
-        for chunk in chunk_files(model):
-            with open(chunk, "rb") as src:
-                while block := src.read(1 << 22):
-                    digest.update(block)
-                    out.write(block)
-    size = tmp.stat().st_size
+    size, sha256 = join_files(chunk_files(model), tmp)
     with open(tmp, "rb") as f:
         magic = f.read(4)
     problem = (f"size {size} != {model.size}" if model.size is not None and size != model.size
                else f"starts with {magic!r}, not a GGUF file" if magic != b"GGUF"
-               else f"sha256 {digest.hexdigest()} != {model.sha256}" if digest.hexdigest() != model.sha256 else None)
+               else f"sha256 {sha256} != {model.sha256}" if sha256 != model.sha256 else None)
     if problem:
         tmp.unlink()
         raise RuntimeError(f"the joined {model.name} chunks do not make the verified model ({problem}); "

