@@ -30,28 +30,42 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.optimize import brentq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, beside, fmt_table, loadavg, run_evidence, write_result  # noqa: E402
 
-from freeal_backend.slm.budget import SHARES, budget_curve, review_order, review_set  # noqa: E402
+from freeal_backend.slm.budget import (CALIBRATION_SD, SHARES, budget_curve, review_order, review_set,  # noqa: E402
+                                       shift_logits)
 from freeal_backend.slm.detection import judge  # noqa: E402
 
 TARGETS = (0.01, 0.02, 0.05, 0.1)
 GOAL_POINTS = 1.5
 
 
+def truth_offset(scores: np.ndarray, true_accuracy: float) -> float:
+    """The logit offset that, added to every score, would have made the mean score the true accuracy (people's
+    labels and scores of 0 or 1 do not move); the budget's interval counts it as normal with sd CALIBRATION_SD."""
+    def gap(delta: float) -> float:
+        return float(shift_logits(scores, delta).mean() - true_accuracy)
+    if gap(-20) > 0 or gap(20) < 0:  # out of reach: the fixed scores alone miss the truth
+        return float("nan")
+    return float(brentq(gap, -20, 20))
+
+
 def check(name: str, scores: np.ndarray, right: np.ndarray, reviewable: np.ndarray) -> dict[str, Any]:
-    """Predicted vs true accuracy after review at every k, and the review sets of ``TARGETS``."""
+    """Predicted vs true accuracy after review at every k, the share of k whose interval (the budget's, and
+    chance's alone) holds the truth, and the review sets of ``TARGETS``."""
     n = len(scores)
     curve = budget_curve(scores, reviewable)
+    chance = budget_curve(scores, reviewable, calibration_sd=0.0)
     order = review_order(scores, reviewable)
     fixed_right = int(right[~reviewable].sum())
     # true share right after reviewing order[:k]: k reviewed + the right ones among order[k:] + the others
     tail_right = np.r_[np.cumsum(right[order][::-1])[::-1], 0]
     true = (np.arange(len(order) + 1) + tail_right + fixed_right) / n
     gap = 100 * (curve.accuracy - true)
-    inside = (curve.low - 1e-12 <= true) & (true <= curve.high + 1e-12)
+    inside, inside_chance = ((c.low - 1e-12 <= true) & (true <= c.high + 1e-12) for c in (curve, chance))
     worst = int(np.argmax(np.abs(gap)))
     at = sorted({min(len(order), round(s * n)) for s in SHARES})
     targets = []
@@ -67,6 +81,8 @@ def check(name: str, scores: np.ndarray, right: np.ndarray, reviewable: np.ndarr
             "predicted_accuracy": float(curve.accuracy[0]), "max_abs_gap_points": float(abs(gap[worst])),
             "max_gap_at_k": worst, "max_gap_signed_points": float(gap[worst]),
             "mean_abs_gap_points": float(np.abs(gap).mean()), "interval_coverage": float(inside.mean()),
+            "interval_holds_at_k0": bool(inside[0]), "chance_interval_coverage": float(inside_chance.mean()),
+            "calibration_sd": CALIBRATION_SD, "truth_offset_logits": truth_offset(scores, float(true[0])),
             "within_goal": bool(abs(gap[worst]) <= GOAL_POINTS),
             "points": [{"k": k, "share": k / n, "predicted": float(curve.accuracy[k]), "true": float(true[k]),
                         "low": float(curve.low[k]), "high": float(curve.high[k])} for k in at],
@@ -134,10 +150,19 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = fmt_table(
         ["case", "texts", "true acc. %", "predicted %", "max abs gap, points (at k)", "mean abs gap",
-         "90 % interval covers", f"within {GOAL_POINTS} points"],
+         "offset to the truth, logits", "90 % interval covers (k = 0)", "chance alone covers",
+         f"within {GOAL_POINTS} points"],
         [[r["case"], r["texts"], pts(r["true_accuracy"]), pts(r["predicted_accuracy"]),
           f"{r['max_gap_signed_points']:+.2f} ({r['max_gap_at_k']})", f"{r['mean_abs_gap_points']:.2f}",
-          f"{100 * r['interval_coverage']:.1f} %", "yes" if r["within_goal"] else "no"] for r in results])
+          f"{r['truth_offset_logits']:+.2f}",
+          f"{100 * r['interval_coverage']:.1f} % ({'yes' if r['interval_holds_at_k0'] else 'no'})",
+          f"{100 * r['chance_interval_coverage']:.1f} %", "yes" if r["within_goal"] else "no"] for r in results])
+    offsets = np.array([r["truth_offset_logits"] for r in results])
+    reach = 1.6448536 * CALIBRATION_SD
+    spread = (f"Offsets to the truth over the {len(results)} cases: {np.nanmin(offsets):+.2f} to "
+              f"{np.nanmax(offsets):+.2f} logits; |offset| within {reach:.2f} (the 90 % reach of sd "
+              f"{CALIBRATION_SD}) in {int(np.sum(np.abs(offsets) <= reach))} of them; the interval held the "
+              f"truth at k = 0 in {sum(r['interval_holds_at_k0'] for r in results)} of {len(results)}.")
     curves = fmt_table(
         ["case"] + [f"k = {s:.0%}" for s in SHARES],
         [[r["case"]] + [f"{pts(p['predicted'])} / {pts(p['true'])}" for p in r["points"]] for r in results])
@@ -152,9 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         "right after reviewing the k lowest-scored texts, at every k from 0 to all texts; a reviewed text counts "
         "as right. Gap = predicted − true, in points (positive: the budget promises too much); its k is the "
         f"number of texts reviewed. {met} of {len(results)} cases stay within {GOAL_POINTS} points at every k. "
-        "The 90 % interval counts chance only (independent labels, right with their scores), not the error of "
-        "the scores' calibration, so its coverage shows how far that calibration is off.",
+        "The 90 % interval (slm/budget.py) counts chance (independent labels, right with their scores) and a "
+        f"logit offset shared by every score, normal with sd {CALIBRATION_SD} (`CALIBRATION_SD`; an audit narrows "
+        "it, not used here); 'chance alone' is the interval without that offset. 'Offset to the truth' is the "
+        "shared logit offset that would have made the mean score the true accuracy (negative: the scores were "
+        "too high).",
         summary,
+        spread,
         "Predicted / true accuracy % at a few review shares (the points the status page shows):",
         curves,
         "Review sets for a target error (`FREEAL_TARGET_ERROR`): texts to review, predicted / true error % "

@@ -21,6 +21,7 @@ from freeal_backend.loop import FreeALRun, set_aside_notes
 from freeal_backend.loop_spans import RUN_TYPES, run_type
 from freeal_backend.metrics import flag_scores, label_scores, markdown_table
 from freeal_backend.records import Item
+from freeal_backend.slm.audit import audited_calibration_sd
 from freeal_backend.slm.budget import budget_summary
 from freeal_backend.span_eval import entity_scores
 from freeal_backend.spans import decode_spans
@@ -171,8 +172,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in run.timings.items()))
         print(health_line(run))
         print("review budget: " + budget_summary([r.confidence for r in results],
-                                                 [r.source != "human" for r in results],
-                                                 settings.target_error)["sentence"])
+                                                 [r.source != "human" for r in results], settings.target_error,
+                                                 calibration_sd=audited_calibration_sd(run.health()))["sentence"])
         print()
         print(evaluation_table(run))
     return 0

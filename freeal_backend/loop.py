@@ -43,7 +43,7 @@ from freeal_backend.records import Item, ItemResult
 from freeal_backend.slm.selection import (clean_agreed_pool, demo_pool, nearest_demos, retrieve_demos,
                                           shared_prefix_order)
 from freeal_backend.slm.classifier import SLMConfig, SLMOutput, SmallModel, text_groups
-from freeal_backend.status import stage_title
+from freeal_backend.status import latest_health, stage_title
 from freeal_backend.storage import Store
 
 log = logging.getLogger(__name__)
@@ -910,10 +910,3 @@ def set_aside_notes(store: Store) -> list[str]:
         rnd += 1
     return notes
 
-
-def latest_health(store: Store) -> dict[str, object] | None:
-    """The run health stored by the latest SLM round, or None before any."""
-    rnd = 1
-    while store.get_meta(f"health_r{rnd + 1}") is not None:
-        rnd += 1
-    return store.get_meta(f"health_r{rnd}")

@@ -18,6 +18,7 @@ import numpy as np
 
 from freeal_backend.llm.client import LLMClient, LLMStats
 from freeal_backend.labelstudio.client import review_view_title
+from freeal_backend.slm.audit import audited_calibration_sd
 from freeal_backend.slm.budget import budget_summary
 from freeal_backend.storage import Store
 
@@ -260,7 +261,15 @@ def _final(store: Store, with_gold: bool, spans: bool = False) -> dict[str, Any]
             "label_counts": labels, "histogram": hist, "accuracy": accuracy}
 
 
-def _budget(store: Store, target_error: float | None) -> dict[str, Any] | None:
+def latest_health(store: Store) -> dict[str, Any] | None:
+    """The run health stored by the latest SLM round, or None before any."""
+    rnd = 1
+    while store.get_meta(f"health_r{rnd + 1}") is not None:
+        rnd += 1
+    return store.get_meta(f"health_r{rnd}")
+
+
+def _budget(store: Store, target_error: float | None, calibration_sd: float) -> dict[str, Any] | None:
     """The review budget of the stored final results (slm/budget.py): people's labels are right and not
     reviewable; a result without a score counts as surely wrong. None before any result."""
     rows = store.query("SELECT CASE WHEN source = 'human' THEN 1 ELSE COALESCE(confidence, 0) END, "
@@ -268,7 +277,7 @@ def _budget(store: Store, target_error: float | None) -> dict[str, Any] | None:
     if not rows:
         return None
     scores, reviewable = np.array(rows, dtype=np.float64).T
-    return budget_summary(scores, reviewable.astype(bool), target_error)
+    return budget_summary(scores, reviewable.astype(bool), target_error, calibration_sd=calibration_sd)
 
 
 def _slm_accuracy(store: Store, rnd: int, labels: list[str]) -> float | None:
@@ -302,8 +311,9 @@ def run_summary(store: Store, target_error: float | None = None) -> dict[str, An
     history = _label_rounds(store, last, memo_key, gold > 0, spans) if tasks else []
     final = _memo((path, data_hash, "final", done_at["final"]) if "final" in done_at else None,
                   lambda: _final(store, gold > 0, spans))
-    budget = _memo((path, data_hash, "budget", done_at["final"], target_error) if "final" in done_at else None,
-                   lambda: _budget(store, target_error))
+    sd = audited_calibration_sd(latest_health(store))
+    budget = _memo((path, data_hash, "budget", done_at["final"], target_error, sd) if "final" in done_at else None,
+                   lambda: _budget(store, target_error, sd))
 
     def answered(stage: str, rnd: int) -> int:
         return _memo(memo_key(f"answered {stage}", rnd),

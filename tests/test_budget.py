@@ -11,7 +11,8 @@ import pytest
 
 from freeal_backend.config import Settings
 from freeal_backend.records import Item, ItemResult
-from freeal_backend.slm.budget import budget_curve, budget_summary, holding_share, review_order, review_set
+from freeal_backend.slm.budget import (CALIBRATION_SD, budget_curve, budget_summary, calibration_sd, holding_share,
+                                       review_order, review_set)
 from freeal_backend.storage import Store
 
 HAND = [0.5, 0.9, 1.0, 0.7]  # review order: 0 (0.5), 3 (0.7), 1 (0.9), 2 (1.0)
@@ -70,7 +71,7 @@ def test_quantiles_match_the_exact_poisson_binomial(draw: str) -> None:
                   "near certain": lambda: np.full(n, 0.999), "constant": lambda: np.full(n, rng.uniform()),
                   "with sure ones": lambda: np.concatenate([rng.beta(5, 0.3, n), np.ones(5), np.zeros(3)])}[draw]()
         for level in (0.8, 0.9, 0.98):
-            curve = budget_curve(scores, ks=[0], level=level)
+            curve = budget_curve(scores, ks=[0], level=level, calibration_sd=0.0)
             q = 1 - scores
             hi, lo = exact_quantile(q, (1 + level) / 2), exact_quantile(q, (1 - level) / 2)
             # at most one label off the exact quantile, either side
@@ -78,14 +79,21 @@ def test_quantiles_match_the_exact_poisson_binomial(draw: str) -> None:
             assert abs((1 - curve.high[0]) * len(q) - lo) <= 1 + 1e-9
 
 
-def _coverage(scores: np.ndarray, truth: np.ndarray, ks: list[int], rng: np.random.Generator, draws: int) -> float:
-    """Share of simulated label sets whose accuracy after review lies in the curve's interval: labels are right
-    with probability ``truth``, the curve sees ``scores``."""
-    curve = budget_curve(scores, ks=ks)
+def _logit(p: np.ndarray) -> np.ndarray:
+    return np.log(p) - np.log1p(-p)
+
+
+def _coverage(scores: np.ndarray, truth: np.ndarray, ks: list[int], rng: np.random.Generator, draws: int,
+              calibration_sd: float = 0.0, offset_sd: float = 0.0) -> float:
+    """Share of simulated label sets whose accuracy after review lies in the curve's interval: the curve sees
+    ``scores``; labels are right with probability ``truth``, its logits moved per draw by one offset drawn
+    with sd ``offset_sd``."""
+    curve = budget_curve(scores, ks=ks, calibration_sd=calibration_sd)
     order = review_order(scores)
     inside = []
     for _ in range(draws):
-        right = rng.random(len(scores)) < truth
+        moved = 1 / (1 + np.exp(-(_logit(truth) + rng.normal(0, offset_sd)))) if offset_sd else truth
+        right = rng.random(len(scores)) < moved
         for k, lo, hi in zip(ks, curve.low, curve.high):
             after = right.copy()
             after[order[:k]] = True
@@ -97,7 +105,7 @@ def test_interval_covers_simulated_accuracy_when_the_scores_are_calibrated() -> 
     rng = np.random.default_rng(7)
     scores = rng.beta(5, 1, 2000)
     ks = [0, 20, 100, 400, 1000]
-    curve = budget_curve(scores, ks=ks)
+    curve = budget_curve(scores, ks=ks, calibration_sd=0.0)
     order = review_order(scores)
     means = []
     for _ in range(300):
@@ -110,6 +118,37 @@ def test_interval_covers_simulated_accuracy_when_the_scores_are_calibrated() -> 
         means.append(row)
     assert np.mean(means, axis=0) == pytest.approx(curve.accuracy, abs=0.002)  # unbiased
     assert 0.86 <= _coverage(scores, scores, ks, rng, 300) <= 0.97  # a 90 % interval (integer counts: a bit more)
+
+
+def test_interval_counts_a_shared_calibration_offset_by_default() -> None:
+    """Scores calibrated without gold can be off as a whole (made noise: the truth up to 1.8 logits lower).
+    The default interval counts an offset with sd CALIBRATION_SD; chance alone covered far less."""
+    rng = np.random.default_rng(11)
+    scores = rng.beta(6, 1, 2000)
+    ks = [0, 100, 400]
+    assert CALIBRATION_SD == 0.7
+    assert _coverage(scores, scores, ks, rng, 300, calibration_sd=0.0, offset_sd=CALIBRATION_SD) < 0.4
+    assert 0.85 <= _coverage(scores, scores, ks, rng, 300, calibration_sd=CALIBRATION_SD,
+                             offset_sd=CALIBRATION_SD) <= 0.97
+    # a made-noise-like run: the truth one logit below the scores (about 9 points at 85 % right)
+    truth = 1 / (1 + np.exp(-(_logit(np.clip(scores, 1e-9, 1 - 1e-9)) - 1.0)))
+    plain = budget_curve(scores, ks=[0])
+    assert truth.mean() < scores.mean() - 0.05
+    assert plain.low[0] < truth.mean() < plain.high[0]
+    assert not budget_curve(scores, ks=[0], calibration_sd=0.0).low[0] < truth.mean()
+    assert plain.high[0] - plain.low[0] < 0.3  # wide where many scores are low (here 69-95 %)
+
+
+def test_an_audit_narrows_the_calibration_offset() -> None:
+    assert calibration_sd() == CALIBRATION_SD and calibration_sd(0, 0) == CALIBRATION_SD
+    fifty = calibration_sd(50, 45)
+    assert fifty == pytest.approx((1 / CALIBRATION_SD**2 + 50 * (46 / 52) * (6 / 52)) ** -0.5)
+    assert calibration_sd(200, 180) < fifty < calibration_sd(20, 18) < CALIBRATION_SD
+    scores = np.random.default_rng(2).beta(6, 1, 500)
+    wide, narrow = (budget_curve(scores, ks=[0], calibration_sd=sd) for sd in (CALIBRATION_SD, fifty))
+    assert wide.low[0] < narrow.low[0] < narrow.accuracy[0] < narrow.high[0] < wide.high[0]
+    with pytest.raises(ValueError, match="calibration_sd"):
+        budget_curve(scores, calibration_sd=-0.1)
 
 
 def test_simulation_catches_overconfident_scores() -> None:

@@ -28,7 +28,9 @@ from freeal_backend.metrics import label_scores
 from freeal_backend.records import Item, ItemResult
 from freeal_backend.labelstudio.backend import ServerSettings
 from freeal_backend.labelstudio.server import create_app
-from freeal_backend.status import run_summary
+from freeal_backend.slm.audit import AUDIT_MIN, audited_calibration_sd
+from freeal_backend.slm.budget import CALIBRATION_SD, calibration_sd
+from freeal_backend.status import latest_health, run_summary
 from freeal_backend.storage import Store
 
 USER, PASSWORD = "reviewer", "s3cret-pass"
@@ -111,6 +113,25 @@ def test_run_summary_carries_the_review_budget(tmp_path: Path) -> None:
     assert aimed["target"]["target_error"] == 0.3 and 1 - aimed["target"]["accuracy"] <= 0.3
     expected_k = next(k for k in range(N) if (1 + k + sum(sorted(machine)[k:])) / N >= 0.7)
     assert aimed["target"]["k"] == expected_k
+
+
+def test_a_random_audit_narrows_the_budget_interval(tmp_path: Path) -> None:
+    """Without an audit the interval counts the scores' calibration as uncertain by CALIBRATION_SD logits; once
+    an audit of at least AUDIT_MIN tasks has recalibrated the scores, by what is left after the audit."""
+    write_run(tmp_path / "state.sqlite")
+    store = Store(tmp_path / "state.sqlite")
+    plain = run_summary(store)["budget"]
+    health = store.get_meta("health_r2")
+    for audited, sd in ((AUDIT_MIN - 1, CALIBRATION_SD), (50, calibration_sd(50, 40))):
+        store.set_meta("health_r2", {**health, "audit": {"audited": audited, "final_right": 40 * audited // 50}})
+        assert audited_calibration_sd(latest_health(store)) == pytest.approx(sd)
+    audited = run_summary(store)["budget"]
+    store.close()
+    assert plain["calibration_sd"] == CALIBRATION_SD
+    assert audited["calibration_sd"] == pytest.approx(calibration_sd(50, 40)) and calibration_sd(50, 40) < CALIBRATION_SD
+    wide, narrow = plain["points"][0], audited["points"][0]
+    assert wide["accuracy"] == narrow["accuracy"]
+    assert wide["low"] < narrow["low"] and narrow["high"] < wide["high"]
 
 
 def test_state_files_from_before_the_new_columns_are_upgraded(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from freeal_backend.labelstudio.manager import JobManager
 from freeal_backend.labelstudio.request_checks import BadRequest, no_text_note, task_texts
 from freeal_backend.labelstudio.runs import ProjectOptions, RunRegistry, same_label_set
 from freeal_backend.llm.client import LLMUnavailable
-from freeal_backend.loop import FreeALRun, latest_health
+from freeal_backend.loop import FreeALRun
 from freeal_backend.loop_spans import span_dicts
 from freeal_backend.records import Item, ItemResult
 from freeal_backend.spans import decode_spans
@@ -172,7 +172,7 @@ class Backend:
         opts = ProjectOptions.from_extra((self.store.project(project_id) or {}).get("extra_params")).over(self.settings)
         with self.runs.stored_state(project_id) as store:
             data = run_status.project_status(project_id, row, store, ls_url, target_error=opts.target_error)
-            data["health"] = latest_health(store) if store is not None else None
+            data["health"] = run_status.latest_health(store) if store is not None else None
             return data
 
     def version(self, project_id: int) -> str:
