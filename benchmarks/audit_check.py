@@ -8,7 +8,9 @@ person's label) and given gold as the person's labels; the verdict (``detection.
   - how often the audit's 90 % Wilson interval holds the true share;
   - the final scores' calibration on the texts not audited (ECE, 10 bins), and the gap between their mean and
     the true share of right final labels;
-  - the review budget's largest gap against the truth on the texts not audited (as budget_check.py);
+  - the review budget's largest gap against the truth on the texts not audited (as budget_check.py), and how
+    often its 90 % interval holds the truth over every k (its calibration sd as without an audit, as in the
+    product; ``--narrow`` narrows it by the audit's own uncertainty, which held the truth less often);
   - "trust the rest": the true share right among the texts the flag leaves alone (JSON only).
 Without an audit (k = 0) the same figures come from the verdict alone.
 
@@ -32,15 +34,28 @@ from _common import RESULTS, beside, fmt_table, loadavg, run_evidence, write_rep
 from budget_check import check, npz_cases  # noqa: E402
 
 from freeal_backend.metrics import expected_calibration_error  # noqa: E402
-from freeal_backend.slm.audit import AUDIT_LEVEL, AUDIT_MIN  # noqa: E402
+from freeal_backend.slm.audit import AUDIT_LEVEL, AUDIT_MIN, Audit  # noqa: E402
+from freeal_backend.slm.budget import CALIBRATION_SD  # noqa: E402
 from freeal_backend.slm.detection import judge  # noqa: E402
 
 SIZES = (20, 30, 50, 100)
 
 
+def narrowed_sd(audit: Audit, scores: np.ndarray) -> float:
+    """The alternative the product does not take: the calibration offset's sd after an audit, the prior
+    combined with the audit's binomial standard error of its share right (smoothed), turned into logits by how
+    fast the mean score moves with an offset (the mean of p(1 - p))."""
+    slope = float(np.mean(scores * (1 - scores)))
+    if slope <= 0:
+        return CALIBRATION_SD
+    a = (audit.final_right + 1.0) / (audit.audited + 2.0)
+    audit_sd = float(np.sqrt(a * (1 - a) / audit.audited)) / slope
+    return float(1 / np.sqrt(1 / CALIBRATION_SD**2 + 1 / audit_sd**2))
+
+
 def measure(name: str, probs: np.ndarray, labels: np.ndarray, gold: np.ndarray, human: np.ndarray | None,
             llm_probs: np.ndarray | None, sizes: tuple[int, ...], draws: int, seed: int,
-            llm_calibrated: bool = False) -> dict[str, Any]:
+            llm_calibrated: bool = False, narrow: bool = False) -> dict[str, Any]:
     """Run health, interval, calibration and the unflagged share over ``draws`` random audits per size."""
     n = len(labels)
     human = np.zeros(n, dtype=bool) if human is None else human
@@ -54,9 +69,12 @@ def measure(name: str, probs: np.ndarray, labels: np.ndarray, gold: np.ndarray, 
         rest = np.setdiff1d(free, audit_rows)
         right = v.labels[rest] == gold[rest]
         unflagged = rest[~v.flagged[rest]]
-        budget = check(name, v.scores[rest], right, ~human[rest])
+        sd = narrowed_sd(v.audit, v.scores[rest]) if narrow and v.audit is not None and v.audit.decides \
+            else CALIBRATION_SD
+        budget = check(name, v.scores[rest], right, ~human[rest], sd)
         out = {"error": v.health.estimated_accuracy - true, "ece": expected_calibration_error(v.scores[rest], right),
-               "budget_gap": budget["max_abs_gap_points"],
+               "budget_gap": budget["max_abs_gap_points"], "budget_covered": budget["interval_coverage"],
+               "budget_k0": float(budget["interval_holds_at_k0"]),
                "level_gap": float(v.scores[rest].mean() - right.mean()),
                "unflagged_true": float((v.labels[unflagged] == gold[unflagged]).mean()) if len(unflagged) else np.nan,
                "covered": np.nan}
@@ -83,6 +101,8 @@ def _summary(runs: list[dict[str, float]]) -> dict[str, float]:
             "level_gap_points": float(100 * np.mean([r["level_gap"] for r in runs])),
             "budget_max_gap_points": float(np.mean([r["budget_gap"] for r in runs])),
             "budget_within_1_5": float(np.mean([r["budget_gap"] <= 1.5 for r in runs])),
+            "budget_interval_coverage": float(np.mean([r["budget_covered"] for r in runs])),
+            "budget_holds_at_k0": float(np.mean([r["budget_k0"] for r in runs])),
             "unflagged_true": float(np.nanmean([r["unflagged_true"] for r in runs]))}
 
 
@@ -94,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="audit sizes (comma-separated)")
     ap.add_argument("--draws", type=int, default=200, help="random audits per size and case")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--narrow", action="store_true",
+                    help="narrow the budget interval's calibration sd by the audit (not what the product does)")
     ap.add_argument("--out", default=str(RESULTS / "audit_check"), help="result file stem")
     args = ap.parse_args(argv)
     sizes = tuple(int(s) for s in args.sizes.split(","))
@@ -101,13 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     cases = []
     for path in map(Path, args.npz):
         for name, probs, labels, gold in npz_cases(path):
-            cases.append(measure(name, probs, labels, gold, None, None, sizes, args.draws, args.seed))
+            cases.append(measure(name, probs, labels, gold, None, None, sizes, args.draws, args.seed,
+                                 narrow=args.narrow))
             print(f"{name}: done", flush=True)
     for run_dir in map(Path, args.rejudge_run):
         ev = run_evidence(run_dir)
         cases.append(measure(f"run {run_dir.parent.parent.parent.name}/{run_dir.name}", ev["probs"], ev["labels"],
                              ev["gold"], ev["human"], ev["llm_probs"], sizes, args.draws, args.seed,
-                             ev["llm_calibrated"]))
+                             ev["llm_calibrated"], args.narrow))
         print(f"{run_dir}: done", flush=True)
 
     def cell(case: dict[str, Any], k: int, key: str, fmt: str) -> str:
@@ -127,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     budget = fmt_table(["case"] + [f"k = {k}" if k else "no audit" for k in ks],
                        [[c["case"]] + [f"{cell(c, k, 'budget_max_gap_points', '.1f')} "
                                        f"({cell(c, k, 'budget_within_1_5', '.0%')})" for k in ks] for c in cases])
+    held = fmt_table(["case"] + [f"k = {k}" if k else "no audit" for k in ks],
+                     [[c["case"]] + [f"{cell(c, k, 'budget_interval_coverage', '.0%')} "
+                                     f"({cell(c, k, 'budget_holds_at_k0', '.0%')})" for k in ks] for c in cases])
     mean_abs = {k: float(np.mean([r["mean_abs_error_points"] for c in cases for r in c["sizes"] if r["size"] == k]))
                 for k in ks}
     body = "\n\n".join([
@@ -147,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         "predicted and true accuracy after reviewing the k lowest-scored texts, over every k, in points, mean "
         "over the draws; in brackets the share of draws within 1.5 points at every k:",
         budget,
+        "**The review budget's 90 % interval** (chance and a shared logit offset of the scores, sd "
+        + (f"narrowed by an audit of {AUDIT_MIN} or more: `narrowed_sd`" if args.narrow else
+           f"{CALIBRATION_SD} with or without an audit") + "): share of k at which it holds the truth, "
+        "mean over the draws; in brackets the share of draws in which it holds it at k = 0:",
+        held,
         "The .npz cases have no LLM confidence; the `--rejudge-run` cases are judged with it, as the run was. "
         "The audited rows were never people's labels in these runs, so the small model's probabilities are "
         "exactly what a blind audit leaves them (it trains on the LLM's label there, as here).",

@@ -40,6 +40,7 @@ from freeal_backend.slm.budget import (CALIBRATION_SD, SHARES, budget_curve, rev
 from freeal_backend.slm.detection import judge  # noqa: E402
 
 TARGETS = (0.01, 0.02, 0.05, 0.1)
+CONFIDENCE = 0.9  # the review sets are also chosen to meet each target with this confidence (FREEAL_TARGET_CONFIDENCE)
 GOAL_POINTS = 1.5
 
 
@@ -53,11 +54,12 @@ def truth_offset(scores: np.ndarray, true_accuracy: float) -> float:
     return float(brentq(gap, -20, 20))
 
 
-def check(name: str, scores: np.ndarray, right: np.ndarray, reviewable: np.ndarray) -> dict[str, Any]:
-    """Predicted vs true accuracy after review at every k, the share of k whose interval (the budget's, and
-    chance's alone) holds the truth, and the review sets of ``TARGETS``."""
+def check(name: str, scores: np.ndarray, right: np.ndarray, reviewable: np.ndarray,
+          calibration_sd: float = CALIBRATION_SD) -> dict[str, Any]:
+    """Predicted vs true accuracy after review at every k, the share of k whose interval (the budget's with
+    ``calibration_sd``, and chance's alone) holds the truth, and the review sets of ``TARGETS``."""
     n = len(scores)
-    curve = budget_curve(scores, reviewable)
+    curve = budget_curve(scores, reviewable, calibration_sd=calibration_sd)
     chance = budget_curve(scores, reviewable, calibration_sd=0.0)
     order = review_order(scores, reviewable)
     fixed_right = int(right[~reviewable].sum())
@@ -70,19 +72,20 @@ def check(name: str, scores: np.ndarray, right: np.ndarray, reviewable: np.ndarr
     at = sorted({min(len(order), round(s * n)) for s in SHARES})
     targets = []
     for target in TARGETS:
-        try:
-            _, est = review_set(scores, target, reviewable)
-        except ValueError:
-            continue
-        targets.append({"target_error": target, "k": est.k, "share": est.k / n,
-                        "predicted_error": 1 - est.accuracy, "interval": [1 - est.high, 1 - est.low],
-                        "true_error": float(1 - true[est.k])})
+        for confidence in (None, CONFIDENCE):
+            try:
+                _, est = review_set(scores, target, reviewable, confidence, calibration_sd=calibration_sd)
+            except ValueError:
+                continue
+            targets.append({"target_error": target, "confidence": confidence, "k": est.k, "share": est.k / n,
+                            "predicted_error": 1 - est.accuracy, "interval": [1 - est.high, 1 - est.low],
+                            "true_error": float(1 - true[est.k])})
     return {"case": name, "texts": n, "reviewable": int(reviewable.sum()), "true_accuracy": float(true[0]),
             "predicted_accuracy": float(curve.accuracy[0]), "max_abs_gap_points": float(abs(gap[worst])),
             "max_gap_at_k": worst, "max_gap_signed_points": float(gap[worst]),
             "mean_abs_gap_points": float(np.abs(gap).mean()), "interval_coverage": float(inside.mean()),
             "interval_holds_at_k0": bool(inside[0]), "chance_interval_coverage": float(inside_chance.mean()),
-            "calibration_sd": CALIBRATION_SD, "truth_offset_logits": truth_offset(scores, float(true[0])),
+            "calibration_sd": calibration_sd, "truth_offset_logits": truth_offset(scores, float(true[0])),
             "within_goal": bool(abs(gap[worst]) <= GOAL_POINTS),
             "points": [{"k": k, "share": k / n, "predicted": float(curve.accuracy[k]), "true": float(true[k]),
                         "low": float(curve.low[k]), "high": float(curve.high[k])} for k in at],
@@ -166,11 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     curves = fmt_table(
         ["case"] + [f"k = {s:.0%}" for s in SHARES],
         [[r["case"]] + [f"{pts(p['predicted'])} / {pts(p['true'])}" for p in r["points"]] for r in results])
-    targets = fmt_table(
-        ["case"] + [f"target {t:.0%}: k, predicted / true error %" for t in TARGETS],
-        [[r["case"]] + [next((f"{t['k']}, {pts(t['predicted_error'])} / {pts(t['true_error'])}"
-                              for t in r["targets"] if t["target_error"] == target), "unreachable")
-                        for target in TARGETS] for r in results])
+    def target_cells(confidence: float | None) -> list[list[Any]]:
+        return [[r["case"]] + [next((f"{t['k']}, {pts(t['predicted_error'])} / {pts(t['true_error'])}"
+                                     for t in r["targets"] if t["target_error"] == target
+                                     and t.get("confidence") == confidence), "unreachable")
+                               for target in TARGETS] for r in results]
+
+    header = ["case"] + [f"target {t:.0%}: k, predicted / true error %" for t in TARGETS]
+    targets, sure_targets = fmt_table(header, target_cells(None)), fmt_table(header, target_cells(CONFIDENCE))
+    target_met = {c: [t["true_error"] <= t["target_error"] + 1e-12 for r in results for t in r["targets"]
+               if t.get("confidence") == c] for c in (None, CONFIDENCE)}
     met = sum(r["within_goal"] for r in results)
     body = "\n\n".join([
         "Predicted (from the scores alone, P(label right) calibrated without gold) vs true share of all labels "
@@ -187,8 +195,12 @@ def main(argv: list[str] | None = None) -> int:
         "Predicted / true accuracy % at a few review shares (the points the status page shows):",
         curves,
         "Review sets for a target error (`FREEAL_TARGET_ERROR`): texts to review, predicted / true error % "
-        "after their review:",
+        f"after their review; the true error met the target in {sum(target_met[None])} of {len(target_met[None])}:",
         targets,
+        f"The same with `FREEAL_TARGET_CONFIDENCE={CONFIDENCE}` (the set whose review meets the target with "
+        f"{CONFIDENCE:.0%} confidence, counting chance and the calibration offset): the true error met the target "
+        f"in {sum(target_met[CONFIDENCE])} of {len(target_met[CONFIDENCE])}:",
+        sure_targets,
         "The .npz cases are re-judged from the saved out-of-sample SLM probabilities with detection.py as in "
         "the working tree (no LLM confidence in those runs); `--run` cases use the run's stored scores; "
         "`--rejudge-run` cases are re-judged the same way from the run's stored evidence, with the LLM's confidence.",

@@ -21,7 +21,6 @@ from freeal_backend.loop import FreeALRun, set_aside_notes
 from freeal_backend.loop_spans import RUN_TYPES, run_type
 from freeal_backend.metrics import flag_scores, label_scores, markdown_table
 from freeal_backend.records import Item
-from freeal_backend.slm.audit import audited_calibration_sd
 from freeal_backend.slm.budget import budget_summary
 from freeal_backend.span_eval import entity_scores
 from freeal_backend.spans import decode_spans
@@ -173,7 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(health_line(run))
         print("review budget: " + budget_summary([r.confidence for r in results],
                                                  [r.source != "human" for r in results], settings.target_error,
-                                                 calibration_sd=audited_calibration_sd(run.health()))["sentence"])
+                                                 confidence=settings.target_confidence)["sentence"])
         print()
         print(evaluation_table(run))
     return 0
@@ -202,9 +201,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "state.sqlite").exists():
         raise SystemExit(f"error: {run_dir} holds no FreeAL run (no state.sqlite)")
+    settings = Settings.from_env()
     store = Store(run_dir / "state.sqlite")
     try:
-        html = report_page(run_dir.resolve().name, run_summary(store, Settings.from_env().target_error),
+        html = report_page(run_dir.resolve().name,
+                           run_summary(store, settings.target_error, settings.target_confidence),
                            flagged_items(store, args.max_flagged))
     finally:
         store.close()

@@ -40,7 +40,8 @@ ENV_NAMES = {  # Settings field -> the environment variable that sets it
     "select_ratio": "FREEAL_SELECT_RATIO", "seed": "FREEAL_SEED", "task_description": "FREEAL_TASK",
     "queue_url": "FREEAL_QUEUE", "queue_lock_ttl": "FREEAL_QUEUE_LOCK_TTL",
     "push_every_round_max_tasks": "FREEAL_PUSH_EVERY_ROUND_MAX", "keep_old_versions": "FREEAL_KEEP_OLD_VERSIONS",
-    "target_error": "FREEAL_TARGET_ERROR", "audit_size": "FREEAL_AUDIT", "llm_calibrated": "FREEAL_LLM_CALIBRATED",
+    "target_error": "FREEAL_TARGET_ERROR", "target_confidence": "FREEAL_TARGET_CONFIDENCE",
+    "audit_size": "FREEAL_AUDIT", "llm_calibrated": "FREEAL_LLM_CALIBRATED",
 }
 
 
@@ -100,6 +101,9 @@ class Settings:
     #   not selected) instead of deleting them; while Label Studio deletes a version, people's saves wait for it
     target_error: float | None = None  # FREEAL_TARGET_ERROR, e.g. 0.05: review set = fewest least-confident texts
     #   whose review brings the estimated error of all labels to this or below (slm/budget.py); empty = off
+    target_confidence: float | None = None  # FREEAL_TARGET_CONFIDENCE, e.g. 0.9: the review set meets the target
+    #   error with this confidence (one-sided; chance and the scores' calibration offset, slm/budget.py), not
+    #   only in expectation; empty = in expectation
     llm_calibrated: bool | None = None  # FREEAL_LLM_CALIBRATED: the LLM's logprob confidence is calibrated, so its
     #   mean sets the level of the scores and of run health (up as well as down); empty = on for an embedded model
     #   measured so (the 1.5B), off for an endpoint: then the lower of its figure and the small model's counts
@@ -111,6 +115,9 @@ class Settings:
         if self.target_error is not None and unit_share(self.target_error) is None:  # also refuses NaN
             raise ValueError(f"FREEAL_TARGET_ERROR must lie strictly between 0 and 1 (e.g. 0.05 for at most 5 % "
                              f"wrong labels), got {self.target_error!r}")
+        if self.target_confidence is not None and unit_share(self.target_confidence) is None:
+            raise ValueError(f"FREEAL_TARGET_CONFIDENCE must lie strictly between 0 and 1 (e.g. 0.9: the review "
+                             f"set meets the target error with 90 % confidence), got {self.target_confidence!r}")
         if self.audit_size < 0:
             raise ValueError(f"FREEAL_AUDIT is a number of tasks (0 = no audit), got {self.audit_size!r}")
 

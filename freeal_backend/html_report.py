@@ -232,8 +232,7 @@ def budget_section(run: dict[str, Any]) -> str:
             f'<p id="budget-sentence">{e(budget["sentence"][:1].upper() + budget["sentence"][1:])}.</p>'
             '<p class="muted">Least-confident first: sort the tasks by prediction score, lowest first. Estimated '
             'from the scores (P(label right), calibrated without gold; a reviewed task counts as right); the '
-            'interval counts chance and how far the scores\' calibration may be off as a whole (a random audit, '
-            'FREEAL_AUDIT, narrows it).</p>'
+            'interval counts chance and how far the scores\' calibration may be off as a whole.</p>'
             f'<div id="budget">{_table(header, rows, left=())}</div>')
 
 

@@ -197,14 +197,17 @@ class FreeALRun:
 
     def _within_budget(self, results: list[ItemResult]) -> list[ItemResult]:
         """With ``FREEAL_TARGET_ERROR``, the flag also holds the smallest set of lowest-scored texts whose review
-        brings the estimated error of all labels to the target (reason ``review_budget``); see slm/budget.py."""
+        brings the estimated error of all labels to the target (with ``FREEAL_TARGET_CONFIDENCE``: its upper
+        bound at that confidence; reason ``review_budget``); see slm/budget.py."""
         target = self.target_error
         if target is None:
             return results
         reviewable = [r.source != "human" for r in results]
-        picked, estimate = review_set([r.confidence for r in results], target, reviewable)
-        log.info("review budget: %d texts to review for an estimated error of %.1f%% (target %.1f%%)",
-                 len(picked), 100 * (1 - estimate.accuracy), 100 * target)
+        confidence = self.settings.target_confidence
+        picked, estimate = review_set([r.confidence for r in results], target, reviewable, confidence)
+        log.info("review budget: %d texts to review for an estimated error of %.1f%% (target %.1f%%%s)",
+                 len(picked), 100 * (1 - estimate.accuracy), 100 * target,
+                 f" with {100 * confidence:.0f}% confidence" if confidence else "")
         out = list(results)
         for i in picked:
             r = out[i]

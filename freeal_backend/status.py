@@ -18,7 +18,6 @@ import numpy as np
 
 from freeal_backend.llm.client import LLMClient, LLMStats
 from freeal_backend.labelstudio.client import review_view_title
-from freeal_backend.slm.audit import audited_calibration_sd
 from freeal_backend.slm.budget import budget_summary
 from freeal_backend.storage import Store
 
@@ -88,12 +87,13 @@ def review_tab_url(ls_url: str | None, project_id: int, view_id: int | None) -> 
 
 
 def project_status(project_id: int, row: dict[str, Any] | None, store: Store | None, ls_url: str | None,
-                   now: float | None = None, target_error: float | None = None) -> dict[str, Any]:
+                   now: float | None = None, target_error: float | None = None,
+                   target_confidence: float | None = None) -> dict[str, Any]:
     """What ``/status/<id>`` answers and ``/projects/<id>`` shows: the job, the run's numbers, the review tab."""
     job = job_summary(row, now)
     view_id = (row or {}).get("view_id")
     return {"project": project_id, "job": job,
-            "run": run_summary(store, target_error) if store is not None else None,
+            "run": run_summary(store, target_error, target_confidence) if store is not None else None,
             "review_tab": {"title": review_view_title(job["flagged"], live_title_state(job)), "view_id": view_id,
                            "url": review_tab_url(ls_url, project_id, view_id)}}
 
@@ -269,7 +269,7 @@ def latest_health(store: Store) -> dict[str, Any] | None:
     return store.get_meta(f"health_r{rnd}")
 
 
-def _budget(store: Store, target_error: float | None, calibration_sd: float) -> dict[str, Any] | None:
+def _budget(store: Store, target_error: float | None, confidence: float | None) -> dict[str, Any] | None:
     """The review budget of the stored final results (slm/budget.py): people's labels are right and not
     reviewable; a result without a score counts as surely wrong. None before any result."""
     rows = store.query("SELECT CASE WHEN source = 'human' THEN 1 ELSE COALESCE(confidence, 0) END, "
@@ -277,7 +277,7 @@ def _budget(store: Store, target_error: float | None, calibration_sd: float) -> 
     if not rows:
         return None
     scores, reviewable = np.array(rows, dtype=np.float64).T
-    return budget_summary(scores, reviewable.astype(bool), target_error, calibration_sd=calibration_sd)
+    return budget_summary(scores, reviewable.astype(bool), target_error, confidence=confidence)
 
 
 def _slm_accuracy(store: Store, rnd: int, labels: list[str]) -> float | None:
@@ -290,9 +290,10 @@ def _slm_accuracy(store: Store, rnd: int, labels: list[str]) -> float | None:
     return sum(hits) / len(hits) if hits else None
 
 
-def run_summary(store: Store, target_error: float | None = None) -> dict[str, Any]:
+def run_summary(store: Store, target_error: float | None = None,
+                target_confidence: float | None = None) -> dict[str, Any]:
     """Everything the page shows about one run's state: counts, round history, final results, accuracy, and
-    the review budget (with ``target_error``: the review set that meets it)."""
+    the review budget (with ``target_error``: the review set that meets it, with ``target_confidence`` if set)."""
     labels = store.get_meta("labels") or []
     data_hash = store.get_meta("data_hash") or ""
     stages = store.stages()
@@ -311,9 +312,8 @@ def run_summary(store: Store, target_error: float | None = None) -> dict[str, An
     history = _label_rounds(store, last, memo_key, gold > 0, spans) if tasks else []
     final = _memo((path, data_hash, "final", done_at["final"]) if "final" in done_at else None,
                   lambda: _final(store, gold > 0, spans))
-    sd = audited_calibration_sd(latest_health(store))
-    budget = _memo((path, data_hash, "budget", done_at["final"], target_error, sd) if "final" in done_at else None,
-                   lambda: _budget(store, target_error, sd))
+    budget = _memo((path, data_hash, "budget", done_at["final"], target_error, target_confidence)
+                   if "final" in done_at else None, lambda: _budget(store, target_error, target_confidence))
 
     def answered(stage: str, rnd: int) -> int:
         return _memo(memo_key(f"answered {stage}", rnd),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from freeal_backend.slm.budget import CALIBRATION_SD
 from tests.fixtures_llm import DATA, shared_rows
 from tests.fixtures_ls import LabelStudioServer
 
@@ -285,12 +286,15 @@ def test_evidence_ablation_tiny(tmp_path: Path) -> None:
     cases = json.loads((tmp_path / "budget.json").read_text())["cases"]
     assert [c["case"] for c in cases] == [f"re-judged run {run_dir}"] and cases[0]["texts"] == len(rows)
     assert cases[0]["true_accuracy"] == pytest.approx(data[0]["variants"]["SLM alone"]["final_accuracy"])
+    assert 0 <= cases[0]["interval_coverage"] <= 1 and 0 <= cases[0]["chance_interval_coverage"] <= 1
+    assert cases[0]["calibration_sd"] == CALIBRATION_SD and "truth_offset_logits" in cases[0]
     _run(["benchmarks/audit_check.py", "--npz", "--rejudge-run", str(run_dir), "--sizes", "20", "--draws", "3",
           "--out", str(tmp_path / "audit_1.5b")], tmp_path)
     audited = json.loads((tmp_path / "audit_1.5b.json").read_text())["cases"]
     assert len(audited) == 1 and audited[0]["texts"] == len(rows) and audited[0]["draws"] == 3
     assert [r["size"] for r in audited[0]["sizes"]] == [0, 20]
     assert 0 <= audited[0]["sizes"][1]["interval_coverage"] <= 1
+    assert all(0 <= r["budget_interval_coverage"] <= 1 for r in audited[0]["sizes"])
 
 
 def test_health_estimators_on_the_stored_probabilities(tmp_path: Path) -> None:

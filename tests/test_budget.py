@@ -11,8 +11,8 @@ import pytest
 
 from freeal_backend.config import Settings
 from freeal_backend.records import Item, ItemResult
-from freeal_backend.slm.budget import (CALIBRATION_SD, budget_curve, budget_summary, calibration_sd, holding_share,
-                                       review_order, review_set)
+from freeal_backend.slm.budget import (CALIBRATION_SD, budget_curve, budget_summary, holding_share, review_order,
+                                       review_set)
 from freeal_backend.storage import Store
 
 HAND = [0.5, 0.9, 1.0, 0.7]  # review order: 0 (0.5), 3 (0.7), 1 (0.9), 2 (1.0)
@@ -139,16 +139,11 @@ def test_interval_counts_a_shared_calibration_offset_by_default() -> None:
     assert plain.high[0] - plain.low[0] < 0.3  # wide where many scores are low (here 69-95 %)
 
 
-def test_an_audit_narrows_the_calibration_offset() -> None:
-    assert calibration_sd() == CALIBRATION_SD and calibration_sd(0, 0) == CALIBRATION_SD
-    fifty = calibration_sd(50, 45)
-    assert fifty == pytest.approx((1 / CALIBRATION_SD**2 + 50 * (46 / 52) * (6 / 52)) ** -0.5)
-    assert calibration_sd(200, 180) < fifty < calibration_sd(20, 18) < CALIBRATION_SD
-    scores = np.random.default_rng(2).beta(6, 1, 500)
-    wide, narrow = (budget_curve(scores, ks=[0], calibration_sd=sd) for sd in (CALIBRATION_SD, fifty))
-    assert wide.low[0] < narrow.low[0] < narrow.accuracy[0] < narrow.high[0] < wide.high[0]
+def test_a_negative_calibration_sd_is_refused() -> None:
     with pytest.raises(ValueError, match="calibration_sd"):
-        budget_curve(scores, calibration_sd=-0.1)
+        budget_curve([0.5, 0.9], calibration_sd=-0.1)
+    with pytest.raises(ValueError, match="calibration_sd"):
+        review_set([0.5, 0.9], 0.1, calibration_sd=float("nan"))
 
 
 def test_simulation_catches_overconfident_scores() -> None:
@@ -212,6 +207,11 @@ def test_summary_points_target_and_sentence() -> None:
     assert aimed["target"]["k"] == est.k and aimed["target"]["target_error"] == 0.02
     assert aimed["sentence"].startswith(f"to bring the estimated error to at most 2.0 %, review the {est.k} ")
     assert [p["k"] for p in budget_summary(scores[:4], reviewable[:4])["points"]] == [0, 1, 2]  # capped at 4 texts
+    sure = budget_summary(scores, reviewable, target_error=0.02, confidence=0.9)
+    sure_idx, sure_est = review_set(scores, 0.02, reviewable, confidence=0.9)
+    assert sure["target"]["k"] == sure_est.k > est.k and sure["target"]["confidence"] == 0.9
+    assert sure["sentence"].startswith(f"to bring the error to at most 2.0 % with 90 % confidence, review the "
+                                       f"{sure_est.k} ")
     met = budget_summary(scores, reviewable, target_error=0.5)
     assert met["target"]["k"] == 0 and met["sentence"].startswith(
         "the estimated error is already at most 50.0 %: without review about ")
@@ -229,6 +229,14 @@ def test_target_error_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FREEAL_TARGET_ERROR", "five percent")
     with pytest.raises(ValueError, match="FREEAL_TARGET_ERROR"):
         Settings.from_env()
+    monkeypatch.setenv("FREEAL_TARGET_ERROR", "0.05")
+    assert Settings.from_env().target_confidence is None
+    monkeypatch.setenv("FREEAL_TARGET_CONFIDENCE", "0.9")
+    assert Settings.from_env().target_confidence == 0.9
+    for bad in ("90", "1", "0", "nan"):
+        monkeypatch.setenv("FREEAL_TARGET_CONFIDENCE", bad)
+        with pytest.raises(ValueError, match="FREEAL_TARGET_CONFIDENCE must lie strictly between 0 and 1"):
+            Settings.from_env()
 
 
 def test_budget_check_benchmark_measures_true_accuracy_after_review(tmp_path: Path) -> None:

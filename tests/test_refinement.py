@@ -10,6 +10,7 @@ import pytest
 from freeal_backend.cli import health_line
 from freeal_backend.config import Settings
 from freeal_backend.dataio import rows_to_items
+from freeal_backend.slm.budget import review_set
 from freeal_backend.slm.encoder import Encoder
 from freeal_backend.llm.cache import ResponseCache
 from freeal_backend.llm.client import LLMClient
@@ -325,6 +326,11 @@ def test_a_target_error_puts_the_lowest_scored_texts_that_meet_it_in_the_flag(tm
     assert flagged == [str(i) for i in range(90, 98)]
     assert budgeted[97].reasons == ["label_issue"] and budgeted[90].reasons == ["review_budget"]
     assert not budgeted[-1].suspicious
+    with FakeOpenAI() as fake:  # FREEAL_TARGET_CONFIDENCE: the target met with that confidence, not on average
+        with make_run(tmp_path, fake, encoder, target_error=0.02, target_confidence=0.9) as run:
+            sure = [r.item_id for r in run._within_budget(results) if r.suspicious]
+    picked, _ = review_set(scores + [1.0], 0.02, [True] * len(scores) + [False], confidence=0.9)
+    assert sure == sorted(map(str, picked), key=int) and len(sure) > len(flagged) and set(flagged) < set(sure)
 
 
 @pytest.mark.parametrize("flip, dropped", [("-1,", 1), ("example", 0)])

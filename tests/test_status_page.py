@@ -28,9 +28,7 @@ from freeal_backend.metrics import label_scores
 from freeal_backend.records import Item, ItemResult
 from freeal_backend.labelstudio.backend import ServerSettings
 from freeal_backend.labelstudio.server import create_app
-from freeal_backend.slm.audit import AUDIT_MIN, audited_calibration_sd
-from freeal_backend.slm.budget import CALIBRATION_SD, calibration_sd
-from freeal_backend.status import latest_health, run_summary
+from freeal_backend.status import run_summary
 from freeal_backend.storage import Store
 
 USER, PASSWORD = "reviewer", "s3cret-pass"
@@ -115,25 +113,6 @@ def test_run_summary_carries_the_review_budget(tmp_path: Path) -> None:
     assert aimed["target"]["k"] == expected_k
 
 
-def test_a_random_audit_narrows_the_budget_interval(tmp_path: Path) -> None:
-    """Without an audit the interval counts the scores' calibration as uncertain by CALIBRATION_SD logits; once
-    an audit of at least AUDIT_MIN tasks has recalibrated the scores, by what is left after the audit."""
-    write_run(tmp_path / "state.sqlite")
-    store = Store(tmp_path / "state.sqlite")
-    plain = run_summary(store)["budget"]
-    health = store.get_meta("health_r2")
-    for audited, sd in ((AUDIT_MIN - 1, CALIBRATION_SD), (50, calibration_sd(50, 40))):
-        store.set_meta("health_r2", {**health, "audit": {"audited": audited, "final_right": 40 * audited // 50}})
-        assert audited_calibration_sd(latest_health(store)) == pytest.approx(sd)
-    audited = run_summary(store)["budget"]
-    store.close()
-    assert plain["calibration_sd"] == CALIBRATION_SD
-    assert audited["calibration_sd"] == pytest.approx(calibration_sd(50, 40)) and calibration_sd(50, 40) < CALIBRATION_SD
-    wide, narrow = plain["points"][0], audited["points"][0]
-    assert wide["accuracy"] == narrow["accuracy"]
-    assert wide["low"] < narrow["low"] and narrow["high"] < wide["high"]
-
-
 def test_state_files_from_before_the_new_columns_are_upgraded(tmp_path: Path) -> None:
     import json
     import sqlite3
@@ -164,11 +143,12 @@ def auth(user: str = USER, password: str = PASSWORD) -> dict[str, str]:
 
 
 def make_backend(tmp_path: Path, *, state: str, target_error: float | None = None,
-                 extra_params: dict[str, Any] | None = None) -> Flask:
+                 extra_params: dict[str, Any] | None = None, target_confidence: float | None = None) -> Flask:
     """A backend with one project whose job is ``running`` (round 2 of 2, 43/100) or ``done``."""
     data = tmp_path / "data"
     write_run(data / f"project-{PID}" / "state.sqlite", gold=False)
-    app = create_app(Settings(slm_min_steps=0, data_dir=data, target_error=target_error),
+    app = create_app(Settings(slm_min_steps=0, data_dir=data, target_error=target_error,
+                              target_confidence=target_confidence),
                      ServerSettings(basic_auth_user=USER, basic_auth_pass=PASSWORD, auto_job=False))
     jobs: JobStore = app.extensions["freeal"].store
     jobs.save_project(PID, label_config="<View/>", extra_params=extra_params or {}, ls_url="http://ls.example:8080",
@@ -273,6 +253,17 @@ def test_page_and_status_show_the_review_budget_for_the_target_error(tmp_path: P
     cells.feed(client.get(f"/projects/{PID}", headers=auth()).get_data(as_text=True))
     assert cells.by_id["budget-sentence"] == budget["sentence"][0].upper() + budget["sentence"][1:] + "."
     assert f"{budget['target']['k']} (target)" in cells.by_id["budget"]
+
+
+def test_the_target_confidence_reaches_the_status(tmp_path: Path) -> None:
+    """FREEAL_TARGET_CONFIDENCE: /status names the review set that meets the target with that confidence."""
+    plain = make_backend(tmp_path / "a", state="done", target_error=0.3)
+    sure = make_backend(tmp_path / "b", state="done", target_error=0.3, target_confidence=0.9)
+    expected, confident = (app.test_client().get(f"/status/{PID}", headers=auth()).get_json()["run"]["budget"]
+                           for app in (plain, sure))
+    assert confident["target"]["confidence"] == 0.9 and expected["target"]["confidence"] is None
+    assert confident["target"]["k"] > expected["target"]["k"]
+    assert confident["sentence"].startswith("to bring the error to at most 30.0 % with 90 % confidence, review the ")
 
 
 def test_a_projects_own_target_error_sets_its_review_budget(tmp_path: Path) -> None:

@@ -171,7 +171,8 @@ class Backend:
             ls_url = None
         opts = ProjectOptions.from_extra((self.store.project(project_id) or {}).get("extra_params")).over(self.settings)
         with self.runs.stored_state(project_id) as store:
-            data = run_status.project_status(project_id, row, store, ls_url, target_error=opts.target_error)
+            data = run_status.project_status(project_id, row, store, ls_url, target_error=opts.target_error,
+                                             target_confidence=self.settings.target_confidence)
             data["health"] = run_status.latest_health(store) if store is not None else None
             return data
 

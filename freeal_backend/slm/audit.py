@@ -15,15 +15,12 @@ the MR replay and live runs: ``benchmarks/results/audit_check.md``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 from scipy.stats import binomtest
 from sklearn.linear_model import LogisticRegression
-
-from freeal_backend.slm.budget import calibration_sd
 
 AUDIT_MIN = 20  # audited tasks before the audit replaces the small model's estimate and sets the scores' level
 AUDIT_LEVEL = 0.9  # the two-sided interval shown
@@ -110,14 +107,6 @@ def audit_outcome(llm_right: np.ndarray, final_right: np.ndarray, scores: np.nda
                  score_before=float(np.mean(scores)), flagged=int(flag.sum()),
                  flagged_wrong=int((flag & ~final_ok).sum()), unflagged=int((~flag).sum()),
                  unflagged_right=int((~flag & final_ok).sum()))
-
-
-def audited_calibration_sd(health: Mapping[str, Any] | None) -> float:
-    """The review budget's calibration sd (slm/budget.py) for a run's stored health: narrowed once an audit of
-    at least ``AUDIT_MIN`` tasks has recalibrated the scores."""
-    audit = (health or {}).get("audit") or {}
-    n = int(audit.get("audited") or 0)
-    return calibration_sd(n, int(audit.get("final_right") or 0)) if n >= AUDIT_MIN else calibration_sd()
 
 
 def audit_message(audit: Audit, model_estimate: float, what: str = "labels") -> str:
