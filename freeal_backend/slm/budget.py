@@ -27,9 +27,9 @@ LEVEL = 0.9  # the two-sided interval the page shows
 SHARES = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # curve points shown: these shares of all texts reviewed
 HEADLINE_SHARE = 0.1  # without a target error, the sentence speaks of reviewing this share
 _TOLERANCE = 1e-9  # scores this far outside [0, 1] are float noise and clipped
-# sd of the shared logit offset between the scores and the truth, without an audit. The offsets that would
-# have matched the truth: -1.8 to -0.02 on 22 re-judged benchmark cases, within 1.15 (= 1.645 sd) in 18 of
-# them (benchmarks/results/budget_check_offset.md; made, learnable noise the largest); about -0.8 to +0.9
+# sd of the shared logit offset between the scores and the truth, with or without an audit. The offsets that
+# would have matched the truth: -1.8 to -0.02 on 22 re-judged benchmark cases, within 1.15 (= 1.645 sd) in 18
+# of them (benchmarks/results/budget_check_offset.md; made, learnable noise the largest); about -0.8 to +0.9
 # on 22 live runs (README, "How sure the budget is").
 CALIBRATION_SD = 0.7
 
