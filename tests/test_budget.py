@@ -217,25 +217,20 @@ def test_summary_points_target_and_sentence() -> None:
         "the estimated error is already at most 50.0 %: without review about ")
 
 
-def test_target_error_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("FREEAL_TARGET_ERROR", raising=False)
-    assert Settings.from_env().target_error is None
-    monkeypatch.setenv("FREEAL_TARGET_ERROR", "0.05")
-    assert Settings.from_env().target_error == 0.05
-    for bad in ("5", "0", "-0.1", "nan"):
-        monkeypatch.setenv("FREEAL_TARGET_ERROR", bad)
-        with pytest.raises(ValueError, match="FREEAL_TARGET_ERROR must lie strictly between 0 and 1"):
-            Settings.from_env()
-    monkeypatch.setenv("FREEAL_TARGET_ERROR", "five percent")
-    with pytest.raises(ValueError, match="FREEAL_TARGET_ERROR"):
-        Settings.from_env()
-    monkeypatch.setenv("FREEAL_TARGET_ERROR", "0.05")
-    assert Settings.from_env().target_confidence is None
-    monkeypatch.setenv("FREEAL_TARGET_CONFIDENCE", "0.9")
-    assert Settings.from_env().target_confidence == 0.9
-    for bad in ("90", "1", "0", "nan"):
-        monkeypatch.setenv("FREEAL_TARGET_CONFIDENCE", bad)
-        with pytest.raises(ValueError, match="FREEAL_TARGET_CONFIDENCE must lie strictly between 0 and 1"):
+@pytest.mark.parametrize("name, field, value, bad", [
+    ("FREEAL_TARGET_ERROR", "target_error", 0.05, ("5", "0", "-0.1", "nan", "five percent")),
+    ("FREEAL_TARGET_CONFIDENCE", "target_confidence", 0.9, ("90", "1", "0", "nan")),
+])
+def test_target_settings(monkeypatch: pytest.MonkeyPatch, name: str, field: str, value: float,
+                         bad: tuple[str, ...]) -> None:
+    """FREEAL_TARGET_ERROR and FREEAL_TARGET_CONFIDENCE: off when unset, a share strictly between 0 and 1."""
+    monkeypatch.delenv(name, raising=False)
+    assert getattr(Settings.from_env(), field) is None
+    monkeypatch.setenv(name, str(value))
+    assert getattr(Settings.from_env(), field) == value
+    for text in bad:
+        monkeypatch.setenv(name, text)
+        with pytest.raises(ValueError, match=name):
             Settings.from_env()
 
 
