@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DATA, RESULTS, beside, fmt_table, loadavg, mean_sd, read_jsonl, write_result  # noqa: E402
 
 from freeal_backend.config import Settings  # noqa: E402
-from freeal_backend.slm.detection import judge  # noqa: E402
+from freeal_backend.slm.detection import Judgement, judge  # noqa: E402
 from freeal_backend.loop import FreeALRun  # noqa: E402
 from freeal_backend.metrics import expected_calibration_error, review_scores  # noqa: E402
 from freeal_backend.records import Item  # noqa: E402
@@ -81,9 +81,11 @@ def measure(dataset: str, n: int, seed_n: int, seed: int, settings: Settings,
     return {**verdict_metrics(out.oof_probs, noisy, gold), "train_s": train_s}
 
 
-def verdict_metrics(probs: np.ndarray, noisy: np.ndarray, gold: np.ndarray) -> dict[str, float]:
-    """Everything measured on the SLM's verdict over its out-of-sample probabilities."""
-    verdict = judge(probs, noisy)
+def verdict_metrics(probs: np.ndarray, noisy: np.ndarray, gold: np.ndarray,
+                    verdict: Judgement | None = None) -> dict[str, float]:
+    """Everything measured on the SLM's verdict over its out-of-sample probabilities (or on ``verdict``, one
+    judged otherwise)."""
+    verdict = judge(probs, noisy) if verdict is None else verdict
     right = verdict.labels == gold
     review = review_scores(verdict.scores, ~right, flagged=verdict.flagged, shares=(0.15,))
     return {"noise": float((noisy != gold).mean()), "round0_accuracy": float((noisy == gold).mean()),

@@ -32,7 +32,7 @@ from _common import (DATA, RESULTS, beside, current_peak_mib, fmt_table, loadavg
                      reset_peak_rss, subsample, write_result)
 
 from freeal_backend.config import Settings  # noqa: E402
-from freeal_backend.slm.detection import judge  # noqa: E402
+from freeal_backend.slm.detection import Judgement, judge  # noqa: E402
 from freeal_backend.loop import FreeALRun  # noqa: E402
 from freeal_backend.metrics import expected_calibration_error, review_scores  # noqa: E402
 from freeal_backend.records import Item  # noqa: E402
@@ -66,10 +66,12 @@ ROWS = [  # (key, title, percent?)
 ]
 
 
-def verdict_metrics(oof_probs: np.ndarray, y: np.ndarray, gold: np.ndarray) -> dict[str, float]:
-    """Everything measured on the SLM's verdict (detection.py) over its out-of-sample probabilities."""
+def verdict_metrics(oof_probs: np.ndarray, y: np.ndarray, gold: np.ndarray,
+                    verdict: Judgement | None = None) -> dict[str, float]:
+    """Everything measured on the SLM's verdict (detection.py) over its out-of-sample probabilities (or on
+    ``verdict``, one judged otherwise)."""
     t1 = time.perf_counter()
-    verdict = judge(oof_probs, y)
+    verdict = judge(oof_probs, y) if verdict is None else verdict
     judge_s = time.perf_counter() - t1
     unanswered = y < 0
     answered_wrong = ~unanswered & (y != gold)

@@ -1,5 +1,7 @@
-"""A second judge beside the small model: a logistic regression on frozen sentence embeddings, alone and
-averaged with the SLM's out-of-sample probabilities, re-judged on saved runs (no SLM training, no LLM).
+"""A second judge beside the small model: a logistic regression on frozen sentence embeddings, alone,
+averaged with the SLM's out-of-sample probabilities, and that average's ranking at the SLM's level (the i-th
+lowest-scored text by the average gets the SLM verdict's i-th lowest score), re-judged on saved runs (no SLM
+training, no LLM).
 
     .venv/bin/python benchmarks/second_judge.py                      # made noise n1000 + the MR replay
     .venv/bin/python benchmarks/second_judge.py --made-noise /work/runs/made_noise_n1000_naive
@@ -17,6 +19,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +32,7 @@ import made_noise  # noqa: E402
 import replay_mr  # noqa: E402
 
 from freeal_backend.slm.classifier import group_folds, text_groups  # noqa: E402
+from freeal_backend.slm.detection import Judgement, judge  # noqa: E402
 from freeal_backend.slm.encoder import Encoder  # noqa: E402
 
 ROWS = [  # (key in made_noise / replay_mr metrics, title, percent?)
@@ -62,8 +66,20 @@ def probe_oof(emb: np.ndarray, labels: np.ndarray, classes: int, texts: list[str
     return out
 
 
+RANKED = "mean's ranking, SLM's level"
+
+
 def variants(slm: np.ndarray, probe: np.ndarray) -> dict[str, np.ndarray]:
     return {"SLM alone": slm, "probe alone": probe, "SLM + probe (mean)": (slm + probe) / 2}
+
+
+def ranked_at_slm_level(slm: np.ndarray, probe: np.ndarray, labels: np.ndarray) -> Judgement:
+    """The verdict on the mean of both judges' probabilities (its labels, flag and order) with the SLM verdict's
+    scores, handed out in that order: the ranking of the two, the level and spread of the SLM's scores."""
+    own, both = judge(slm, labels), judge((slm + probe) / 2, labels)
+    scores = np.empty_like(own.scores)
+    scores[np.argsort(both.scores, kind="stable")] = np.sort(own.scores)
+    return replace(both, scores=scores, health=own.health)
 
 
 def made_noise_runs(stem: Path, encoder: Encoder, c: float) -> dict[str, dict[str, list[dict[str, float]]]]:
@@ -79,8 +95,9 @@ def made_noise_runs(stem: Path, encoder: Encoder, c: float) -> dict[str, dict[st
             gold, slm = saved[f"{ds}_seed{seed}_gold"], saved[f"{ds}_seed{seed}_probs"]
             texts = [r["text"] for r in picked]
             probe = probe_oof(encoder.embed(texts), noisy, len(labels), texts, c, seed)
-            for name, probs in variants(slm, probe).items():
-                m = made_noise.verdict_metrics(probs, noisy, gold)
+            for name, probs in [*variants(slm, probe).items(), (RANKED, None)]:
+                m = made_noise.verdict_metrics(slm, noisy, gold, ranked_at_slm_level(slm, probe, noisy)) \
+                    if probs is None else made_noise.verdict_metrics(probs, noisy, gold)
                 m["top"] = m["top15pct_answered_wrong_recall"]
                 m["health_off"] = 100 * (m["estimated_accuracy"] - m["round0_accuracy"])
                 out.setdefault(f"made noise {ds}", {}).setdefault(name, []).append(m)
@@ -98,8 +115,9 @@ def replay_runs(stem: Path, encoder: Encoder, c: float) -> dict[str, dict[str, l
     for key in (k for k in saved.files if k not in ("labels", "gold")):
         seed = int(key.rsplit("seed", 1)[1])
         probe = probe_oof(emb, llm, 2, texts, c, seed)
-        for name, probs in variants(saved[key], probe).items():
-            m = replay_mr.verdict_metrics(probs, llm, gold)
+        for name, probs in [*variants(saved[key], probe).items(), (RANKED, None)]:
+            m = replay_mr.verdict_metrics(saved[key], llm, gold, ranked_at_slm_level(saved[key], probe, llm)) \
+                if probs is None else replay_mr.verdict_metrics(probs, llm, gold)
             m["auroc"] = m["llm_auroc"]
             m["top"] = m["top10pct_answered_wrong_recall"]
             m["health_off"] = 100 * (m["estimated_accuracy"] - m["llm_accuracy"])
@@ -133,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     body = (f"The probe: a logistic regression (C = {args.C}) on the frozen encoder's ({encoder.path.name}) "
             f"mean-pooled sentence "
             f"embeddings, cross-fitted on the labels it judges; 'SLM + probe' averages the two out-of-sample "
-            f"probabilities. Inputs: `{args.made_noise}` and `{args.replay or 'no replay'}`.\n\n"
+            f"probabilities; '{RANKED}' is the verdict on that average with the SLM verdict's own scores handed "
+            f"out in its order (health stays the SLM's estimate). Inputs: `{args.made_noise}` and `{args.replay or 'no replay'}`.\n\n"
             + "\n\n".join(parts))
     data: dict[str, Any] = {"args": vars(args), "sets": sets, "load_start": load_start, "load_end": loadavg()}
     write_report(args.out_dir, args.name, "A second judge: a frozen-embedding probe beside the small model",
