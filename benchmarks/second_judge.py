@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,13 +73,20 @@ def variants(slm: np.ndarray, probe: np.ndarray) -> dict[str, np.ndarray]:
     return {"SLM alone": slm, "probe alone": probe, "SLM + probe (mean)": (slm + probe) / 2}
 
 
-def ranked_at_slm_level(slm: np.ndarray, probe: np.ndarray, labels: np.ndarray) -> Judgement:
-    """The verdict on the mean of both judges' probabilities (its labels, flag and order) with the SLM verdict's
-    scores, handed out in that order: the ranking of the two, the level and spread of the SLM's scores."""
-    own, both = judge(slm, labels), judge((slm + probe) / 2, labels)
+def ranked_at_slm_level(own: Judgement, both: Judgement) -> Judgement:
+    """The verdict on the mean of both judges' probabilities, ``both`` (its labels, flag and order), with the
+    SLM verdict's (``own``) scores handed out in that order and its health: the ranking of the two, the level
+    and spread of the SLM's scores."""
     scores = np.empty_like(own.scores)
     scores[np.argsort(both.scores, kind="stable")] = np.sort(own.scores)
     return replace(both, scores=scores, health=own.health)
+
+
+def judged(slm: np.ndarray, probe: np.ndarray, labels: np.ndarray) -> dict[str, tuple[np.ndarray, Judgement]]:
+    """Each variant's probabilities and verdict; the ranked one reuses the SLM's and the mean's verdicts."""
+    out = {name: (probs, judge(probs, labels)) for name, probs in variants(slm, probe).items()}
+    out[RANKED] = (slm, ranked_at_slm_level(out["SLM alone"][1], out["SLM + probe (mean)"][1]))
+    return out
 
 
 def made_noise_runs(stem: Path, encoder: Encoder, c: float) -> dict[str, dict[str, list[dict[str, float]]]]:
@@ -95,9 +102,8 @@ def made_noise_runs(stem: Path, encoder: Encoder, c: float) -> dict[str, dict[st
             gold, slm = saved[f"{ds}_seed{seed}_gold"], saved[f"{ds}_seed{seed}_probs"]
             texts = [r["text"] for r in picked]
             probe = probe_oof(encoder.embed(texts), noisy, len(labels), texts, c, seed)
-            for name, probs in [*variants(slm, probe).items(), (RANKED, None)]:
-                m = made_noise.verdict_metrics(slm, noisy, gold, ranked_at_slm_level(slm, probe, noisy)) \
-                    if probs is None else made_noise.verdict_metrics(probs, noisy, gold)
+            for name, (probs, verdict) in judged(slm, probe, noisy).items():
+                m = made_noise.verdict_metrics(probs, noisy, gold, verdict)
                 m["top"] = m["top15pct_answered_wrong_recall"]
                 m["health_off"] = 100 * (m["estimated_accuracy"] - m["round0_accuracy"])
                 out.setdefault(f"made noise {ds}", {}).setdefault(name, []).append(m)
@@ -115,9 +121,8 @@ def replay_runs(stem: Path, encoder: Encoder, c: float) -> dict[str, dict[str, l
     for key in (k for k in saved.files if k not in ("labels", "gold")):
         seed = int(key.rsplit("seed", 1)[1])
         probe = probe_oof(emb, llm, 2, texts, c, seed)
-        for name, probs in [*variants(saved[key], probe).items(), (RANKED, None)]:
-            m = replay_mr.verdict_metrics(saved[key], llm, gold, ranked_at_slm_level(saved[key], probe, llm)) \
-                if probs is None else replay_mr.verdict_metrics(probs, llm, gold)
+        for name, (probs, verdict) in judged(saved[key], probe, llm).items():
+            m = replay_mr.verdict_metrics(probs, llm, gold, verdict)
             m["auroc"] = m["llm_auroc"]
             m["top"] = m["top10pct_answered_wrong_recall"]
             m["health_off"] = 100 * (m["estimated_accuracy"] - m["llm_accuracy"])
@@ -152,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             f"mean-pooled sentence "
             f"embeddings, cross-fitted on the labels it judges; 'SLM + probe' averages the two out-of-sample "
             f"probabilities; '{RANKED}' is the verdict on that average with the SLM verdict's own scores handed "
-            f"out in its order (health stays the SLM's estimate). Inputs: `{args.made_noise}` and `{args.replay or 'no replay'}`.\n\n"
+            f"out in its order (health stays the SLM's estimate). "
+            f"Inputs: `{args.made_noise}` and `{args.replay or 'no replay'}`.\n\n"
             + "\n\n".join(parts))
     data: dict[str, Any] = {"args": vars(args), "sets": sets, "load_start": load_start, "load_end": loadavg()}
     write_report(args.out_dir, args.name, "A second judge: a frozen-embedding probe beside the small model",
