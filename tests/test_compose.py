@@ -342,23 +342,29 @@ def test_build_context_is_what_the_dockerfile_copies() -> None:
 
 
 def test_llama_cpp_is_built_for_any_cpu() -> None:
-    """No -march=native: the image must run on CPUs other than the build machine's."""
-    install = next(line for line in (ROOT / "Dockerfile").read_text().splitlines()
-                   if "pip install" in line and "requirements.txt" in line)
-    assert re.search(r'CMAKE_ARGS="[^"]*-DGGML_NATIVE=OFF', install), install
+    """No -march=native by default: the image must run on CPUs other than the build machine's."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    install = next(line for line in dockerfile.splitlines() if "pip install" in line and "requirements.txt" in line)
+    assert 'CMAKE_ARGS="$LLAMA_CMAKE_ARGS"' in install, install
+    assert re.search(r'^ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF"$', dockerfile, re.M)
 
 
-def test_the_set_up_caches_a_llama_cpp_wheel_for_any_cpu() -> None:
+def test_the_set_up_caches_a_llama_cpp_wheel_for_this_cpus_instruction_sets() -> None:
     """scripts/setup.sh caches the wheel it builds in the home folder, which may move to another machine: a
     wheel built for the building CPU (-march=native) then died with SIGILL on its first answer (seen on
-    2026-12-06: every test with a real LLM failed). It must be built portable, in a folder of its own (so an
-    older native wheel is not reused), and installed over whatever an earlier set-up put in the venv."""
+    2026-12-06: every test with a real LLM failed). It is built with the instruction sets scripts/llama_build.py
+    names (never -march=native or AMX: tests/test_llama_build.py), in a folder named after them (so a wheel for
+    another CPU is not reused), and installed over whatever an earlier set-up put in the venv; the venv's stamp
+    counts the variant, so a venv moved to another CPU is set up again."""
     setup = (ROOT / "scripts" / "setup.sh").read_text()
     build = next(line for line in setup.splitlines() if "pip wheel" in line)
     folder = re.search(r'-w "(\$[A-Z_]+)"', build).group(1)
-    assert folder != "$WHEELS" and f'{folder[1:]}="$WHEELS/' in setup, build  # not the old shared folder
-    build_step = setup[setup.index("CMAKE_ARGS"):setup.index("pip wheel")]
-    assert "-DGGML_NATIVE=OFF" in build_step and "--no-cache-dir" in build, build  # pip's cache ignores CMAKE_ARGS
+    assert f'{folder[1:]}="$WHEELS/llama-$LLAMA_VARIANT"' in setup, build
+    assert 'read -r LLAMA_VARIANT LLAMA_CMAKE_ARGS < <("$PY" scripts/llama_build.py)' in setup
+    build_step = setup[setup.index("CMAKE_ARGS="):setup.index("pip wheel")]
+    assert 'CMAKE_ARGS="$LLAMA_CMAKE_ARGS"' in build_step and "--no-cache-dir" in build, build  # pip's cache ignores CMAKE_ARGS
+    stamp = setup[setup.index("STAMP="):setup.index("if ! [ -f \"$STAMP\" ]")]
+    assert "$LLAMA_VARIANT" in stamp and "scripts/llama_build.py" in stamp, stamp
     assert re.search(r"pip install [^\n]*--force-reinstall [^\n]*llama_cpp_python", setup)
 
 
