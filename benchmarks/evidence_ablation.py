@@ -10,7 +10,8 @@ are re-judged (``detection.judge``, no training, no LLM call) with:
 - the LLM's confidence alone (its probability for the label, as it comes);
 - the small model + the LLM's last answer's probabilities;
 - the small model + the LLM's probabilities averaged over every round that asked the text (what runs use),
-  the same without the cap of the scores at the LLM's mean confidence (as before 2026-12-05), and without
+  the same with the LLM's last answer as the label where the LLM outranks the small model (as before
+  2026-12-06; the label the averaged probabilities favour is what runs use), the same without the cap of the scores at the LLM's mean confidence (as before 2026-12-05), and without
   that cap and the linear pool of the posterior with the LLM's calibrated confidence (the product only, as
   before 2026-12-04);
 - the same with a second judge (``second_judge.py``'s probe on the frozen encoder's embeddings) in place of
@@ -37,15 +38,17 @@ from freeal_backend.loop import FreeALRun  # noqa: E402
 from freeal_backend.metrics import expected_calibration_error, review_scores  # noqa: E402
 from freeal_backend.slm.detection import judge  # noqa: E402
 
-VARIANTS = {  # name: (judge's probabilities, the LLM's, linear pool, cap at the LLM's mean confidence);
-    "SLM alone": ("SLM", None, True, True),  # None: the LLM's confidence as it comes
+VARIANTS = {  # name: (judge's probabilities, the LLM's, linear pool, cap at the LLM's mean confidence, label
+    # an outranked judge leaves: the one the LLM's averaged probabilities favour, or its last answer);
+    "SLM alone": ("SLM", None, True, True, True),  # None: the LLM's confidence as it comes
     "LLM confidence alone": None,
-    "SLM + LLM last answer": ("SLM", "last", True, True),
-    "SLM + LLM over rounds": ("SLM", "averaged", True, True),
-    "SLM + LLM over rounds, no cap": ("SLM", "averaged", True, False),
-    "SLM + LLM over rounds, product only": ("SLM", "averaged", False, False),
-    "probe + LLM over rounds": ("probe", "averaged", True, True),
-    "SLM and probe + LLM over rounds": ("SLM and probe", "averaged", True, True),
+    "SLM + LLM last answer": ("SLM", "last", True, True, True),
+    "SLM + LLM over rounds": ("SLM", "averaged", True, True, True),
+    "SLM + LLM over rounds, last answer's label": ("SLM", "averaged", True, True, False),
+    "SLM + LLM over rounds, no cap": ("SLM", "averaged", True, False, True),
+    "SLM + LLM over rounds, product only": ("SLM", "averaged", False, False, True),
+    "probe + LLM over rounds": ("probe", "averaged", True, True, True),
+    "SLM and probe + LLM over rounds": ("SLM and probe", "averaged", True, True, True),
 }
 
 
@@ -84,8 +87,9 @@ def ablate(run_dir: Path, rounds: int | None) -> dict[str, Any]:
             score = np.where(has, last[np.arange(len(y)), np.maximum(y, 0)] / np.where(has, total, 1), 0.0)
             final, flagged, est = y, None, float("nan")
         else:
-            slm_side, llm_side, pool, cap = spec
-            j = judge(judges[slm_side], y, None, llms[llm_side], pool=pool, cap=cap, llm_calibrated=calibrated)
+            slm_side, llm_side, pool, cap, average_rounds = spec
+            j = judge(judges[slm_side], y, None, llms[llm_side], pool=pool, cap=cap, llm_calibrated=calibrated,
+                      average_rounds=average_rounds)
             score, final, flagged, est = j.scores, j.labels, j.flagged, j.health.estimated_accuracy
         wrong = final != gold
         rs = review_scores(score, wrong, unanswered=unanswered, flagged=flagged, shares=(0.10, 0.20))

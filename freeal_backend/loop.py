@@ -870,7 +870,8 @@ class FreeALRun:
                 suspicious=flagged, reasons=verdict.reasons[i] if flagged else [],
                 suggested_label=slm_label if flagged and slm_label != final else None, llm_label=lab,
                 llm_confidence=llm_conf[it.item_id], slm_label=slm_label, slm_prob=float(p_slm.max()),
-                round=rounds, source="llm" if final == lab else "slm", audit=in_audit))
+                round=rounds, audit=in_audit,
+                source="llm" if final == lab or "llm_rounds_disagree" in verdict.reasons[i] else "slm"))
         return results
 
     def _keep_audited_health(self, rnd: int, verdict: Judgement | SpanVerdict) -> None:

@@ -23,6 +23,8 @@ REVIEW_MARKER = "freeal:needs-review"  # in a flagged prediction's result: what 
 AUDIT_MARKER = "freeal:audit"  # in an audit task's prediction: what the audit view filters on
 REASON_TEXT = {  # {who}: who gave the label under judgement ("the LLM", or a judged model version)
     "slm_overrules_llm": "the small model is confident the label {who} gave is wrong and changed it",
+    "llm_rounds_disagree": "{who} answered otherwise in another round; averaged over the rounds, this label "
+                           "is the likelier",
     "label_issue": "the small model, which never saw this label, doubts it",
     "labels_near_chance": "the labels {who} gave in this project look near chance: use a stronger LLM or label "
                           "by hand",

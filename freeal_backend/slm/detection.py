@@ -22,7 +22,9 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
    health takes that lower figure; an LLM whose confidence is known to be calibrated (``llm_calibrated``:
    the embedded 1.5B, or ``FREEAL_LLM_CALIBRATED``) moves them up to it too; and where such an LLM's
    labels are surely more accurate than the small model (``judge_outranked``), that small model overrules
-   nothing and each score is the LLM's own confidence. Where the LLM's confidence
+   nothing and each score is the LLM's own confidence; the label is then the one the LLM's probabilities,
+   averaged over every round that asked the text, favour (where the rounds' answers differ, the last one is
+   not the surer). Where the LLM's confidence
    does not inform (none, or uninformative), each score is instead pooled linearly with the run's
    estimated accuracy (``_pool_with_base_rate``: the same double-counting, with no second opinion but the
    base rate). The final label is the LLM's unless
@@ -492,7 +494,8 @@ def _verdict(est: float, answered_acc: float, coverage: float, agreement: float,
 
 def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None,
           llm_probs: np.ndarray | None = None, *, pool: bool = True, cap: bool = True,
-          audit_labels: np.ndarray | None = None, llm_calibrated: bool = False) -> Judgement:
+          audit_labels: np.ndarray | None = None, llm_calibrated: bool = False,
+          average_rounds: bool = True) -> Judgement:
     """Final label, score, flag and reasons per text, and the run's health (see the module doc).
 
     ``probs``: (n, C) out-of-sample SLM probabilities (human-labelled rows are trained on in every fold:
@@ -504,6 +507,8 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
     the scores and the estimate at the LLM's mean confidence (both for ablations);
     ``llm_calibrated``: the LLM's confidence is known to be calibrated (``FREEAL_LLM_CALIBRATED``; the embedded
     1.5B), so once it informs its mean sets the level of the scores and of run health, up as well as down;
+    ``average_rounds=False`` keeps an outranked small model's final labels the LLM's last answers (for
+    ablations; by default they are the labels its probabilities, averaged over rounds, favour);
     ``audit_labels``: (n,) a person's label for the random audit tasks, -1 elsewhere (blind: those rows are
     judged like any other, see slm/audit.py). From ``AUDIT_MIN`` audited tasks on, run health is the audit's
     share of right LLM labels (smoothed by one right and one wrong: 20 of 20 is not 100 %) and the answered
@@ -550,6 +555,15 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
         final = np.where(answered, judged_labels, posterior.argmax(axis=1))
     else:
         final = overrule(judged_labels, posterior, strict)
+    rounds_pick = np.zeros(n, dtype=bool)
+    if outranked and average_rounds:  # the label is the one the LLM's answers favour over every round that
+        # asked the text (each with other demonstrations), as its score is that label's averaged probability
+        rows = np.flatnonzero(has_q)
+        best = q[rows].argmax(axis=1)
+        rounds_pick[rows] = q[rows, best] > q[rows, judged_labels[rows]] * (1 + 1e-9)
+        final[rounds_pick] = best[rounds_pick[rows]]
+        conf[rows] = q[rows, final[rows]] / total[rows]
+        own = float(np.nanmean(conf[answered]))
     final[human] = labels[human]
     scores = posterior[np.arange(n), final]
     scores[human] = 1.0
@@ -599,7 +613,9 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
         why = []
         if unanswered[i]:
             why.append("no_llm_label")
-        if switched[i]:
+        if rounds_pick[i]:
+            why.append("llm_rounds_disagree")
+        elif switched[i]:
             why.append("slm_overrules_llm")
         if (issues[i] or scores[i] < 0.5) and answered[i] and not switched[i]:
             why.append("label_issue")
