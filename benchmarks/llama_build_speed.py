@@ -8,7 +8,9 @@ its own process (a wheel whose instructions this CPU lacks dies there with SIGIL
 instruction sets it was compiled for (``llama_print_system_info``), prompt evaluation in tokens per second
 (a 230-token prompt of SST-2 sentences, evaluated afresh each time) and seconds per labelling request as the
 main job sends them (a system prompt, 4 SST-2 demonstrations and the text, through the chat template, the
-previous request's prefix reused as llama.cpp's server does). Two threads, as the main job on 2 cores.
+previous request's prefix reused as llama-cpp-python's server does, logprobs with 20 alternatives), by the
+library's model class (``logits_all=True``, which its logprobs need) and by freeal's server class
+(``serve_embedded.fast_logprobs_llama``, without it). Two threads, as the main job on 2 cores.
 Writes ``benchmarks/results/llama_build_speed.md`` and ``.json``.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, RESULTS, fmt_table, loadavg, read_jsonl, write_report  # noqa: E402
+from _common import DATA, RESULTS, ROOT, fmt_table, loadavg, read_jsonl, write_report  # noqa: E402
 
 from freeal_backend.llm.embedded import DEFAULT_EMBEDDED, model_path  # noqa: E402
 from freeal_backend.llm.prompts import label_messages  # noqa: E402
@@ -31,23 +33,30 @@ from freeal_backend.llm.prompts import label_messages  # noqa: E402
 _MEASURE = r"""
 import json, statistics, sys, time
 import llama_cpp
+from freeal_backend.llm.serve_embedded import fast_logprobs_llama
 cfg = json.loads(sys.argv[1])
-m = llama_cpp.Llama(model_path=cfg["gguf"], n_threads=cfg["threads"], n_ctx=2048, verbose=False)
+load = dict(model_path=cfg["gguf"], n_threads=cfg["threads"], n_ctx=2048, verbose=False)
+fast = fast_logprobs_llama()(logits_all=False, **load)
 info = llama_cpp.llama_print_system_info().decode().strip()
 print(json.dumps({"info": info}), flush=True)
-toks = m.tokenize(cfg["prompt"].encode())
+toks = fast.tokenize(cfg["prompt"].encode())
 rates = []
 for _ in range(cfg["reps"]):
-    m.reset()
-    t = time.perf_counter(); m.eval(toks); rates.append(len(toks) / (time.perf_counter() - t))
-times = []
-for messages in cfg["requests"]:
-    t = time.perf_counter()
-    m.create_chat_completion(messages=messages, max_tokens=2, temperature=0)
-    times.append(time.perf_counter() - t)
+    fast.reset()
+    t = time.perf_counter(); fast.eval(toks); rates.append(len(toks) / (time.perf_counter() - t))
+def per_request(m):
+    times = []
+    for messages in cfg["requests"]:
+        t = time.perf_counter()
+        m.create_chat_completion(messages=messages, max_tokens=2, temperature=0, logprobs=True, top_logprobs=20)
+        times.append(time.perf_counter() - t)
+    return statistics.mean(times)
+fast_s = per_request(fast)
+del fast
+library_s = per_request(llama_cpp.Llama(logits_all=True, **load))
 print(json.dumps({"info": info, "prompt_tokens": len(toks), "prompt_tok_s": statistics.mean(rates),
-                  "prompt_tok_s_sd": statistics.pstdev(rates), "request_s": statistics.mean(times),
-                  "requests": len(times)}))
+                  "prompt_tok_s_sd": statistics.pstdev(rates), "library_request_s": library_s,
+                  "freeal_request_s": fast_s, "requests": len(cfg["requests"])}))
 """
 
 
@@ -59,7 +68,7 @@ def measure(wheel_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         zipfile.ZipFile(wheels[-1]).extractall(tmp)
         proc = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(cfg)], capture_output=True, text=True,
-                              env={"PYTHONPATH": tmp, "PATH": "/usr/bin:/bin"})
+                              env={"PYTHONPATH": f"{tmp}:{ROOT}", "PATH": "/usr/bin:/bin"})
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     result = dict(lines[-1]) if lines else {}
     result["exit"] = proc.returncode
@@ -92,13 +101,18 @@ def main() -> None:
         print(name, results[name], flush=True)
     table = [[name, r.get("info", "—").replace(" | ", ", ").removeprefix("CPU : ").rstrip(" |,"),
               f"{r['prompt_tok_s']:.1f} ± {r['prompt_tok_s_sd']:.1f}" if "prompt_tok_s" in r else "—",
-              f"{r['request_s']:.2f}" if "request_s" in r else "—", r.get("error", "ok")]
-             for name, r in results.items()]
+              *(f"{r[k]:.2f}" if k in r else "—" for k in ("library_request_s", "freeal_request_s")),
+              r.get("error", "ok")] for name, r in results.items()]
     body = (f"Model {DEFAULT_EMBEDDED}, {args.threads} threads; prompt evaluation of a "
             f"{next((r['prompt_tokens'] for r in results.values() if 'prompt_tokens' in r), '?')}-token prompt "
             f"({args.reps} times, mean ± sd); {args.requests} labelling requests of the main job's shape (4 SST-2 "
-            "demonstrations, the previous request's prefix reused), mean seconds each.\n\n"
-            + fmt_table(["wheel", "compiled for", "prompt tokens / s", "s per request", "status"], table))
+            "demonstrations and the text, the previous request's prefix reused, logprobs with 20 alternatives), "
+            "mean seconds each, as llama-cpp-python's own model class answers them (it needs `logits_all`: "
+            "the output layer at every prompt position) and as freeal's server class does "
+            "(`serve_embedded.fast_logprobs_llama`, without `logits_all`: the same logprobs from the logits "
+            "each answer token was drawn from).\n\n"
+            + fmt_table(["wheel", "compiled for", "prompt tokens / s", "s per request, library's class",
+                         "s per request, freeal's class", "status"], table))
     write_report(args.out_dir, "llama_build_speed", "llama.cpp builds: speed of the embedded LLM", body,
                  {"model": DEFAULT_EMBEDDED, "threads": args.threads, "results": results}, load_start)
 

@@ -362,7 +362,8 @@ def test_the_set_up_caches_a_llama_cpp_wheel_for_this_cpus_instruction_sets() ->
     assert f'{folder[1:]}="$WHEELS/llama-$LLAMA_VARIANT"' in setup, build
     assert 'read -r LLAMA_VARIANT LLAMA_CMAKE_ARGS < <("$PY" scripts/llama_build.py)' in setup
     build_step = setup[setup.index("CMAKE_ARGS="):setup.index("pip wheel")]
-    assert 'CMAKE_ARGS="$LLAMA_CMAKE_ARGS"' in build_step and "--no-cache-dir" in build, build  # pip's cache ignores CMAKE_ARGS
+    assert 'CMAKE_ARGS="$LLAMA_CMAKE_ARGS"' in build_step
+    assert "--no-cache-dir" in build, build  # pip's wheel cache ignores CMAKE_ARGS
     stamp = setup[setup.index("STAMP="):setup.index("if ! [ -f \"$STAMP\" ]")]
     assert "$LLAMA_VARIANT" in stamp and "scripts/llama_build.py" in stamp, stamp
     assert re.search(r"pip install [^\n]*--force-reinstall [^\n]*llama_cpp_python", setup)

@@ -222,7 +222,8 @@ class EmbeddedLLMServer:
         cmd = [sys.executable, "-m", "freeal_backend.llm.serve_embedded", str(os.getpid()),  # ends with this process
                "--model", str(model), "--model_alias", self.model.name,
                "--host", "127.0.0.1", "--port", str(self.port), "--n_threads", str(self.threads),
-               "--n_ctx", str(self.n_ctx), "--verbose", "False"]
+               "--n_ctx", str(self.n_ctx), "--verbose", "False",
+               "--logits_all", "False"]  # serve_embedded's model class gives logprobs without it
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         log.info("starting embedded LLM %s on %s", model.name, self.base_url)
         self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)

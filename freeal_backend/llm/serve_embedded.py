@@ -6,6 +6,12 @@ started, a GB of weights on every core, would serve on with no one to ask it. A 
 parent go (the child is re-parented) and ends the server within a second. Portable, unlike Linux's
 PR_SET_PDEATHSIG, which also fires when the *thread* that started the child ends (the Label Studio
 backend starts it from a job thread).
+
+The server runs :func:`fast_logprobs_llama`'s model class: llama-cpp-python 0.3.36 gives logprobs only with
+``logits_all`` (the output layer at every prompt position) and builds them by a log-softmax over every
+evaluated position and a Python sort of the whole vocabulary (152k entries for Qwen) per answer token, about
+half a second a request on 2 cores, as long as the labelling itself (``benchmarks/results/llama_build_speed.md``);
+the subclass computes the same numbers from the logits each answer token was drawn from, without ``logits_all``.
 """
 from __future__ import annotations
 
@@ -16,6 +22,64 @@ import threading
 import time
 
 POLL_SECONDS = 0.5
+
+
+def fast_logprobs_llama() -> type:
+    """``llama_cpp.Llama`` whose non-streamed completions compute their logprobs only at the answer's
+    positions, with a partial sort (the public ``create_completion``, which the chat handler calls, asks the
+    library for none and adds them in its format: the same tokens, values and order). It gives them without
+    ``logits_all`` too, which spares every prompt position its output layer (152k logits each)."""
+    import llama_cpp
+    import numpy as np
+
+    class FastLogprobsLlama(llama_cpp.Llama):
+        _generated: list[int]
+        _rows: list[np.ndarray]
+
+        def generate(self, tokens, *args, **kwargs):  # type: ignore[no-untyped-def]
+            """The library's generator; the tokens it yields are kept for ``create_completion``, and without
+            ``logits_all`` the logits each was drawn from (the context's last output, copied as it comes)."""
+            for token in super().generate(tokens, *args, **kwargs):
+                self._generated.append(token)
+                if not self._logits_all:
+                    self._rows.append(np.ctypeslib.as_array(self._ctx.get_logits(), shape=(self._n_vocab,)).copy())
+                yield token
+
+        def create_completion(self, prompt, *args, **kwargs):  # type: ignore[no-untyped-def]
+            top = kwargs.get("logprobs")
+            self._generated, self._rows = [], []
+            if args or not top or kwargs.get("stream") or kwargs.get("echo"):
+                return super().create_completion(prompt, *args, **kwargs)
+            out = super().create_completion(prompt, **{**kwargs, "logprobs": None})
+            usage = out["usage"]
+            tokens = self._generated[:usage["completion_tokens"]]
+            out["choices"][0]["logprobs"] = self._answer_logprobs(tokens, usage["prompt_tokens"] - 1, int(top),
+                                                                  len(prompt))
+            return out
+
+        def _answer_logprobs(self, tokens: list[int], offset: int, top: int, text_offset: int) -> dict:
+            """The completion format's logprobs of ``tokens``, whose first is predicted at row ``offset``."""
+            out: dict[str, list] = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
+            bos = self.token_bos()
+
+            def text(ids: list[int], prev: list[int] | None = None) -> str:
+                return self.detokenize(ids, prev_tokens=prev).decode("utf-8", errors="ignore")
+
+            rows = self.scores[offset:self.n_tokens] if self._logits_all else self._rows
+            for i, (token, row) in enumerate(zip(tokens, rows)):
+                if token == bos:
+                    continue
+                lp = llama_cpp.Llama.logits_to_logprobs(row)
+                best = np.argpartition(-lp, min(top, len(lp) - 1))[:top]
+                alts = {text([int(j)], tokens[:i]): float(v) for v, j in sorted(zip(lp[best], best), reverse=True)}
+                alts[text([token], tokens[:i])] = float(lp[token])
+                out["tokens"].append(text([token], tokens[:i]))
+                out["text_offset"].append(text_offset + len(text(tokens[:i])))
+                out["token_logprobs"].append(float(lp[token]))
+                out["top_logprobs"].append(alts)
+            return out
+
+    return FastLogprobsLlama
 
 
 def _end_with(parent: int) -> None:
@@ -29,6 +93,8 @@ def main() -> None:
     if os.getppid() != parent:  # the parent ended before the server started
         sys.exit(0)
     threading.Thread(target=_end_with, args=(parent,), daemon=True, name="end-with-parent").start()
+    import llama_cpp
+    llama_cpp.Llama = fast_logprobs_llama()  # what llama_cpp.server's model loader instantiates
     sys.argv = ["llama_cpp.server", *sys.argv[2:]]
     runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
 
