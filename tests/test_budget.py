@@ -230,7 +230,8 @@ def test_target_settings(monkeypatch: pytest.MonkeyPatch, name: str, field: str,
     assert getattr(Settings.from_env(), field) == value
     for text in bad:
         monkeypatch.setenv(name, text)
-        with pytest.raises(ValueError, match=name):
+        numeric = text.lstrip("-").replace(".", "").isdigit() or text == "nan"
+        with pytest.raises(ValueError, match=f"{name} must lie strictly between 0 and 1" if numeric else name):
             Settings.from_env()
 
 

@@ -20,6 +20,7 @@ import runpy
 import sys
 import threading
 import time
+from collections.abc import Sequence
 
 POLL_SECONDS = 0.5
 
@@ -33,49 +34,56 @@ def fast_logprobs_llama() -> type:
     import numpy as np
 
     class FastLogprobsLlama(llama_cpp.Llama):
-        _generated: list[int]
-        _rows: list[np.ndarray]
+        _generated: list[int] | None = None  # set only while a completion with logprobs runs
+        _rows: list[np.ndarray] | None = None
 
         def generate(self, tokens, *args, **kwargs):  # type: ignore[no-untyped-def]
-            """The library's generator; the tokens it yields are kept for ``create_completion``, and without
-            ``logits_all`` the logits each was drawn from (the context's last output, copied as it comes)."""
+            """The library's generator; while ``create_completion`` wants logprobs, the tokens it yields are
+            kept, and without ``logits_all`` the logits each was drawn from (the context's last output)."""
             for token in super().generate(tokens, *args, **kwargs):
-                self._generated.append(token)
-                if not self._logits_all:
-                    self._rows.append(np.ctypeslib.as_array(self._ctx.get_logits(), shape=(self._n_vocab,)).copy())
+                if self._generated is not None:
+                    self._generated.append(token)
+                    if not self._logits_all:
+                        self._rows.append(np.ctypeslib.as_array(self._ctx.get_logits(),
+                                                                shape=(self._n_vocab,)).copy())
                 yield token
 
         def create_completion(self, prompt, *args, **kwargs):  # type: ignore[no-untyped-def]
             top = kwargs.get("logprobs")
-            self._generated, self._rows = [], []
             if args or not top or kwargs.get("stream") or kwargs.get("echo"):
                 return super().create_completion(prompt, *args, **kwargs)
-            out = super().create_completion(prompt, **{**kwargs, "logprobs": None})
+            self._generated, self._rows = [], []
+            try:
+                out = super().create_completion(prompt, **{**kwargs, "logprobs": None})
+            finally:
+                generated, rows = self._generated, self._rows
+                self._generated = self._rows = None
             usage = out["usage"]
-            tokens = self._generated[:usage["completion_tokens"]]
-            out["choices"][0]["logprobs"] = self._answer_logprobs(tokens, usage["prompt_tokens"] - 1, int(top),
-                                                                  len(prompt))
+            tokens = generated[:usage["completion_tokens"]]
+            if self._logits_all:  # the library kept every position's logits: the answer's start after the prompt
+                rows = self.scores[usage["prompt_tokens"] - 1:self.n_tokens]
+            out["choices"][0]["logprobs"] = self._answer_logprobs(tokens, rows, int(top), len(prompt))
             return out
 
-        def _answer_logprobs(self, tokens: list[int], offset: int, top: int, text_offset: int) -> dict:
-            """The completion format's logprobs of ``tokens``, whose first is predicted at row ``offset``."""
+        def _answer_logprobs(self, tokens: list[int], rows: Sequence[np.ndarray], top: int, text_offset: int) -> dict:
+            """The completion format's logprobs of ``tokens``, each drawn from the logits in ``rows``."""
             out: dict[str, list] = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
             bos = self.token_bos()
 
             def text(ids: list[int], prev: list[int] | None = None) -> str:
                 return self.detokenize(ids, prev_tokens=prev).decode("utf-8", errors="ignore")
 
-            rows = self.scores[offset:self.n_tokens] if self._logits_all else self._rows
             for i, (token, row) in enumerate(zip(tokens, rows)):
                 if token == bos:
                     continue
                 lp = llama_cpp.Llama.logits_to_logprobs(row)
                 best = np.argpartition(-lp, min(top, len(lp) - 1))[:top]
                 alts = {text([int(j)], tokens[:i]): float(v) for v, j in sorted(zip(lp[best], best), reverse=True)}
-                alts[text([token], tokens[:i])] = float(lp[token])
-                out["tokens"].append(text([token], tokens[:i]))
+                token_text, token_lp = text([token], tokens[:i]), float(lp[token])
+                alts[token_text] = token_lp
+                out["tokens"].append(token_text)
                 out["text_offset"].append(text_offset + len(text(tokens[:i])))
-                out["token_logprobs"].append(float(lp[token]))
+                out["token_logprobs"].append(token_lp)
                 out["top_logprobs"].append(alts)
             return out
 
