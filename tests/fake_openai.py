@@ -190,6 +190,7 @@ class FakeOpenAI:
         self.serial = threading.Lock() if serial else None  # held while one request is answered
         self.model = model
         self.log: list[Record] = []
+        self.served: list[str | None] = []  # with ``serial``: labelled texts in the order they were answered
         self.demo_requests = 0
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
@@ -493,6 +494,7 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(float(opts.get("seconds", 5.0)))
         elif owner.serial is not None:
             with owner.serial:
+                owner.served.append(record.text)
                 time.sleep(owner.delay)
         elif owner.delay:
             time.sleep(owner.delay)

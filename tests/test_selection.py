@@ -91,6 +91,34 @@ def test_retrieve_demos_balances_classes_and_excludes_query():
     assert np.all(np.diff(sims) >= 0)  # most similar demo last, right before the query
 
 
+def _demos_evaluated(prompts: list[list[int]]) -> int:
+    """Demos a single-slot prompt cache evaluates when ``prompts`` come in this order."""
+    total, prev = 0, []
+    for cur in prompts:
+        same = next((n for n, (a, b) in enumerate(zip(prev, cur)) if a != b), min(len(prev), len(cur)))
+        total += len(cur) - same
+        prev = cur
+    return total
+
+
+def test_shared_prefix_order_puts_the_most_shared_demos_first():
+    from freeal_backend.slm.selection import nearest_demos, shared_prefix_order
+
+    rng = np.random.default_rng(1)
+    texts, pool = rng.normal(size=(300, 16)), rng.normal(size=(12, 16))
+    sets = [nearest_demos(t, pool, 4) for t in texts]
+    counts = np.bincount([j for s in sets for j in s], minlength=len(pool))
+    order, canon = shared_prefix_order(sets, len(pool), seed=0)
+    top = int(np.argmax(counts))
+    assert all(c[0] == top for c in canon if top in c)
+    # a single-slot cache evaluates fewer demos than with the pool in any of 20 random orders (the rule before)
+    new = _demos_evaluated([canon[i] for i in order])
+    for seed in range(20):
+        rank = np.random.default_rng(seed).permutation(len(pool))
+        old = [sorted(s, key=lambda j: rank[j]) for s in sets]
+        assert new < _demos_evaluated(sorted(old, key=lambda c: [rank[j] for j in c]))
+
+
 def test_shared_prefix_order_keeps_each_texts_demos_and_lengthens_shared_prefixes():
     from freeal_backend.slm.selection import nearest_demos, shared_prefix_order
 

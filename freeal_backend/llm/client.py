@@ -130,6 +130,9 @@ def label_parser(labels: Sequence[str]) -> Parse:
     return parse
 
 
+EMBEDDED_IN_FLIGHT = 2  # the embedded server's requests in flight: one answered, the next one waiting
+
+
 class LLMClient:
     """Talks to any OpenAI-compatible ``/v1/chat/completions`` endpoint through the ``openai`` client.
 
@@ -137,7 +140,9 @@ class LLMClient:
     connections are done by the ``openai`` client itself (``max_retries``). Every successful response is
     cached, keyed by ``base_url`` as well as ``model`` (``embedded=True``: by model alone, for the bundled
     server's changing port), so a re-run with the same prompts makes zero calls. That server answers one
-    request at a time, so there ``timeout`` is per request in flight: ``timeout`` x ``concurrency`` each.
+    request at a time, so there at most :data:`EMBEDDED_IN_FLIGHT` requests are in flight (more would wait
+    for its lock and be answered out of order, undoing the shared-prefix order its prompt cache relies on),
+    and ``timeout`` is per request in flight: ``timeout`` x ``concurrency`` each.
     """
 
     def __init__(self, base_url: str, model: str, cache: ResponseCache, *, api_key: str | None = None,
@@ -148,7 +153,7 @@ class LLMClient:
         self.model = model
         self.endpoint: str | None = None if embedded else base_url
         self.cache = cache
-        self.concurrency = max(1, concurrency)
+        self.concurrency = max(1, min(concurrency, EMBEDDED_IN_FLIGHT) if embedded else concurrency)
         self.logprobs = logprobs
         self.max_consecutive_failures = max_consecutive_failures
         self.label_params: dict[str, Any] = {"temperature": 0.0, "max_tokens": max_tokens}

@@ -117,9 +117,17 @@ def shared_prefix_order(demo_sets: Sequence[Sequence[int]], pool_size: int, seed
     """An order for the requests, and each request's demos in one fixed order, such that consecutive
     prompts share the longest prefix: an endpoint's prompt cache (llama.cpp's, vLLM's, a provider's) then
     evaluates only what differs. Each text keeps its demo *set*; only the order of the demos in its prompt
-    (a seeded permutation of the pool, so classes stay mixed) and the order of the requests change.
+    and the order of the requests change.
+
+    The fixed order puts the demos that most texts share first (ties in a seeded random order), and the
+    requests are sorted by their demos in that order, so each prompt shares with the one before it the
+    longest prefix any earlier prompt offers.
     """
-    rank = np.random.default_rng(seed).permutation(pool_size)
+    count = np.bincount(np.fromiter((j for demos in demo_sets for j in demos), dtype=np.int64),
+                        minlength=pool_size)
+    tie = np.random.default_rng(seed).permutation(pool_size)
+    rank = np.empty(pool_size, dtype=np.int64)
+    rank[np.lexsort((tie, -count))] = np.arange(pool_size)
     canon = [sorted(demos, key=lambda j: rank[j]) for demos in demo_sets]
     order = sorted(range(len(canon)), key=lambda i: [rank[j] for j in canon[i]])
     return order, canon
