@@ -32,11 +32,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, finished_run, fmt_table, loadavg, mean_sd, write_report  # noqa: E402
-from second_judge import probe_oof  # noqa: E402
 
 from freeal_backend.loop import FreeALRun  # noqa: E402
 from freeal_backend.metrics import expected_calibration_error, review_scores  # noqa: E402
 from freeal_backend.slm.detection import judge  # noqa: E402
+from freeal_backend.slm.second_judge import probe_oof  # noqa: E402
 
 VARIANTS = {  # name: (judge's probabilities, the LLM's, linear pool, cap at the LLM's mean confidence, label
     # an outranked judge leaves: the one the LLM's averaged probabilities favour, or its last answer);
@@ -75,7 +75,7 @@ def ablate(run_dir: Path, rounds: int | None) -> dict[str, Any]:
         calibrated = run.llm_calibrated
     y = np.array([run.labels.index(g) if g is not None else -1 for g in given])
     unanswered = y < 0
-    probe = probe_oof(frozen, y, len(run.labels), [it.text for it in items], 1.0, run.settings.seed)
+    probe = probe_oof(frozen, y, len(run.labels), [it.text for it in items], seed=run.settings.seed)
     judges = {"SLM": probs, "probe": probe, "SLM and probe": (probs + probe) / 2}
     rows: dict[str, Any] = {"run_dir": str(run_dir), "rounds": rounds, "n": len(items),
                             "label_accuracy": float((y == gold).mean()), "variants": {}}

@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (DATA, RESULTS, beside, fmt_table, loadavg, mean_sd, read_jsonl, subsample,  # noqa: E402
@@ -31,9 +29,9 @@ from _common import (DATA, RESULTS, beside, fmt_table, loadavg, mean_sd, read_js
 import made_noise  # noqa: E402
 import replay_mr  # noqa: E402
 
-from freeal_backend.slm.classifier import group_folds, text_groups  # noqa: E402
 from freeal_backend.slm.detection import Judgement, judge  # noqa: E402
 from freeal_backend.slm.encoder import Encoder  # noqa: E402
+from freeal_backend.slm.second_judge import probe_oof, ranked_at_level  # noqa: E402
 
 ROWS = [  # (key in made_noise / replay_mr metrics, title, percent?)
     ("auroc", "ranking of wrong labels: AUROC", False),
@@ -46,26 +44,6 @@ ROWS = [  # (key in made_noise / replay_mr metrics, title, percent?)
     ("final_accuracy", "final labels right", True),
 ]
 
-
-def probe_oof(emb: np.ndarray, labels: np.ndarray, classes: int, texts: list[str], c: float,
-              seed: int) -> np.ndarray:
-    """Out-of-fold class probabilities of a logistic regression on ``emb`` (label -1: unlabelled, predicted by
-    the model trained on every label)."""
-    labelled = np.flatnonzero(labels >= 0)
-    fold = group_folds(text_groups(texts), labelled, 3, seed)
-    out = np.zeros((len(labels), classes))
-
-    def fit_predict(train: np.ndarray, rows: np.ndarray) -> None:
-        model = LogisticRegression(C=c, max_iter=3000).fit(emb[train], labels[train])
-        out[np.ix_(rows, model.classes_)] = model.predict_proba(emb[rows])
-
-    for f in range(fold.max() + 1):
-        fit_predict(np.flatnonzero((fold != f) & (labels >= 0)), np.flatnonzero(fold == f))
-    if (labels < 0).any():
-        fit_predict(labelled, np.flatnonzero(labels < 0))
-    return out
-
-
 RANKED = "mean's ranking, SLM's level"
 
 
@@ -73,19 +51,10 @@ def variants(slm: np.ndarray, probe: np.ndarray) -> dict[str, np.ndarray]:
     return {"SLM alone": slm, "probe alone": probe, "SLM + probe (mean)": (slm + probe) / 2}
 
 
-def ranked_at_slm_level(own: Judgement, both: Judgement) -> Judgement:
-    """The verdict on the mean of both judges' probabilities, ``both`` (its labels, flag and order), with the
-    SLM verdict's (``own``) scores handed out in that order and its health: the ranking of the two, the level
-    and spread of the SLM's scores."""
-    scores = np.empty_like(own.scores)
-    scores[np.argsort(both.scores, kind="stable")] = np.sort(own.scores)
-    return replace(both, scores=scores, health=own.health)
-
-
 def judged(slm: np.ndarray, probe: np.ndarray, labels: np.ndarray) -> dict[str, tuple[np.ndarray, Judgement]]:
     """Each variant's probabilities and verdict; the ranked one reuses the SLM's and the mean's verdicts."""
     out = {name: (probs, judge(probs, labels)) for name, probs in variants(slm, probe).items()}
-    out[RANKED] = (slm, ranked_at_slm_level(out["SLM alone"][1], out["SLM + probe (mean)"][1]))
+    out[RANKED] = (slm, ranked_at_level(out["SLM alone"][1], out["SLM + probe (mean)"][1]))
     return out
 
 
@@ -101,7 +70,7 @@ def made_noise_runs(stem: Path, encoder: Encoder, c: float) -> dict[str, dict[st
                 raise SystemExit(f"{stem}: {ds} seed {seed}: the rebuilt labels differ from the saved ones")
             gold, slm = saved[f"{ds}_seed{seed}_gold"], saved[f"{ds}_seed{seed}_probs"]
             texts = [r["text"] for r in picked]
-            probe = probe_oof(encoder.embed(texts), noisy, len(labels), texts, c, seed)
+            probe = probe_oof(encoder.embed(texts), noisy, len(labels), texts, c=c, seed=seed)
             for name, (probs, verdict) in judged(slm, probe, noisy).items():
                 m = made_noise.verdict_metrics(probs, noisy, gold, verdict)
                 m["top"] = m["top15pct_answered_wrong_recall"]
@@ -120,7 +89,7 @@ def replay_runs(stem: Path, encoder: Encoder, c: float) -> dict[str, dict[str, l
     out: dict[str, list[dict[str, float]]] = {}
     for key in (k for k in saved.files if k not in ("labels", "gold")):
         seed = int(key.rsplit("seed", 1)[1])
-        probe = probe_oof(emb, llm, 2, texts, c, seed)
+        probe = probe_oof(emb, llm, 2, texts, c=c, seed=seed)
         for name, (probs, verdict) in judged(saved[key], probe, llm).items():
             m = replay_mr.verdict_metrics(probs, llm, gold, verdict)
             m["auroc"] = m["llm_auroc"]

@@ -41,7 +41,7 @@ ENV_NAMES = {  # Settings field -> the environment variable that sets it
     "queue_url": "FREEAL_QUEUE", "queue_lock_ttl": "FREEAL_QUEUE_LOCK_TTL",
     "push_every_round_max_tasks": "FREEAL_PUSH_EVERY_ROUND_MAX", "keep_old_versions": "FREEAL_KEEP_OLD_VERSIONS",
     "target_error": "FREEAL_TARGET_ERROR", "target_confidence": "FREEAL_TARGET_CONFIDENCE",
-    "audit_size": "FREEAL_AUDIT", "llm_calibrated": "FREEAL_LLM_CALIBRATED",
+    "audit_size": "FREEAL_AUDIT", "llm_calibrated": "FREEAL_LLM_CALIBRATED", "second_judge": "FREEAL_SECOND_JUDGE",
 }
 
 
@@ -74,6 +74,9 @@ class Settings:
     #   live runs the rule fired 4 times, rightly twice: +3.4 and +1.8 points, wrongly twice: -6.3 and -0.6)
     rounds: int = 2  # FREEAL_ROUNDS
     encoder: str | None = None  # FREEAL_ENCODER: local Hugging Face model dir; empty = packaged all-MiniLM-L6-v2
+    second_judge: str | None = None  # FREEAL_SECOND_JUDGE: a frozen encoder (as FREEAL_ENCODER: a packaged one's name,
+    #   e.g. all-mpnet-base-v2, or a directory) whose probe ranks beside the small model (slm/second_judge.py); empty:
+    #   off. Classes only
     max_length: int = 128  # FREEAL_MAX_LENGTH tokens per text for the SLM
     max_chars: int = 4000  # FREEAL_MAX_CHARS: longer texts are truncated (with a warning)
     slm_epochs: int = 2  # FREEAL_SLM_EPOCHS per fold model (best epoch on an inner split of its training folds)

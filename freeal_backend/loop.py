@@ -34,6 +34,7 @@ from freeal_backend.dataio import clean_text
 from freeal_backend.slm.audit import audit_sample
 from freeal_backend.slm.budget import review_set
 from freeal_backend.slm.detection import Judgement, SpanVerdict, judge
+from freeal_backend.slm.second_judge import check_encoder, probe_oof, ranked_at_level
 from freeal_backend.llm.embedded import confidence_calibrated
 from freeal_backend.slm.encoder import Encoder, LowerStates
 from freeal_backend.llm.client import LazyRequests, LLMAnswer, LLMClient, Parse, label_parser
@@ -108,6 +109,11 @@ class FreeALRun:
         self.target_error = settings.target_error  # FREEAL_TARGET_ERROR (likewise)
         self.audit_ids: set[str] = set()  # the random audit tasks (slm/audit.py)
         self.audit_labels: dict[str, str] = {}  # people's labels on them, kept from the machine (blind)
+        self.second_judge = bool(settings.second_judge) and self.task_type == "classification"
+        if self.second_judge:  # not installed: say so now, not after the LLM's round
+            check_encoder(str(settings.second_judge))
+        elif settings.second_judge:
+            log.warning("FREEAL_SECOND_JUDGE judges class labels only; this %s run goes without it", self.task_type)
 
     # resources ----------------------------------------------------------------------------------------
     @property
@@ -181,6 +187,8 @@ class FreeALRun:
                                                             check_unparsed=False))
         self._timed("demos", lambda: self._stage_demos(items))
         self._timed("llm_r0", lambda: self._stage_llm_r0(items, progress))
+        if self.second_judge:
+            self._timed("second_judge", lambda: self._second_embeddings(items, progress))
         for rnd in range(1, rounds + 1):
             self._timed(f"slm_r{rnd}", lambda: self._stage_slm(items, rnd, progress))
             self._timed(f"llm_r{rnd}", lambda: self._stage_refine(items, rnd, progress))
@@ -641,7 +649,33 @@ class FreeALRun:
         human = np.array([bool(it.human_label) for it in items])
         person = self.audit_labels if audit else {}
         truth = np.array([self.labels.index(person[it.item_id]) if it.item_id in person else -1 for it in items])
-        return judge(probs, y, human, llm_probs, audit_labels=truth, llm_calibrated=self.llm_calibrated)
+        own = judge(probs, y, human, llm_probs, audit_labels=truth, llm_calibrated=self.llm_calibrated)
+        if not self.second_judge:
+            return own
+        probe = probe_oof(self._second_embeddings(items), y, len(self.labels), [it.text for it in items],
+                          human=human, seed=self.settings.seed + rnd, fallback=probs)
+        both = judge((probs + probe) / 2, y, human, llm_probs, audit_labels=truth, llm_calibrated=self.llm_calibrated)
+        return ranked_at_level(own, both)
+
+    def _second_embeddings(self, items: Sequence[Item], progress: Progress | None = None) -> np.ndarray:
+        """The second judge's frozen-encoder embeddings of the items (FREEAL_SECOND_JUDGE), cached on disk by
+        content; the encoder is loaded only to compute them."""
+        name = str(self.settings.second_judge)
+        key = _hash([name, self.settings.max_length, [it.text for it in items]])[:16]
+        path = self.run_dir / f"second_judge-{key}.npy"
+        if path.exists():
+            return np.load(path)
+        done = 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress("second_judge", done, len(items))
+
+        emb = Encoder(name).embed([it.text for it in items], max_length=self.settings.max_length, on_batch=tick)
+        np.save(path, emb)
+        return emb
 
     def _stage_slm(self, items: Sequence[Item], rnd: int, progress: Progress) -> None:
         """Cross-fit the SLM on the current labels and record its verdict on them (the run's health).
