@@ -11,7 +11,8 @@ Reads the saved out-of-sample SLM probabilities of ``made_noise.py`` (``<stem>.n
 from the same seeds and checked against the saved labels) and of ``replay_mr.py`` (every SLM variant and seed
 in its ``.npz``). The probe is cross-fitted like the SLM (3 folds grouped by normalised text, so copies
 share a fold); texts the LLM left unanswered get the probe trained on every label. Each variant goes through
-the same verdict (``detection.judge``) as the run would. Writes ``benchmarks/results/second_judge.md``/``.json``.
+the same verdict (``detection.judge``) as the run would; the probe and the ranked rule are the product's
+(``slm/second_judge.py``, run by ``FREEAL_SECOND_JUDGE``). Writes ``benchmarks/results/second_judge.md``/``.json``.
 """
 from __future__ import annotations
 
