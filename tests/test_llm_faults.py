@@ -412,9 +412,10 @@ def test_the_embedded_servers_queue_does_not_time_requests_out(tmp_path: Path) -
 def test_the_embedded_server_answers_requests_in_the_order_they_were_given(tmp_path: Path) -> None:
     """Requests come in shared-prefix order (``shared_prefix_order``), so that llama.cpp's prompt cache, which
     holds the last prompt only, evaluates what differs from the one before. The embedded server answers one
-    request at a time; with 4 in flight, 3 wait for its lock and are answered in any order (measured on round
-    0 of the main job: 1.46 s a request against 1.14 s in order). For the embedded server at most 2 are in
-    flight: one answered, the next waiting (the first two are sent at once and may arrive in either order)."""
+    request at a time; with 4 in flight, 3 wait for its lock and are answered in any order (a replay of round
+    0 of a main job, the demo order of then: 1.46 s a request with 4 in flight, 1.28 s with 1). For the
+    embedded server at most 2 are in flight: one answered, the next waiting (the first two are sent at once
+    and may arrive in either order)."""
     texts = [f"text number {i} is great" for i in range(24)]
     with FakeOpenAI(delay=0.02, serial=True) as server:
         client = LLMClient(server.base_url, MODEL, ResponseCache(tmp_path / "cache.sqlite"), concurrency=4,

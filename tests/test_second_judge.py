@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from sklearn.linear_model import LogisticRegression
 
 from freeal_backend.config import Settings
 from freeal_backend.dataio import rows_to_items
@@ -46,6 +47,9 @@ def test_probe_is_out_of_sample_and_trains_on_peoples_labels_in_every_fold():
     # judged by models that never saw their (wrong) labels: they side with the truth
     assert (probs[:30].argmax(1) == truth[:30]).mean() > 0.9
     assert probs[30].argmax() == truth[30]
+    # the unlabelled text and people's labels: predicted by the model trained on every label, theirs included
+    every = LogisticRegression(C=1.0, max_iter=3000).fit(emb[labels >= 0], labels[labels >= 0])
+    assert np.allclose(probs[30:34], every.predict_proba(emb[30:34]))
     # one class in every training fold: no model can be fitted, the fallback stands
     fallback = np.full((300, 2), [0.2, 0.8])
     assert np.array_equal(probe_oof(emb, np.ones(300, dtype=int), 2, texts, fallback=fallback), fallback)
