@@ -38,7 +38,7 @@ from quality import final_metrics, judged_stage, rejected_rounds, write_json  # 
 from freeal_backend.cli import build_parser  # noqa: E402
 from freeal_backend.config import Settings  # noqa: E402
 from freeal_backend.dataio import read_rows  # noqa: E402
-from freeal_backend.llm.client import EMBEDDED_IN_FLIGHT  # noqa: E402
+from freeal_backend.llm.client import in_flight  # noqa: E402
 from freeal_backend.loop import FreeALRun  # noqa: E402
 from freeal_backend.metrics import label_scores  # noqa: E402
 from freeal_backend.storage import Store  # noqa: E402
@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": f"{os.cpu_count()} CPU cores, {mem_total_gib():.1f} GiB; load average at start {load_start}, "
                    f"at end {loadavg()}",
         "model": f"{env.llm_model} ({endpoint}), LLM_THREADS={env.llm_threads}, shots {scores['shots']}, "
-                 f"concurrency {env.llm_concurrency if env.llm_base_url else min(env.llm_concurrency, EMBEDDED_IN_FLIGHT)}",
+                 f"concurrency {in_flight(env.llm_concurrency, embedded=not env.llm_base_url)}",
         "input": parsed.input, "wall_s": round(wall, 1), "run_wall_s": cli["run_wall_s"], **usage,
         "llm_calls": llm.get("calls", 0), "llm_cache_hits": llm.get("cache_hits", 0),
         "llm_prompt_tokens": llm.get("prompt_tokens", 0), "llm_completion_tokens": llm.get("completion_tokens", 0),

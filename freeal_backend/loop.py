@@ -34,9 +34,9 @@ from freeal_backend.dataio import clean_text
 from freeal_backend.slm.audit import audit_sample
 from freeal_backend.slm.budget import review_set
 from freeal_backend.slm.detection import Judgement, SpanVerdict, judge
-from freeal_backend.slm.second_judge import check_encoder, probe_oof, ranked_at_level
+from freeal_backend.slm.second_judge import probe_oof, ranked_at_level
 from freeal_backend.llm.embedded import confidence_calibrated
-from freeal_backend.slm.encoder import Encoder, LowerStates
+from freeal_backend.slm.encoder import Encoder, LowerStates, encoder_path
 from freeal_backend.llm.client import LazyRequests, LLMAnswer, LLMClient, Parse, label_parser
 from freeal_backend.llm.prompts import Message, label_messages
 from freeal_backend.llm.provider import LLMProvider
@@ -111,7 +111,7 @@ class FreeALRun:
         self.audit_labels: dict[str, str] = {}  # people's labels on them, kept from the machine (blind)
         self.second_judge = bool(settings.second_judge) and self.task_type == "classification"
         if self.second_judge:  # not installed: say so now, not after the LLM's round
-            check_encoder(str(settings.second_judge))
+            encoder_path(settings.second_judge, "FREEAL_SECOND_JUDGE")
         elif settings.second_judge:
             log.warning("FREEAL_SECOND_JUDGE judges class labels only; this %s run goes without it", self.task_type)
 

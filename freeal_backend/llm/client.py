@@ -133,6 +133,12 @@ def label_parser(labels: Sequence[str]) -> Parse:
 EMBEDDED_IN_FLIGHT = 2  # the embedded server's requests in flight: one answered, the next one waiting
 
 
+def in_flight(concurrency: int, embedded: bool) -> int:
+    """Requests a client keeps in flight: ``concurrency`` (LLM_CONCURRENCY), at most
+    :data:`EMBEDDED_IN_FLIGHT` to the embedded server."""
+    return max(1, min(concurrency, EMBEDDED_IN_FLIGHT) if embedded else concurrency)
+
+
 class LLMClient:
     """Talks to any OpenAI-compatible ``/v1/chat/completions`` endpoint through the ``openai`` client.
 
@@ -153,7 +159,7 @@ class LLMClient:
         self.model = model
         self.endpoint: str | None = None if embedded else base_url
         self.cache = cache
-        self.concurrency = max(1, min(concurrency, EMBEDDED_IN_FLIGHT) if embedded else concurrency)
+        self.concurrency = in_flight(concurrency, embedded)
         self.logprobs = logprobs
         self.max_consecutive_failures = max_consecutive_failures
         self.label_params: dict[str, Any] = {"temperature": 0.0, "max_tokens": max_tokens}

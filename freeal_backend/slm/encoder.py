@@ -69,6 +69,16 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def encoder_path(value: str | Path | None, setting: str = "FREEAL_ENCODER") -> Path:
+    """The encoder directory ``value`` names (a packaged encoder's name, a directory, or empty: the packaged
+    MiniLM); a FileNotFoundError naming ``setting`` when it holds no model."""
+    path = resolve_encoder(str(value) if value else None) or default_encoder_path()
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"encoder directory {path} has no config.json ({setting} must be a packaged "
+                                "encoder's name or a local Hugging Face model directory)")
+    return path
+
+
 class LowerStates:
     """Cached output of the frozen lower layers: one (length, hidden) float16 block per text.
 
@@ -138,10 +148,7 @@ class Encoder:
 
         cap_heap_retention()
 
-        self.path = resolve_encoder(str(path) if path else None) or default_encoder_path()
-        if not (self.path / "config.json").exists():
-            raise FileNotFoundError(f"encoder directory {self.path} has no config.json (FREEAL_ENCODER must be a "
-                                    "local Hugging Face model directory)")
+        self.path = encoder_path(path)
         self.device = device or pick_device()
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
         family = AutoConfig.from_pretrained(str(self.path), local_files_only=True).model_type

@@ -19,19 +19,9 @@ from sklearn.linear_model import LogisticRegression
 
 from freeal_backend.slm.classifier import group_folds, text_groups
 from freeal_backend.slm.detection import Judgement
-from freeal_backend.slm.encoder_weights import resolve_encoder
 
 FOLDS = 3
 C = 1.0  # the probe's inverse regularisation (as measured)
-
-
-def check_encoder(name: str) -> None:
-    """Raise a RuntimeError (a packaged encoder not installed) or FileNotFoundError (a directory that holds no
-    model) unless the second judge's encoder ``name`` can be loaded."""
-    path = resolve_encoder(name)
-    if path is None or not (path / "config.json").exists():
-        raise FileNotFoundError(f"FREEAL_SECOND_JUDGE={name!r}: {path} has no config.json (give a packaged encoder's "
-                                "name, e.g. all-mpnet-base-v2, or a local Hugging Face model directory)")
 
 
 def probe_oof(emb: np.ndarray, labels: np.ndarray, classes: int, texts: Sequence[str], *,
