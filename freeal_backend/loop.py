@@ -639,9 +639,11 @@ class FreeALRun:
         llm = self.store.get_meta("llm") or {"model": s.llm_model, "endpoint": bool(s.llm_base_url)}
         return confidence_calibrated(llm["model"], llm["endpoint"], s.llm_calibrated)
 
-    def _judge(self, items: Sequence[Item], rnd: int, *, audit: bool = False) -> Judgement:
+    def _judge(self, items: Sequence[Item], rnd: int, *, audit: bool = False, second: bool = True) -> Judgement:
         """SLM round ``rnd``'s verdict on the labels it was trained on (those after refinement ``rnd - 1``);
-        ``audit``: with people's labels on the random audit tasks (the final verdict)."""
+        ``audit``: with people's labels on the random audit tasks (the final verdict); ``second=False``: the
+        small model's own verdict only, where the caller needs no more than its health (which the second
+        judge leaves as it is)."""
         slm = self.store.slm(rnd)
         labels, llm_probs = self._current(items, rnd - 1)
         y = np.array([self.labels.index(lab) if lab is not None else -1 for lab in labels])
@@ -650,7 +652,7 @@ class FreeALRun:
         person = self.audit_labels if audit else {}
         truth = np.array([self.labels.index(person[it.item_id]) if it.item_id in person else -1 for it in items])
         own = judge(probs, y, human, llm_probs, audit_labels=truth, llm_calibrated=self.llm_calibrated)
-        if not self.second_judge:
+        if not (self.second_judge and second):
             return own
         probe = probe_oof(self._second_embeddings(items), y, len(self.labels), [it.text for it in items],
                           human=human, seed=self.settings.seed + rnd, fallback=probs)
@@ -698,7 +700,7 @@ class FreeALRun:
             return
         labels, _ = self._current(items, rnd - 1)
         info = self._fit_slm(items, labels, rnd, progress)
-        health = self._judge(items, rnd).health
+        health = self._judge(items, rnd, second=False).health
         self.store.set_meta(f"health_r{rnd}", health.as_dict())
         info.update(estimated_accuracy=health.estimated_accuracy, verdict=health.verdict)
         self.store.mark_stage(f"slm_r{rnd}", info)

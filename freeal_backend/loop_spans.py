@@ -165,7 +165,10 @@ class SpanRun(FreeALRun):
         return ([decode_spans(r["predicted"], r["scores"]) for r in rows], np.array([r["doubt"] for r in rows]),
                 np.array([np.nan if r.get("words_right") is None else r["words_right"] for r in rows], dtype=float))
 
-    def _judge(self, items: Sequence[Item], rnd: int, *, audit: bool = False) -> SpanVerdict:  # type: ignore[override]
+    def _judge(self, items: Sequence[Item], rnd: int, *, audit: bool = False,  # type: ignore[override]
+               second: bool = True) -> SpanVerdict:
+        """The tagger's verdict on round ``rnd``'s entity lists (spans have no second judge: ``second`` is
+        the base class's)."""
         labels, _ = self._current(items, rnd - 1)
         predicted, doubt, words_right = self._predicted(items, rnd)
         texts = [it.text for it in items]

@@ -87,3 +87,20 @@ def test_a_second_judge_that_cannot_load_is_refused_before_any_work(tmp_path, mo
     monkeypatch.setenv("FREEAL_MODELS_DIR", str(tmp_path / "models"))  # where nothing is installed
     with pytest.raises(RuntimeError, match="freeal models install all-mpnet-base-v2"):
         FreeALRun(replace(settings, second_judge="all-mpnet-base-v2"), LABELS, tmp_path / "run2")
+
+
+def test_the_small_models_health_check_fits_no_probe(tmp_path, monkeypatch):
+    """The SLM stage records only the small model's health, which the second judge leaves as it is: the
+    probe is fitted once, for the final verdict, not for that check too."""
+    import freeal_backend.loop as loop
+
+    fits = []
+    monkeypatch.setattr(loop, "probe_oof", lambda *a, **k: fits.append(1) or probe_oof(*a, **k))
+    rows = shared_rows("sst2", n=60, stride=53)
+    given = {str(i): r["label"] for i, r in enumerate(rows)}
+    items = rows_to_items([{"id": str(i), "text": r["text"]} for i, r in enumerate(rows)])
+    settings = Settings(slm_min_steps=0, data_dir=tmp_path, slm_epochs=1, llm_base_url="http://127.0.0.1:9/v1",
+                        second_judge=str(default_encoder_path()))
+    with FreeALRun(settings, LABELS, tmp_path / "run") as run:
+        run.run(items, rounds=0, llm_labels=given)
+    assert len(fits) == 1
