@@ -350,3 +350,37 @@ def test_without_llm_confidence_scores_are_pooled_with_the_run_estimate():
     assert (pooled.labels == plain.labels).all()
     assert np.array_equal(np.argsort(pooled.scores, kind="stable"), np.argsort(plain.scores, kind="stable"))
     assert _ece(pooled.scores, pooled.labels == true) < _ece(plain.scores, plain.labels == true) - 0.05
+
+
+def _unsure_judge(seed: int, n: int = 300) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The shape of a 300-text MR project judged with gpt-3.5's labels (~92 % right): a small model ~66 % right
+    and unsure of nearly every text."""
+    rng = np.random.default_rng(seed)
+    true = rng.integers(0, 2, n)
+    p_true = 1 / (1 + np.exp(-rng.normal(0.5, 1.0, n)))
+    p1 = np.where(true == 1, p_true, 1 - p_true)
+    return true, np.stack([1 - p1, p1], 1), np.where(rng.random(n) < 0.92, true, 1 - true)
+
+
+def test_a_judge_too_unsure_to_tell_does_not_call_good_labels_poor():
+    """Three 300-text MR projects with gpt-3.5's labels (89-92 % right): run health said "the LLM labels look
+    poor (estimated 70 % right)" on two of them, where the small model was 63-69 % right. Where the labels look
+    poor only by the small model's unsure texts, and not by those it is surest of, it cannot tell poor labels
+    from its own weakness: the labels keep their word and the figure is the surest texts' one."""
+    for seed in (1, 2):
+        true, probs, labels = _unsure_judge(seed)
+        j = judge(probs, labels)
+        truth = (labels == true).mean()
+        assert j.health.verdict != "poor" and "look poor" not in j.health.message
+        assert j.health.weak_side == "judge" and "too unsure" in j.health.message
+        assert np.array_equal(j.labels, labels)  # nothing overruled
+        assert abs(j.health.estimated_accuracy - truth) < 0.1
+
+
+def test_labels_poor_by_the_judges_surest_texts_too_stay_poor():
+    from freeal_backend.slm.detection import _verdict
+
+    poor = _verdict(0.70, 0.70, 1.0, 0.60, 0.45, "labels", p_value=0.005, upper=0.72)
+    assert poor.verdict == "poor" and "look poor" in poor.message and poor.weak_side == "labels"
+    unsure = _verdict(0.70, 0.70, 1.0, 0.60, 0.45, "labels", p_value=0.005, upper=0.86)
+    assert unsure.verdict == "ok" and unsure.weak_side == "judge" and unsure.estimated_accuracy == 0.86
