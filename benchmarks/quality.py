@@ -17,7 +17,7 @@ seeds that finished, per-seed values in the JSON) and ``loop_summary_n<N>[_<mode
 final, LLM calls per stage), rewritten as each seed finishes. ``--extras`` adds a naive SLM baseline (plain
 cross-entropy on the round-0 LLM labels) and the SLMs' accuracy on a test subsample (inductive).
 
-The embedded model (LLM_MODEL, by default Qwen2.5-Coder-0.5B) is slow on 2 cores: use --base-url/--model
+The embedded model (LLM_MODEL, by default Qwen2.5-Coder-1.5B) is slow on 2 cores: use --base-url/--model
 (and LLM_API_KEY) for a hosted LLM. With ``--data-dir DIR`` every (data set, N, seed) run keeps its state
 in DIR/runs/loop-<name>-n<N>-ss<sample seed>-s<seed>-<model> and the LLM cache in DIR: a re-run resumes an
 unfinished run (finished stages are kept, stored answers are not asked again, and a request answered before is
