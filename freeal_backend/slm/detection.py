@@ -438,8 +438,13 @@ def above_chance(probs: np.ndarray, labels: np.ndarray, *, permutations: int = C
     return (1 + hits) / (1 + permutations)
 
 
+def _label_posterior(posterior: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> float:
+    """Mean probability ``posterior`` gives the label of each of ``rows`` (a bool mask of labelled rows)."""
+    return float(posterior[rows, labels[rows]].mean())
+
+
 def _health(labels: np.ndarray, human: np.ndarray, probs: np.ndarray, posterior: np.ndarray,
-            judge_agreement: float, strict: np.ndarray | None = None) -> Health:
+            judge_agreement: float, strict: np.ndarray) -> Health:
     judged = ~human
     answered = judged & (labels >= 0)
     n_judged, n_answered = int(judged.sum()), int(answered.sum())
@@ -454,8 +459,8 @@ def _health(labels: np.ndarray, human: np.ndarray, probs: np.ndarray, posterior:
         warnings.simplefilter("ignore")
         kappa = float(cohen_kappa_score(pred, lab)) if len(np.unique(np.r_[pred, lab])) > 1 else 0.0
     kappa = 0.0 if np.isnan(kappa) else kappa
-    answered_acc = float(posterior[answered][np.arange(n_answered), lab].mean())
-    upper = None if strict is None else float(strict[answered][np.arange(n_answered), lab].mean())
+    answered_acc = _label_posterior(posterior, labels, answered)
+    upper = _label_posterior(strict, labels, answered)
     p_value = above_chance(probs[answered], lab)
     return replace(_verdict(answered_acc * coverage, answered_acc, coverage, agreement, kappa, "labels",
                             p_value=p_value, weak_judge=judge_agreement < WEAK_JUDGE_BELOW, upper=upper),
@@ -677,7 +682,7 @@ def _with_estimate(health: Health, posterior: np.ndarray, labels: np.ndarray, hu
     answered = ~human & (labels >= 0)
     if not answered.any():
         return health
-    return _with_accuracy(health, float(posterior[answered][np.arange(int(answered.sum())), labels[answered]].mean()))
+    return _with_accuracy(health, _label_posterior(posterior, labels, answered))
 
 
 def _with_accuracy(health: Health, acc: float) -> Health:
