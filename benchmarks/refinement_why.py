@@ -8,7 +8,8 @@ refinement round: the small model's accuracy and its agreement with the labels i
 agreed set (kept as labelled, not re-asked) and the demo pool drawn from it, with the share of their labels
 that are right; the texts re-asked, how right the LLM was on them zero-shot, in round 0 (its own written
 demonstrations) and after (demonstrations from the pool), and how many it fixed and broke; and how right the
-label with the highest probability averaged over the rounds would have been. Runs of the same
+label with the highest probability averaged over the rounds would have been, and (for runs with the
+zero-shot baseline) that average with the zero-shot answer as one more vote. Runs of the same
 data set are pooled as mean ± sd (population sd). Writes ``benchmarks/results/refinement_why_<name>.md`` and
 ``.json``.
 """
@@ -32,6 +33,20 @@ RECORD = "loop_result.json"  # quality.py's record of a finished loop run: its d
 
 def _share(mask: np.ndarray, of: np.ndarray) -> float:
     return float(mask[of].mean()) if of.any() else float("nan")
+
+
+def _vote(run: Any, items: list[Any], stages: list[str], fallback: np.ndarray) -> np.ndarray:
+    """Per item, the label with the highest per-class probability averaged over the ``stages`` that answered
+    it with probabilities (``fallback`` where none did)."""
+    total = np.zeros((len(items), len(run.labels)))
+    for stage in stages:
+        answers = run.store.annotations(stage)
+        for i, it in enumerate(items):
+            ann = answers.get(it.item_id)
+            if ann and ann["label"] is not None and ann.get("probs"):
+                total[i] += [float(ann["probs"].get(x, 0.0)) for x in run.labels]
+    return np.array([run.labels[int(total[i].argmax())] if total[i].sum() > 0 else fallback[i]
+                     for i in range(len(items))], dtype=object)
 
 
 def diagnose(run_dir: Path) -> dict[str, Any]:
@@ -75,6 +90,8 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
             }
             if "zero_shot" in stages:
                 entry["asked_right_zero_shot"] = _share(right("zero_shot"), asked)
+                voted = _vote(run, items, ["zero_shot", *run._label_sources(rnd)], np.array(given, dtype=object))
+                entry["with_zero_shot"] = float((voted == gold).mean())
             out["rounds"].append(entry)
     return out
 
@@ -87,7 +104,8 @@ COLUMNS = [("slm_accuracy", "SLM right %", True), ("slm_agreement", "SLM agrees 
            ("asked_right_after", "re-asked: refined right %", True),
            ("asked_right_averaged", "re-asked: rounds averaged right %", True), ("fixed", "fixed", False),
            ("broken", "broken", False), ("before", "all: before %", True), ("after", "all: after %", True),
-           ("averaged", "all: rounds averaged %", True)]
+           ("averaged", "all: rounds averaged %", True),
+           ("with_zero_shot", "all: zero-shot + rounds averaged %", True)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         "demonstrations, retrieved by the small model's embeddings); fixed = wrong before and right after, broken "
         "= the reverse; the whole set's accuracy before and after. 'Rounds averaged': the label with the highest "
         "probability averaged over every round that asked the text (what the verdict takes as the LLM's confidence), "
-        "instead of the last round's answer. Cells are mean ± sd over the runs.",
+        "instead of the last round's answer; 'zero-shot + rounds averaged': the same with the zero-shot baseline's "
+        "answer (no demonstrations) as one more vote, where the run asked it. Cells are mean ± sd over the runs.",
         "", "Re-asked texts recomputed here but not stored as asked by the run (or the reverse): "
         + ("; ".join(mismatched) if mismatched else "none (the recomputed scope is the one the runs used)."),
         "", "Runs: " + ", ".join(f"{r['dataset']} seed {r['seed']} ({r['n']} texts)" for r in runs),

@@ -113,6 +113,7 @@ def test_quality_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> None
         (entry,) = r["rounds"]
         assert entry["asked_not_stored"] == 0 and entry["kept"] + entry["asked"] == 12
         assert entry["after"] == pytest.approx(runs[str(r["seed"])]["stages"]["llm_r1"]["accuracy"])
+        assert 0.0 <= entry["with_zero_shot"] <= 1.0  # quality.py asks the zero-shot baseline: one more vote
     assert "| mr | 1 | 2 |" in (tmp_path / "refinement_why_tiny.md").read_text()
 
 
