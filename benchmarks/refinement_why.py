@@ -35,20 +35,6 @@ def _share(mask: np.ndarray, of: np.ndarray) -> float:
     return float(mask[of].mean()) if of.any() else float("nan")
 
 
-def _vote(run: Any, items: list[Any], stages: list[str], fallback: np.ndarray) -> np.ndarray:
-    """Per item, the label with the highest per-class probability averaged over the ``stages`` that answered
-    it with probabilities (``fallback`` where none did)."""
-    total = np.zeros((len(items), len(run.labels)))
-    for stage in stages:
-        answers = run.store.annotations(stage)
-        for i, it in enumerate(items):
-            ann = answers.get(it.item_id)
-            if ann and ann["label"] is not None and ann.get("probs"):
-                total[i] += [float(ann["probs"].get(x, 0.0)) for x in run.labels]
-    return np.array([run.labels[int(total[i].argmax())] if total[i].sum() > 0 else fallback[i]
-                     for i in range(len(items))], dtype=object)
-
-
 def diagnose(run_dir: Path) -> dict[str, Any]:
     """Per refinement round of the run in ``run_dir``: the numbers of the module doc."""
     record = json.loads((run_dir / RECORD).read_text(encoding="utf-8")) if (run_dir / RECORD).exists() else {}
@@ -72,8 +58,12 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
             stored = set(run.store.annotations(f"llm_r{rnd}"))
             before_ok, after_ok = right("llm_r0" if rnd == 1 else f"llm_r{rnd - 1}"), right(f"llm_r{rnd}")
             given, averaged = run._current(items, rnd)  # the rounds' per-class probabilities, averaged
-            pooled = np.array([run.labels[int(averaged[i].argmax())] if averaged[i].sum() > 0 else given[i]
-                               for i in range(len(items))], dtype=object) == gold
+
+            def voted(probs: np.ndarray) -> np.ndarray:  # per text, the likeliest class (else the label)
+                return np.array([run.labels[int(probs[i].argmax())] if probs[i].sum() > 0 else given[i]
+                                 for i in range(len(items))], dtype=object)
+
+            pooled = voted(averaged) == gold
             y, pred, _ = run._slm_groups(items, rnd)
             answered = y >= 0
             pool_right = np.array([run.labels[c] for c in scope.pool_cls]) == gold[scope.pool_idx]
@@ -90,8 +80,8 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
             }
             if "zero_shot" in stages:
                 entry["asked_right_zero_shot"] = _share(right("zero_shot"), asked)
-                voted = _vote(run, items, ["zero_shot", *run._label_sources(rnd)], np.array(given, dtype=object))
-                entry["with_zero_shot"] = float((voted == gold).mean())
+                _, with_zero_shot = run._current(items, rnd, sources=["zero_shot", *run._label_sources(rnd)])
+                entry["with_zero_shot"] = float((voted(with_zero_shot) == gold).mean())
             out["rounds"].append(entry)
     return out
 

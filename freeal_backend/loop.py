@@ -553,15 +553,17 @@ class FreeALRun:
                     latest[item_id] = ann
         return latest
 
-    def _current(self, items: Sequence[Item], upto_round: int) -> tuple[list[str | None], np.ndarray]:
+    def _current(self, items: Sequence[Item], upto_round: int, *, sources: Sequence[str] | None = None
+                 ) -> tuple[list[str | None], np.ndarray]:
         """Human label, else the latest LLM label up to refinement ``upto_round``; and the LLM's per-class
         probabilities, averaged over every round that asked the text (each with other demonstrations, so an
-        answer that changed between rounds lowers the label's share); a row of zeros where it gave none."""
+        answer that changed between rounds lowers the label's share); a row of zeros where it gave none.
+        ``sources``: other LLM stages to read instead of the round's (a benchmark's what-if), oldest first."""
         position = {it.item_id: i for i, it in enumerate(items)}
         latest: dict[str, dict[str, object]] = {}
         total = np.zeros((len(items), len(self.labels)))
         asked = np.zeros(len(items))
-        for stage in self._label_sources(upto_round):  # one read per stage: both from the same pass
+        for stage in sources or self._label_sources(upto_round):  # one read per stage: both from the same pass
             for item_id, ann in self.store.annotations(stage).items():
                 if ann["label"] is None:
                     continue
