@@ -209,6 +209,14 @@ def fmt_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return markdown_table(header, rows, digits=2)
 
 
+def averaged_vote(labels: Sequence[str], given: Sequence[str | None], probs: Any) -> Any:
+    """Per text, the class the LLM's per-class probabilities averaged over rounds favour (``probs`` from
+    ``FreeALRun._current``), else the label ``given`` (a row of zeros: no answer with probabilities)."""
+    import numpy as np
+
+    return np.array([labels[int(row.argmax())] if row.sum() > 0 else g for row, g in zip(probs, given)], dtype=object)
+
+
 @contextmanager
 def finished_run(run_dir: Path, **settings: Any) -> Iterator[tuple[Any, list[Any], int]]:
     """A finished classification run whose items carry gold, opened from its state to be read (no training,

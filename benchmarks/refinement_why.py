@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, cell, finished_run, fmt_table, loadavg, write_report  # noqa: E402
+from _common import RESULTS, averaged_vote, cell, finished_run, fmt_table, loadavg, write_report  # noqa: E402
 
 
 RECORD = "loop_result.json"  # quality.py's record of a finished loop run: its data set and seed
@@ -58,12 +58,7 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
             stored = set(run.store.annotations(f"llm_r{rnd}"))
             before_ok, after_ok = right("llm_r0" if rnd == 1 else f"llm_r{rnd - 1}"), right(f"llm_r{rnd}")
             given, averaged = run._current(items, rnd)  # the rounds' per-class probabilities, averaged
-
-            def voted(probs: np.ndarray) -> np.ndarray:  # per text, the likeliest class (else the label)
-                return np.array([run.labels[int(probs[i].argmax())] if probs[i].sum() > 0 else given[i]
-                                 for i in range(len(items))], dtype=object)
-
-            pooled = voted(averaged) == gold
+            pooled = averaged_vote(run.labels, given, averaged) == gold
             y, pred, _ = run._slm_groups(items, rnd)
             answered = y >= 0
             pool_right = np.array([run.labels[c] for c in scope.pool_cls]) == gold[scope.pool_idx]
@@ -81,7 +76,7 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
             if "zero_shot" in stages:
                 entry["asked_right_zero_shot"] = _share(right("zero_shot"), asked)
                 _, with_zero_shot = run._current(items, rnd, sources=["zero_shot", *run._label_sources(rnd)])
-                entry["with_zero_shot"] = float((voted(with_zero_shot) == gold).mean())
+                entry["with_zero_shot"] = float((averaged_vote(run.labels, given, with_zero_shot) == gold).mean())
             out["rounds"].append(entry)
     return out
 

@@ -88,6 +88,9 @@ class FreeALRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.task_description = task_description or settings.task_description
         self.zero_shot_baseline = zero_shot_baseline
+        # refinement prompts: demos most prompts share first (the prompt cache's best); False: by a seeded draw
+        # of the pool (benchmarks/refinement_order.py compares the two on the same pools)
+        self.refine_most_shared_first = True
         self.store = Store(self.run_dir / "state.sqlite")
         stored = self.store.get_meta("labels")
         if stored is not None and stored != self.labels:
@@ -829,7 +832,8 @@ class FreeALRun:
         pool_emb = emb[pool_idx]
         order, picks = shared_prefix_order([retrieve_demos(emb[i], pool_emb, pool_cls, self.shots, self.n_groups,
                                                            exclude=np.flatnonzero(pool_idx == i))
-                                            for i in todo_idx], len(pool_idx), self.settings.seed)
+                                            for i in todo_idx], len(pool_idx), self.settings.seed,
+                                           most_shared_first=self.refine_most_shared_first)
 
         def demos_for(k: int) -> list[tuple[str, str]]:
             return [(items[pool_idx[p]].text, str(labels[pool_idx[p]])) for p in picks[order[k]]]

@@ -92,6 +92,29 @@ def test_a_class_the_small_model_never_agrees_on_still_gets_demos(tmp_path, enco
     assert scope.filled == ["positive"]
 
 
+@pytest.mark.parametrize("most_shared_first", [True, False])
+def test_refinement_prompts_order_their_demos_most_shared_first_or_by_a_seeded_draw(
+        tmp_path, encoder, monkeypatch, most_shared_first):
+    """By default the demos most refinement prompts share come first (the prompt cache's best);
+    benchmarks/refinement_order.py compares that with one seeded draw of the pool on the same pools."""
+    items = rows_to_items(shared_rows("sst2", n=60, stride=71))
+    with FakeOpenAI() as fake, make_run(tmp_path, fake, encoder) as run:
+        run.run(items, rounds=0)
+        todo, pool_idx, pool_cls, _ = run.refinement_scope(items, 1)
+        prompts: list[list[tuple[str, str]]] = []
+        monkeypatch.setattr(run, "_annotate", lambda stage, asked, demos_for, progress:
+                            prompts.extend(demos_for(k) for k in range(len(asked))))
+        run.refine_most_shared_first = most_shared_first
+        run._ask_with_pool("llm_r1", items, todo, pool_idx, pool_cls, 1, lambda *a: None)
+        seed = run.settings.seed
+    assert len(prompts) == len(todo) and all(len(demos) > 1 for demos in prompts)
+    draw = np.random.default_rng(seed).permutation(len(pool_idx))
+    shared = Counter(t for demos in prompts for t, _ in demos)
+    place = {items[p].text: (-shared[items[p].text], draw[k]) if most_shared_first else draw[k]
+             for k, p in enumerate(pool_idx)}
+    assert all([place[t] for t, _ in demos] == sorted(place[t] for t, _ in demos) for demos in prompts)
+
+
 def test_budget_knob_reasks_only_the_lowest_scored_share(tmp_path, encoder):
     items = rows_to_items(shared_rows("sst2", n=80, stride=53))
     with FakeOpenAI() as fake, make_run(tmp_path, fake, encoder, refine_share=0.25) as run:

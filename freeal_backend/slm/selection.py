@@ -112,8 +112,8 @@ def nearest_demos(query: np.ndarray, demo_embeddings: np.ndarray, k: int) -> lis
     return top[::-1].tolist()
 
 
-def shared_prefix_order(demo_sets: Sequence[Sequence[int]], pool_size: int, seed: int = 0
-                        ) -> tuple[list[int], list[list[int]]]:
+def shared_prefix_order(demo_sets: Sequence[Sequence[int]], pool_size: int, seed: int = 0, *,
+                        most_shared_first: bool = True) -> tuple[list[int], list[list[int]]]:
     """An order for the requests, and each request's demos in one fixed order, such that consecutive
     prompts share the longest prefix: an endpoint's prompt cache (llama.cpp's, vLLM's, a provider's) then
     evaluates only what differs. Each text keeps its demo *set*; only the order of the demos in its prompt
@@ -121,13 +121,17 @@ def shared_prefix_order(demo_sets: Sequence[Sequence[int]], pool_size: int, seed
 
     The fixed order puts the demos that most texts share first (ties in a seeded random order), and the
     requests are sorted by their demos in that order, so each prompt shares with the one before it the
-    longest prefix any earlier prompt offers.
+    longest prefix any earlier prompt offers. That also puts the demos few texts share, often those closest
+    to the text, last, next to the question; ``most_shared_first=False`` orders the pool by the seeded draw
+    alone (shorter shared prefixes, no demo placed by how close it is).
     """
-    count = np.bincount(np.fromiter((j for demos in demo_sets for j in demos), dtype=np.int64),
-                        minlength=pool_size)
     tie = np.random.default_rng(seed).permutation(pool_size)
-    rank = np.empty(pool_size, dtype=np.int64)
-    rank[np.lexsort((tie, -count))] = np.arange(pool_size)
+    rank = tie
+    if most_shared_first:
+        count = np.bincount(np.fromiter((j for demos in demo_sets for j in demos), dtype=np.int64),
+                            minlength=pool_size)
+        rank = np.empty(pool_size, dtype=np.int64)
+        rank[np.lexsort((tie, -count))] = np.arange(pool_size)
     canon = [sorted(demos, key=lambda j: rank[j]) for demos in demo_sets]
     order = sorted(range(len(canon)), key=lambda i: [rank[j] for j in canon[i]])
     return order, canon
