@@ -25,6 +25,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 from freeal_backend.config import ENV_NAMES  # noqa: E402  (needs the sys.path line above)
 from freeal_backend.metrics import markdown_table  # noqa: E402
 
+# benchmarks/quality.py's record of a finished loop run, in its run folder: its config (data set, seed, ...)
+# and numbers; refinement_why.py and refinement_order.py read it
+LOOP_RECORD = "loop_result.json"
+
 # one line per data set telling the LLM what the labels mean
 TASKS = {
     "mr": "Classify the sentiment of the movie review sentence.",

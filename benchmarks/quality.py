@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DATA, RESULTS, SETTING_VARS, TASKS, beside, cell, command_line, current_peak_mib,  # noqa: E402
+from _common import (DATA, LOOP_RECORD, RESULTS, SETTING_VARS, TASKS, beside, cell, command_line, current_peak_mib,  # noqa: E402
                      fmt_table, loadavg, mean_sd, pct, read_jsonl, reset_peak_rss, subsample, write_result)
 
 from freeal_backend.config import Settings  # noqa: E402
@@ -56,7 +56,6 @@ from freeal_backend.slm.classifier import SmallModel  # noqa: E402
 
 STAT_KEYS = ("calls", "cache_hits", "prompt_tokens", "completion_tokens", "failures", "unparsed")
 COST_META = "bench_stage_cost"  # run-state meta key: LLM cost and wall time per stage, over all sessions
-RECORD = "loop_result.json"  # a finished run's record, in its run folder
 BOOK_EVERY_S = 30.0  # book the running stage's cost (and print progress) at most this often
 
 
@@ -254,7 +253,7 @@ def run_one(name: str, seed: int, rows: Sequence[dict[str, Any]], test: Sequence
     With ``--report-only``: re-read a finished record, else None (nothing runs)."""
     config = run_config(args, name, len(rows), seed, model, base_url)
     run_dir = data_dir / "runs" / f"loop-{name}-n{len(rows)}-ss{args.sample_seed}-s{seed}-{slug(model)}"
-    saved_path = run_dir / RECORD
+    saved_path = run_dir / LOOP_RECORD
     if saved_path.exists():
         saved = json.loads(saved_path.read_text(encoding="utf-8"))
         if saved.get("config") == config and (not args.extras or (saved.get("extras") or {}).get("test_n") == len(test)):

@@ -31,14 +31,13 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, SETTING_VARS, TASKS, averaged_vote, cell, fmt_table, loadavg, write_report  # noqa: E402
+from _common import LOOP_RECORD, RESULTS, SETTING_VARS, TASKS, averaged_vote, cell, fmt_table, loadavg, write_report  # noqa: E402
 
 from freeal_backend.config import Settings  # noqa: E402
 from freeal_backend.llm.cache import SCHEMA  # noqa: E402
 from freeal_backend.loop import FreeALRun  # noqa: E402
 from freeal_backend.storage import Store  # noqa: E402
 
-RECORD = "loop_result.json"
 RESULT = "order_result.json"  # a finished copy's numbers, re-read by a later run of this benchmark
 ORDERS = {"most_shared_first": True, "drawn": False}  # FreeALRun.refine_most_shared_first
 
@@ -73,7 +72,8 @@ def _fresh_copy(run_dir: Path, dest: Path) -> None:
 
 def refine(run_dir: Path, work: Path, order: str) -> dict[str, Any]:
     """Round 1's refinement of ``run_dir`` asked again in a copy with the demos in ``order``."""
-    config = json.loads((run_dir / RECORD).read_text(encoding="utf-8"))["config"]
+    record = json.loads((run_dir / LOOP_RECORD).read_text(encoding="utf-8"))
+    config = record["config"]
     if config.get("rounds") != 1:
         raise SystemExit(f"error: {run_dir} ran {config.get('rounds')} rounds; this compares one-round runs")
     env = {v: os.environ[v] for v in SETTING_VARS if os.environ.get(v) and v not in ("LLM_BASE_URL", "LLM_MODEL")}
@@ -86,15 +86,12 @@ def refine(run_dir: Path, work: Path, order: str) -> dict[str, Any]:
     if not (dest / "state.sqlite").exists():
         dest.parent.mkdir(parents=True, exist_ok=True)
         _fresh_copy(run_dir, dest)
-    store = Store(dest / "state.sqlite")
-    labels = store.get_meta("labels")
-    store.close()
     endpoint = None if config["endpoint"] == "embedded" else config["endpoint"]  # the run's own LLM
     settings = Settings.from_env(data_dir=dest.parent.parent, rounds=1, seed=config["seed"], llm_base_url=endpoint,
                                  llm_model=config["model"], task_description=TASKS.get(config["dataset"]),
                                  llm_concurrency=2)
     start = time.perf_counter()
-    with FreeALRun(settings, list(labels), dest) as run:
+    with FreeALRun(settings, record["labels"], dest) as run:
         run.refine_most_shared_first = ORDERS[order]
         items = run.store.items()
         run.run(items, rounds=1)

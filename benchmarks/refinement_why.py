@@ -25,10 +25,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, averaged_vote, cell, finished_run, fmt_table, loadavg, write_report  # noqa: E402
+from _common import LOOP_RECORD, RESULTS, averaged_vote, cell, finished_run, fmt_table, loadavg, write_report  # noqa: E402
 
-
-RECORD = "loop_result.json"  # quality.py's record of a finished loop run: its data set and seed
 
 
 def _share(mask: np.ndarray, of: np.ndarray) -> float:
@@ -37,7 +35,8 @@ def _share(mask: np.ndarray, of: np.ndarray) -> float:
 
 def diagnose(run_dir: Path) -> dict[str, Any]:
     """Per refinement round of the run in ``run_dir``: the numbers of the module doc."""
-    record = json.loads((run_dir / RECORD).read_text(encoding="utf-8")) if (run_dir / RECORD).exists() else {}
+    record = (json.loads((run_dir / LOOP_RECORD).read_text(encoding="utf-8"))
+              if (run_dir / LOOP_RECORD).exists() else {})
     config = record.get("config", {})
     with finished_run(run_dir, **({"seed": config["seed"]} if "seed" in config else {})) as (run, items, rounds):
         out: dict[str, Any] = {"run_dir": str(run_dir), "dataset": config.get("dataset", run_dir.name),
