@@ -6,11 +6,12 @@ Each RUN_DIR is a finished one-round ``benchmarks/quality.py --data-dir`` loop r
 names the data set and seed). Per run and per order, a copy of it in ``DIR/<order>/`` keeps everything up
 to the small model's round 1 (so the same clean pool and the same demonstrations per text) and asks the
 refinement again with the demonstrations in that order, then trains the last small model and judges as the
-loop does. Orders: ``most_shared_first`` (the default: the demos most prompts share first, the prompt
-cache's best, so the demos few prompts share, often the closest to the text, come last) and ``drawn`` (one
-seeded draw of the pool, the order before 2026-12-06). The run's LLM answers join the copies' cache
-(``DIR/<order>/llm_cache.sqlite``, kept), so a prompt asked before is a cache hit; a finished copy's numbers
-are re-read (``order_result.json``; LLM calls "—" where a stopped session finished a copy without it).
+loop does. Orders: ``drawn`` (the default: one seeded draw of the pool; the order before 705e6a9 and
+again since the evening of 2026-12-06) and ``most_shared_first`` (the default in between: the demos most
+prompts share first, the prompt cache's best, so the demos few prompts share, often the closest to the
+text, come last). The run's LLM answers join the copies' cache (``DIR/<order>/llm_cache.sqlite``, kept),
+so a prompt asked before is a cache hit; a finished copy's numbers are re-read (``order_result.json``; LLM
+calls "—" where a stopped session finished a copy without it).
 Reports per order the refined, rounds-averaged and final accuracy, fixed / broken labels and LLM calls,
 mean ± sd over the runs of each data set, and the per-run difference from the first order. Writes
 ``benchmarks/results/refinement_order_<name>.md`` and ``.json``.
@@ -39,7 +40,7 @@ from freeal_backend.loop import FreeALRun  # noqa: E402
 from freeal_backend.storage import Store  # noqa: E402
 
 RESULT = "order_result.json"  # a finished copy's numbers, re-read by a later run of this benchmark
-ORDERS = {"most_shared_first": True, "drawn": False}  # FreeALRun.refine_most_shared_first
+ORDERS = {"drawn": False, "most_shared_first": True}  # FreeALRun.refine_most_shared_first
 
 
 def _take_answers(cache: Path, into: Path) -> None:
@@ -157,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                   + [f"final minus {orders[0]}, per seed (points)"], rows), "",
         "Each row re-asks the refinement of the same stored runs (round 0, the small model of round 1 and so the "
         "clean pool and each text's demonstrations are the run's own) with the demonstrations in the order named: "
-        "`most_shared_first`, the default (the demos most prompts share first, for the prompt cache), or `drawn` "
-        "(one seeded draw of the pool). 'Refined': the refinement's answers where asked, else the label kept; "
+        "`drawn`, the default (one seeded draw of the pool), or `most_shared_first` (the demos most prompts share "
+        "first, for the prompt cache). 'Refined': the refinement's answers where asked, else the label kept; "
         "'rounds averaged': the label the LLM's probabilities averaged over both rounds favour; 'final': the "
         "verdict's label after the last small model. Fixed / broken: re-asked labels wrong before and right after, "
         "or the reverse. Cache hits are prompts answered before (the run's own cache, or an earlier copy's). "

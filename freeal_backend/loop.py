@@ -88,9 +88,9 @@ class FreeALRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.task_description = task_description or settings.task_description
         self.zero_shot_baseline = zero_shot_baseline
-        # refinement prompts: demos most prompts share first (the prompt cache's best); False: by a seeded draw
-        # of the pool (benchmarks/refinement_order.py compares the two on the same pools)
-        self.refine_most_shared_first = True
+        # refinement prompts: demos in one seeded draw of the pool; True: most-shared first (the prompt cache's
+        # best, but it put the demos closest to the text last and cost TREC its gain: benchmarks/refinement_order.py)
+        self.refine_most_shared_first = False
         self.store = Store(self.run_dir / "state.sqlite")
         stored = self.store.get_meta("labels")
         if stored is not None and stored != self.labels:
@@ -824,7 +824,8 @@ class FreeALRun:
     def _ask_with_pool(self, stage: str, items: Sequence[Item], todo_idx: Sequence[int], pool_idx: np.ndarray,
                        pool_cls: np.ndarray, rnd: int, progress: Progress) -> None:
         """Ask the LLM about ``items[todo_idx]`` for ``stage``, each with its most similar demos per class from
-        round ``rnd``'s pool (SLM embeddings; labels after refinement ``rnd - 1``), in shared-prefix order."""
+        round ``rnd``'s pool (SLM embeddings; labels after refinement ``rnd - 1``), in shared-prefix order
+        (``refine_most_shared_first``)."""
         if not len(todo_idx):
             return
         emb = np.load(self.run_dir / f"slm_r{rnd}_embeddings.npy")

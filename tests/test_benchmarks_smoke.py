@@ -119,14 +119,14 @@ def test_quality_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> None
     _run(["benchmarks/refinement_order.py", str(run_dir), str(run_dir.with_name(run_dir.name.replace("-s0-", "-s1-"))),
           "--work", str(tmp_path / "order"), "--name", "tiny", "--out-dir", str(tmp_path)], tmp_path, FREEAL_SHOTS="2")
     order = json.loads((tmp_path / "refinement_order_tiny.json").read_text())["runs"]
-    assert [(r["seed"], r["order"]) for r in order] == [(0, "most_shared_first"), (0, "drawn"),
-                                                         (1, "most_shared_first"), (1, "drawn")]
+    assert [(r["seed"], r["order"]) for r in order] == [(0, "drawn"), (0, "most_shared_first"),
+                                                         (1, "drawn"), (1, "most_shared_first")]
     for r in order:
         assert r["round0"] == pytest.approx(runs[str(r["seed"])]["stages"]["llm_r0"]["accuracy"])
-        if r["order"] == "most_shared_first":  # the run's own prompts: its cache answers them, as it did
+        if r["order"] == "drawn":  # the default: the run's own prompts: its cache answers them, as it did
             assert r["calls"] == 0 and r["cache_hits"] == r["asked"] > 0 and r["final_minus_first"] == 0
             assert r["refined"] == pytest.approx(runs[str(r["seed"])]["stages"]["llm_r1"]["accuracy"])
-    assert "| mr | drawn | 2 |" in (tmp_path / "refinement_order_tiny.md").read_text()
+    assert "| mr | most_shared_first | 2 |" in (tmp_path / "refinement_order_tiny.md").read_text()
     again = _run(["benchmarks/refinement_order.py", str(run_dir), "--work", str(tmp_path / "order"), "--name", "again",
                   "--out-dir", str(tmp_path)], tmp_path, FREEAL_SHOTS="2")  # finished copies: re-read, not re-run
     assert json.loads((tmp_path / "refinement_order_again.json").read_text())["runs"] == order[:2], again

@@ -92,11 +92,12 @@ def test_a_class_the_small_model_never_agrees_on_still_gets_demos(tmp_path, enco
     assert scope.filled == ["positive"]
 
 
-@pytest.mark.parametrize("most_shared_first", [True, False])
-def test_refinement_prompts_order_their_demos_most_shared_first_or_by_a_seeded_draw(
+@pytest.mark.parametrize("most_shared_first", [None, True])
+def test_refinement_prompts_order_their_demos_by_a_seeded_draw_or_most_shared_first(
         tmp_path, encoder, monkeypatch, most_shared_first):
-    """By default the demos most refinement prompts share come first (the prompt cache's best);
-    benchmarks/refinement_order.py compares that with one seeded draw of the pool on the same pools."""
+    """By default (None) the refinement prompts order their demos by one seeded draw of the pool; most-shared
+    first, the prompt cache's best, puts the demos closest to the text last, and the draw was as good or better
+    on 8 of 9 seeds (benchmarks/refinement_order.py)."""
     items = rows_to_items(shared_rows("sst2", n=60, stride=71))
     with FakeOpenAI() as fake, make_run(tmp_path, fake, encoder) as run:
         run.run(items, rounds=0)
@@ -104,7 +105,8 @@ def test_refinement_prompts_order_their_demos_most_shared_first_or_by_a_seeded_d
         prompts: list[list[tuple[str, str]]] = []
         monkeypatch.setattr(run, "_annotate", lambda stage, asked, demos_for, progress:
                             prompts.extend(demos_for(k) for k in range(len(asked))))
-        run.refine_most_shared_first = most_shared_first
+        if most_shared_first is not None:
+            run.refine_most_shared_first = most_shared_first
         run._ask_with_pool("llm_r1", items, todo, pool_idx, pool_cls, 1, lambda *a: None)
         seed = run.settings.seed
     assert len(prompts) == len(todo) and all(len(demos) > 1 for demos in prompts)
