@@ -44,6 +44,12 @@ SETTING_VARS = [v for v in ENV_NAMES.values() if v not in ("FREEAL_DATA_DIR", "F
     "LS_FAST_PREDICTION_IMPORT"]
 
 
+def loop_env() -> dict[str, str]:
+    """The setting variables set now, as a loop run's record keeps them (its config's ``env``; the endpoint
+    and model are kept apart in the config)."""
+    return {v: os.environ[v] for v in SETTING_VARS if os.environ.get(v) and v not in ("LLM_BASE_URL", "LLM_MODEL")}
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise SystemExit(f"error: {path} not found (shared data sets are read in place from {DATA}; "

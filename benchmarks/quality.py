@@ -33,7 +33,6 @@ import datetime as dt
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -45,8 +44,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DATA, LOOP_RECORD, RESULTS, SETTING_VARS, TASKS, beside, cell, command_line, current_peak_mib,  # noqa: E402
-                     fmt_table, loadavg, mean_sd, pct, read_jsonl, reset_peak_rss, subsample, write_result)
+from _common import (DATA, LOOP_RECORD, RESULTS, TASKS, beside, cell, command_line, current_peak_mib,  # noqa: E402
+                     fmt_table, loadavg, loop_env, mean_sd, pct, read_jsonl, reset_peak_rss, subsample, write_result)
 
 from freeal_backend.config import Settings  # noqa: E402
 from freeal_backend.loop import FreeALRun  # noqa: E402
@@ -241,9 +240,8 @@ def extras(run: BenchRun, items: Sequence[Item], test: Sequence[dict[str, Any]],
 def run_config(args: argparse.Namespace, name: str, n: int, seed: int, model: str, base_url: str | None
                ) -> dict[str, Any]:
     """What a run's record depends on: a saved record with another config is not reused."""
-    env = {v: os.environ[v] for v in SETTING_VARS if os.environ.get(v) and v not in ("LLM_BASE_URL", "LLM_MODEL")}
     return {"dataset": name, "n": n, "sample_seed": args.sample_seed, "seed": seed, "rounds": args.rounds,
-            "model": model, "endpoint": base_url or "embedded", "env": env}
+            "model": model, "endpoint": base_url or "embedded", "env": loop_env()}
 
 
 def run_one(name: str, seed: int, rows: Sequence[dict[str, Any]], test: Sequence[dict[str, Any]],

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sqlite3
 import sys
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import LOOP_RECORD, RESULTS, SETTING_VARS, TASKS, averaged_vote, cell, fmt_table, loadavg, write_report  # noqa: E402
+from _common import LOOP_RECORD, RESULTS, TASKS, averaged_vote, cell, fmt_table, loadavg, loop_env, write_report  # noqa: E402
 
 from freeal_backend.config import Settings  # noqa: E402
 from freeal_backend.llm.cache import SCHEMA  # noqa: E402
@@ -77,7 +76,7 @@ def refine(run_dir: Path, work: Path, order: str) -> dict[str, Any]:
     config = record["config"]
     if config.get("rounds") != 1:
         raise SystemExit(f"error: {run_dir} ran {config.get('rounds')} rounds; this compares one-round runs")
-    env = {v: os.environ[v] for v in SETTING_VARS if os.environ.get(v) and v not in ("LLM_BASE_URL", "LLM_MODEL")}
+    env = loop_env()
     if env != config.get("env", {}):
         raise SystemExit(f"error: {run_dir} ran with the settings {config.get('env', {})}, this with {env}; "
                          "set the same environment")

@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import LOOP_RECORD, RESULTS, averaged_vote, cell, finished_run, fmt_table, loadavg, write_report  # noqa: E402
 
 
-
 def _share(mask: np.ndarray, of: np.ndarray) -> float:
     return float(mask[of].mean()) if of.any() else float("nan")
 
