@@ -177,7 +177,8 @@ def report(data: dict[str, Any]) -> str:
         f"{data['unanswered_wrong']} of them wrong).",
         f"- Run health (no gold): estimated {pct(data['health_estimate'])} % of the labels right "
         f"({data['health_verdict']}); true {pct(data['health_true_accuracy'])} % (stage "
-        f"`{data['health_judged_stage']}`, the labels it judged); final {pct(data['final_accuracy'])} %.",
+        f"`{data['health_judged_stage']}`, the labels it judged); final {pct(data['final_accuracy'])} %. Chance alone "
+        f"moves the true accuracy of labels right with their final scores by {pct(data['chance_sd'])} points (sd).",
         f"- Review flag: {pct(data['flagged_share'])} % of the texts flagged; precision {pct(data['flag_precision'])} %, "
         f"recall {pct(data['flag_recall'])} % of the wrong final labels. The 10 % lowest-scored texts hold "
         f"{pct(data['top10pct_recall'])} % of them.",

@@ -119,7 +119,9 @@ def final_metrics(results: Mapping[str, Mapping[str, Any]], gold: Mapping[str, s
     label is the small model's). The final score (``confidence``) is scored against the final label being
     right; the LLM's own confidence (``llm_confidence``) against its answer (``llm_label``) being right,
     over the answers that carry one. ``judged``: the labels the run's health judged (its true accuracy is
-    reported beside the estimate)."""
+    reported beside the estimate). ``chance_sd``: how far chance alone moves the true accuracy of labels each
+    right with the probability its score gives (the sd of a sum of independent Bernoullis, over the texts):
+    the nearest any estimate from those scores can be sure to come to the truth on a run this size."""
     ids = [k for k in gold if k in results]
     res = [results[k] for k in ids]
     right = np.array([r["label"] == gold[k] for k, r in zip(ids, res)], dtype=bool)
@@ -145,6 +147,7 @@ def final_metrics(results: Mapping[str, Mapping[str, Any]], gold: Mapping[str, s
         "health_estimate": float(health["estimated_accuracy"]) if health else math.nan,
         "health_verdict": str(health["verdict"]) if health else None,
         "health_true_accuracy": label_scores(judged, gold, sorted(set(gold.values())))["accuracy"] if judged else math.nan,
+        "chance_sd": float(np.sqrt(np.sum(score * (1 - score)))) / len(ids) if ids else math.nan,
     }
 
 
@@ -342,7 +345,8 @@ def dataset_report(name: str, records: Mapping[int, Mapping[str, Any]], seeds: S
            else "no text was left unanswered."),
         f"- run health (no gold): estimated {c('health_estimate')} % of the judged labels right "
         f"({', '.join(sorted({str(r['health_verdict']) for r in recs}))}); true {c('health_true_accuracy')} % "
-        f"(the labels of stage `{first['health_judged_stage']}`).",
+        f"(the labels of stage `{first['health_judged_stage']}`); chance alone moves the true accuracy of labels "
+        f"right with their final scores by {c('chance_sd')} points (sd), so no estimate from them is surely nearer.",
     ]
     for stage in order:
         if "reasked_flagged" in first["stages"][stage]:

@@ -44,7 +44,7 @@ def test_replay_mr_tiny(tmp_path: Path) -> None:
 
 LOOP_RUN_KEYS = {"stages", "stage_order", "llm_total", "loop_wall_s", "final_accuracy", "answered_wrong", "unanswered",
                  "llm_conf_ece", "llm_conf_auroc_wrong", "score_ece", "score_auroc_wrong", "flagged_share",
-                 "flag_precision", "flag_recall", "health_estimate", "health_true_accuracy", "config", "extras"}
+                 "flag_precision", "flag_recall", "health_estimate", "health_true_accuracy", "chance_sd", "config", "extras"}
 LOOP_STAGE_KEYS = {"accuracy", "macro_f1", "coverage", "calls", "cache_hits", "prompt_tokens", "completion_tokens",
                    "wall_s"}
 
@@ -59,7 +59,7 @@ def test_quality_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> None
     md, js = (tmp_path / "loop_mr_n12_smollm2-135m-instruct.md"), (tmp_path / "loop_mr_n12_smollm2-135m-instruct.json")
     text = md.read_text()
     for stage in ["LLM zero-shot", "LLM + self-generated demos", "naive SLM", "SLM round 1", "refined LLM round 1",
-                  "SLM round 2", "| final |", "review flag", "run health", "unanswered", "ECE",
+                  "SLM round 2", "| final |", "review flag", "run health", "chance alone", "unanswered", "ECE",
                   "Command (from the repository root)", "--seeds 0,1"]:
         assert stage in text, stage
     data = json.loads(js.read_text())
@@ -71,6 +71,7 @@ def test_quality_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> None
         assert all(LOOP_STAGE_KEYS <= set(st) for st in rec["stages"].values())
         assert rec["final_accuracy"] is not None and rec["n"] == 12 and rec["stages"]["llm_r0"]["calls"] > 0
         assert set(rec["extras"]["test_accuracy"]) >= {"naive", "slm_r1"} and rec["extras"]["test_n"] == 10
+        assert 0.0 <= rec["chance_sd"] <= 0.5 / 12 ** 0.5  # the sd of a mean of 12 Bernoullis is at most this
     # the same texts for both seeds; the zero-shot pass was asked once, then came from the cache
     assert runs["0"]["stages"]["zero_shot"]["calls"] == 12 and runs["0"]["stages"]["zero_shot"]["cache_hits"] == 0
     assert runs["1"]["stages"]["zero_shot"]["calls"] == 0 and runs["1"]["stages"]["zero_shot"]["cache_hits"] == 12
@@ -149,7 +150,8 @@ def test_main_job_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> Non
     assert data["stages"][-1]["accuracy"] == pytest.approx(data["final_accuracy"])
     assert set(data["stage_seconds"]) >= {"demos", "llm_r0", "slm_r1", "llm_r1", "slm_r2"}
     text = (tmp_path / "main_job_sst2_n12.md").read_text()
-    for row in ("| refined LLM round 1", "| final |", "Run health", "Review flag", "peak RSS",
+    assert 0.0 <= data["chance_sd"] <= 0.5 / 12 ** 0.5
+    for row in ("| refined LLM round 1", "| final |", "Run health", "Chance alone", "Review flag", "peak RSS",
                 "Command (from the repository root)"):
         assert row in text, row
 
