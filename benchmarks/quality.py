@@ -346,7 +346,7 @@ def dataset_report(name: str, records: Mapping[int, Mapping[str, Any]], seeds: S
         f"- run health (no gold): estimated {c('health_estimate')} % of the judged labels right "
         f"({', '.join(sorted({str(r['health_verdict']) for r in recs}))}); true {c('health_true_accuracy')} % "
         f"(the labels of stage `{first['health_judged_stage']}`); chance alone moves the true accuracy of labels "
-        f"right with their final scores by {c('chance_sd')} points (sd), so no estimate from them is surely nearer.",
+        f"right with their final scores by {c('chance_sd')} points (sd): no estimate on a run this size can promise to be nearer.",
     ]
     for stage in order:
         if "reasked_flagged" in first["stages"][stage]:
