@@ -8,7 +8,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-COPY requirements.txt ./
+COPY requirements.txt constraints.txt ./
 # GGML_NATIVE=OFF: llama.cpp is compiled for a generic x86-64 with AVX2/FMA/F16C (Intel Haswell, AMD Zen or
 # newer), not with -march=native for the build machine's CPU, so the image runs on other hosts too. For hosts
 # with AVX-512 (prompts evaluate ~1.5x faster; benchmarks/results/llama_build_speed.md), pass what set-up uses:
@@ -16,7 +16,8 @@ COPY requirements.txt ./
 # torch from PyPI for Linux brings its CUDA libraries (several GB): fine on a GPU host; for a small
 # CPU-only image, install a CPU build of torch==2.13.0 before this line.
 ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF"
-RUN CMAKE_ARGS="$LLAMA_CMAKE_ARGS" pip install --no-cache-dir -r requirements.txt
+# constraints.txt pins what those packages pull in, as in the venv the tests passed with (scripts/lock_deps.py)
+RUN CMAKE_ARGS="$LLAMA_CMAKE_ARGS" pip install --no-cache-dir -r requirements.txt -c constraints.txt
 COPY pyproject.toml README.md NOTICE gunicorn.conf.py ./
 COPY freeal_backend ./freeal_backend
 COPY label_config ./label_config

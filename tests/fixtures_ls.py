@@ -101,7 +101,8 @@ def start_label_studio(data_dir: Path, port: int, log_path: Path, *, batched_imp
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"label-studio exited with {proc.returncode}; see {log_path}")
+            raise RuntimeError(f"label-studio exited with {proc.returncode}; the end of {log_path}:\n"
+                               + log_tail(log_path))
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
                 if resp.status == 200:
@@ -110,7 +111,13 @@ def start_label_studio(data_dir: Path, port: int, log_path: Path, *, batched_imp
             pass
         time.sleep(1)
     stop(proc)
-    raise RuntimeError(f"label-studio did not answer /health in {timeout_s}s; see {log_path}")
+    raise RuntimeError(f"label-studio did not answer /health in {timeout_s}s; the end of {log_path}:\n"
+                       + log_tail(log_path))
+
+
+def log_tail(log_path: Path, lines: int = 15) -> str:
+    """The last lines of a log, so that a failure in CI says why without the file."""
+    return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -146,7 +153,7 @@ def migrated_template(tmp_root: Path) -> Path:
 def _serve(tmp_path_factory: pytest.TempPathFactory, batched_import: bool) -> Iterator[LabelStudioServer]:
     if not LS_BIN.exists():
         pytest.skip(f"{LS_BIN} is absent: create it with `python -m venv .venv-ls && "
-                    ".venv-ls/bin/pip install label-studio==1.23.2`")
+                    ".venv-ls/bin/pip install -r requirements-label-studio.txt` (scripts/setup.sh does)")
     root = tmp_path_factory.mktemp("label-studio")
     data_dir = root / "data"
     shutil.copytree(migrated_template(root), data_dir)
