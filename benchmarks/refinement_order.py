@@ -64,9 +64,7 @@ def _fresh_copy(run_dir: Path, dest: Path) -> None:
     _take_answers(run_dir.parent.parent / "llm_cache.sqlite", dest.parent.parent / "llm_cache.sqlite")
     store = Store(dest / "state.sqlite")
     store.forget_rounds_after(1)  # the last small model, the results
-    with store.transaction() as db:  # the refinement itself; round 0 and the small model of round 1 stay
-        db.execute("DELETE FROM stages WHERE name = 'llm_r1'")
-        db.execute("DELETE FROM annotations WHERE stage = 'llm_r1'")
+    store.forget_stage("llm_r1")  # the refinement itself; round 0 and the small model of round 1 stay
     store.close()
 
 

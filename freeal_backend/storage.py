@@ -152,6 +152,12 @@ class Store(Transactional):
     def stages(self) -> dict[str, dict[str, Any]]:
         return {r[0]: json.loads(r[1]) for r in self._read("SELECT name, info FROM stages ORDER BY done_at")}
 
+    def forget_stage(self, name: str) -> None:
+        """Forget one finished stage: its mark and, for an LLM stage, its answers (it is to run again)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM stages WHERE name = ?", (name,))
+            db.execute("DELETE FROM annotations WHERE stage = ?", (name,))
+
     def reset_stages(self, keep: Iterable[str] = ()) -> None:
         """Forget finished stages (and their SLM/refinement outputs) except those named in ``keep``."""
         keep = list(keep)
