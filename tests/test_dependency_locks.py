@@ -30,9 +30,9 @@ def _differences(installed: dict[str, str], pinned: dict[str, str]) -> dict[str,
 def test_the_project_venv_is_what_requirements_and_constraints_pin() -> None:
     """``.venv`` (this interpreter's) holds exactly the packages requirements.txt and constraints.txt pin, at
     those versions; ``scripts/lock_deps.py`` rewrites constraints.txt after a deliberate change."""
-    pinned = lock_deps.pins(ROOT / "requirements.txt") | lock_deps.pins(ROOT / "constraints.txt")
-    assert not set(lock_deps.pins(ROOT / "requirements.txt")) & set(lock_deps.pins(ROOT / "constraints.txt"))
-    assert _differences(lock_deps.installed(Path(sys.executable)), pinned) == {}
+    named, constrained = lock_deps.pins(ROOT / "requirements.txt"), lock_deps.pins(ROOT / "constraints.txt")
+    assert not set(named) & set(constrained)
+    assert _differences(lock_deps.installed(Path(sys.executable)), named | constrained) == {}
 
 
 def test_the_label_studio_venv_is_what_its_lock_pins() -> None:
