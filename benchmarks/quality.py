@@ -146,6 +146,8 @@ def final_metrics(results: Mapping[str, Mapping[str, Any]], gold: Mapping[str, s
         "llm_conf_ece": expected_calibration_error(conf[has], llm_right[has]) if has.any() else math.nan,
         "health_estimate": float(health["estimated_accuracy"]) if health else math.nan,
         "health_verdict": str(health["verdict"]) if health else None,
+        "health_llm_self_kappa": (float(health["llm_self_kappa"]) if health and health.get("llm_self_kappa") is not None
+                                  else math.nan),
         "health_true_accuracy": label_scores(judged, gold, sorted(set(gold.values())))["accuracy"] if judged else math.nan,
         "chance_sd": float(np.sqrt(np.sum(score * (1 - score)))) / len(ids) if ids else math.nan,
     }
@@ -347,6 +349,11 @@ def dataset_report(name: str, records: Mapping[int, Mapping[str, Any]], seeds: S
         f"({', '.join(sorted({str(r['health_verdict']) for r in recs}))}); true {c('health_true_accuracy')} % "
         f"(the labels of stage `{first['health_judged_stage']}`); chance alone moves the true accuracy of labels "
         f"right with their final scores by {c('chance_sd')} points (sd): no estimate on a run this size can promise to be nearer.",
+        "- run health per seed (estimate, verdict; true; kappa between the LLM's round-0 and later answers to the "
+        "texts asked again): " + "; ".join(
+            f"seed {seed}: {pct(r['health_estimate'])} % ({r['health_verdict']}); {pct(r['health_true_accuracy'])} %; "
+            f"{'—' if r.get('health_llm_self_kappa') is None else round(r['health_llm_self_kappa'], 2)}"
+            for seed, r in zip(done, recs)) + ".",
     ]
     for stage in order:
         if "reasked_flagged" in first["stages"][stage]:

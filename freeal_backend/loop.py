@@ -33,7 +33,7 @@ from freeal_backend.config import Settings
 from freeal_backend.dataio import clean_text
 from freeal_backend.slm.audit import audit_sample
 from freeal_backend.slm.budget import review_set
-from freeal_backend.slm.detection import Judgement, SpanVerdict, judge
+from freeal_backend.slm.detection import Judgement, SelfAgreement, SpanVerdict, judge, self_agreement
 from freeal_backend.slm.second_judge import probe_oof, ranked_at_level
 from freeal_backend.llm.embedded import confidence_calibrated
 from freeal_backend.slm.encoder import Encoder, LowerStates, encoder_path
@@ -585,6 +585,24 @@ class FreeALRun:
                 probs[i] = total[i] / asked[i]
         return labels, probs
 
+    def _self_agreement(self, items: Sequence[Item], upto_round: int) -> SelfAgreement | None:
+        """How the LLM's latest answers up to refinement ``upto_round`` (a set-aside one included: it is the
+        same LLM answering) agree with its round-0 answers to the same texts, each asking with other
+        demonstrations; None before any text was asked again. Imported round-0 labels are not the LLM's own."""
+        if upto_round < 1:
+            return None
+        first = self.store.annotations("llm_r0")
+        again: dict[str, str] = {}
+        for stage in [f"llm_r{r}" for r in range(1, upto_round + 1)] + [REASK_STAGE]:
+            again.update({k: str(a["label"]) for k, a in self.store.annotations(stage).items() if a["label"] is not None})
+        pairs = [(self.labels.index(str(first[it.item_id]["label"])), self.labels.index(again[it.item_id]))
+                 for it in items
+                 if not it.human_label and it.item_id in again and it.item_id in first
+                 and first[it.item_id]["label"] is not None and first[it.item_id]["raw"] != IMPORTED]
+        if not pairs:
+            return None
+        return self_agreement(np.array([a for a, _ in pairs]), np.array([b for _, b in pairs]))
+
     @staticmethod
     def _llm_confidences(items: Sequence[Item], latest: dict[str, dict[str, object]]) -> dict[str, float | None]:
         """Per item, the LLM's confidence in its latest answer (``_latest_answers``), or None."""
@@ -657,12 +675,15 @@ class FreeALRun:
         human = np.array([bool(it.human_label) for it in items])
         person = self.audit_labels if audit else {}
         truth = np.array([self.labels.index(person[it.item_id]) if it.item_id in person else -1 for it in items])
-        own = judge(probs, y, human, llm_probs, audit_labels=truth, llm_calibrated=self.llm_calibrated)
+        llm_self = self._self_agreement(items, rnd - 1)
+        own = judge(probs, y, human, llm_probs, audit_labels=truth, llm_calibrated=self.llm_calibrated,
+                    llm_self=llm_self)
         if not (self.second_judge and second):
             return own
         probe = probe_oof(self._second_embeddings(items), y, len(self.labels), [it.text for it in items],
                           human=human, seed=self.settings.seed + rnd, fallback=probs)
-        both = judge((probs + probe) / 2, y, human, llm_probs, audit_labels=truth, llm_calibrated=self.llm_calibrated)
+        both = judge((probs + probe) / 2, y, human, llm_probs, audit_labels=truth, llm_calibrated=self.llm_calibrated,
+                     llm_self=llm_self)
         return ranked_at_level(own, both)
 
     def _second_embeddings(self, items: Sequence[Item], progress: Progress | None = None) -> np.ndarray:

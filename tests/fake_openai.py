@@ -21,7 +21,9 @@ Faults are queued with :meth:`FakeOpenAI.inject` and each one is consumed by one
     garbage     a 200 whose body is not JSON at all
     truncated   a 200 whose body stops half-way (Content-Length promises more), then the socket closes
 
-and, for the whole server: ``delay`` (seconds added to every answer), ``serial`` (answer one request at a
+and, for the whole server: ``fickle`` (the share of labelling answers that are the first label whatever the
+text, chosen by a hash of the whole prompt: an LLM that does not know the task, leans to one class and
+answers the same text differently under other demonstrations), ``delay`` (seconds added to every answer), ``serial`` (answer one request at a
 time, the rest waiting their turn, as llama.cpp's server with one slot does), :meth:`hold_after` (answer ``n``
 requests, then keep every further one waiting until :meth:`release`) and :meth:`die_after` (answer ``n``
 requests, then close the listening socket and drop every request: connection refused from then on).
@@ -184,9 +186,11 @@ class Record:
 class FakeOpenAI:
     """The misbehaving OpenAI-compatible server; a context manager that starts and stops it."""
 
-    def __init__(self, *, port: int = 0, delay: float = 0.0, model: str = MODEL, serial: bool = False) -> None:
+    def __init__(self, *, port: int = 0, delay: float = 0.0, model: str = MODEL, serial: bool = False,
+                 fickle: float = 0.0) -> None:
         self.port = port
         self.delay = delay
+        self.fickle = fickle
         self.serial = threading.Lock() if serial else None  # held while one request is answered
         self.model = model
         self.log: list[Record] = []
@@ -369,6 +373,8 @@ class FakeOpenAI:
         elif match and text is not None:
             labels = [x.strip() for x in match.group(1).split(",") if x.strip()]
             content = choose_label(text, labels)
+            if int(request_key(messages), 16) % 1000 < 1000 * self.fickle:
+                content = labels[0]
             if body.get("logprobs"):
                 logprobs = {"content": label_logprobs(content, labels, certainty(text),
                                                       int(body.get("top_logprobs") or 5))}

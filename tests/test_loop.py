@@ -13,6 +13,8 @@ from freeal_backend.llm.cache import ResponseCache
 from freeal_backend.llm.client import LLMClient
 from freeal_backend.loop import FreeALRun
 from freeal_backend.slm.classifier import SLMConfig, SmallModel
+from freeal_backend.slm.detection import SELF_AGREEMENT_MIN, SELF_NEAR_CHANCE_KAPPA
+from tests.fake_openai import MODEL, FakeOpenAI
 from tests.fixtures_llm import shared_rows
 
 LABELS = ["negative", "positive"]
@@ -133,3 +135,22 @@ def test_cli_run_writes_output_and_stage_table(tmp_path, llm_base_url, llm_model
     printed = capsys.readouterr().out
     for title in ["LLM + self-generated demos", "SLM round 1", "refined LLM round 1", "final", "review flag"]:
         assert title in printed
+
+
+@pytest.mark.parametrize("fickle", [0.0, 0.75])
+def test_run_health_hears_whether_the_llm_agrees_with_itself(tmp_path, encoder, fickle):
+    """Run health hears how the LLM's refined answers agree with its round-0 answers to the same texts: an LLM
+    that gives one class to most texts and changes its answers with the demonstrations (the 1.5B on SUBJ) is
+    near chance (the judgement itself: test_verdict_evidence.py); one that answers each text the same way agrees
+    fully. Both through the real client and a real socket (tests/fake_openai.py)."""
+    items = rows_to_items(shared_rows("sst2", n=90, stride=53))
+    with FakeOpenAI(fickle=fickle) as server, make_run(tmp_path, server.base_url, MODEL, encoder) as run:
+        run.run(items, rounds=1)
+        health = run.health()
+        asked_again = len(run.store.annotations("llm_r1"))
+    assert asked_again >= SELF_AGREEMENT_MIN
+    if fickle:
+        assert health["llm_self_kappa"] < SELF_NEAR_CHANCE_KAPPA
+        assert health["verdict"] == "near_chance"
+    else:
+        assert health["llm_self_kappa"] == 1.0 and "changed its answer" not in health["message"]

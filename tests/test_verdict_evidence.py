@@ -3,7 +3,8 @@ posterior, a weak judge, run health against chance, and the LLM's logprobs calib
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from freeal_backend.slm.detection import FLAG_EXPECTED_RECALL, judge
+from freeal_backend.slm.detection import (FLAG_EXPECTED_RECALL, SELF_AGREEMENT_MIN, SelfAgreement, judge,
+                                          self_agreement)
 
 
 def _ece(scores: np.ndarray, right: np.ndarray) -> float:
@@ -384,3 +385,67 @@ def test_labels_poor_by_the_judges_surest_texts_too_stay_poor():
     assert poor.verdict == "poor" and "look poor" in poor.message and poor.weak_side == "labels"
     unsure = _verdict(0.70, 0.70, 1.0, 0.60, 0.45, "labels", p_value=0.005, upper=0.86)
     assert unsure.verdict == "ok" and unsure.weak_side == "judge" and unsure.estimated_accuracy == 0.86
+
+
+def _one_sided(seed: int, n: int = 300) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SUBJ with the 1.5B: balanced truth, an LLM that gives class 0 to ~88 % of the texts and is barely right
+    (~55 %), and a small model that learnt that balance and a little of the labels' text signal."""
+    rng = np.random.default_rng(seed)
+    true = rng.integers(0, 2, n)
+    labels = np.where(rng.random(n) < 0.88, 0, true)
+    p1 = np.clip(0.12 + 0.10 * labels + rng.normal(0, 0.04, n), 0.01, 0.99)
+    return true, np.stack([1 - p1, p1], 1), labels
+
+
+def test_an_llm_that_disagrees_with_itself_is_near_chance_whatever_the_small_model_learnt():
+    """Last session's SUBJ runs: run health said 99 % right where 54 % were, because the small model learnt
+    the LLM's one-sided balance (above chance by permutations). Asked again with other demonstrations, that
+    LLM changed many answers (kappa 0.16-0.20): its labels are near chance."""
+    true, probs, labels = _one_sided(3)
+    alone = judge(probs, labels)
+    assert alone.health.verdict != "near_chance" and alone.health.estimated_accuracy > 0.7  # the defect
+    assert (labels == true).mean() < 0.6
+    j = judge(probs, labels, llm_self=SelfAgreement(texts=250, changed=45, kappa=0.18))
+    assert j.health.verdict == "near_chance" and j.health.weak_side == "labels" and j.flagged[labels >= 0].all()
+    assert j.health.estimated_accuracy == 0.5 and j.health.llm_self_kappa == 0.18
+    assert "changed its answer on 45" in j.health.message and "stronger LLM" in j.health.message
+
+
+def test_an_llm_consistent_with_itself_keeps_the_verdict():
+    """The same judgement with an LLM that agrees with itself (SST-2 and MR: kappa 0.82-0.93), or with too
+    few texts asked twice to tell: run health as without it, the figure kept."""
+    true, probs, labels = _one_sided(3)
+    alone = judge(probs, labels)
+    for llm_self in (SelfAgreement(250, 12, 0.85), SelfAgreement(SELF_AGREEMENT_MIN - 1, 30, 0.05)):
+        j = judge(probs, labels, llm_self=llm_self)
+        assert j.health.verdict == alone.health.verdict and j.health.message == alone.health.message
+        assert j.health.estimated_accuracy == alone.health.estimated_accuracy
+        assert j.health.llm_self_kappa == llm_self.kappa
+        assert (j.flagged == alone.flagged).all()
+
+
+def test_self_agreement_counts_changes_and_kappa():
+    first = np.array([0, 0, 1, 1, 2, 2, 0, 1])
+    assert self_agreement(first, first) == SelfAgreement(8, 0, 1.0)
+    out = self_agreement(first, np.array([0, 1, 1, 0, 2, 2, 0, 1]))
+    assert out.texts == 8 and out.changed == 2 and 0.5 < out.kappa < 0.9
+    assert self_agreement(np.array([], dtype=int), np.array([], dtype=int)) == SelfAgreement(0, 0, 0.0)
+    assert self_agreement(np.zeros(60, dtype=int), np.r_[np.zeros(59, dtype=int), 1]).kappa == 0.0
+
+
+def test_run_health_keeps_the_llms_self_agreement_when_its_confidence_sets_the_level():
+    """Seen on a SUBJ loop: the calibrated LLM's confidence rebuilt run health and dropped the kappa."""
+    _, probs, labels, llm, _ = _calibrated_llm(np.random.default_rng(1), 600, (0.7, 0.95), 0.3)
+    for calibrated in (False, True):
+        j = judge(probs, labels, llm_probs=llm, llm_calibrated=calibrated, llm_self=SelfAgreement(400, 30, 0.83))
+        assert j.health.llm_self_kappa == 0.83 and j.health.verdict != "near_chance"
+
+
+def test_a_refinement_that_fixed_many_answers_is_not_called_near_chance():
+    """Round 0 with poor demonstrations, a refinement that fixed many of its answers: the two answers agree
+    little (kappa 0.25), but the small model learnt the refined labels, so the verdict stands."""
+    _, probs, labels = _two_class(600, np.random.default_rng(4), 0.1)
+    alone = judge(probs, labels)
+    j = judge(probs, labels, llm_self=SelfAgreement(500, 150, 0.25))
+    assert alone.health.kappa >= 0.2 and j.health.verdict == alone.health.verdict != "near_chance"
+    assert j.health.estimated_accuracy == alone.health.estimated_accuracy and j.health.llm_self_kappa == 0.25

@@ -43,8 +43,10 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
    count as wrong), agreement and Cohen's kappa between the SLM and the labels, and which side looks weak.
    The labels look poor when the estimate is below ``POOR_ACCURACY``; a low kappa with a fair estimate makes
    the verdict rough, not the labels poor (a 72 %-right judge and 88 %-right labels agree at kappa ~0.3).
-   The labels are near chance only when the SLM finds no more evidence for them than for shuffled labels
-   (``above_chance``, a permutation test); then every text is flagged, and the estimate and every score are
+   The labels are near chance when the SLM finds no more evidence for them than for shuffled labels
+   (``above_chance``, a permutation test), or when the LLM, asked the same texts again in a later round
+   with other demonstrations, agrees with itself little beyond the class balance (``_self_consistent``:
+   the small model learns a one-sided LLM's balance and looks above chance); then every text is flagged, and the estimate and every score are
    a guess's (1 / number of classes), whatever the posterior says. A low kappa above chance, or a
    weak judge, is said to be the small model's weakness, not the labels'; so is an estimate that calls the
    labels poor where the small model's surest texts (the anchor-point posterior) do not: it is then too
@@ -97,6 +99,10 @@ WEAK_JUDGE_BELOW = 0.8  # labels agree with the small model's surest texts less 
 SAY_LLM_CONFIDENCE_GAP = 0.05  # run health says why it took the LLM's lower mean confidence from this gap on
 LLM_CALIBRATION_MIN = 50  # fewer answers with a confidence than this: the LLM's confidence is not used
 LLM_CALIBRATION_FOLDS = 5
+SELF_NEAR_CHANCE_KAPPA = 0.3  # the LLM's two answers to the same texts (other demonstrations) agree this close to
+#   chance: it does not know the task (1.5B, 300 texts, round 0 vs refined: SUBJ 0.16-0.45 with labels 51-57 %
+#   right; TREC 0.60-0.67, SST-2 and MR 0.82-0.93; loop_subj_n300_drawn_amd.md)
+SELF_AGREEMENT_MIN = 50  # texts answered twice needed before that agreement counts
 
 
 @dataclass
@@ -112,9 +118,33 @@ class Health:
     message: str
     weak_side: str = ""  # labels | judge (the small model) | "" (neither looks weak)
     p_value: float | None = None  # of the label-permutation test (``above_chance``; spans: over word tags)
+    llm_self_kappa: float | None = None  # kappa between the LLM's two answers to the same texts (``SelfAgreement``)
 
     def as_dict(self) -> dict[str, float | str]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class SelfAgreement:
+    """How the LLM's answers to the same texts agree when it is asked again with other demonstrations."""
+
+    texts: int  # texts with an answer from both askings
+    changed: int  # of them, those whose answer changed
+    kappa: float  # Cohen's kappa between the two answers (0 = no more than their class balances explain)
+
+
+def self_agreement(first: np.ndarray, again: np.ndarray) -> SelfAgreement:
+    """The agreement of two answers per text (class indices, the same texts in the same order)."""
+    first, again = np.asarray(first, dtype=int), np.asarray(again, dtype=int)
+    if len(first) == 0:
+        return SelfAgreement(0, 0, 0.0)
+    changed = int((first != again).sum())
+    if changed == 0:
+        return SelfAgreement(len(first), 0, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kappa = float(cohen_kappa_score(first, again))
+    return SelfAgreement(len(first), changed, 0.0 if np.isnan(kappa) else kappa)
 
 
 @dataclass
@@ -399,7 +429,8 @@ def _level_llm_confidence(health: Health, own: float, calibrated: bool) -> Healt
             "FREEAL_AUDIT, measures it)"))
     if calibrated:  # the verdict and its words follow the LLM's figure, the small model's is named beside it
         out = replace(_verdict(own * health.coverage, own, health.coverage, health.agreement, health.kappa, "labels",
-                               p_value=health.p_value, weak_judge=health.weak_side == "judge"), p_value=health.p_value)
+                               p_value=health.p_value, weak_judge=health.weak_side == "judge"),
+                      p_value=health.p_value, llm_self_kappa=health.llm_self_kappa)
         if abs(gap) < SAY_LLM_CONFIDENCE_GAP:
             return out
         return replace(out, message=out.message + (
@@ -414,6 +445,29 @@ def _level_llm_confidence(health: Health, own: float, calibrated: bool) -> Healt
     if out.verdict == "poor" and health.verdict != "poor":
         message += "; the labels look poor: review the flagged tasks, and consider a stronger LLM endpoint"
     return replace(out, message=message, weak_side=out.weak_side or ("labels" if out.verdict == "poor" else ""))
+
+
+def _self_consistent(health: Health, agreement: SelfAgreement | None) -> Health:
+    """``health`` with the LLM's agreement with itself: near chance where its two answers to the same texts
+    agree with kappa below ``SELF_NEAR_CHANCE_KAPPA`` (from ``SELF_AGREEMENT_MIN`` texts on) and the small
+    model agrees with the labels no more than their class balance explains (kappa below
+    ``NEAR_CHANCE_KAPPA``). An LLM that does not know the task can still give one class to most texts; the
+    small model then learns that balance and looks above chance (SUBJ with the 1.5B: 88 % of the texts
+    "objective", gold 48 %; run health said 99 % right where 54 % were), so only the LLM's own inconsistency
+    tells such labels from a rare class. A refinement that fixed many poor round-0 answers also changes them,
+    but leaves labels the small model learns (kappa with them above ``NEAR_CHANCE_KAPPA``)."""
+    if agreement is None:
+        return health
+    health = replace(health, llm_self_kappa=agreement.kappa)
+    if (agreement.texts < SELF_AGREEMENT_MIN or agreement.kappa >= SELF_NEAR_CHANCE_KAPPA
+            or health.kappa >= NEAR_CHANCE_KAPPA or health.verdict == "near_chance"):
+        return health
+    return replace(health, verdict="near_chance", weak_side="labels", message=(
+        f"the LLM labels look near chance: asked {agreement.texts} of the texts again with other demonstrations, "
+        f"the LLM changed its answer on {agreement.changed}, and its two answers agree little beyond their class "
+        f"balance (kappa {agreement.kappa:.2f}), as does the small model trained on its labels (kappa "
+        f"{health.kappa:.2f} with them): it does not know this task; do not trust them: use a stronger LLM "
+        "endpoint (LLM_BASE_URL) or label some tasks by hand"))
 
 
 def overrule(labels: np.ndarray, posterior: np.ndarray, conservative: np.ndarray) -> np.ndarray:
@@ -516,7 +570,7 @@ def _verdict(est: float, answered_acc: float, coverage: float, agreement: float,
 def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None,
           llm_probs: np.ndarray | None = None, *, pool: bool = True, cap: bool = True,
           audit_labels: np.ndarray | None = None, llm_calibrated: bool = False,
-          average_rounds: bool = True) -> Judgement:
+          average_rounds: bool = True, llm_self: SelfAgreement | None = None) -> Judgement:
     """Final label, score, flag and reasons per text, and the run's health (see the module doc).
 
     ``probs``: (n, C) out-of-sample SLM probabilities (human-labelled rows are trained on in every fold:
@@ -530,6 +584,8 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
     1.5B), so once it informs its mean sets the level of the scores and of run health, up as well as down;
     ``average_rounds=False`` keeps an outranked small model's final labels the LLM's last answers (for
     ablations; by default they are the labels its probabilities, averaged over rounds, favour);
+    ``llm_self``: how the LLM's answers agree across rounds (``_self_consistent``: near chance when they agree
+    little, whatever the small model says);
     ``audit_labels``: (n,) a person's label for the random audit tasks, -1 elsewhere (blind: those rows are
     judged like any other, see slm/audit.py). From ``AUDIT_MIN`` audited tasks on, run health is the audit's
     share of right LLM labels (smoothed by one right and one wrong: 20 of 20 is not 100 %) and the answered
@@ -551,7 +607,7 @@ def judge(probs: np.ndarray, labels: np.ndarray, human: np.ndarray | None = None
     posterior = posterior_given_label(calibrated, judged_labels, trans)
     strict = posterior_given_label(calibrated, judged_labels, anchor)
     judge_agreement = anchor_agreement(probs, judged_labels)  # labels vs the small model where it is surest
-    health = _health(labels, human, calibrated, posterior, judge_agreement, strict)
+    health = _self_consistent(_health(labels, human, calibrated, posterior, judge_agreement, strict), llm_self)
     if health.weak_side == "judge":  # the labels keep their word; the score is the conservative posterior's
         posterior = strict
         health = _with_estimate(health, posterior, judged_labels, human)
