@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--llm-labels", help="precomputed round-0 LLM labels: a JSONL/CSV with 'llm_label' "
                                           "(aligned by 'id' or row), or 'input' to use the input's column")
     run.add_argument("--zero-shot-baseline", action="store_true",
-                     help="also label everything zero-shot, to report that stage (costs one more LLM pass)")
+                     help="also label everything zero-shot, to report that stage and, with --rounds 0, to hear whether "
+                          "the LLM agrees with itself (run health; costs one more LLM pass)")
     run.set_defaults(func=cmd_run)
     ev = sub.add_parser("eval", help="print per-stage accuracy of a finished run against its gold labels")
     ev.add_argument("run_dir")

@@ -586,19 +586,20 @@ class FreeALRun:
         return labels, probs
 
     def _self_agreement(self, items: Sequence[Item], upto_round: int) -> SelfAgreement | None:
-        """How the LLM's latest answers up to refinement ``upto_round`` (a set-aside one included: it is the
-        same LLM answering) agree with its round-0 answers to the same texts, each asking with other
-        demonstrations; None before any text was asked again. Imported round-0 labels are not the LLM's own."""
-        if upto_round < 1:
-            return None
-        first = self.store.annotations("llm_r0")
+        """How the LLM's answers agree with its answers before them, each asking with other demonstrations:
+        up to refinement ``upto_round`` >= 1, its latest answers (a set-aside refinement's included: it is the
+        same LLM answering) against its round-0 answers; at round 0, its round-0 answers against its zero-shot
+        ones (``zero_shot_baseline``). None where no text was asked twice. Imported labels are not the LLM's."""
+        before, stages = ("llm_r0", [f"llm_r{r}" for r in range(1, upto_round + 1)] + [REASK_STAGE]) if upto_round \
+            else ("zero_shot", ["llm_r0"])
+        first = {k: str(a["label"]) for k, a in self.store.annotations(before).items()
+                 if a["label"] is not None and a["raw"] != IMPORTED}
         again: dict[str, str] = {}
-        for stage in [f"llm_r{r}" for r in range(1, upto_round + 1)] + [REASK_STAGE]:
-            again.update({k: str(a["label"]) for k, a in self.store.annotations(stage).items() if a["label"] is not None})
-        pairs = [(self.labels.index(str(first[it.item_id]["label"])), self.labels.index(again[it.item_id]))
-                 for it in items
-                 if not it.human_label and it.item_id in again and it.item_id in first
-                 and first[it.item_id]["label"] is not None and first[it.item_id]["raw"] != IMPORTED]
+        for stage in stages:
+            again.update({k: str(a["label"]) for k, a in self.store.annotations(stage).items()
+                          if a["label"] is not None and a["raw"] != IMPORTED})
+        pairs = [(self.labels.index(first[it.item_id]), self.labels.index(again[it.item_id])) for it in items
+                 if not it.human_label and it.item_id in first and it.item_id in again]
         if not pairs:
             return None
         return self_agreement(np.array([a for a, _ in pairs]), np.array([b for _, b in pairs]))

@@ -139,18 +139,20 @@ def test_cli_run_writes_output_and_stage_table(tmp_path, llm_base_url, llm_model
 
 @pytest.mark.parametrize("fickle", [0.0, 0.75])
 def test_run_health_hears_whether_the_llm_agrees_with_itself(tmp_path, encoder, fickle):
-    """Run health hears how the LLM's refined answers agree with its round-0 answers to the same texts: an LLM
-    that gives one class to most texts and changes its answers with the demonstrations (the 1.5B on SUBJ) is
-    near chance (the judgement itself: test_verdict_evidence.py); one that answers each text the same way agrees
-    fully. Both through the real client and a real socket (tests/fake_openai.py)."""
+    """Run health hears how the LLM's answers to the same texts agree across askings (zero-shot vs round 0
+    after round 0, round 0 vs refined at the end): an LLM that gives one class to most texts and changes its
+    answers with the demonstrations (the 1.5B on SUBJ) is near chance (the judgement itself:
+    test_verdict_evidence.py); one that answers each text the same way agrees fully. Both through the real
+    client and a real socket (tests/fake_openai.py)."""
     items = rows_to_items(shared_rows("sst2", n=90, stride=53))
-    with FakeOpenAI(fickle=fickle) as server, make_run(tmp_path, server.base_url, MODEL, encoder) as run:
+    with FakeOpenAI(fickle=fickle) as server, make_run(tmp_path, server.base_url, MODEL, encoder,
+                                                        zero_shot=True) as run:
         run.run(items, rounds=1)
-        health = run.health()
+        after_round0, health = run.store.get_meta("health_r1"), run.health()
         asked_again = len(run.store.annotations("llm_r1"))
     assert asked_again >= SELF_AGREEMENT_MIN
-    if fickle:
-        assert health["llm_self_kappa"] < SELF_NEAR_CHANCE_KAPPA
-        assert health["verdict"] == "near_chance"
-    else:
-        assert health["llm_self_kappa"] == 1.0 and "changed its answer" not in health["message"]
+    for h in (after_round0, health):
+        if fickle:
+            assert h["llm_self_kappa"] < SELF_NEAR_CHANCE_KAPPA and h["verdict"] == "near_chance"
+        else:
+            assert h["llm_self_kappa"] == 1.0 and "changed its answer" not in h["message"]
