@@ -23,10 +23,11 @@ Faults are queued with :meth:`FakeOpenAI.inject` and each one is consumed by one
 
 and, for the whole server: ``fickle`` (the share of labelling answers that are the first label whatever the
 text, chosen by a hash of the whole prompt: an LLM that does not know the task, leans to one class and
-answers the same text differently under other demonstrations), ``delay`` (seconds added to every answer), ``serial`` (answer one request at a
-time, the rest waiting their turn, as llama.cpp's server with one slot does), :meth:`hold_after` (answer ``n``
-requests, then keep every further one waiting until :meth:`release`) and :meth:`die_after` (answer ``n``
-requests, then close the listening socket and drop every request: connection refused from then on).
+answers the same text differently under other demonstrations), ``delay`` (seconds added to every answer),
+``serial`` (answer one request at a time, the rest waiting their turn, as llama.cpp's server with one slot
+does), :meth:`hold_after` (answer ``n`` requests, then keep every further one waiting until :meth:`release`)
+and :meth:`die_after` (answer ``n`` requests, then close the listening socket and drop every request:
+connection refused from then on).
 
 A span request (system prompt ``Entity types: ...``, last user turn ``Text: ...\nEntities:``) is answered
 with a JSON entity list by a suffix rule (:func:`choose_entities`), with per-token logprobs when asked; a

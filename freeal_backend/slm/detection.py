@@ -44,11 +44,12 @@ whether that label is a person's, and optionally the LLM's own per-class probabi
    The labels look poor when the estimate is below ``POOR_ACCURACY``; a low kappa with a fair estimate makes
    the verdict rough, not the labels poor (a 72 %-right judge and 88 %-right labels agree at kappa ~0.3).
    The labels are near chance when the SLM finds no more evidence for them than for shuffled labels
-   (``above_chance``, a permutation test), or when the LLM, asked the same texts again in a later round
-   with other demonstrations, agrees with itself little beyond the class balance (``_self_consistent``:
-   the small model learns a one-sided LLM's balance and looks above chance); then every text is flagged, and the estimate and every score are
-   a guess's (1 / number of classes), whatever the posterior says. A low kappa above chance, or a
-   weak judge, is said to be the small model's weakness, not the labels'; so is an estimate that calls the
+   (``above_chance``, a permutation test), or when the LLM, asked the same texts twice with different
+   demonstrations, agrees with itself little beyond the class balance and the SLM with its labels no more
+   (``_self_consistent``: the SLM learns a one-sided LLM's balance and looks above chance); then every text
+   is flagged, and the estimate and every score are a guess's (1 / number of classes), whatever the
+   posterior says. A low kappa above chance, or a weak judge, is said to be the small model's weakness, not
+   the labels'; so is an estimate that calls the
    labels poor where the small model's surest texts (the anchor-point posterior) do not: it is then too
    unsure to tell, the labels keep their word and that higher figure is the estimate. With people's
    labels on a random audit (``audit_labels``, slm/audit.py; blind: the rows are judged like any other) the
@@ -101,7 +102,7 @@ LLM_CALIBRATION_MIN = 50  # fewer answers with a confidence than this: the LLM's
 LLM_CALIBRATION_FOLDS = 5
 SELF_NEAR_CHANCE_KAPPA = 0.3  # the LLM's two answers to the same texts (other demonstrations) agree this close to
 #   chance: it does not know the task (1.5B, 300 texts, round 0 vs refined: SUBJ 0.16-0.45 with labels 51-57 %
-#   right; TREC 0.60-0.67, SST-2 and MR 0.82-0.93; loop_subj_n300_drawn_amd.md)
+#   right; TREC 0.60-0.67, SST-2 and MR 0.82-0.93; loop_subj_n300_self_agreement.md)
 SELF_AGREEMENT_MIN = 50  # texts answered twice needed before that agreement counts
 
 
@@ -463,7 +464,7 @@ def _self_consistent(health: Health, agreement: SelfAgreement | None) -> Health:
             or health.kappa >= NEAR_CHANCE_KAPPA or health.verdict == "near_chance"):
         return health
     return replace(health, verdict="near_chance", weak_side="labels", message=(
-        f"the LLM labels look near chance: asked {agreement.texts} of the texts again with other demonstrations, "
+        f"the LLM labels look near chance: asked {agreement.texts} of the texts twice with different demonstrations, "
         f"the LLM changed its answer on {agreement.changed}, and its two answers agree little beyond their class "
         f"balance (kappa {agreement.kappa:.2f}), as does the small model trained on its labels (kappa "
         f"{health.kappa:.2f} with them): it does not know this task; do not trust them: use a stronger LLM "
