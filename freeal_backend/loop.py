@@ -592,12 +592,14 @@ class FreeALRun:
         ones (``zero_shot_baseline``). None where no text was asked twice. Imported labels are not the LLM's."""
         before, stages = ("llm_r0", [f"llm_r{r}" for r in range(1, upto_round + 1)] + [REASK_STAGE]) if upto_round \
             else ("zero_shot", ["llm_r0"])
-        first = {k: str(a["label"]) for k, a in self.store.annotations(before).items()
-                 if a["label"] is not None and a["raw"] != IMPORTED}
-        again: dict[str, str] = {}
+
+        def answers(stage: str) -> dict[str, str]:
+            return {k: str(a["label"]) for k, a in self.store.annotations(stage).items()
+                    if a["label"] is not None and a["raw"] != IMPORTED}
+
+        first, again = answers(before), dict[str, str]()
         for stage in stages:
-            again.update({k: str(a["label"]) for k, a in self.store.annotations(stage).items()
-                          if a["label"] is not None and a["raw"] != IMPORTED})
+            again.update(answers(stage))
         pairs = [(self.labels.index(first[it.item_id]), self.labels.index(again[it.item_id])) for it in items
                  if not it.human_label and it.item_id in first and it.item_id in again]
         if not pairs:

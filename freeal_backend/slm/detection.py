@@ -134,6 +134,16 @@ class SelfAgreement:
     kappa: float  # Cohen's kappa between the two answers (0 = no more than their class balances explain)
 
 
+def kappa_or_zero(a: Sequence[object], b: Sequence[object]) -> float:
+    """Cohen's kappa of two labellings of the same items; 0 where it is undefined (one class throughout)."""
+    if len(set(a) | set(b)) < 2:
+        return 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kappa = float(cohen_kappa_score(a, b))
+    return 0.0 if np.isnan(kappa) else kappa
+
+
 def self_agreement(first: np.ndarray, again: np.ndarray) -> SelfAgreement:
     """The agreement of two answers per text (class indices, the same texts in the same order)."""
     first, again = np.asarray(first, dtype=int), np.asarray(again, dtype=int)
@@ -142,10 +152,7 @@ def self_agreement(first: np.ndarray, again: np.ndarray) -> SelfAgreement:
     changed = int((first != again).sum())
     if changed == 0:
         return SelfAgreement(len(first), 0, 1.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        kappa = float(cohen_kappa_score(first, again))
-    return SelfAgreement(len(first), changed, 0.0 if np.isnan(kappa) else kappa)
+    return SelfAgreement(len(first), changed, kappa_or_zero(first.tolist(), again.tolist()))
 
 
 @dataclass
@@ -510,10 +517,7 @@ def _health(labels: np.ndarray, human: np.ndarray, probs: np.ndarray, posterior:
     lab = labels[answered]
     pred = probs[answered].argmax(1)
     agreement = float((pred == lab).mean())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        kappa = float(cohen_kappa_score(pred, lab)) if len(np.unique(np.r_[pred, lab])) > 1 else 0.0
-    kappa = 0.0 if np.isnan(kappa) else kappa
+    kappa = kappa_or_zero(pred.tolist(), lab.tolist())
     answered_acc = _label_posterior(posterior, labels, answered)
     upper = _label_posterior(strict, labels, answered)
     p_value = above_chance(probs[answered], lab)
@@ -942,11 +946,7 @@ def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequen
         for i in np.flatnonzero(answered):
             gold_tags += word_tags(int(i), labels[i] or [])
             pred_tags += word_tags(int(i), predicted[i])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            kappa = (float(cohen_kappa_score(pred_tags, gold_tags))
-                     if len(set(pred_tags) | set(gold_tags)) > 1 else 0.0)
-        kappa = 0.0 if np.isnan(kappa) else kappa
+        kappa = kappa_or_zero(pred_tags, gold_tags)
         answered_acc = float(scores[answered].mean())
         p_value = None if evidence is None else float(evidence["p_value"])
         weak = evidence is not None and float(evidence["judge_agreement"]) < WEAK_JUDGE_BELOW
