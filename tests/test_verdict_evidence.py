@@ -449,3 +449,24 @@ def test_a_refinement_that_fixed_many_answers_is_not_called_near_chance():
     j = judge(probs, labels, llm_self=SelfAgreement(500, 150, 0.25))
     assert alone.health.kappa >= 0.2 and j.health.verdict == alone.health.verdict != "near_chance"
     assert j.health.estimated_accuracy == alone.health.estimated_accuracy and j.health.llm_self_kappa == 0.25
+
+
+def test_every_verdict_carries_its_evidence():
+    """``_verdict`` rebuilt run health without the permutation test's p-value and the LLM's self-kappa, so
+    every caller had to put them back by hand (one forgot the self-kappa: the SUBJ loop lost it). Each of its
+    branches now keeps both."""
+    from freeal_backend.slm.detection import _verdict
+
+    cases = [dict(kappa=0.05, p_value=0.5),  # near chance
+             dict(kappa=0.30, p_value=0.005, weak_judge=True),  # weak judge
+             dict(est=0.70, kappa=0.45, p_value=0.005, upper=0.86),  # too unsure
+             dict(kappa=0.33, p_value=0.005),  # loose
+             dict(est=0.70, kappa=0.45, p_value=0.005),  # poor
+             dict(kappa=0.7, p_value=0.005)]  # ok
+    verdicts = set()
+    for case in cases:
+        est = case.pop("est", 0.85)
+        health = _verdict(est, est, 1.0, 0.8, case.pop("kappa"), "labels", llm_self_kappa=0.6, **case)
+        assert health.p_value == case["p_value"] and health.llm_self_kappa == 0.6
+        verdicts.add((health.verdict, health.weak_side, health.message[:45]))
+    assert len(verdicts) == len(cases)  # each case took another branch

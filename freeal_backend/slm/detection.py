@@ -436,9 +436,9 @@ def _level_llm_confidence(health: Health, own: float, calibrated: bool) -> Healt
             "confidence is known to be calibrated, FREEAL_LLM_CALIBRATED=1 lets it count, and a random audit, "
             "FREEAL_AUDIT, measures it)"))
     if calibrated:  # the verdict and its words follow the LLM's figure, the small model's is named beside it
-        out = replace(_verdict(own * health.coverage, own, health.coverage, health.agreement, health.kappa, "labels",
-                               p_value=health.p_value, weak_judge=health.weak_side == "judge"),
-                      p_value=health.p_value, llm_self_kappa=health.llm_self_kappa)
+        out = _verdict(own * health.coverage, own, health.coverage, health.agreement, health.kappa, "labels",
+                       p_value=health.p_value, weak_judge=health.weak_side == "judge",
+                       llm_self_kappa=health.llm_self_kappa)
         if abs(gap) < SAY_LLM_CONFIDENCE_GAP:
             return out
         return replace(out, message=out.message + (
@@ -521,14 +521,13 @@ def _health(labels: np.ndarray, human: np.ndarray, probs: np.ndarray, posterior:
     answered_acc = _label_posterior(posterior, labels, answered)
     upper = _label_posterior(strict, labels, answered)
     p_value = above_chance(probs[answered], lab)
-    return replace(_verdict(answered_acc * coverage, answered_acc, coverage, agreement, kappa, "labels",
-                            p_value=p_value, weak_judge=judge_agreement < WEAK_JUDGE_BELOW, upper=upper),
-                   p_value=p_value)
+    return _verdict(answered_acc * coverage, answered_acc, coverage, agreement, kappa, "labels", p_value=p_value,
+                    weak_judge=judge_agreement < WEAK_JUDGE_BELOW, upper=upper)
 
 
 def _verdict(est: float, answered_acc: float, coverage: float, agreement: float, kappa: float,
              what: str, *, p_value: float | None = None, weak_judge: bool = False,
-             upper: float | None = None) -> Health:
+             upper: float | None = None, llm_self_kappa: float | None = None) -> Health:
     """Health from the estimates: near chance, poor or ok, which side is weak, and the message a user reads.
 
     With ``p_value`` (the label-permutation test, :func:`above_chance`) the labels are near chance only when
@@ -538,37 +537,42 @@ def _verdict(est: float, answered_acc: float, coverage: float, agreement: float,
     posterior (the small model's surest texts only); where the estimate calls the labels poor and that one
     does not, the small model is too unsure to tell poor labels from its own weakness, and the labels keep
     their word (300-text MR projects with gpt-3.5's labels, 89-92 % right: a judge 63-74 % right estimated
-    70-79 %, the anchor points 86-90 %).
+    70-79 %, the anchor points 86-90 %). ``p_value`` and ``llm_self_kappa`` are kept on the result whatever
+    the verdict, so the evidence travels with it.
     """
+    def health(est: float, acc: float, verdict: str, message: str, weak_side: str = "") -> Health:
+        return Health(est, acc, coverage, agreement, kappa, verdict, message, weak_side=weak_side, p_value=p_value,
+                      llm_self_kappa=llm_self_kappa)
+
     chance = kappa < NEAR_CHANCE_KAPPA if p_value is None else p_value >= CHANCE_P
     if chance:
         how = (f"kappa {kappa:.2f}" if p_value is None
                else f"kappa {kappa:.2f}, no better than with shuffled labels: p = {p_value:.2f}")
-        return Health(est, answered_acc, coverage, agreement, kappa, "near_chance",
+        return health(est, answered_acc, "near_chance",
                       f"the LLM {what} look near chance (a cross-checked small model agrees with them at {how}); "
                       "do not trust them: use a stronger LLM endpoint (LLM_BASE_URL) or label some tasks by hand",
                       weak_side="labels")
     if p_value is not None and (weak_judge or kappa < NEAR_CHANCE_KAPPA):
-        return Health(est, answered_acc, coverage, agreement, kappa, "poor" if est < POOR_ACCURACY else "ok",
+        return health(est, answered_acc, "poor" if est < POOR_ACCURACY else "ok",
                       f"the small model is a weak judge of these {what} (kappa {kappa:.2f}, though above chance: "
                       f"p = {p_value:.3f}; it often disagrees with them where it is surest): the {what} keep their "
                       f"word, about {est:.0%} look right, and scores and flags say little; review a sample by hand",
                       weak_side="judge")
     if p_value is not None and upper is not None and est < POOR_ACCURACY <= upper * coverage:
-        return Health(upper * coverage, upper, coverage, agreement, kappa, "ok",
+        return health(upper * coverage, upper, "ok",
                       f"the small model is too unsure to judge these {what} (kappa {kappa:.2f}): about "
                       f"{upper * coverage:.0%} look right by the texts it is surest of, {est:.0%} by all of them, "
                       f"so it cannot tell poor {what} from its own weakness; the {what} keep their word, and scores "
                       "and flags say little: review a sample by hand, or set FREEAL_AUDIT", weak_side="judge")
     if est >= POOR_ACCURACY and kappa < POOR_KAPPA and p_value is not None:  # a 72 %-right judge and labels
-        return Health(est, answered_acc, coverage, agreement, kappa, "ok",  # 88 % right agree at kappa ~0.3
+        return health(est, answered_acc, "ok",  # 88 % right agree at kappa ~0.3
                       f"estimated {est:.0%} of the LLM {what} right; the small model agrees with them only loosely "
                       f"(kappa {kappa:.2f}), so that estimate, the scores and the flag are rough")
     if kappa < POOR_KAPPA or est < POOR_ACCURACY:
-        return Health(est, answered_acc, coverage, agreement, kappa, "poor",
+        return health(est, answered_acc, "poor",
                       f"the LLM {what} look poor (estimated {est:.0%} right, kappa {kappa:.2f}); review the "
                       "flagged tasks, and consider a stronger LLM endpoint", weak_side="labels")
-    return Health(est, answered_acc, coverage, agreement, kappa, "ok",
+    return health(est, answered_acc, "ok",
                   f"estimated {est:.0%} of the LLM {what} right (kappa {kappa:.2f} with the small model)")
 
 
@@ -950,8 +954,8 @@ def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequen
         answered_acc = float(scores[answered].mean())
         p_value = None if evidence is None else float(evidence["p_value"])
         weak = evidence is not None and float(evidence["judge_agreement"]) < WEAK_JUDGE_BELOW
-        health = replace(_verdict(answered_acc * coverage, answered_acc, coverage, agreement, kappa, "entity lists",
-                                  p_value=p_value, weak_judge=weak), p_value=p_value)
+        health = _verdict(answered_acc * coverage, answered_acc, coverage, agreement, kappa, "entity lists",
+                          p_value=p_value, weak_judge=weak)
     disputed_at = scores.copy()  # a disputed sentence is flagged below SPAN_FLAG_BELOW (before any near-chance cap)
     if health.verdict == "near_chance":  # as for labels: say so, flag every sentence, no score above the estimate
         scores[~human] = np.minimum(scores[~human], health.answered_accuracy)
