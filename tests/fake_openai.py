@@ -23,7 +23,8 @@ Faults are queued with :meth:`FakeOpenAI.inject` and each one is consumed by one
 
 and, for the whole server: ``fickle`` (the share of labelling answers that are the first label whatever the
 text, chosen by a hash of the whole prompt: an LLM that does not know the task, leans to one class and
-answers the same text differently under other demonstrations), ``delay`` (seconds added to every answer),
+answers the same text differently under other demonstrations), ``refuse_logprobs`` (a 400 for any request
+that asks for logprobs, in the words of OpenAI's reasoning models), ``delay`` (seconds added to every answer),
 ``serial`` (answer one request at a time, the rest waiting their turn, as llama.cpp's server with one slot
 does), :meth:`hold_after` (answer ``n`` requests, then keep every further one waiting until :meth:`release`)
 and :meth:`die_after` (answer ``n`` requests, then close the listening socket and drop every request:
@@ -188,10 +189,11 @@ class FakeOpenAI:
     """The misbehaving OpenAI-compatible server; a context manager that starts and stops it."""
 
     def __init__(self, *, port: int = 0, delay: float = 0.0, model: str = MODEL, serial: bool = False,
-                 fickle: float = 0.0) -> None:
+                 fickle: float = 0.0, refuse_logprobs: bool = False) -> None:
         self.port = port
         self.delay = delay
         self.fickle = fickle
+        self.refuse_logprobs = refuse_logprobs
         self.serial = threading.Lock() if serial else None  # held while one request is answered
         self.model = model
         self.log: list[Record] = []
@@ -481,6 +483,11 @@ class _Handler(BaseHTTPRequestHandler):
                 if owner.dead or owner._httpd is None:
                     break
             self._drop()  # a held request never gets an answer: the client must ask again
+            return
+        if owner.refuse_logprobs and body.get("logprobs"):  # as OpenAI's reasoning models answer
+            self._send_json(400, {"error": {"message": "Unsupported parameter: 'logprobs' is not supported with "
+                                            "this model.", "type": "invalid_request_error", "param": "logprobs",
+                                            "code": "unsupported_parameter"}})
             return
         opts = fault.options if fault else {}
         kind = fault.kind if fault else "ok"

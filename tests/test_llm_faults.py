@@ -365,6 +365,20 @@ def test_repeated_identical_rejections_stop_the_run_with_a_hint(fake: FakeOpenAI
         client.label_many([msgs(t) for t in TEXTS], LABELS)
 
 
+def test_an_endpoint_that_refuses_logprobs_is_asked_on_without_them(tmp_path: Path) -> None:
+    """An endpoint that answers 400 to ``logprobs`` (OpenAI's reasoning models) stopped the run after five
+    rejections with a hint to set LLM_LOGPROBS=0: every user of such an endpoint hit a failed run first. The
+    client now asks on without logprobs, once, and says so; the answers carry no confidence."""
+    with FakeOpenAI(refuse_logprobs=True) as fake:
+        client = make_client(fake, tmp_path)
+        answers = client.label_many([msgs(t) for t in TEXTS], LABELS)
+        assert [a.label for a in answers] == [choose_label(t, LABELS) for t in TEXTS]
+        assert all(a.confidence is None and a.error is None for a in answers)
+        assert client.logprobs is False and client.stats.logprobs_refused == 1
+        refused = [r for r in fake.log if r.text is not None]
+        assert len(TEXTS) < len(refused) <= len(TEXTS) + client.concurrency  # only those in flight were refused
+
+
 def test_mostly_unparseable_answers_stop_the_run(fake: FakeOpenAI, tmp_path: Path) -> None:
     fake.inject("content", times=60, content="<think>Let me consider the review carefully")
     client = make_client(fake, tmp_path, min_answers_judged=20)

@@ -56,6 +56,7 @@ class LLMStats:
     failures: int = 0
     unparsed: int = 0
     thinking_cut: int = 0  # answers cut off inside <think>: raise LLM_MAX_TOKENS or set LLM_NO_THINK
+    logprobs_refused: int = 0  # 1 once the endpoint refused logprobs and the client asked on without them
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -65,7 +66,7 @@ class LLMStats:
 
     def as_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in ("calls", "cache_hits", "prompt_tokens", "completion_tokens",
-                                              "failures", "unparsed", "thinking_cut")}
+                                              "failures", "unparsed", "thinking_cut", "logprobs_refused")}
 
 
 def _answer_head(text: str) -> str:
@@ -224,13 +225,32 @@ class LLMClient:
         """Ask once and ``parse`` the completion (see :meth:`chat`); an answer whose ``label`` is None
         counts as unparsed."""
         params = dict(self.label_params) if max_tokens is None else {**self.label_params, "max_tokens": max_tokens}
-        value = self.chat(messages, logprobs=self.logprobs, deadline=deadline, **params)
+        asked = self.logprobs
+        try:
+            value = self.chat(messages, logprobs=asked, deadline=deadline, **params)
+        except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+            if not (asked and "logprob" in str(exc).lower()):
+                raise
+            self._without_logprobs(exc)
+            value = self.chat(messages, logprobs=False, deadline=deadline, **params)
         answer = parse(value)
         if answer.label is None:
             self.stats.add(unparsed=1)
             if strip_thinking(value["content"] or "") is None:
                 self.stats.add(thinking_cut=1)
         return answer
+
+    def _without_logprobs(self, exc: Exception) -> None:
+        """The endpoint refused the request for its logprobs (OpenAI's reasoning models, some proxies): ask on
+        without them, once saying what that costs."""
+        with self.stats._lock:
+            if not self.logprobs:
+                return
+            self.logprobs = False
+            self.stats.logprobs_refused = 1
+        log.warning("the LLM endpoint refuses logprobs (%s); asking without them from now on: its answers carry "
+                    "no confidence, so each score comes from the small model alone (LLM_LOGPROBS=0 skips this "
+                    "first refusal)", exc)
 
     def label(self, messages: list[Message], labels: Sequence[str], *, deadline: float | None = None) -> LLMAnswer:
         """Ask for one label; confidence from logprobs when the endpoint returns them, else None."""
@@ -294,10 +314,8 @@ class LLMClient:
                             answer = LLMAnswer(None, None, {}, None, error=f"{type(exc).__name__}: {exc}")
                             rejections = (rejections + [str(exc)])[-self.max_same_rejections:]
                             if len(rejections) == self.max_same_rejections and len(set(rejections)) == 1:
-                                hint = (" (the endpoint may not support logprobs: set LLM_LOGPROBS=0)"
-                                        if "logprob" in str(exc).lower() else "")
                                 raise LLMUnavailable(f"the LLM endpoint rejected {len(rejections)} requests in a "
-                                                     f"row with the same error{hint}: {exc}") from exc
+                                                     f"row with the same error: {exc}") from exc
                         except (openai.APIError, MalformedResponse) as exc:
                             if deadline is not None and time.monotonic() >= deadline:
                                 continue  # cut by the caller's deadline, not a failure of the endpoint
