@@ -641,6 +641,29 @@ def test_predict_keeps_its_budget_when_the_llm_hangs(tmp_path: Path) -> None:
             close_app(app)
 
 
+def test_opening_one_task_waits_for_the_llm_only_briefly(tmp_path: Path) -> None:
+    """Label Studio asks /predict for one task when a person opens a task without predictions, and shows the
+    task only after the answer: with a hanging endpoint that person waited the whole 60 s budget. One task
+    gets FREEAL_OPEN_TASK_BUDGET_S (here 2 s) and a placeholder; a page of tasks keeps the full budget."""
+    with FakeOpenAI() as llm:
+        settings_ = Settings(slm_min_steps=0, data_dir=tmp_path, llm_base_url=llm.base_url, llm_model=MODEL,
+                             llm_api_key=LLM_KEY, llm_max_retries=5, llm_timeout=30.0, llm_concurrency=2)
+        app = create_app(settings_, ServerSettings(auto_job=False, predict_budget_s=30.0, open_task_budget_s=2.0))
+        try:
+            llm.hold_after(0)
+            start = time.monotonic()
+            resp = app.test_client().post("/predict", json={"project": 1, "label_config": SENTIMENT, "tasks": [
+                {"id": 1, "data": {"text": "a great film"}}]})
+            took = time.monotonic() - start
+            out = assert_clean(resp)
+            assert resp.status_code == 200 and len(out["results"]) == 1 and out["results"][0]["score"] == 0
+            assert took < 2.0 + 4.0, f"/predict of one task took {took:.1f} s with a 2 s open-task budget"
+        finally:
+            llm.release()
+            close_app(app)
+    assert ServerSettings.from_env().open_task_budget_s == 10.0
+
+
 def test_gunicorn_two_workers_run_one_job_per_project_and_log_no_keys(tmp_path: Path, fake_llm: FakeOpenAI) -> None:
     """The real server: gunicorn, 2 worker processes x 4 threads, concurrent /predict + /webhook over HTTP."""
     with socket.socket() as s:

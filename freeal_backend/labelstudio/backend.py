@@ -44,6 +44,8 @@ class ServerSettings:
     basic_auth_user: str | None = None  # BASIC_AUTH_USER (with BASIC_AUTH_PASS: require HTTP basic auth)
     basic_auth_pass: str | None = None  # BASIC_AUTH_PASS
     predict_budget_s: float = 60.0  # FREEAL_PREDICT_BUDGET_S: LLM time per /predict (Label Studio waits 100 s)
+    open_task_budget_s: float = 10.0  # FREEAL_OPEN_TASK_BUDGET_S: the same for a /predict of one task (a person
+    # opening a task waits for it: Label Studio asks before it shows a task without predictions)
     max_request_mb: float = 64.0  # FREEAL_MAX_REQUEST_MB: larger request bodies get 413
     auto_job: bool = True  # FREEAL_AUTO_JOB: /predict and annotation webhooks start the background job
     projects: frozenset[int] | None = None  # FREEAL_PROJECTS: the only project ids served (None: all)
@@ -67,6 +69,7 @@ class ServerSettings:
             basic_auth_user=env.get("BASIC_AUTH_USER") or None,
             basic_auth_pass=env.get("BASIC_AUTH_PASS") or None,
             predict_budget_s=float(env.get("FREEAL_PREDICT_BUDGET_S") or 60.0),
+            open_task_budget_s=float(env.get("FREEAL_OPEN_TASK_BUDGET_S") or 10.0),
             max_request_mb=float(env.get("FREEAL_MAX_REQUEST_MB") or 64.0),
             auto_job=(env.get("FREEAL_AUTO_JOB") or "true").lower() not in {"0", "false", "no", "off"},
             projects=parse_projects(env.get("FREEAL_PROJECTS") or ""),
@@ -228,7 +231,10 @@ class Backend:
             else:
                 unseen.append(Item(str(tid), texts[tid][: self.settings.max_chars]))
         if unseen and not opts.judge_version:  # a judge project makes no LLM call: its job judges them
-            for res in self.quick_label(run, unseen):
+            budget = self.server.predict_budget_s
+            if len(tasks) == 1:  # most likely a person opening the task, waiting with the labelling page
+                budget = min(budget, self.server.open_task_budget_s)
+            for res in self.quick_label(run, unseen, budget):
                 out[int(res.item_id)] = render_task_prediction(cfg, res, texts[int(res.item_id)], version)
         no_job = self.no_job_because(project_id) if len(out) < len(tasks) else None
         for item in unseen:
@@ -236,9 +242,9 @@ class Backend:
                 out[int(item.item_id)] = placeholder(cfg, waiting_note(opts, no_job), version)
         return [out[int(t["id"])] for t in tasks], len(unseen)
 
-    def quick_label(self, run: FreeALRun, items: list[Item]) -> list[ItemResult]:
-        """LLM labels for unseen tasks, in chunks, until the time budget is spent or the LLM fails."""
-        deadline = time.monotonic() + self.server.predict_budget_s
+    def quick_label(self, run: FreeALRun, items: list[Item], budget_s: float) -> list[ItemResult]:
+        """LLM labels for unseen tasks, in chunks, until ``budget_s`` seconds are spent or the LLM fails."""
+        deadline = time.monotonic() + budget_s
         if not llm_up_by(run, deadline):
             log.info("the LLM is still starting: %d unseen tasks left to the background job", len(items))
             return []
