@@ -16,6 +16,7 @@ from freeal_backend.labelstudio.label_config import (
     NoTextObjectError,
     UnknownControlError,
     parse_label_config,
+    parse_task_config,
 )
 from freeal_backend.labelstudio.label_results import (
     FLAG_OK,
@@ -95,6 +96,19 @@ def test_clear_errors(xml: str, error: type[Exception]) -> None:
     with pytest.raises(error) as info:
         parse_label_config(xml)
     assert isinstance(info.value, ValueError) and str(info.value)
+
+
+def test_text_loaded_from_a_url_is_refused_clearly() -> None:
+    """``<Text valueType="url">`` (Label Studio's docs show it) leaves only an address in the task data: FreeAL
+    took it for the text and the LLM labelled URLs. /setup now says why it cannot label such a project."""
+    choices = ('<View><Text name="t" value="$src" valueType="url"/>'
+               '<Choices name="c" toName="t"><Choice value="a"/><Choice value="b"/></Choices></View>')
+    spans = ('<View><Labels name="l" toName="t"><Label value="X"/></Labels>'
+             '<Text name="t" value="$src" valueType="URL"/></View>')
+    for xml in (choices, spans):
+        with pytest.raises(LabelConfigError, match='valueType="url".*import the texts themselves'):
+            parse_task_config(xml)
+    assert parse_task_config(choices.replace(' valueType="url"', ' valueType="text"')).data_key == "src"
 
 
 def test_choice_result_single_and_multi() -> None:

@@ -131,6 +131,7 @@ def parse_label_config(xml: str, from_name: str | None = None) -> Classification
     control = _pick_control(candidates, texts, from_name)
     name = control.get("name") or ""
     to_name = control.get("toName", "")
+    _refuse_url_text(root, to_name)
     labels = _choice_values(control)
     if not labels:
         raise NoChoicesError(
@@ -171,6 +172,7 @@ def parse_span_config(xml: str, from_name: str | None = None) -> SpanConfig:
     if len(set(labels)) != len(labels):
         raise LabelConfigError(f'<Labels name="{name}"> lists the same label twice')
     to_name = control.get("toName", "")
+    _refuse_url_text(root, to_name)
     return SpanConfig(from_name=name, to_name=to_name, data_key=texts[to_name], labels=tuple(labels),
                       review=_review_cue(root, texts))
 
@@ -198,6 +200,15 @@ def _text_objects(root: ET.Element) -> dict[str, str]:
         if name and value.startswith("$") and len(value) > 1:
             texts[name] = value[1:]
     return texts
+
+
+def _refuse_url_text(root: ET.Element, name: str) -> None:
+    """A ``<Text valueType="url">`` object shows the text behind a URL: the task data holds only the address,
+    which the LLM would label as if it were the text."""
+    for el in root.iter("Text"):
+        if el.get("name") == name and el.get("valueType", "").lower() == "url":
+            raise LabelConfigError(f'<Text name="{name}"> loads its text from a URL (valueType="url"): FreeAL '
+                                   "labels the text in the task data, not an address; import the texts themselves")
 
 
 def _pick_control(candidates: list[ET.Element], texts: dict[str, str], from_name: str | None, *,
