@@ -38,7 +38,7 @@ ENV_NAMES = {  # Settings field -> the environment variable that sets it
     "slm_batch_size": "FREEAL_SLM_BATCH", "torch_threads": "FREEAL_TORCH_THREADS",
     "clean_threshold": "FREEAL_CLEAN_THRESHOLD",
     "select_ratio": "FREEAL_SELECT_RATIO", "seed": "FREEAL_SEED", "task_description": "FREEAL_TASK",
-    "queue_url": "FREEAL_QUEUE", "queue_lock_ttl": "FREEAL_QUEUE_LOCK_TTL",
+    "queue_url": "FREEAL_QUEUE", "queue_lock_ttl": "FREEAL_QUEUE_LOCK_TTL", "max_jobs": "FREEAL_MAX_JOBS",
     "push_every_round_max_tasks": "FREEAL_PUSH_EVERY_ROUND_MAX", "keep_old_versions": "FREEAL_KEEP_OLD_VERSIONS",
     "target_error": "FREEAL_TARGET_ERROR", "target_confidence": "FREEAL_TARGET_CONFIDENCE",
     "audit_size": "FREEAL_AUDIT", "llm_calibrated": "FREEAL_LLM_CALIBRATED", "second_judge": "FREEAL_SECOND_JUDGE",
@@ -97,6 +97,8 @@ class Settings:
     task_description: str | None = None  # FREEAL_TASK: one line telling the LLM what the labels mean
     queue_url: str | None = None  # FREEAL_QUEUE: redis://host:6379/0 = jobs go to `freeal worker`s; empty = a thread
     queue_lock_ttl: float = 60.0  # FREEAL_QUEUE_LOCK_TTL: a killed worker's job is resumed this long after
+    max_jobs: int = 1  # FREEAL_MAX_JOBS: project jobs one backend process runs at a time without FREEAL_QUEUE (the
+    #   rest wait their turn, queued); with FREEAL_QUEUE the number of workers bounds them
     push_every_round_max_tasks: int = 10000  # FREEAL_PUSH_EVERY_ROUND_MAX: projects with at most this many tasks
     #   get each round's predictions in Label Studio as the round ends; bigger ones only the final round's, as
     #   Label Studio deletes a replaced version one prediction at a time (~30-40/s: ~1 h per 100k)

@@ -26,6 +26,7 @@ from freeal_backend.config import Settings
 from freeal_backend.labelstudio import client as ls_client
 from freeal_backend.labelstudio.client import Connection, ProjectClient
 from freeal_backend.labelstudio.job_store import JobStore
+from freeal_backend.labelstudio.jobqueue import runner_for
 from freeal_backend.labelstudio.label_config import parse_label_config
 from freeal_backend.labelstudio.manager import JobManager
 from freeal_backend.labelstudio.push import push_results
@@ -316,3 +317,53 @@ def test_a_process_holds_the_lower_states_of_one_project_at_a_time(label_studio:
         held = open_lower_state_bytes(data_dir)
         manager.runs.close()
     assert list(held) == [f"project-{pid}"] and held[f"project-{pid}"] > 0, held
+
+
+@pytest.mark.parametrize("max_jobs", [1, 3])
+def test_jobs_of_several_projects_take_turns(label_studio: LabelStudioServer, tmp_path: Path, max_jobs: int) -> None:
+    """Three projects asking for a job at once: each got a thread of its own, all three trained and asked
+    the LLM together (a pegged CPU, each job slower, the embedded LLM's one slot shared), and one of them
+    failed ("cannot import name 'AutoConfig' from 'transformers'": two encoders loading at once). With
+    FREEAL_MAX_JOBS=1 (the default) one runs at a time, the others wait, queued, and say why; with 3 they
+    run together and every one ends done."""
+    with FakeOpenAI() as fake:
+        settings = Settings(slm_min_steps=0, data_dir=tmp_path / "data", llm_base_url=fake.base_url, llm_model=MODEL,
+                            rounds=0, shots=2, demos_per_label=3, slm_epochs=1, max_jobs=max_jobs)
+        assert Settings().max_jobs == 1
+        store = JobStore(tmp_path / "backend.sqlite")
+        manager = JobManager(settings, store, RunRegistry(settings), runner_for(settings))
+        lock, active, peak = threading.Lock(), [0], [0]
+        run_once = manager.run_once
+
+        def counted(claim: Any) -> str:  # the real job, counted while it runs
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            try:
+                return run_once(claim)
+            finally:
+                with lock:
+                    active[0] -= 1
+
+        manager.run_once = counted  # type: ignore[method-assign]
+        pids = []
+        for k in range(3):
+            pid, _, _ = make_project(label_studio, 8, f"turns-{k}")
+            store.save_project(pid, label_config=SENTIMENT, extra_params=None, ls_url=label_studio.url,
+                               ls_key=label_studio.token)
+            pids.append(pid)
+        stages: set[str] = set()
+        for pid in pids:
+            assert manager.trigger(pid, "test")
+
+        def all_done() -> bool:
+            rows = [store.status(pid) or {} for pid in pids]
+            stages.update(str(r.get("stage")) for r in rows)
+            return all(r.get("state") in ("done", "failed") for r in rows)
+
+        wait_for(all_done, 3 * JOB_TIMEOUT_S, "three jobs")
+        manager.runs.close()
+    assert [(store.status(pid) or {}).get("state") for pid in pids] == ["done"] * 3, [store.status(p) for p in pids]
+    if max_jobs == 1:
+        assert peak[0] == 1
+        assert any("waiting for another project's job" in s and "FREEAL_MAX_JOBS=1" in s for s in stages), stages

@@ -233,4 +233,4 @@ def work(settings: Settings, *, burst: bool = False, name: str | None = None) ->
 
 def runner_for(settings: Settings) -> Runner:
     """The Redis queue when ``FREEAL_QUEUE`` is set, else a thread of this process."""
-    return QueueRunner(settings) if settings.queue_url else ThreadRunner()
+    return QueueRunner(settings) if settings.queue_url else ThreadRunner(max_jobs=settings.max_jobs)

@@ -154,11 +154,16 @@ class ThreadRunner:
 
     :meth:`start` resumes the jobs of dead processes at once (their owner's pid is gone from this host)
     and, every ``check_s`` seconds, those whose heartbeat is older than ``stale_s``; a job whose process
-    died ``max_resumes`` + 1 times in a row is shown failed instead of being run into the same death."""
+    died ``max_resumes`` + 1 times in a row is shown failed instead of being run into the same death. At most
+    ``max_jobs`` jobs run at a time (``FREEAL_MAX_JOBS``); the others wait, queued, saying so in their stage."""
 
     def __init__(self, *, stale_s: float = 30.0, heartbeat_s: float = 5.0, check_s: float = 10.0,
-                 max_resumes: int = 2) -> None:
+                 max_resumes: int = 2, max_jobs: int = 1) -> None:
+        if max_jobs < 1:
+            raise ValueError(f"FREEAL_MAX_JOBS must be at least 1, not {max_jobs}")
         self.stale_s, self.heartbeat_s, self.check_s, self.max_resumes = stale_s, heartbeat_s, check_s, max_resumes
+        self.max_jobs = max_jobs
+        self._slots = threading.BoundedSemaphore(max_jobs)
 
     def submit(self, manager: JobManager, project_id: int) -> bool:
         owner = self._new_owner(manager)
@@ -216,8 +221,15 @@ class ThreadRunner:
         store = manager.store
         try:
             with every(self.heartbeat_s, lambda: store.update(project_id, owner)):
-                manager.run_until_settled(Claim(store, project_id, owner),
-                                          lambda state, message: store.finish(project_id, owner, state, message))
+                if not self._slots.acquire(blocking=False):
+                    store.update(project_id, owner, stage=f"queued: waiting for another project's job to end "
+                                                          f"(FREEAL_MAX_JOBS={self.max_jobs})")
+                    self._slots.acquire()
+                try:
+                    manager.run_until_settled(Claim(store, project_id, owner),
+                                              lambda state, message: store.finish(project_id, owner, state, message))
+                finally:
+                    self._slots.release()
         finally:
             _forget(owner)
 

@@ -10,6 +10,7 @@ import ctypes
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -29,6 +30,8 @@ ENCODER_FAMILIES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "el
 NO_SDPA = frozenset({"mpnet"})  # no scaled-dot-product attention in transformers: eager attention
 MMAP_THRESHOLD_BYTES = 4 * 2**20
 _M_MMAP_THRESHOLD = -3  # mallopt parameter, glibc's malloc.h
+_LOADING = threading.Lock()  # one encoder loads at a time: jobs of two projects once failed with "cannot import
+# name 'AutoConfig' from 'transformers'" where both loaded theirs at once
 _heap_capped = False
 
 
@@ -144,21 +147,21 @@ class Encoder:
     def __init__(self, path: str | Path | None = None, *, device: torch.device | None = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-
         cap_heap_retention()
-
         self.path = encoder_path(path)
         self.device = device or pick_device()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
-        family = AutoConfig.from_pretrained(str(self.path), local_files_only=True).model_type
-        if family not in ENCODER_FAMILIES:
-            raise ValueError(f"encoder {self.path.name!r} is a {family!r} model; the split encoder runs "
-                             f"{', '.join(sorted(ENCODER_FAMILIES))} models (their layers take the hidden states "
-                             "and the attention mask, and MPNet's position bias)")
-        attention = "eager" if family in NO_SDPA else "sdpa"
-        self.model = AutoModel.from_pretrained(str(self.path), local_files_only=True,
-                                               attn_implementation=attention).to(self.device).eval()
+        with _LOADING:  # transformers imports its parts lazily, and not safely from several threads at once
+            from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+            family = AutoConfig.from_pretrained(str(self.path), local_files_only=True).model_type
+            if family not in ENCODER_FAMILIES:
+                raise ValueError(f"encoder {self.path.name!r} is a {family!r} model; the split encoder runs "
+                                 f"{', '.join(sorted(ENCODER_FAMILIES))} models (their layers take the hidden "
+                                 "states and the attention mask, and MPNet's position bias)")
+            attention = "eager" if family in NO_SDPA else "sdpa"
+            self.model = AutoModel.from_pretrained(str(self.path), local_files_only=True,
+                                                   attn_implementation=attention).to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.layers: nn.ModuleList = self.model.encoder.layer
