@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -105,6 +106,7 @@ class FreeALRun:
         self._owns_llm = not isinstance(llm, LLMProvider)  # shared from another run: that run stops its server
         self.llm_provider = llm if isinstance(llm, LLMProvider) else LLMProvider(settings, llm)
         self._encoder = encoder
+        self._encoder_lock = threading.Lock()  # a job and /predict (RunRegistry.get) may ask for it at once
         self._lower: tuple[str, LowerStates, LowerStates | None] | None = None
         self._demo_emb: tuple[str, np.ndarray] | None = None
         self.timings: dict[str, float] = {}
@@ -146,11 +148,13 @@ class FreeALRun:
 
     @property
     def encoder(self) -> Encoder:
-        if self._encoder is None:
-            if self.settings.torch_threads:
-                torch.set_num_threads(self.settings.torch_threads)
-            self._encoder = Encoder(self.settings.encoder)
-        return self._encoder
+        """The encoder, loaded on first use, once however many threads ask."""
+        with self._encoder_lock:
+            if self._encoder is None:
+                if self.settings.torch_threads:
+                    torch.set_num_threads(self.settings.torch_threads)
+                self._encoder = Encoder(self.settings.encoder)
+            return self._encoder
 
     @property
     def lower_split(self) -> int:

@@ -156,3 +156,24 @@ def test_run_health_hears_whether_the_llm_agrees_with_itself(tmp_path, encoder, 
             assert h["llm_self_kappa"] < SELF_NEAR_CHANCE_KAPPA and h["verdict"] == "near_chance"
         else:
             assert h["llm_self_kappa"] == 1.0 and "changed its answer" not in h["message"]
+
+
+def test_a_run_loads_its_encoder_once_however_many_threads_ask(tmp_path):
+    """A job's thread and /predict (RunRegistry.get hands the first run's encoder to the next) could each find
+    no encoder yet and load one: two copies of the model, and the run kept whichever came last."""
+    import threading
+
+    run = FreeALRun(Settings(data_dir=tmp_path), LABELS, tmp_path / "run", TASK)
+    barrier, got = threading.Barrier(3), []
+
+    def ask() -> None:
+        barrier.wait()
+        got.append(run.encoder)
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 3 and all(e is got[0] for e in got) and run.encoder is got[0]
+    run.close()
