@@ -271,8 +271,11 @@ def index_page(projects: Sequence[dict[str, Any]], *, refresh_s: int | None = No
     return page("FreeAL backend", f"<h1>FreeAL backend</h1><p class=\"muted\">projects</p>{table}", refresh_s=refresh_s)
 
 
-def project_page(status: dict[str, Any], *, refresh_s: int | None = None) -> str:
-    """``GET /projects/<id>``: the job live, the round history, plots and the link to the review tab."""
+def project_page(status: dict[str, Any], flagged: Sequence[dict[str, Any]] = (), *,
+                 refresh_s: int | None = None) -> str:
+    """``GET /projects/<id>``: the job live, the round history, plots, the link to the review tab and the
+    ``flagged`` tasks with the small model's suggestion and the reasons (which Label Studio shows only with
+    the review controls in the label config)."""
     pid = int(status["project"])
     job, run, tab = status["job"], status["run"], status["review_tab"]
     link = ""
@@ -282,7 +285,8 @@ def project_page(status: dict[str, Any], *, refresh_s: int | None = None) -> str
             '<h2>Job</h2>', job_section(job)]
     if run:
         body += ["<h2>Labels</h2>", summary_section(run), budget_section(run), "<h2>Rounds</h2>",
-                 rounds_section(run), "<h2>Plots</h2>", plots_section(run), accuracy_section(run)]
+                 rounds_section(run), "<h2>Plots</h2>", plots_section(run), accuracy_section(run),
+                 flagged_section(flagged, run["final"]["flagged"] or 0)]
     else:
         body.append('<p class="muted">No FreeAL state for this project yet.</p>')
     body.append(f'<p class="muted">JSON: <a href="../status/{pid}">/status/{pid}</a></p>')

@@ -255,6 +255,22 @@ def test_page_and_status_show_the_review_budget_for_the_target_error(tmp_path: P
     assert f"{budget['target']['k']} (target)" in cells.by_id["budget"]
 
 
+def test_the_project_page_lists_the_flagged_tasks_with_suggestion_and_reason(tmp_path: Path) -> None:
+    """With a plain <Choices> config Label Studio shows a flagged task's marker and score, never why it was
+    flagged nor what the small model suggests (those need the review controls); the project's page now lists
+    the flagged tasks, least confident first, with both (escaped: a task's text is the user's data)."""
+    app = make_backend(tmp_path, state="done")
+    html = app.test_client().get(f"/projects/{PID}", headers=auth()).get_data(as_text=True)
+    flagged = [i for i in range(1, N) if i % 4 == 1]  # write_run's flagged texts; item 0 is a person's
+    assert f"<h2>Flagged for review ({len(flagged)})</h2>" in html
+    table = html[html.index("Flagged for review"):]
+    assert table.count("<tr>") == len(flagged) + 1 and "llm_slm_disagree" in table
+    by_score = sorted(flagged, key=lambda i: ((i % 10) / 10 + 0.05, str(i)))
+    order = [table.index(f'<td class="l">{i}</td>') for i in by_score]
+    assert order == sorted(order)  # least confident first
+    assert EVIL_TEXT not in html and "&lt;img src=x" in table
+
+
 def test_the_target_confidence_reaches_the_status(tmp_path: Path) -> None:
     """FREEAL_TARGET_CONFIDENCE: /status names the review set that meets the target with that confidence."""
     plain = make_backend(tmp_path / "a", state="done", target_error=0.3)

@@ -179,6 +179,12 @@ class Backend:
             data["health"] = run_status.latest_health(store) if store is not None else None
             return data
 
+    def flagged_items(self, project_id: int, limit: int) -> list[dict[str, Any]]:
+        """The project's ``limit`` least-confident flagged tasks with label, suggestion and reasons ([] before
+        its first job)."""
+        with self.runs.stored_state(project_id) as store:
+            return run_status.flagged_items(store, limit) if store is not None else []
+
     def version(self, project_id: int) -> str:
         return self.store.model_version(project_id) or INITIAL_VERSION
 

@@ -39,6 +39,7 @@ from freeal_backend.labelstudio.runs import ProjectOptions
 log = logging.getLogger("freeal_backend.labelstudio.server")
 
 PAGE_REFRESH_S = 5  # the status pages reload themselves this often while a job is queued or running
+PAGE_FLAGGED = 100  # flagged tasks a project's page lists, least confident first
 # the pages run no script and load nothing from another host
 PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'none'"
 
@@ -116,7 +117,8 @@ def create_app(settings: Settings | None = None, server: ServerSettings | None =
         if data["job"]["state"] == "none" and data["run"] is None and backend.store.project(project_id) is None:
             raise NotFound(f"the backend knows no project {project_id}")
         active = data["job"]["state"] in ACTIVE
-        return _html(html_report.project_page(data, refresh_s=PAGE_REFRESH_S if active else None))
+        return _html(html_report.project_page(data, backend.flagged_items(project_id, PAGE_FLAGGED),
+                                              refresh_s=PAGE_REFRESH_S if active else None))
 
     @app.post("/setup")
     def setup() -> Response:
