@@ -162,6 +162,7 @@ class LLMClient:
         self.cache = cache
         self.concurrency = in_flight(concurrency, embedded)
         self.logprobs = logprobs
+        self._logprobs_lock = threading.Lock()  # the first refusal turns them off once, whichever thread sees it
         self.max_consecutive_failures = max_consecutive_failures
         self.label_params: dict[str, Any] = {"temperature": 0.0, "max_tokens": max_tokens}
         if no_think:  # vLLM / SGLang chat templates (Qwen3, DeepSeek-R1 distills) read this
@@ -243,11 +244,11 @@ class LLMClient:
     def _without_logprobs(self, exc: Exception) -> None:
         """The endpoint refused the request for its logprobs (OpenAI's reasoning models, some proxies): ask on
         without them, once saying what that costs."""
-        with self.stats._lock:
+        with self._logprobs_lock:
             if not self.logprobs:
                 return
             self.logprobs = False
-            self.stats.logprobs_refused = 1
+        self.stats.add(logprobs_refused=1)
         log.warning("the LLM endpoint refuses logprobs (%s); asking without them from now on: its answers carry "
                     "no confidence, so each score comes from the small model alone (LLM_LOGPROBS=0 skips this "
                     "first refusal)", exc)
