@@ -76,8 +76,8 @@ class FreeALRun:
     """One FreeAL run over one data set (a CLI input file or a Label Studio project), in ``run_dir``."""
 
     def __init__(self, settings: Settings, labels: Sequence[str], run_dir: Path, task_description: str | None = None,
-                 *, llm: LLMClient | LLMProvider | None = None, encoder: Encoder | None = None,
-                 zero_shot_baseline: bool = False) -> None:
+                 *, llm: LLMClient | LLMProvider | None = None,
+                 encoder: Encoder | Callable[[], Encoder] | None = None, zero_shot_baseline: bool = False) -> None:
         if len(set(labels)) < 2:
             raise ValueError(f"FreeAL needs at least two distinct labels, got {list(labels)}")
         # one parser for every request; building it refuses labels no answer could tell apart ("Positive" /
@@ -105,7 +105,8 @@ class FreeALRun:
         self.store.set_meta("task_type", self.task_type)
         self._owns_llm = not isinstance(llm, LLMProvider)  # shared from another run: that run stops its server
         self.llm_provider = llm if isinstance(llm, LLMProvider) else LLMProvider(settings, llm)
-        self._encoder = encoder
+        # an encoder, or where to get one when first used (another run's: RunRegistry shares it without loading it)
+        self._encoder, self._encoder_from = (None, encoder) if callable(encoder) else (encoder, None)
         self._encoder_lock = threading.Lock()  # a job and /predict (RunRegistry.get) may ask for it at once
         self._lower: tuple[str, LowerStates, LowerStates | None] | None = None
         self._demo_emb: tuple[str, np.ndarray] | None = None
@@ -148,8 +149,11 @@ class FreeALRun:
 
     @property
     def encoder(self) -> Encoder:
-        """The encoder, loaded on first use, once however many threads ask."""
+        """The encoder, loaded (or taken from the run it is shared with) on first use, once however many threads
+        ask."""
         with self._encoder_lock:
+            if self._encoder is None and self._encoder_from is not None:
+                self._encoder = self._encoder_from()
             if self._encoder is None:
                 if self.settings.torch_threads:
                     torch.set_num_threads(self.settings.torch_threads)

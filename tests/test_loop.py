@@ -177,3 +177,16 @@ def test_a_run_loads_its_encoder_once_however_many_threads_ask(tmp_path):
         t.join()
     assert len(got) == 3 and all(e is got[0] for e in got) and run.encoder is got[0]
     run.close()
+
+
+def test_second_project_gets_the_encoder_without_loading_it(tmp_path):
+    """RunRegistry.get runs under its lock on the request path (/predict): handing the first project's encoder
+    to a second project's run must not load it there, only when a run first uses it, and then only once."""
+    from freeal_backend.labelstudio.runs import RunRegistry
+
+    registry = RunRegistry(Settings(data_dir=tmp_path))
+    first = registry.get(1, tuple(LABELS))
+    second = registry.get(2, tuple(LABELS))
+    assert first._encoder is None and second._encoder is None
+    assert second.encoder is first.encoder
+    registry.close()

@@ -53,7 +53,8 @@ def _count(value: Any) -> int | None:
 class RunRegistry:
     """One :class:`FreeALRun` per project and label set per process (models are loaded once, not per request).
 
-    All runs share one LLM client (one embedded LLM server per process) and one encoder.
+    All runs share one LLM client (one embedded LLM server per process) and one encoder, loaded when a run
+    first needs it (a job's stage), never while a request holds the registry's lock.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -82,7 +83,7 @@ class RunRegistry:
                 shared = self._shared
                 run = run_type(task_type)(self.settings, list(labels), run_dir, task_description,
                                           llm=shared.llm_provider if shared else None,
-                                          encoder=shared.encoder if shared else None)
+                                          encoder=(lambda: shared.encoder) if shared else None)
                 self._shared = self._shared or run
                 self._runs[key] = run
             if task_description:
