@@ -105,7 +105,7 @@ class FreeALRun:
         self.store.set_meta("task_type", self.task_type)
         self._owns_llm = not isinstance(llm, LLMProvider)  # shared from another run: that run stops its server
         self.llm_provider = llm if isinstance(llm, LLMProvider) else LLMProvider(settings, llm)
-        # an encoder, or where to get one when first used (another run's: RunRegistry shares it without loading it)
+        # an encoder, or where to get one when first used (RunRegistry's, shared by its runs)
         self._encoder, self._encoder_from = (None, encoder) if callable(encoder) else (encoder, None)
         self._encoder_lock = threading.Lock()  # a job and /predict (RunRegistry.get) may ask for it at once
         self._lower: tuple[str, LowerStates, LowerStates | None] | None = None
@@ -149,15 +149,13 @@ class FreeALRun:
 
     @property
     def encoder(self) -> Encoder:
-        """The encoder, loaded (or taken from the run it is shared with) on first use, once however many threads
-        ask."""
+        """The encoder, loaded (or taken from the getter given, a shared one) on first use, once however many
+        threads ask."""
         with self._encoder_lock:
-            if self._encoder is None and self._encoder_from is not None:
-                self._encoder = self._encoder_from()
             if self._encoder is None:
                 if self.settings.torch_threads:
                     torch.set_num_threads(self.settings.torch_threads)
-                self._encoder = Encoder(self.settings.encoder)
+                self._encoder = self._encoder_from() if self._encoder_from else Encoder(self.settings.encoder)
             return self._encoder
 
     @property

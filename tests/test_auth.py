@@ -369,6 +369,27 @@ def test_predict_cannot_change_the_label_set_of_a_run(tmp_path: Path, fake_llm: 
     assert _run_labels(tmp_path / "project-7") == LABELS
 
 
+def test_predict_after_the_projects_labels_changed_answers_and_leaves_the_run_to_the_job(
+        tmp_path: Path, fake_llm: FakeOpenAI) -> None:
+    """Label Studio sent /setup the project's new config (a label added): /predict with that config got 400 for
+    good (the run's labels were compared first). It answers with placeholders saying a job labels every task
+    again, and leaves the run as it was (the job sets it aside); a config /setup did not send still gets 400."""
+    store = Store(tmp_path / "project-5" / "state.sqlite")
+    store.set_meta("labels", LABELS)
+    store.set_meta("task_type", "classification")
+    store.close()
+    three = SENTIMENT.replace('<Choice value="negative"/>', '<Choice value="negative"/><Choice value="neutral"/>')
+    app = make_app(tmp_path, fake_llm)
+    with serve(app) as client:
+        assert client.post("/setup", json={"project": 5, "schema": three}).status_code == 200
+        answer = client.post("/predict", json={"project": 5, "tasks": TASKS, "label_config": three})
+        assert answer.status_code == 200, answer.text
+        (result,) = answer.json()["results"]
+        assert result["score"] == 0.0 and result["result"] == []  # no label of the old set (no review note here)
+        assert client.post("/predict", json={"project": 5, "tasks": TASKS, "label_config": SENTIMENT}).status_code == 400
+    assert _run_labels(tmp_path / "project-5") == LABELS
+
+
 def test_reordered_choices_keep_the_projects_run(tmp_path: Path, fake_llm: FakeOpenAI) -> None:
     """Moving a <Choice> up in the config changes no label: /predict answered 400 for good and every job failed
     (the run's labels were compared in order), and only deleting the run's state helped."""

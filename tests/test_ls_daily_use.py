@@ -8,6 +8,7 @@
 * The job retitling the review tab must keep the sort order and columns a reviewer set on it.
 * Annotations saved or deleted while a job reads the project must not be undone by what it read.
 * An annotation converted to a draft leaves an event with no project or ids (or none): answered, not refused.
+* A label added to the config after a job ran: the next job starts over with the new labels.
 
 Label Studio is real; the app is the real Flask app on a real socket; the LLM is the fake server."""
 from __future__ import annotations
@@ -27,7 +28,9 @@ from freeal_backend.labelstudio.label_results import review_marker
 from freeal_backend.labelstudio.push import push_results
 from freeal_backend.labelstudio.runs import build_items
 from freeal_backend.records import ItemResult
+from freeal_backend.storage import Store
 from tests.fake_openai import FakeOpenAI
+from tests.fixtures_llm import shared_rows
 from tests.fixtures_ls import LabelStudioServer
 from tests.test_auth import SENTIMENT, make_app, serve
 
@@ -146,3 +149,57 @@ def test_a_deletion_event_without_annotations_is_answered(tmp_path: Path, fake_l
         assert resp.json()["status"] == "ignored", resp.json()
         resp = client.post("/webhook", json={"action": "ANNOTATION_CREATED"})
         assert resp.status_code == 400, resp.text  # an event that must name its project still does
+
+
+@pytest.mark.ls
+def test_a_label_added_to_the_config_relabels_the_project(label_studio: LabelStudioServer, tmp_path: Path,
+                                                         fake_llm: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """People add a class to a project's labels after FreeAL labelled it. Every job then failed for good (the
+    run "holds a run with labels [...]"), Retrieve Predictions sent no task (each held FreeAL's version) and
+    the README said to delete the backend's state by hand. Label Studio's next /setup must start a job that sets
+    the old run aside (kept) and labels every task with the new label set."""
+    monkeypatch.setenv("LABEL_STUDIO_URL", label_studio.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
+    app = make_app(tmp_path, fake_llm, auto_job=True)
+    store = app.extensions["freeal"].store
+    ls = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    three = SENTIMENT.replace('<Choice value="negative"/>', '<Choice value="negative"/><Choice value="neutral"/>')
+    texts = [r["text"] for r in shared_rows("sst2", n=12)]
+
+    def retrieve_and_wait(pid: int) -> dict[str, Any]:
+        after = time.time()
+        ls.actions.create(id="retrieve_tasks_predictions", project=pid, selected_items={"all": True, "excluded": []})
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            row = store.status(pid) or {}
+            if row.get("state") in ("done", "failed") and (row.get("finished") or 0.0) > after:
+                return row
+            time.sleep(0.3)
+        pytest.fail(f"no job of project {pid} ended within 240 s: {store.status(pid)}")
+
+    with serve(app) as client:
+        pid = ls.projects.create(title="label added", label_config=SENTIMENT).id
+        ls.projects.import_tasks(id=pid, request=[{"text": t} for t in texts])
+        ls.ml.create(url=f"http://127.0.0.1:{client.base_url.port}", project=pid, title="FreeAL",
+                     extra_params={"rounds": 1})
+        first = retrieve_and_wait(pid)
+        assert first["state"] == "done", first["message"]
+        ls.projects.update(id=pid, label_config=three)
+        second = retrieve_and_wait(pid)
+        shown = {int(t.id): [p if isinstance(p, dict) else p.model_dump() for p in t.predictions or []]
+                 for t in ls.tasks.list(project=pid, fields="all", page_size=100)}
+    assert second["state"] == "done", second["message"]
+    assert "label set changed" in second["message"] and str(tmp_path) not in second["message"]
+    state = Store(tmp_path / f"project-{pid}" / "state.sqlite")
+    try:
+        assert sorted(state.get_meta("labels")) == ["negative", "neutral", "positive"]
+    finally:
+        state.close()
+    aside = list(tmp_path.glob(f"project-{pid}.*"))
+    assert len(aside) == 1 and (aside[0] / "state.sqlite").exists()  # the earlier run is kept, not deleted
+    versions = {p["model_version"] for preds in shown.values() for p in preds}
+    assert versions == {second["model_version"]} != {first["model_version"]}, versions
+    assert all(len(preds) == 1 for preds in shown.values()) and len(shown) == len(texts)
+    labels = {c for preds in shown.values() for r in preds[0]["result"] if r["type"] == "choices"
+              for c in r["value"]["choices"]}
+    assert labels <= {"negative", "neutral", "positive"}, labels

@@ -146,21 +146,23 @@ class Backend:
         return parse_task_config(xml, from_name=opts.from_name), opts
 
     def check_label_set(self, project_id: int, cfg: TaskConfig, opts: ProjectOptions) -> None:
-        """Refuse a /predict whose labels differ from the project's: those of its FreeAL run when it has one,
-        else those of the label config /setup stored. /predict would otherwise create the run with its own
-        labels, and the job, which reads the config from Label Studio, could never use that run."""
+        """Refuse a /predict whose labels differ from the project's: those of the label config /setup stored
+        (Label Studio calls /setup with the project's config before it predicts), else those of its FreeAL run.
+        /predict would otherwise create the run with its own labels, and the job, which reads the config from
+        Label Studio, could never use that run. A run whose labels are not /setup's (the project's labels
+        changed) is set aside by the project's next job (``RunRegistry.start_over``)."""
         mine = (cfg.task_type, list(cfg.labels))
-        with self.runs.stored_state(project_id) as store:
-            stored = store.get_meta("labels") if store is not None else None
-            kind = (store.get_meta("task_type") if store is not None else None) or cfg.task_type
-        if stored is not None:
-            theirs, whose = (kind, list(stored)), "its FreeAL run"
-        else:
-            saved = (self.store.project(project_id) or {}).get("label_config")
-            if not saved:
-                return
+        saved = (self.store.project(project_id) or {}).get("label_config")
+        if saved:
             setup_cfg = parse_task_config(saved, from_name=opts.from_name)
             theirs, whose = (setup_cfg.task_type, list(setup_cfg.labels)), "the label config /setup stored"
+        else:
+            with self.runs.stored_state(project_id) as store:
+                stored = store.get_meta("labels") if store is not None else None
+                kind = (store.get_meta("task_type") if store is not None else None) or cfg.task_type
+            if stored is None:
+                return
+            theirs, whose = (kind, list(stored)), "its FreeAL run"
         if theirs[0] != mine[0] or not same_label_set(theirs[1], mine[1]):
             raise BadRequest(f"project {project_id}: this label_config has the {mine[0]} labels {mine[1]}, but "
                              f"{whose} has the {theirs[0]} labels {theirs[1]}; /predict cannot change a project's "
@@ -211,6 +213,9 @@ class Backend:
         """Exactly one prediction per task, in task order, and how many tasks FreeAL had not seen."""
         texts = task_texts(cfg, tasks)
         version = self.version(project_id)
+        if self.runs.relabelled(project_id, cfg.task_type, cfg.labels) is not None:  # the job starts over
+            return [placeholder(cfg, RELABEL_NOTE if int(t["id"]) in texts else no_text_note(cfg), version)
+                    for t in tasks], len(tasks)
         gold = self.store.gold(project_id)
         try:
             run = self.runs.get(project_id, cfg.labels, opts.task_description, task_type=cfg.task_type)
@@ -288,6 +293,10 @@ def llm_up_by(run: FreeALRun, deadline: float) -> bool:
     starter.start()
     starter.join(max(0.0, deadline - time.monotonic()))
     return run.llm_started is not None
+
+
+RELABEL_NOTE = ("FreeAL: the project's labels changed since FreeAL labelled it: the background job labels every task "
+                "again with the new labels.")
 
 
 def placeholder(cfg: TaskConfig, note: str, version: str) -> dict[str, Any]:

@@ -326,6 +326,7 @@ class JobManager:
         items, no_text = build_items(records, gold)
         if not items:
             raise ValueError(f"no task has text in data[{cfg.data_key!r}] (the label config's <Text value>)")
+        relabelled = self.runs.start_over(project_id, cfg.task_type, cfg.labels)  # the label config changed
         run = self.runs.get(project_id, cfg.labels, opts.task_description, task_type=cfg.task_type)
         chosen = opts.over(self.settings)
         run.audit_size, run.target_error = chosen.audit, chosen.target_error
@@ -337,6 +338,7 @@ class JobManager:
         claim.update(rounds=rounds, tasks=len(items))
         results: list[ItemResult] = []
         pushed, pushed_digest = self.store.model_version(project_id), self.store.pushed_digest(project_id)
+        shows_ours = pushed is not None and relabelled is None  # Label Studio shows labels of this label set
         cost = RoundLLMStats(run.store, lambda: run.llm_started)  # what the LLM cost, per round, for the status page
         for rnd in range(rounds + 1):
             def progress(stage: str, done: int, total: int, rnd: int = rnd) -> None:
@@ -350,14 +352,14 @@ class JobManager:
             cost.finish()
             save_round_flagged(run.store, rnd, len(flagged_ids(results)))
             version = run.model_version()
-            if rnd < rounds and (pushed is not None or len(items) > self.settings.push_every_round_max_tasks):
+            if rnd < rounds and (shows_ours or len(items) > self.settings.push_every_round_max_tasks):
                 continue  # Label Studio shows FreeAL's labels already; a big project gets the final round only
             digest = predictions_digest(cfg, results, texts, who)
             if digest == pushed_digest:
                 continue  # Label Studio holds exactly these predictions already
             version = version_for(version, digest, pushed)
             self.push(client, cfg, results, version, digest, claim, texts, who)
-            pushed, pushed_digest = version, digest
+            pushed, pushed_digest, shows_ours = version, digest, True
             tab.show(force=True)
         claim.update(flagged=len(flagged_ids(results)))
         health = run.health()
@@ -367,7 +369,8 @@ class JobManager:
                                         *set_aside_notes(run.store)) if x)
         verdict = f"; label health: {health['message']}" if health else ""
         judged = "" if llm_labels is None else judge_summary(str(opts.judge_version), records, llm_labels)
-        return (f"{judged}{len(results)} tasks labelled, {len(flagged_ids(results))} flagged for review"
+        restarted = f"{relabelled}; " if relabelled else ""
+        return (f"{restarted}{judged}{len(results)} tasks labelled, {len(flagged_ids(results))} flagged for review"
                 f"{skipped}{'; ' + undone if undone else ''}{verdict}")
 
     def push(self, client: ProjectClient, cfg: TaskConfig, results: list[ItemResult], version: str, digest: str,

@@ -1,7 +1,9 @@
 """The FreeAL side of a project's job: its options, its loaded run, its items and what the run left undone."""
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -10,10 +12,14 @@ from typing import Any
 
 from freeal_backend.config import Settings, unit_share
 from freeal_backend.labelstudio.client import TaskRecord
+from freeal_backend.llm.provider import LLMProvider
 from freeal_backend.loop import FreeALRun
 from freeal_backend.loop_spans import run_type
 from freeal_backend.records import Item, ItemResult
+from freeal_backend.slm.encoder import Encoder
 from freeal_backend.storage import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,19 +59,28 @@ def _count(value: Any) -> int | None:
 class RunRegistry:
     """One :class:`FreeALRun` per project and label set per process (models are loaded once, not per request).
 
-    All runs share one LLM client (one embedded LLM server per process) and one encoder, loaded when a run
-    first needs it (a job's stage), never while a request holds the registry's lock.
+    All runs share the registry's LLM client (one embedded LLM server per process) and its encoder, loaded when
+    a run first needs it (a job's stage), never while a request holds the registry's lock.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
         self._runs: dict[tuple[int, str, tuple[str, ...]], FreeALRun] = {}
-        self._shared: FreeALRun | None = None
+        self.llm = LLMProvider(settings)
+        self._encoder: Encoder | None = None
+        self._encoder_lock = threading.Lock()
 
     def run_dir(self, project_id: int) -> Path:
         """Where the project's FreeAL state lives."""
         return self.settings.data_dir / f"project-{project_id}"
+
+    def encoder(self) -> Encoder:
+        """The encoder every run shares, loaded on first use."""
+        with self._encoder_lock:
+            if self._encoder is None:
+                self._encoder = Encoder(self.settings.encoder)
+            return self._encoder
 
     def get(self, project_id: int, labels: tuple[str, ...], task_description: str | None = None, *,
             task_type: str = "classification") -> FreeALRun:
@@ -79,16 +94,43 @@ class RunRegistry:
                 key = (project_id, task_type, labels)
                 run = self._runs.get(key)
             if run is None:
-                run_dir = self.run_dir(project_id)
-                shared = self._shared
-                run = run_type(task_type)(self.settings, list(labels), run_dir, task_description,
-                                          llm=shared.llm_provider if shared else None,
-                                          encoder=(lambda: shared.encoder) if shared else None)
-                self._shared = self._shared or run
+                run = run_type(task_type)(self.settings, list(labels), self.run_dir(project_id), task_description,
+                                          llm=self.llm, encoder=self.encoder)
                 self._runs[key] = run
             if task_description:
                 run.task_description = task_description
             return run
+
+    def relabelled(self, project_id: int, task_type: str, labels: Sequence[str]) -> list[str] | None:
+        """The labels of the project's stored run where they are another set than ``labels`` (or another task
+        type): the project's label config changed since its run. None where they are the same, or no run."""
+        with self.stored_state(project_id) as store:
+            if store is None:
+                return None
+            stored, kind = store.get_meta("labels"), store.get_meta("task_type") or "classification"
+        if stored is None or (kind == task_type and same_label_set(stored, labels)):
+            return None
+        return list(stored)
+
+    def start_over(self, project_id: int, task_type: str, labels: Sequence[str]) -> str | None:
+        """Set the project's run aside where its label set is not ``labels`` (the label config changed): its
+        directory is renamed and kept, and the project's next run starts afresh. Only a job of the project may
+        call this (one runs at a time). Returns what happened, in words, or None where nothing changed."""
+        with self._lock:
+            old = self.relabelled(project_id, task_type, labels)
+            if old is None:
+                return None
+            for key in [k for k in self._runs if k[0] == project_id]:
+                self._runs.pop(key).close()
+            src = self.run_dir(project_id)
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            dst = next(d for n in range(1000) if not (d := src.with_name(
+                f"{src.name}.set-aside-{stamp}{f'-{n}' if n else ''}")).exists())
+            src.rename(dst)
+        log.warning("project %s: the label set changed from %s to %s; the earlier run is kept in %s and every "
+                    "task is labelled again", project_id, old, list(labels), dst)
+        return (f"the label set changed from {old} to {list(labels)}: every task was labelled again (the earlier "
+                f"run is kept in <data dir>/{dst.name})")
 
     @contextmanager
     def stored_state(self, project_id: int) -> Iterator[Store | None]:
@@ -117,11 +159,12 @@ class RunRegistry:
                     run.release_lower_states()
 
     def close(self) -> None:
+        """Close every run and stop the embedded LLM server this process started."""
         with self._lock:
             for run in self._runs.values():
                 run.close()
             self._runs.clear()
-            self._shared = None
+            self.llm.close()
 
 
 def same_label_set(a: Sequence[str], b: Sequence[str]) -> bool:

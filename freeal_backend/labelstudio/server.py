@@ -1,7 +1,7 @@
 """The Label Studio ML backend HTTP service (Flask), a thin shell around the FreeAL library.
 
 Label Studio 1.23 calls: ``GET /health``, ``POST /setup`` (3 s timeout: nothing heavy here; it retries a failed
-job, see ``FAILED_JOB_RETRY_AFTER_S``), ``POST /predict``
+job, see ``FAILED_JOB_RETRY_AFTER_S``, and starts one when the project's label set changed), ``POST /predict``
 (100 s timeout: cached results at once, LLM labels for unseen tasks within a budget, the full FreeAL
 job in the background), ``POST /webhook`` (1 s timeout: acknowledge at once), and ``GET /versions``.
 ``POST /train`` is kept for older Label Studio versions. For people: ``GET /`` lists the projects and
@@ -12,7 +12,8 @@ Who may do what: with ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS`` set every route bu
 (only one of the two set refuses to start; neither set starts with a loud warning); ``FREEAL_PROJECTS`` limits
 the backend to some projects (403 for the others); ``/setup`` bounds ``rounds``, the task description and
 ``target_error``;
-``/predict`` cannot change the label set of a project's run; no answer shows a server path.
+``/predict`` cannot change a project's label set (only the config Label Studio sends /setup does); no answer
+shows a server path.
 """
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ def create_app(settings: Settings | None = None, server: ServerSettings | None =
         extra = valid_extra(body.get("extra_params"))
         schema = body.get("schema")
         opts = ProjectOptions.from_extra(extra)
-        parse_task_config(schema if isinstance(schema, str) else "", from_name=opts.from_name)
+        cfg = parse_task_config(schema if isinstance(schema, str) else "", from_name=opts.from_name)
         hostname = body.get("hostname") if isinstance(body.get("hostname"), str) else None
         token = body.get("access_token") if isinstance(body.get("access_token"), str) else None
         backend.store.save_project(pid, label_config=schema, extra_params=extra, ls_url=hostname, ls_key=token)
@@ -135,6 +136,9 @@ def create_app(settings: Settings | None = None, server: ServerSettings | None =
         row = backend.store.status(pid) or {}
         if row.get("state") == "failed" and time.time() - (row.get("finished") or 0.0) >= FAILED_JOB_RETRY_AFTER_S:
             backend.maybe_start_job(pid, "setup after a failed job")
+        elif backend.runs.relabelled(pid, cfg.task_type, cfg.labels) is not None:
+            # every task holds FreeAL's version, so Retrieve Predictions would send none: the job starts over now
+            backend.maybe_start_job(pid, "the label config's label set changed")
         return jsonify(model_version=backend.version(pid))
 
     @app.post("/predict")
