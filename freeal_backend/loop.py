@@ -412,6 +412,7 @@ class FreeALRun:
                            "settings": settings})
         base_hash = _hash({"labels": self.labels, "task": self.task_description,  # all but the human labels
                            "items": [[it.item_id, it.text, it.augmented] for it in items], "settings": settings})
+        setup_hash = _hash({"labels": self.labels, "task": self.task_description, "settings": settings})  # no items
         r0_hash = _hash([self.labels, self.task_description, s.llm_model, self.shots, self.demos_per_label,
                          s.encoder, s.seed, s.max_length])
         if self.store.get_meta("r0_hash") != r0_hash:  # round-0 answers would differ: start afresh
@@ -420,23 +421,30 @@ class FreeALRun:
         self.store.set_meta("llm", {"model": s.llm_model, "endpoint": bool(s.llm_base_url)})  # who answered
         if self.store.get_meta("data_hash") != data_hash:  # per-item round-0 answers stay valid
             before = {it.item_id: it.human_label for it in self.store.items()}
-            keep = ["demos", "zero_shot", "llm_r0"]
+            keep, reopen = ["demos", "zero_shot", "llm_r0"], list[str]()
             rejected: list[str] = []
-            if self.store.get_meta("base_hash") == base_hash:  # only people's labels changed: incremental
-                refinements, rejected = self._kept_refinements()
-                keep += [*refinements, REASK_STAGE]
+            texts_only = self.store.get_meta("setup_hash") == setup_hash  # texts added, edited or removed
+            if self.store.get_meta("base_hash") == base_hash or texts_only:  # incremental
+                if self.store.get_meta("base_hash") == base_hash:  # only people's labels changed
+                    refinements, rejected = self._kept_refinements()
+                    keep += refinements
+                else:  # the refinements keep their answers to the texts kept and ask the others
+                    reopen = [name for name in self.store.answered_stages()
+                              if name.startswith("llm_r") and name[5:].isdigit() and name != "llm_r0"]
+                keep.append(REASK_STAGE)
                 new = [it.item_id for it in items if it.human_label and it.human_label != before.get(it.item_id)]
                 pending = set(self.store.get_meta("reask_pending") or []) | set(new)
                 self.store.set_meta("reask_pending", sorted(pending))
             else:
                 self.store.set_meta("reask_pending", [])
                 self.store.set_meta("reask_targets", [])
-            self.store.replace_items(items)
-            self.store.reset_stages(keep=keep)
+            self.store.replace_items(items)  # forgets the answers to texts edited or removed
+            self.store.reset_stages(keep=keep, reopen=reopen)
             for name in rejected:  # a rejected refinement stays rejected: the rounds it stopped stay skipped
                 self.store.set_meta(name, True)
             self.store.set_meta("data_hash", data_hash)
             self.store.set_meta("base_hash", base_hash)
+            self.store.set_meta("setup_hash", setup_hash)
             self.store.set_meta("rounds_done", 0)
         return items
 
@@ -845,7 +853,7 @@ class FreeALRun:
         answers = self.store.annotations(stage)
         failed = sum(1 for it in todo if answers.get(it.item_id, {}).get("error"))
         if any(answers.get(it.item_id, {}).get("label") is not None and it.item_id not in before for it in todo):
-            self.store.forget_rounds_after(rnd)  # new labels: later rounds must be redone
+            self.store.reopen_rounds_after(rnd)  # new labels: later rounds run again (asking what they have not)
         if failed:
             log.warning("refinement round %d: %d requests failed; re-run to retry them", rnd, failed)
             return

@@ -158,13 +158,15 @@ class Store(Transactional):
             db.execute("DELETE FROM stages WHERE name = ?", (name,))
             db.execute("DELETE FROM annotations WHERE stage = ?", (name,))
 
-    def reset_stages(self, keep: Iterable[str] = ()) -> None:
-        """Forget finished stages (and their SLM/refinement outputs) except those named in ``keep``."""
+    def reset_stages(self, keep: Iterable[str] = (), reopen: Iterable[str] = ()) -> None:
+        """Forget finished stages (and their SLM/refinement outputs) except those named in ``keep``; those in
+        ``reopen`` keep their LLM answers but are to run again (asking only the texts they have none for)."""
         keep = list(keep)
-        marks = ",".join("?" * len(keep)) or "''"
+        answered = keep + list(reopen)
+        marks, answer_marks = (",".join("?" * len(x)) or "''" for x in (keep, answered))
         with self.transaction() as db:
             db.execute(f"DELETE FROM stages WHERE name NOT IN ({marks})", keep)
-            db.execute(f"DELETE FROM annotations WHERE stage NOT IN ({marks})", keep)
+            db.execute(f"DELETE FROM annotations WHERE stage NOT IN ({answer_marks})", answered)
             db.execute("DELETE FROM slm")
             db.execute("DELETE FROM meta WHERE key LIKE 'health_r%' OR key LIKE 'rejected_r%'")
 
@@ -190,6 +192,10 @@ class Store(Transactional):
         """Drop ``stage``'s answers for ``item_ids`` (they are to be asked again)."""
         self._write("DELETE FROM annotations WHERE stage = ? AND item_id = ?", [(stage, k) for k in item_ids])
 
+    def answered_stages(self) -> list[str]:
+        """The stages that hold LLM answers."""
+        return [r[0] for r in self._read("SELECT DISTINCT stage FROM annotations")]
+
     def annotations(self, stage: str) -> dict[str, dict[str, Any]]:
         rows = self._read("SELECT item_id, label, confidence, probs, raw, error FROM annotations WHERE stage = ?",
                           (stage,))
@@ -213,14 +219,15 @@ class Store(Transactional):
             db.execute("INSERT INTO slm SELECT ?, item_id, probs, loss, clean, clean_prob FROM slm WHERE round = ?",
                        (dst, src))
 
-    def forget_rounds_after(self, rnd: int) -> None:
-        """Forget the SLM and refinement rounds after ``rnd`` (their inputs changed), and the results."""
+    def reopen_rounds_after(self, rnd: int) -> None:
+        """Reopen the SLM and refinement rounds after ``rnd`` (their inputs changed): their marks, SLM outputs,
+        health and rejections go, and the results; their LLM answers stay, each one the LLM's answer to its
+        text, so a reopened round asks only the texts it has no answer for."""
         with self.transaction() as db:
             later = [name for (name,) in db.execute("SELECT name FROM stages") if name[:5] in ("slm_r", "llm_r")
                      and name[5:].isdigit() and int(name[5:]) > rnd]
             later.append("final")
             db.executemany("DELETE FROM stages WHERE name = ?", [(n,) for n in later])
-            db.executemany("DELETE FROM annotations WHERE stage = ?", [(n,) for n in later if n.startswith("llm_r")])
             db.execute("DELETE FROM slm WHERE round > ?", (rnd,))
             db.execute("DELETE FROM meta WHERE key LIKE 'health_r%' AND CAST(substr(key, 9) AS INTEGER) > ?", (rnd,))
             db.execute("DELETE FROM meta WHERE key LIKE 'slm_evidence_r%' AND CAST(substr(key, 15) AS INTEGER) > ?",

@@ -398,3 +398,35 @@ def test_a_span_pool_of_one_group_skips_the_refinement(tmp_path, encoder, monkey
     assert stages["llm_r1"] == {"skipped": "one_group", "reannotated": 0} and stages["llm_r2"].get("skipped")
     assert stages["slm_r3"] == {"reused_round": 2}
     assert len(notes) == 1 and "only sentences without an entity" in notes[0] and notes[0] in printed
+
+
+def test_tasks_added_to_a_project_ask_about_the_new_texts_not_the_whole_project(tmp_path, encoder):
+    """Tasks imported into a labelled project (or edited, or deleted) changed the run's data, and every round
+    after round 0 started afresh: each refinement asked about every text outside its pool again, so 6 new
+    tasks re-paid the whole project. The refinements keep their answers to the texts that stayed and ask
+    only the others; a text edited since is asked again; a second run with nothing new asks nothing."""
+    every = rows_to_items(shared_rows("sst2", n=86, stride=53))
+    items, added = every[:80], every[80:]
+    with FakeOpenAI() as fake:
+        with make_run(tmp_path, fake, encoder) as run:
+            run.run(items, rounds=2)
+            before = {r: run.store.annotations(f"llm_r{r}") for r in (1, 2)}
+        asked_first = fake.answered()
+        edited = dataclasses.replace(items[0], text=items[0].text + " Not really.")
+        now = [edited, *items[1:], *added]
+        with make_run(tmp_path, fake, encoder) as run:
+            results = run.run(now, rounds=2)
+            after = {r: run.store.annotations(f"llm_r{r}") for r in (1, 2)}
+            r0 = run.store.annotations("llm_r0")
+        asked_again = fake.answered() - asked_first
+        with FakeOpenAI() as fake2, make_run(tmp_path, fake2, encoder) as run:
+            run.run(now, rounds=2)
+            assert fake2.answered() == 0
+    assert asked_first > 2 * len(items)  # round 0 and two refinements
+    for r in (1, 2):  # the answers to the texts that stayed are the same answers
+        assert {k: v for k, v in after[r].items() if k in before[r] and k != edited.item_id} == \
+            {k: v for k, v in before[r].items() if k != edited.item_id}
+    assert {it.item_id for it in [edited, *added]} <= set(r0)  # the new and the edited texts got round 0
+    assert all(r.label in LABELS for r in results) and len(results) == len(now)
+    # round 0 of 7 texts, and each refinement: those 7 and the texts its pool let go (at most its old pool)
+    assert 0 < asked_again < asked_first / 3, (asked_again, asked_first)
