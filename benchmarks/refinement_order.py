@@ -63,7 +63,7 @@ def _fresh_copy(run_dir: Path, dest: Path) -> None:
     shutil.copytree(run_dir, dest)
     _take_answers(run_dir.parent.parent / "llm_cache.sqlite", dest.parent.parent / "llm_cache.sqlite")
     store = Store(dest / "state.sqlite")
-    store.forget_rounds_after(1)  # the last small model, the results
+    store.reopen_rounds_after(1)  # the last small model, the results (a 1-round run: no later answers)
     store.forget_stage("llm_r1")  # the refinement itself; round 0 and the small model of round 1 stay
     store.close()
 

@@ -39,6 +39,7 @@ ENV_NAMES = {  # Settings field -> the environment variable that sets it
     "clean_threshold": "FREEAL_CLEAN_THRESHOLD",
     "select_ratio": "FREEAL_SELECT_RATIO", "seed": "FREEAL_SEED", "task_description": "FREEAL_TASK",
     "queue_url": "FREEAL_QUEUE", "queue_lock_ttl": "FREEAL_QUEUE_LOCK_TTL", "max_jobs": "FREEAL_MAX_JOBS",
+    "max_llm_calls": "FREEAL_MAX_LLM_CALLS",
     "push_every_round_max_tasks": "FREEAL_PUSH_EVERY_ROUND_MAX", "keep_old_versions": "FREEAL_KEEP_OLD_VERSIONS",
     "target_error": "FREEAL_TARGET_ERROR", "target_confidence": "FREEAL_TARGET_CONFIDENCE",
     "audit_size": "FREEAL_AUDIT", "llm_calibrated": "FREEAL_LLM_CALIBRATED", "second_judge": "FREEAL_SECOND_JUDGE",
@@ -99,6 +100,8 @@ class Settings:
     queue_lock_ttl: float = 60.0  # FREEAL_QUEUE_LOCK_TTL: a killed worker's job is resumed this long after
     max_jobs: int = 1  # FREEAL_MAX_JOBS: project jobs one backend process runs at a time without FREEAL_QUEUE (the
     #   rest wait their turn, queued); with FREEAL_QUEUE the number of workers bounds them
+    max_llm_calls: int | None = None  # FREEAL_MAX_LLM_CALLS, e.g. 5000: LLM requests one job (or one `freeal run`)
+    #   may send; answers from the cache are free; what it could not ask stays for the next job; empty = no limit
     push_every_round_max_tasks: int = 10000  # FREEAL_PUSH_EVERY_ROUND_MAX: projects with at most this many tasks
     #   get each round's predictions in Label Studio as the round ends; bigger ones only the final round's, as
     #   Label Studio deletes a replaced version one prediction at a time (~30-40/s: ~1 h per 100k)
@@ -123,6 +126,9 @@ class Settings:
         if self.target_confidence is not None and unit_share(self.target_confidence) is None:
             raise ValueError(f"FREEAL_TARGET_CONFIDENCE must lie strictly between 0 and 1 (e.g. 0.9: the review "
                              f"set meets the target error with 90 % confidence), got {self.target_confidence!r}")
+        if self.max_llm_calls is not None and self.max_llm_calls < 1:
+            raise ValueError(f"FREEAL_MAX_LLM_CALLS is a number of LLM requests per job (at least 1; empty = no "
+                             f"limit), got {self.max_llm_calls!r}")
         if self.audit_size < 0:
             raise ValueError(f"FREEAL_AUDIT is a number of tasks (0 = no audit), got {self.audit_size!r}")
 

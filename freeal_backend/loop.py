@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from freeal_backend.slm.detection import Judgement, SelfAgreement, SpanVerdict, 
 from freeal_backend.slm.second_judge import probe_oof, ranked_at_level
 from freeal_backend.llm.embedded import confidence_calibrated
 from freeal_backend.slm.encoder import Encoder, LowerStates, encoder_path
-from freeal_backend.llm.client import LazyRequests, LLMAnswer, LLMClient, Parse, label_parser
+from freeal_backend.llm.client import NOT_SENT, CallAllowance, LazyRequests, LLMAnswer, LLMClient, Parse, label_parser
 from freeal_backend.llm.prompts import Message, label_messages
 from freeal_backend.llm.provider import LLMProvider
 from freeal_backend.records import Item, ItemResult
@@ -112,6 +112,7 @@ class FreeALRun:
         self._demo_emb: tuple[str, np.ndarray] | None = None
         self.timings: dict[str, float] = {}
         self.burst: dict[str, int] | None = None  # this run's re-asks for new human labels (``_stage_reask``)
+        self.allowance: CallAllowance | None = None  # FREEAL_MAX_LLM_CALLS, counted from start_call_budget()
         self.audit_size = settings.audit_size  # FREEAL_AUDIT (a Label Studio project may set its own)
         self.target_error = settings.target_error  # FREEAL_TARGET_ERROR (likewise)
         self.audit_ids: set[str] = set()  # the random audit tasks (slm/audit.py)
@@ -132,6 +133,12 @@ class FreeALRun:
     def llm_started(self) -> LLMClient | None:
         """The LLM client if it exists (reading it starts no server)."""
         return self.llm_provider.started
+
+    def start_call_budget(self) -> None:
+        """Count LLM requests against ``FREEAL_MAX_LLM_CALLS`` from now (a job's start, a command's): once spent,
+        the requests left are stored unanswered, as failed ones are, and the next job asks them."""
+        limit = self.settings.max_llm_calls
+        self.allowance = CallAllowance(limit) if limit else None
 
     @property
     def shots(self) -> int:
@@ -328,7 +335,7 @@ class FreeALRun:
         """Annotate ``todo`` for ``stage``, item i with the demonstrations ``demos_for(i)``."""
         annotate_items(self.llm, self.store, stage, todo, lambda i: self._messages(todo[i], demos_for(i)),
                        lambda i: self._parser(todo[i]), on_progress=progress, check_unparsed=check_unparsed,
-                       max_tokens=self.answer_tokens, expected=self.unparsed_means)
+                       max_tokens=self.answer_tokens, expected=self.unparsed_means, allowance=self.allowance)
 
     def _write_demos(self, texts: Sequence[str]) -> tuple[list[tuple[str, str]], dict[str, int]]:
         """Round 0: the LLM's own ``(text, label)`` demonstrations, and how many per label (and how many it
@@ -338,10 +345,11 @@ class FreeALRun:
         class ("careless and unfocused" as a positive review), and a wrong demonstration misleads every
         prompt it appears in. A label whose every text was dropped keeps them (no label goes without)."""
         demos = generate_demos(self.llm, self.labels, texts, self.demos_per_label,
-                               task_description=self.task_description, seed=self.settings.seed)
+                               task_description=self.task_description, seed=self.settings.seed,
+                               allowance=self.allowance)
         pairs = [(text, label) for label, written in demos.items() for text in written]
         answers = self.llm.label_many([label_messages(t, self.labels, (), self.task_description) for t, _ in pairs],
-                                      self.labels, check_unparsed=False)
+                                      self.labels, check_unparsed=False, allowance=self.allowance)
         agreed = [a is None or a.label is None or a.label == label for (_, label), a in zip(pairs, answers)]
         confirmed = {label for (_, label), ok in zip(pairs, agreed) if ok}  # labels that keep some text
         kept = [pair for pair, ok in zip(pairs, agreed) if ok or pair[1] not in confirmed]
@@ -982,6 +990,30 @@ def set_aside_note(rnd: int, evidence: dict[str, float]) -> str:
     return (f"refinement round {rnd} was set aside: the LLM was less sure of the {int(evidence['changed'])} answers "
             f"it changed (mean confidence {evidence['confidence_after']:.2f}, against "
             f"{evidence['confidence_before']:.2f} for the answers they would replace), so the labels before it stay")
+
+
+def unfinished_work(store: Store, items: Sequence[Item], rounds: int) -> list[str]:
+    """What the run left undone because LLM requests failed or were held back by ``FREEAL_MAX_LLM_CALLS`` (a
+    later run asks them), with counts; [] when nothing is left."""
+    parts = []
+    round0 = store.annotations("llm_r0")
+    no_label = [it.item_id for it in items if not it.human_label
+                and (it.item_id not in round0 or round0[it.item_id]["error"])]
+    if no_label:
+        parts.append(f"{len(no_label)} texts without an LLM label ({_why_unanswered(round0, no_label)})")
+    for rnd in range(1, rounds + 1):
+        if not store.stage_done(f"llm_r{rnd}"):
+            answers = store.annotations(f"llm_r{rnd}")
+            parts.append(f"refinement round {rnd} unfinished ({_why_unanswered(answers, answers)})")
+    return parts
+
+
+def _why_unanswered(answers: dict[str, dict[str, Any]], ids: Iterable[str]) -> str:
+    """"N requests failed", "M not sent: ..." or both, for the stored answers of ``ids``."""
+    errors = [str(answers[k]["error"]) for k in ids if k in answers and answers[k]["error"]]
+    held = sum(e.startswith(NOT_SENT) for e in errors)
+    failed = [f"{len(errors) - held} requests failed"] if len(errors) > held or not errors else []
+    return ", ".join(failed + ([f"{held} not sent: FREEAL_MAX_LLM_CALLS were spent"] if held else []))
 
 
 def set_aside_notes(store: Store) -> list[str]:

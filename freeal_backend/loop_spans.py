@@ -116,7 +116,8 @@ class SpanRun(FreeALRun):
 
     def _write_demos(self, texts: Sequence[str]) -> tuple[list[tuple[str, str]], dict[str, int]]:
         written = generate_span_demos(self.llm, self.labels, texts, self.demos_per_label * len(self.labels),
-                                      task_description=self.task_description, seed=self.settings.seed)
+                                      task_description=self.task_description, seed=self.settings.seed,
+                                      allowance=self.allowance)
         per_type = Counter(s.label for _, spans in written for s in spans)
         if written and not per_type:  # they would teach the LLM to answer "no entity" to every sentence
             log.warning("the LLM wrote %d demonstrations without a single entity: round 0 asks without them",

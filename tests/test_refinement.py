@@ -430,3 +430,31 @@ def test_tasks_added_to_a_project_ask_about_the_new_texts_not_the_whole_project(
     assert all(r.label in LABELS for r in results) and len(results) == len(now)
     # round 0 of 7 texts, and each refinement: those 7 and the texts its pool let go (at most its old pool)
     assert 0 < asked_again < asked_first / 3, (asked_again, asked_first)
+
+
+def test_a_call_limit_caps_what_a_run_sends_and_the_next_run_goes_on(tmp_path, encoder):
+    """FREEAL_MAX_LLM_CALLS: a run sends at most that many requests (answers from the cache are free); the
+    requests it holds back are stored unanswered, said so, and the next run (a fresh allowance) asks them."""
+    from freeal_backend.llm.client import NOT_SENT
+    from freeal_backend.loop import unfinished_work
+
+    items = rows_to_items(shared_rows("sst2", n=40, stride=61))
+    with FakeOpenAI() as fake:
+        with make_run(tmp_path, fake, encoder, max_llm_calls=30) as run:
+            run.start_call_budget()
+            first = run.run(items, rounds=1)
+            held = [k for k, a in run.store.annotations("llm_r0").items() if a["error"]]
+            errors = {a["error"] for st in ("llm_r0", "llm_r1") for a in run.store.annotations(st).values()
+                      if a["error"]}
+            undone = unfinished_work(run.store, items, 1)
+        sent_first = len(fake.records())
+        with make_run(tmp_path, fake, encoder, max_llm_calls=1000) as run:
+            run.start_call_budget()
+            second = run.run(items, rounds=1)
+            left = unfinished_work(run.store, items, 1)
+            r0 = run.store.annotations("llm_r0")
+    assert sent_first == 30  # exactly the allowance: the run needed more
+    assert held and all(e.startswith(NOT_SENT) for e in errors)
+    assert undone[0] == f"{len(held)} texts without an LLM label ({len(held)} not sent: FREEAL_MAX_LLM_CALLS were spent)"
+    assert len(first) == len(second) == len(items)
+    assert not left and all(not a["error"] for a in r0.values()) and set(held) <= set(r0)

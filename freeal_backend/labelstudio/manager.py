@@ -38,8 +38,8 @@ from freeal_backend.labelstudio.push import (PushJournal, flagged_ids, predictio
                                              version_for)
 from freeal_backend.labelstudio.review_tab import ReviewTab, health_note
 from freeal_backend.labelstudio.runs import (ProjectOptions, RunRegistry, build_items, burst_note, judge_summary,
-                                            judged_labels, unfinished_work, with_people_labels)
-from freeal_backend.loop import set_aside_notes
+                                            judged_labels, with_people_labels)
+from freeal_backend.loop import set_aside_notes, unfinished_work
 from freeal_backend.records import ItemResult
 from freeal_backend.status import RoundLLMStats, save_round_flagged
 
@@ -328,6 +328,7 @@ class JobManager:
             raise ValueError(f"no task has text in data[{cfg.data_key!r}] (the label config's <Text value>)")
         relabelled = self.runs.start_over(project_id, cfg.task_type, cfg.labels)  # the label config changed
         run = self.runs.get(project_id, cfg.labels, opts.task_description, task_type=cfg.task_type)
+        run.start_call_budget()  # FREEAL_MAX_LLM_CALLS counts this job's requests
         chosen = opts.over(self.settings)
         run.audit_size, run.target_error = chosen.audit, chosen.target_error
         self.runs.keep_lower_states_of(project_id)
@@ -365,7 +366,10 @@ class JobManager:
         health = run.health()
         tab.show(force=True, final=True, note=health_note(health))
         skipped = f"; {len(no_text)} tasks without text skipped: {no_text[:20]}" if no_text else ""
-        undone = "; ".join(x for x in (burst_note(run.burst), unfinished_work(run.store, items, rounds),
+        unfinished = unfinished_work(run.store, items, rounds)
+        retried = "; ".join(unfinished) + ("; the next job (Start Training in the model settings, or an annotation) "
+                                           "retries them" if unfinished else "")
+        undone = "; ".join(x for x in (burst_note(run.burst), retried,
                                         *set_aside_notes(run.store)) if x)
         verdict = f"; label health: {health['message']}" if health else ""
         judged = "" if llm_labels is None else judge_summary(str(opts.judge_version), records, llm_labels)

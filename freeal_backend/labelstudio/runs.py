@@ -214,23 +214,6 @@ def judge_summary(version: str, records: list[TaskRecord], llm_labels: Mapping[s
             f"{missing} without one{bad} (counted as unanswered); ")
 
 
-def unfinished_work(store: Store, items: list[Item], rounds: int) -> str | None:
-    """What the run left undone because LLM requests failed (the next job retries them), with counts;
-    None when nothing is left."""
-    parts = []
-    round0 = store.annotations("llm_r0")
-    no_label = sum(1 for it in items if not it.human_label
-                   and (it.item_id not in round0 or round0[it.item_id]["error"]))
-    if no_label:
-        parts.append(f"{no_label} texts without an LLM label (requests failed)")
-    for rnd in range(1, rounds + 1):
-        if not store.stage_done(f"llm_r{rnd}"):
-            failed = sum(1 for ann in store.annotations(f"llm_r{rnd}").values() if ann["error"])
-            parts.append(f"refinement round {rnd} unfinished ({failed} requests failed)")
-    return ("; ".join(parts) + "; the next job (Start Training in the model settings, or an annotation) retries them"
-            if parts else None)
-
-
 def burst_note(burst: dict[str, int] | None) -> str | None:
     """The job message's account of a burst of human labels (``FreeALRun.burst``): LLM calls and their bound."""
     if not burst:

@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import openai
 
-from freeal_backend.llm.client import (LazyRequests, LLMAnswer, LLMClient, LLMUnavailable, MalformedResponse,
-                                       Parse)
+from freeal_backend.llm.client import (CallAllowance, LazyRequests, LLMAnswer, LLMClient, LLMUnavailable,
+                                       MalformedResponse, Parse)
 from freeal_backend.llm.prompts import Message, demo_generation_messages, parse_generated_texts
 from freeal_backend.records import Item
 from freeal_backend.spans import Span, parse_generated_span_demos, span_demo_generation_messages
@@ -21,7 +21,7 @@ Progress = Callable[[str, int, int], None]
 
 def generate_demos(client: LLMClient, labels: Sequence[str], texts: Sequence[str], per_label: int, *,
                    task_description: str | None = None, seed: int = 0, style_examples: int = 4,
-                   attempts: int = 4) -> dict[str, list[str]]:
+                   attempts: int = 4, allowance: CallAllowance | None = None) -> dict[str, list[str]]:
     """Round 0: the LLM writes ``per_label`` example texts per label, imitating sampled unlabeled texts."""
     rng = np.random.default_rng(seed)
     demos: dict[str, list[str]] = {}
@@ -34,7 +34,7 @@ def generate_demos(client: LLMClient, labels: Sequence[str], texts: Sequence[str
             messages = demo_generation_messages(label, labels, sample, per_label - len(found), task_description)
             try:
                 answer = client.chat(messages, temperature=0.8, max_tokens=40 * (per_label - len(found)),
-                                     seed=seed + attempt)
+                                     seed=seed + attempt, allowance=allowance)
             except (openai.APIError, MalformedResponse) as exc:  # retries are spent: stop with a clear status
                 raise LLMUnavailable(f"the LLM endpoint failed while writing demonstrations ({type(exc).__name__}: "
                                      f"{exc}); finished answers are saved, re-run to resume") from exc
@@ -50,8 +50,8 @@ def generate_demos(client: LLMClient, labels: Sequence[str], texts: Sequence[str
 
 def generate_span_demos(client: LLMClient, types: Sequence[str], texts: Sequence[str], count: int, *,
                         task_description: str | None = None, seed: int = 0, style_examples: int = 4,
-                        attempts: int | None = None, per_request: int = 4, tokens_per_text: int = 96
-                        ) -> list[tuple[str, list[Span]]]:
+                        attempts: int | None = None, per_request: int = 4, tokens_per_text: int = 96,
+                        allowance: CallAllowance | None = None) -> list[tuple[str, list[Span]]]:
     """Round 0 for spans: the LLM writes ``count`` texts in the style of sampled unlabeled texts, with
     their entities located in them (a text whose entities cannot all be located is dropped); at most
     ``per_request`` texts per request, ``attempts`` requests (default: twice the requests needed)."""
@@ -64,7 +64,8 @@ def generate_span_demos(client: LLMClient, types: Sequence[str], texts: Sequence
         ask = min(per_request, count - len(found))
         messages = span_demo_generation_messages(types, sample, ask, task_description)
         try:
-            answer = client.chat(messages, temperature=0.8, max_tokens=tokens_per_text * ask, seed=seed + attempt)
+            answer = client.chat(messages, temperature=0.8, max_tokens=tokens_per_text * ask, seed=seed + attempt,
+                                 allowance=allowance)
         except (openai.APIError, MalformedResponse) as exc:
             raise LLMUnavailable(f"the LLM endpoint failed while writing demonstrations ({type(exc).__name__}: "
                                  f"{exc}); finished answers are saved, re-run to resume") from exc
@@ -81,7 +82,7 @@ def generate_span_demos(client: LLMClient, types: Sequence[str], texts: Sequence
 def annotate_items(client: LLMClient, store: Store, stage: str, items: Sequence[Item],
                    build: Callable[[int], list[Message]], parser: Callable[[int], Parse], *,
                    on_progress: Progress | None = None, check_unparsed: bool = True, max_tokens: int | None = None,
-                   expected: str = "give no usable answer") -> None:
+                   expected: str = "give no usable answer", allowance: CallAllowance | None = None) -> None:
     """Annotate ``items`` (``build(i)`` gives item i's messages, ``parser(i)`` reads its answer), storing
     each answer as it lands.
 
@@ -105,4 +106,5 @@ def annotate_items(client: LLMClient, store: Store, stage: str, items: Sequence[
             on_progress(stage, finished, total)
 
     client.answer_many(LazyRequests(len(todo), lambda j: (build(todo[j]), parser(todo[j]))), on_answer=landed,
-                       check_unparsed=check_unparsed, max_tokens=max_tokens, expected=expected, collect=False)
+                       check_unparsed=check_unparsed, max_tokens=max_tokens, expected=expected, collect=False,
+                       allowance=allowance)

@@ -26,6 +26,29 @@ class LLMUnavailable(RuntimeError):
     """The endpoint kept failing after retries; the run stops here and can be resumed."""
 
 
+NOT_SENT = "not sent:"  # how the error of a request held back by a spent allowance begins
+
+
+class CallLimitReached(LLMUnavailable):
+    """The job's LLM call allowance (``FREEAL_MAX_LLM_CALLS``) is spent: the request was not sent."""
+
+
+class CallAllowance:
+    """At most ``limit`` LLM requests sent, for the requests of one job (answers from the cache are free)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.sent = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> None:
+        """Count one request about to be sent; :class:`CallLimitReached` when none is left."""
+        with self._lock:
+            if self.sent >= self.limit:
+                raise CallLimitReached(f"{NOT_SENT} this job's {self.limit} LLM calls (FREEAL_MAX_LLM_CALLS) are spent")
+            self.sent += 1
+
+
 class DeadlinePassed(RuntimeError):
     """The caller's deadline passed before this request could be sent."""
 
@@ -177,12 +200,13 @@ class LLMClient:
                                      max_retries=max_retries)
 
     def chat(self, messages: list[Message], *, logprobs: bool = False, deadline: float | None = None,
-             **params: Any) -> dict[str, Any]:
+             allowance: CallAllowance | None = None, **params: Any) -> dict[str, Any]:
         """One chat completion (cached): ``{"content", "top_logprobs", "tokens", "usage"}`` (``tokens``: every
         answer token with its logprob; ``top_logprobs``: the alternatives at the first positions).
 
         With a ``deadline`` (a ``time.monotonic()`` value) the request gets only the time left, without
-        retries, and raises :class:`DeadlinePassed` when none is left.
+        retries, and raises :class:`DeadlinePassed` when none is left. With an ``allowance`` a request not
+        answered from the cache takes one of its calls (:class:`CallLimitReached` when none is left).
         """
         request: dict[str, Any] = dict(params)
         if logprobs:
@@ -192,6 +216,8 @@ class LLMClient:
         if cached is not None:
             self.stats.add(cache_hits=1)
             return cached
+        if allowance is not None:
+            allowance.take()
         client = self._client
         if deadline is not None:
             remaining = deadline - time.monotonic()
@@ -222,18 +248,18 @@ class LLMClient:
         return value
 
     def answer(self, messages: list[Message], parse: Parse, *, deadline: float | None = None,
-               max_tokens: int | None = None) -> LLMAnswer:
+               max_tokens: int | None = None, allowance: CallAllowance | None = None) -> LLMAnswer:
         """Ask once and ``parse`` the completion (see :meth:`chat`); an answer whose ``label`` is None
         counts as unparsed."""
         params = dict(self.label_params) if max_tokens is None else {**self.label_params, "max_tokens": max_tokens}
         asked = self.logprobs
         try:
-            value = self.chat(messages, logprobs=asked, deadline=deadline, **params)
+            value = self.chat(messages, logprobs=asked, deadline=deadline, allowance=allowance, **params)
         except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
             if not (asked and "logprob" in str(exc).lower()):
                 raise
             self._without_logprobs(exc)
-            value = self.chat(messages, logprobs=False, deadline=deadline, **params)
+            value = self.chat(messages, logprobs=False, deadline=deadline, allowance=allowance, **params)
         answer = parse(value)
         if answer.label is None:
             self.stats.add(unparsed=1)
@@ -259,16 +285,19 @@ class LLMClient:
 
     def label_many(self, requests: Sequence[list[Message]], labels: Sequence[str], *,
                    on_answer: Callable[[int, LLMAnswer], None] | None = None,
-                   deadline: float | None = None, check_unparsed: bool = True) -> list[LLMAnswer | None]:
+                   deadline: float | None = None, check_unparsed: bool = True,
+                   allowance: CallAllowance | None = None) -> list[LLMAnswer | None]:
         """Label many prompts (see :meth:`answer_many`)."""
         parse = label_parser(labels)
         return self.answer_many([(m, parse) for m in requests], on_answer=on_answer, deadline=deadline,
-                                check_unparsed=check_unparsed, expected=f"name no label {list(labels)}")
+                                check_unparsed=check_unparsed, expected=f"name no label {list(labels)}",
+                                allowance=allowance)
 
     def answer_many(self, requests: Sequence[tuple[list[Message], Parse]], *,
                     on_answer: Callable[[int, LLMAnswer], None] | None = None,
                     deadline: float | None = None, check_unparsed: bool = True, max_tokens: int | None = None,
-                    expected: str = "give no usable answer", collect: bool = True) -> list[LLMAnswer | None]:
+                    expected: str = "give no usable answer", collect: bool = True,
+                    allowance: CallAllowance | None = None) -> list[LLMAnswer | None]:
         """Ask many ``(messages, parse)`` requests with bounded concurrency; ``on_answer(i, answer)`` runs as
         each one lands.
 
@@ -279,7 +308,8 @@ class LLMClient:
         With a ``deadline`` (``time.monotonic()`` value; for callers that must answer in time, like
         ``/predict``) every request is cut at it, without retries; prompts not answered by then stay None.
 
-        A request that still fails after the client's retries yields an answer with ``error`` set.
+        A request that still fails after the client's retries yields an answer with ``error`` set, as does one
+        not sent because the ``allowance`` is spent (see :meth:`chat`; not counted as a failure).
         Raises :class:`LLMUnavailable` after ``max_consecutive_failures`` such failures in a row, after
         ``max_same_rejections`` identical 4xx answers in a row (the endpoint refuses the request shape, e.g.
         ``logprobs``), or once more than ``max_unparsed_share`` of at least ``min_answers_judged`` answers
@@ -300,7 +330,7 @@ class LLMClient:
                     while submitted < len(requests) and len(pending) < window:
                         msgs, parse = requests[submitted]
                         pending[pool.submit(self.answer, msgs, parse, deadline=deadline,
-                                            max_tokens=max_tokens)] = submitted
+                                            max_tokens=max_tokens, allowance=allowance)] = submitted
                         submitted += 1
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for future in done:
@@ -310,6 +340,8 @@ class LLMClient:
                             consecutive = 0
                         except DeadlinePassed:
                             continue
+                        except CallLimitReached as exc:
+                            answer = LLMAnswer(None, None, {}, None, error=str(exc))
                         except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:  # prompt refused
                             self.stats.add(failures=1)
                             answer = LLMAnswer(None, None, {}, None, error=f"{type(exc).__name__}: {exc}")
