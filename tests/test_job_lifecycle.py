@@ -33,6 +33,7 @@ from freeal_backend.labelstudio.push import push_results
 from freeal_backend.labelstudio.runs import RunRegistry
 from freeal_backend.storage import Store
 from tests.fake_openai import MODEL, FakeOpenAI
+from tests.fixtures_llm import shared_rows
 from tests.fixtures_ls import LabelStudioServer, free_port
 from tests.test_queue import SENTIMENT, make_project, predictions_by_task, results_for
 
@@ -367,3 +368,31 @@ def test_jobs_of_several_projects_take_turns(label_studio: LabelStudioServer, tm
     if max_jobs == 1:
         assert peak[0] == 1
         assert any("waiting for another project's job" in s and "FREEAL_MAX_JOBS=1" in s for s in stages), stages
+
+
+def test_tasks_imported_into_a_labelled_project_do_not_re_pay_it(label_studio: LabelStudioServer,
+                                                                 tmp_path: Path) -> None:
+    """A job after tasks were imported runs its rounds one by one (round 0, then each refinement): the tasks
+    that stayed keep their refinement answers, so the LLM is asked about the new tasks (and the texts the
+    retrained pool lets go), not about the whole project again."""
+    from label_studio_sdk import LabelStudio
+
+    pid, task_ids, texts = make_project(label_studio, 40, "imported-tasks")
+    with FakeOpenAI() as fake:
+        settings = Settings(slm_min_steps=0, data_dir=tmp_path / "data", llm_base_url=fake.base_url, llm_model=MODEL,
+                            rounds=2, shots=2, demos_per_label=3, slm_epochs=1, llm_concurrency=2)
+        store = JobStore(tmp_path / "backend.sqlite")
+        store.save_project(pid, label_config=SENTIMENT, extra_params=None, ls_url=label_studio.url,
+                           ls_key=label_studio.token)
+        manager = JobManager(settings, store, RunRegistry(settings))
+        run_job(manager, store, pid)
+        first = fake.answered()
+        new = [r["text"] for r in shared_rows("sst2", n=44)[40:]]
+        LabelStudio(base_url=label_studio.url, api_key=label_studio.token).projects.import_tasks(
+            id=pid, request=[{"text": t} for t in new])
+        second = run_job(manager, store, pid)
+        again = fake.answered() - first
+        manager.runs.close()
+    assert second["tasks"] == 44 and first > 2 * 40
+    assert 0 < again <= 3 * len(new) + 2 * 40 // 5, (again, first)  # the new texts thrice, at most the old pools
+    assert len(predictions_by_task(label_studio, pid)) == 44
