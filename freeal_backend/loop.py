@@ -134,10 +134,11 @@ class FreeALRun:
         """The LLM client if it exists (reading it starts no server)."""
         return self.llm_provider.started
 
-    def start_call_budget(self) -> None:
-        """Count LLM requests against ``FREEAL_MAX_LLM_CALLS`` from now (a job's start, a command's): once spent,
-        the requests left are stored unanswered, as failed ones are, and the next job asks them."""
-        limit = self.settings.max_llm_calls
+    def start_call_budget(self, limit: int | None = None) -> None:
+        """Count LLM requests against ``limit`` (default ``FREEAL_MAX_LLM_CALLS``) from now (a job's start, a
+        command's): once spent, the requests left are stored unanswered, as failed ones are, and the next job
+        asks them."""
+        limit = limit or self.settings.max_llm_calls
         self.allowance = CallAllowance(limit) if limit else None
 
     @property

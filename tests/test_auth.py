@@ -32,6 +32,7 @@ from freeal_backend.labelstudio.backend import ServerSettings
 from freeal_backend.labelstudio.bind import ALLOW_NO_AUTH, serve_host
 from freeal_backend.labelstudio.label_config import parse_task_config
 from freeal_backend.labelstudio.request_checks import MAX_ROUNDS, MAX_TASK_DESCRIPTION
+from freeal_backend.labelstudio.runs import ProjectOptions
 from freeal_backend.labelstudio.server import create_app
 from freeal_backend.llm.embedded import stop_process
 from freeal_backend.records import Item, ItemResult
@@ -298,7 +299,7 @@ def test_projects_outside_freeal_projects_get_403_everywhere(tmp_path: Path, fak
 
 # --- /setup bounds ---------------------------------------------------------------------------------------------
 
-def test_setup_bounds_rounds_the_task_description_and_the_target_error(tmp_path: Path, fake_llm: FakeOpenAI) -> None:
+def test_setup_bounds_rounds_the_task_description_the_target_error_and_the_call_cap(tmp_path: Path, fake_llm: FakeOpenAI) -> None:
     app = make_app(tmp_path, fake_llm)
     with serve(app) as client:
         def setup(extra: Any) -> httpx.Response:
@@ -317,9 +318,18 @@ def test_setup_bounds_rounds_the_task_description_and_the_target_error(tmp_path:
             resp = setup({"target_error": target})
             assert resp.status_code == 400 and "strictly between 0 and 1" in resp.json()["error"], target
         assert setup({"target_error": "0.05"}).status_code == 200 and setup({"target_error": 0.1}).status_code == 200
+        for cap in (0, -5, "x", "", True, 2.5, [100], "1e3"):
+            resp = setup({"max_llm_calls": cap})
+            assert resp.status_code == 400 and "max_llm_calls" in resp.json()["error"], cap
+        assert setup({"max_llm_calls": "300"}).status_code == 200 and setup({"max_llm_calls": 1}).status_code == 200
         assert setup({"task_description": "y" * MAX_TASK_DESCRIPTION}).status_code == 200
         saved = app.extensions["freeal"].store.project(5)
     assert saved is not None and saved["extra_params"]["task_description"] == "y" * MAX_TASK_DESCRIPTION
+    # a project's cap outranks FREEAL_MAX_LLM_CALLS, which holds where the project sets none
+    capped = Settings(max_llm_calls=50)
+    assert ProjectOptions.from_extra({"max_llm_calls": "300"}).over(capped).max_llm_calls == 300
+    assert ProjectOptions.from_extra({}).over(capped).max_llm_calls == 50
+    assert ProjectOptions.from_extra({}).over(Settings()).max_llm_calls is None
 
 
 # --- /predict and the run's label set -------------------------------------------------------------------------

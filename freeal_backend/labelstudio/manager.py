@@ -328,8 +328,8 @@ class JobManager:
             raise ValueError(f"no task has text in data[{cfg.data_key!r}] (the label config's <Text value>)")
         relabelled = self.runs.start_over(project_id, cfg.task_type, cfg.labels)  # the label config changed
         run = self.runs.get(project_id, cfg.labels, opts.task_description, task_type=cfg.task_type)
-        run.start_call_budget()  # FREEAL_MAX_LLM_CALLS counts this job's requests
         chosen = opts.over(self.settings)
+        run.start_call_budget(chosen.max_llm_calls)  # counts this job's requests
         run.audit_size, run.target_error = chosen.audit, chosen.target_error
         self.runs.keep_lower_states_of(project_id)
         llm_labels = judged_labels(records, items) if opts.judge_version else None

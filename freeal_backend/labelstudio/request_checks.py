@@ -34,8 +34,8 @@ def no_text_note(cfg: TaskConfig) -> str:
 
 
 def valid_extra(value: Any) -> dict[str, Any]:
-    """/setup's extra_params, with ``rounds``, ``task_description`` and ``target_error`` in bounds (else
-    :class:`BadRequest`)."""
+    """/setup's extra_params, with ``rounds``, ``task_description``, ``target_error`` and ``max_llm_calls`` in
+    bounds (else :class:`BadRequest`)."""
     extra = value if isinstance(value, dict) else {}
     rounds = extra.get("rounds")
     if rounds is not None:
@@ -54,6 +54,11 @@ def valid_extra(value: Any) -> dict[str, Any]:
     if target is not None and unit_share(target) is None:
         raise BadRequest("extra_params.target_error must be a number strictly between 0 and 1 (e.g. 0.05: review "
                          f"until about 5 % of the labels are wrong), not {str(target)[:20]!r}")
+    cap = extra.get("max_llm_calls")
+    if cap is not None and not (isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1
+                                or isinstance(cap, str) and cap.strip().isdigit() and int(cap) >= 1):
+        raise BadRequest("extra_params.max_llm_calls must be a whole number of LLM requests per job, at least 1, "
+                         f"not {str(cap)[:20]!r}")
     return extra
 
 

@@ -32,6 +32,7 @@ class ProjectOptions:
     judge_version: str | None = None  # judge this model version's predictions instead of asking the LLM
     audit: int | None = None  # random audit tasks (FREEAL_AUDIT for this project; 0 = none)
     target_error: float | None = None  # the review budget's target (FREEAL_TARGET_ERROR for this project)
+    max_llm_calls: int | None = None  # LLM requests per job (FREEAL_MAX_LLM_CALLS for this project)
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> "ProjectOptions":
@@ -43,12 +44,15 @@ class ProjectOptions:
             judge_version=str(extra["judge_version"]) if extra.get("judge_version") else None,
             audit=_count(extra.get("audit")),
             target_error=unit_share(extra.get("target_error")),
+            max_llm_calls=_count(extra.get("max_llm_calls")) or None,
         )
 
     def over(self, settings: Settings) -> "ProjectOptions":
-        """These options with the backend's settings where the project sets none (audit, target error)."""
+        """These options with the backend's settings where the project sets none (audit, target error, LLM
+        call cap)."""
         return replace(self, audit=settings.audit_size if self.audit is None else self.audit,
-                       target_error=settings.target_error if self.target_error is None else self.target_error)
+                       target_error=settings.target_error if self.target_error is None else self.target_error,
+                       max_llm_calls=self.max_llm_calls or settings.max_llm_calls)
 
 
 def _count(value: Any) -> int | None:
