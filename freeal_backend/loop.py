@@ -864,7 +864,8 @@ class FreeALRun:
         if any(answers.get(it.item_id, {}).get("label") is not None and it.item_id not in before for it in todo):
             self.store.reopen_rounds_after(rnd)  # new labels: later rounds run again (asking what they have not)
         if failed:
-            log.warning("refinement round %d: %d requests failed; re-run to retry them", rnd, failed)
+            log.warning("refinement round %d unfinished (%s); re-run to ask them", rnd,
+                        _why_unanswered(answers, [it.item_id for it in todo]))
             return
         self.store.mark_stage(stage, {"reannotated": len(todo), "kept": len(items) - len(todo),
                                       "demo_pool": len(pool_idx), **({"filled": filled} if filled else {})})
