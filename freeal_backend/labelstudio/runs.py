@@ -1,4 +1,5 @@
-"""The FreeAL side of a project's job: its options, its loaded run, its items and what the run left undone."""
+"""The FreeAL side of a project's job: its options, its loaded run (set aside when its labels change), its items
+and the notes of its message."""
 from __future__ import annotations
 
 import logging
