@@ -12,6 +12,14 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value if value not in (None, "") else default
 
 
+def whole_number(value: Any) -> int | None:
+    """A whole number from 0, given as an int or a string of digits ("2", " 2 "); None for anything else (a
+    Label Studio project's ``rounds`` or ``max_llm_calls``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if value >= 0 else None
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else None
+
+
 def unit_share(value: Any) -> float | None:
     """A number strictly between 0 and 1, given as a number or a string ("0.05"); None for anything else
     (a target error rate: ``FREEAL_TARGET_ERROR`` or a Label Studio project's ``target_error``)."""

@@ -430,16 +430,15 @@ class FreeALRun:
         self.store.set_meta("llm", {"model": s.llm_model, "endpoint": bool(s.llm_base_url)})  # who answered
         if self.store.get_meta("data_hash") != data_hash:  # per-item round-0 answers stay valid
             before = {it.item_id: it.human_label for it in self.store.items()}
-            keep, reopen = ["demos", "zero_shot", "llm_r0"], list[str]()
+            keep = ["demos", "zero_shot", "llm_r0"]
             rejected: list[str] = []
-            texts_only = self.store.get_meta("setup_hash") == setup_hash  # texts added, edited or removed
-            if self.store.get_meta("base_hash") == base_hash or texts_only:  # incremental
-                if self.store.get_meta("base_hash") == base_hash:  # only people's labels changed
+            labels_only = self.store.get_meta("base_hash") == base_hash  # only people's labels changed
+            # or texts added, edited or removed: the refinements keep their answers to the texts kept, ask the others
+            texts_only = not labels_only and self.store.get_meta("setup_hash") == setup_hash
+            if labels_only or texts_only:  # incremental
+                if labels_only:
                     refinements, rejected = self._kept_refinements()
                     keep += refinements
-                else:  # the refinements keep their answers to the texts kept and ask the others
-                    reopen = [name for name in self.store.answered_stages()
-                              if name.startswith("llm_r") and name[5:].isdigit() and name != "llm_r0"]
                 keep.append(REASK_STAGE)
                 new = [it.item_id for it in items if it.human_label and it.human_label != before.get(it.item_id)]
                 pending = set(self.store.get_meta("reask_pending") or []) | set(new)
@@ -448,7 +447,7 @@ class FreeALRun:
                 self.store.set_meta("reask_pending", [])
                 self.store.set_meta("reask_targets", [])
             self.store.replace_items(items)  # forgets the answers to texts edited or removed
-            self.store.reset_stages(keep=keep, reopen=reopen)
+            self.store.reset_stages(keep=keep, keep_answers=texts_only)
             for name in rejected:  # a rejected refinement stays rejected: the rounds it stopped stay skipped
                 self.store.set_meta(name, True)
             self.store.set_meta("data_hash", data_hash)

@@ -158,15 +158,16 @@ class Store(Transactional):
             db.execute("DELETE FROM stages WHERE name = ?", (name,))
             db.execute("DELETE FROM annotations WHERE stage = ?", (name,))
 
-    def reset_stages(self, keep: Iterable[str] = (), reopen: Iterable[str] = ()) -> None:
-        """Forget finished stages (and their SLM/refinement outputs) except those named in ``keep``; those in
-        ``reopen`` keep their LLM answers but are to run again (asking only the texts they have none for)."""
+    def reset_stages(self, keep: Iterable[str] = (), *, keep_answers: bool = False) -> None:
+        """Forget finished stages (and their SLM/refinement outputs) except those named in ``keep``; with
+        ``keep_answers`` every stage keeps its LLM answers, so the stages run again ask only the texts they have
+        none for."""
         keep = list(keep)
-        answered = keep + list(reopen)
-        marks, answer_marks = (",".join("?" * len(x)) or "''" for x in (keep, answered))
+        marks = ",".join("?" * len(keep)) or "''"
         with self.transaction() as db:
             db.execute(f"DELETE FROM stages WHERE name NOT IN ({marks})", keep)
-            db.execute(f"DELETE FROM annotations WHERE stage NOT IN ({answer_marks})", answered)
+            if not keep_answers:
+                db.execute(f"DELETE FROM annotations WHERE stage NOT IN ({marks})", keep)
             db.execute("DELETE FROM slm")
             db.execute("DELETE FROM meta WHERE key LIKE 'health_r%' OR key LIKE 'rejected_r%'")
 
@@ -191,10 +192,6 @@ class Store(Transactional):
     def forget_annotations(self, stage: str, item_ids: Iterable[str]) -> None:
         """Drop ``stage``'s answers for ``item_ids`` (they are to be asked again)."""
         self._write("DELETE FROM annotations WHERE stage = ? AND item_id = ?", [(stage, k) for k in item_ids])
-
-    def answered_stages(self) -> list[str]:
-        """The stages that hold LLM answers."""
-        return [r[0] for r in self._read("SELECT DISTINCT stage FROM annotations")]
 
     def annotations(self, stage: str) -> dict[str, dict[str, Any]]:
         rows = self._read("SELECT item_id, label, confidence, probs, raw, error FROM annotations WHERE stage = ?",

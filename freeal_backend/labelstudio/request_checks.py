@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from freeal_backend.config import unit_share
+from freeal_backend.config import unit_share, whole_number
 from freeal_backend.labelstudio.label_config import TaskConfig
 
 MAX_ROUNDS = 5  # /setup's extra_params.rounds: 1..MAX_ROUNDS (each round is a pass of LLM calls over the project)
@@ -39,8 +39,7 @@ def valid_extra(value: Any) -> dict[str, Any]:
     extra = value if isinstance(value, dict) else {}
     rounds = extra.get("rounds")
     if rounds is not None:
-        number = rounds if isinstance(rounds, int) and not isinstance(rounds, bool) else (
-            int(rounds) if isinstance(rounds, str) and rounds.strip().isdigit() else None)
+        number = whole_number(rounds)
         if number is None or not 1 <= number <= MAX_ROUNDS:
             raise BadRequest(f"extra_params.rounds must be a whole number from 1 to {MAX_ROUNDS}, "
                              f"not {str(rounds)[:20]!r}")
@@ -55,8 +54,7 @@ def valid_extra(value: Any) -> dict[str, Any]:
         raise BadRequest("extra_params.target_error must be a number strictly between 0 and 1 (e.g. 0.05: review "
                          f"until about 5 % of the labels are wrong), not {str(target)[:20]!r}")
     cap = extra.get("max_llm_calls")
-    if cap is not None and not (isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1
-                                or isinstance(cap, str) and cap.strip().isdigit() and int(cap) >= 1):
+    if cap is not None and not (whole_number(cap) or 0) >= 1:
         raise BadRequest("extra_params.max_llm_calls must be a whole number of LLM requests per job, at least 1, "
                          f"not {str(cap)[:20]!r}")
     return extra

@@ -108,7 +108,11 @@ class RunRegistry:
 
     def relabelled(self, project_id: int, task_type: str, labels: Sequence[str]) -> list[str] | None:
         """The labels of the project's stored run where they are another set than ``labels`` (or another task
-        type): the project's label config changed since its run. None where they are the same, or no run."""
+        type): the project's label config changed since its run. None where they are the same, or no run. A run
+        of these labels loaded already answers without opening the state (every /predict asks)."""
+        if any(pid == project_id and kind == task_type and same_label_set(held, labels)
+               for pid, kind, held in list(self._runs)):
+            return None
         with self.stored_state(project_id) as store:
             if store is None:
                 return None

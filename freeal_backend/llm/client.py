@@ -216,14 +216,14 @@ class LLMClient:
         if cached is not None:
             self.stats.add(cache_hits=1)
             return cached
-        if allowance is not None:
-            allowance.take()
         client = self._client
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlinePassed("no time left for this request")
             client = client.with_options(timeout=remaining, max_retries=0)
+        if allowance is not None:
+            allowance.take()
         try:
             response = client.chat.completions.create(model=self.model, messages=messages, **request)
         except json.JSONDecodeError as exc:  # e.g. a proxy's HTML page sent as application/json
