@@ -14,7 +14,7 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 def whole_number(value: Any) -> int | None:
     """A whole number from 0, given as an int or a string of digits ("2", " 2 "); None for anything else (a
-    Label Studio project's ``rounds`` or ``max_llm_calls``)."""
+    Label Studio project's ``rounds``, ``audit`` or ``max_llm_calls``)."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value if value >= 0 else None
     return int(value) if isinstance(value, str) and value.strip().isdigit() else None

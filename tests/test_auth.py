@@ -330,6 +330,9 @@ def test_setup_bounds_rounds_the_task_description_the_target_error_and_the_call_
     assert ProjectOptions.from_extra({"max_llm_calls": "300"}).over(capped).max_llm_calls == 300
     assert ProjectOptions.from_extra({}).over(capped).max_llm_calls == 50
     assert ProjectOptions.from_extra({}).over(Settings()).max_llm_calls is None
+    # what /setup accepts is what the job uses: " 300" (accepted) was read as no cap at all, " 2" as no rounds
+    spaced = ProjectOptions.from_extra({"max_llm_calls": " 300", "rounds": " 2"})
+    assert (spaced.max_llm_calls, spaced.rounds) == (300, 2)
 
 
 # --- /predict and the run's label set -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from freeal_backend.config import Settings, unit_share
+from freeal_backend.config import Settings, unit_share, whole_number
 from freeal_backend.labelstudio.client import TaskRecord
 from freeal_backend.llm.provider import LLMProvider
 from freeal_backend.loop import FreeALRun
@@ -40,12 +40,12 @@ class ProjectOptions:
         extra = extra if isinstance(extra, dict) else {}
         return cls(
             from_name=str(extra["from_name"]) if extra.get("from_name") else None,
-            rounds=_count(extra.get("rounds")),
+            rounds=whole_number(extra.get("rounds")),
             task_description=str(extra["task_description"]) if extra.get("task_description") else None,
             judge_version=str(extra["judge_version"]) if extra.get("judge_version") else None,
-            audit=_count(extra.get("audit")),
+            audit=whole_number(extra.get("audit")),
             target_error=unit_share(extra.get("target_error")),
-            max_llm_calls=_count(extra.get("max_llm_calls")) or None,
+            max_llm_calls=whole_number(extra.get("max_llm_calls")) or None,
         )
 
     def over(self, settings: Settings) -> "ProjectOptions":
@@ -54,11 +54,6 @@ class ProjectOptions:
         return replace(self, audit=settings.audit_size if self.audit is None else self.audit,
                        target_error=settings.target_error if self.target_error is None else self.target_error,
                        max_llm_calls=self.max_llm_calls or settings.max_llm_calls)
-
-
-def _count(value: Any) -> int | None:
-    """A whole number given as an int or a string of digits ("2"); None for anything else."""
-    return int(value) if isinstance(value, (int, str)) and str(value).isdigit() else None
 
 
 class RunRegistry:
