@@ -56,6 +56,15 @@ def connect(path: Path, schema: str) -> sqlite3.Connection:
     return db
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file at ``path`` as the file system tells files apart (device, inode); None where there is none."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class Transactional:
     """A shared connection guarded by a lock; ``transaction()`` is one ``BEGIN IMMEDIATE`` … ``COMMIT``."""
 
@@ -63,6 +72,12 @@ class Transactional:
         self.path = path
         self._lock = threading.RLock()
         self._db = connect(path, schema)
+        self._file = _identity(path)
+
+    def moved(self) -> bool:
+        """Whether the file at this store's path is no longer the one it opened (another process renamed it
+        away, e.g. a worker setting a project's run aside)."""
+        return _identity(self.path) != self._file
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

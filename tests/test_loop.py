@@ -190,3 +190,46 @@ def test_second_project_gets_the_encoder_without_loading_it(tmp_path):
     assert first._encoder is None and second._encoder is None
     assert second.encoder is first.encoder
     registry.close()
+
+
+def test_a_run_another_process_set_aside_is_not_served(tmp_path):
+    """Queue mode: the web process holds a project's run while a worker (another process: another registry on
+    the same data dir) sets it aside when the labels change, and again when they change back. The web process
+    must then read the worker's new run, not the one it held, whose state now lives in the set-aside folder."""
+    from freeal_backend.labelstudio.runs import RunRegistry
+
+    settings = Settings(data_dir=tmp_path)
+    web, worker = RunRegistry(settings), RunRegistry(settings)
+    web.get(1, ("a", "b")).store.set_meta("run", "first")
+    assert worker.start_over(1, "classification", ["a", "b", "c"])
+    worker.get(1, ("a", "b", "c"))
+    assert web.relabelled(1, "classification", ["a", "b", "c"]) is None
+    assert worker.start_over(1, "classification", ["a", "b"])
+    worker.get(1, ("a", "b")).store.set_meta("run", "second")
+    assert web.relabelled(1, "classification", ["a", "b"]) is None
+    assert web.get(1, ("a", "b")).store.get_meta("run") == "second"
+    assert len(list(tmp_path.glob("project-1.set-aside-*"))) == 2
+    web.close()
+    worker.close()
+
+
+def test_a_run_set_aside_keeps_its_answers_not_its_weights(tmp_path):
+    """A run set aside when the labels change keeps its state (the LLM answers paid for, the verdicts), not
+    what a run can compute again and nothing reads back: the small models' weights (85 MB a round with MiniLM)
+    and embeddings (150 MB a round per 100k texts)."""
+    from freeal_backend.labelstudio.runs import RunRegistry
+
+    registry = RunRegistry(Settings(data_dir=tmp_path))
+    registry.get(1, ("a", "b")).store.set_meta("run", "first")
+    for name in ("slm_r1.pt", "slm_r1_embeddings.npy", "embeddings-0123.npy"):
+        (tmp_path / "project-1" / name).write_bytes(b"0" * 64)
+    assert registry.start_over(1, "classification", ["a", "b", "c"])
+    (aside,) = tmp_path.glob("project-1.set-aside-*")
+    assert [p.name for p in aside.iterdir() if not p.name.startswith("state.sqlite")] == []
+    with registry.stored_state(1) as store:
+        assert store is None  # the project's own folder is free for the new run
+    from freeal_backend.storage import Store
+    kept = Store(aside / "state.sqlite")
+    assert kept.get_meta("run") == "first"
+    kept.close()
+    registry.close()

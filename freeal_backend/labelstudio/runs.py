@@ -65,7 +65,7 @@ class RunRegistry:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._runs: dict[tuple[int, str, tuple[str, ...]], FreeALRun] = {}
         self.llm = LLMProvider(settings)
         self._encoder: Encoder | None = None
@@ -87,6 +87,7 @@ class RunRegistry:
         """The project's run; ``labels`` in another order than its stored run's (a config whose choices were
         only reordered) get that run, in its order."""
         with self._lock:
+            self._forget_moved(project_id)
             key = (project_id, task_type, labels)
             run = self._runs.get(key)
             if run is None:
@@ -105,6 +106,8 @@ class RunRegistry:
         """The labels of the project's stored run where they are another set than ``labels`` (or another task
         type): the project's label config changed since its run. None where they are the same, or no run. A run
         of these labels loaded already answers without opening the state (every /predict asks)."""
+        with self._lock:
+            self._forget_moved(project_id)
         if any(pid == project_id and kind == task_type and same_label_set(held, labels)
                for pid, kind, held in list(self._runs)):
             return None
@@ -118,7 +121,8 @@ class RunRegistry:
 
     def start_over(self, project_id: int, task_type: str, labels: Sequence[str]) -> str | None:
         """Set the project's run aside where its label set is not ``labels`` (the label config changed): its
-        directory is renamed and kept, and the project's next run starts afresh. Only a job of the project may
+        directory is renamed and keeps its state (the LLM answers, the verdicts; not the small models' weights and
+        embeddings), and the project's next run starts afresh. Only a job of the project may
         call this (one runs at a time). Returns what happened, in words, or None where nothing changed."""
         with self._lock:
             old = self.relabelled(project_id, task_type, labels)
@@ -131,10 +135,21 @@ class RunRegistry:
             dst = next(d for n in range(1000) if not (d := src.with_name(
                 f"{src.name}.set-aside-{stamp}{f'-{n}' if n else ''}")).exists())
             src.rename(dst)
+        for path in [*dst.glob("slm_r*.pt"), *dst.glob("*.npy")]:  # computed again by any run; nothing reads them
+            path.unlink()
         log.warning("project %s: the label set changed from %s to %s; the earlier run is kept in %s and every "
                     "task is labelled again", project_id, old, list(labels), dst)
         return (f"the label set changed from {old} to {list(labels)}: every task was labelled again (the earlier "
                 f"run is kept in <data dir>/{dst.name})")
+
+    def _forget_moved(self, project_id: int) -> None:
+        """Let go of the project's runs whose state another process (a queue worker) set aside: their files
+        moved, and the project's state is a new run's. They are not closed here, since a request may still be
+        reading one; each closes when the last reference goes. The caller holds the lock."""
+        for key in [k for k, run in self._runs.items() if k[0] == project_id and run.store.moved()]:
+            log.info("project %s: its run %s was set aside by another process; reading the new one", project_id,
+                     list(key[2]))
+            del self._runs[key]
 
     @contextmanager
     def stored_state(self, project_id: int) -> Iterator[Store | None]:
