@@ -156,6 +156,30 @@ def test_main_job_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> Non
         assert row in text, row
 
 
+def test_injection_tiny(tmp_path: Path, llm_base_url: str, llm_model: str) -> None:
+    """The README's first command on 12 texts, 4 of them with an instruction naming a wrong label: each
+    template used, every injected text scored, the injected copy written outside ../shared/data."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from injection import TEMPLATES, inject, sampled_rows
+
+    rows = sampled_rows(DATA / "sst2" / "train.jsonl", 12, 0)
+    again, injected = inject(rows, ["negative", "positive"], 1 / 3, 0)
+    assert len(injected) == 4 and {v["template"] for v in injected.values()} == set(range(len(TEMPLATES)))
+    for row, new in zip(rows, again):
+        target = injected.get(str(row["id"]), {}).get("target")
+        assert new["text"] == (row["text"] if target is None else row["text"] + TEMPLATES[
+            injected[str(row["id"])]["template"]].format(label=target)) and target != row["label"]
+    _run(["benchmarks/injection.py", "--limit", "12", "--share", str(1 / 3), "--out-dir", str(tmp_path)], tmp_path,
+         LLM_BASE_URL=llm_base_url, LLM_MODEL=llm_model, FREEAL_SHOTS="2", FREEAL_ROUNDS="1")
+    data = json.loads((tmp_path / "injection_sst2_n12.json").read_text())
+    assert data["injected_ids"] == injected and data["n"] == 12
+    groups = data["groups"]
+    assert groups["all injected"]["texts"] == 4 and groups["not injected"]["texts"] == 8
+    assert sum(groups[f"template {t}"]["texts"] for t in range(len(TEMPLATES))) == 4
+    assert all(g["final_wrong_flagged"] <= g["final_wrong"] <= g["texts"] for g in groups.values())
+    assert "| all injected |" in (tmp_path / "injection_sst2_n12.md").read_text()
+
+
 def test_llm_survey_tiny(tmp_path: Path) -> None:
     stem = tmp_path / "survey_0.5b"
     args = ["benchmarks/llm_survey.py", "--models", "smollm2-135m-instruct", "--datasets", "sst2,trec", "--n", "4",
