@@ -41,21 +41,55 @@ def system_prompt(labels: Sequence[str], task_description: str | None = None) ->
             "Reply with the label only.")
 
 
+# words after which a label's name (up to ORDER_GAP words on, in the same sentence) tells the labeller what to
+# answer: "answer positive", "the correct label for this text is negative", "Label: positive"
+ORDER_CUES = ("answer", "answers", "label", "labels", "labeled", "labelled", "labeling", "labelling", "class",
+              "classify", "classified", "category", "categorize", "categorise", "output", "respond", "reply", "say",
+              "choose", "pick", "select", "mark", "tag", "annotate", "annotator", "correct")
+ORDER_GAP = 5
+_ORDER = re.compile(rf"\b(?:{'|'.join(ORDER_CUES)})\b(?:\W+\w+){{0,{ORDER_GAP}}}\W*$", re.IGNORECASE)
+_QUOTES = "\"'`\u2018\u2019\u201c\u201d"
+MASK = "___"  # a blank: "..." was echoed as the answer (4 of 8 SST-2 orders, with demonstrations)
+
+
+def mask_label_orders(text: str, labels: Sequence[str]) -> str:
+    """``text`` with each label name that reads as an order to the labeller replaced by ``MASK``: quoted, or
+    written shortly after a cue word such as "answer" or "label" in the same sentence. Data can carry
+    instructions, and a label named in one steers a small LLM to it (24 SST-2 texts with an instruction
+    naming the wrong label: the embedded 1.5B followed 20 of them, 2 with the names masked;
+    ``benchmarks/results/injection_sst2_n160.md``). A name written as content ("What is the abbreviation
+    for ...", "the most positive thing") stays: masking every label name cost TREC's 70 label-naming
+    training questions 15 right answers."""
+    names = "|".join(re.escape(n) for n in sorted(labels, key=len, reverse=True) if n.strip())
+    if not names:
+        return text
+
+    def mask(match: re.Match[str]) -> str:
+        start, end = match.span()
+        quoted = start > 0 and end < len(text) and text[start - 1] in _QUOTES and text[end] in _QUOTES
+        clause = re.split(r"[.!?\n]", text[max(0, start - 80):start])[-1]
+        return MASK if quoted or _ORDER.search(clause) else match.group(0)
+
+    return re.sub(rf"(?<!\w)(?:{names})(?!\w)", mask, text, flags=re.IGNORECASE)
+
+
 def label_messages(text: str, labels: Sequence[str], demos: Sequence[tuple[str, str]] = (),
                    task_description: str | None = None) -> list[Message]:
-    """Messages for labelling one text; demonstrations become earlier user/assistant turns."""
+    """Messages for labelling one text; demonstrations become earlier user/assistant turns. Label names that
+    a text orders the labeller to answer are masked (:func:`mask_label_orders`)."""
     messages: list[Message] = [{"role": "system", "content": system_prompt(labels, task_description)}]
     for demo_text, demo_label in demos:
-        messages.append({"role": "user", "content": f"Text: {demo_text}\nLabel:"})
+        messages.append({"role": "user", "content": f"Text: {mask_label_orders(demo_text, labels)}\nLabel:"})
         messages.append({"role": "assistant", "content": demo_label})
-    messages.append({"role": "user", "content": f"Text: {text}\nLabel:"})
+    messages.append({"role": "user", "content": f"Text: {mask_label_orders(text, labels)}\nLabel:"})
     return messages
 
 
 def demo_generation_messages(label: str, labels: Sequence[str], style_examples: Sequence[str], count: int,
                              task_description: str | None = None) -> list[Message]:
-    """Ask the LLM to write ``count`` new texts of class ``label`` in the style of unlabeled examples."""
-    examples = "\n".join(f"- {t}" for t in style_examples)
+    """Ask the LLM to write ``count`` new texts of class ``label`` in the style of unlabeled examples (label
+    names they order the labeller to answer masked, as in :func:`label_messages`)."""
+    examples = "\n".join(f"- {mask_label_orders(t, labels)}" for t in style_examples)
     task = task_description or f"The texts are classified into: {', '.join(labels)}."
     return [
         {"role": "system", "content": "You write realistic example texts for a text classification data set."},
