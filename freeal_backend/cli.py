@@ -17,7 +17,7 @@ from tqdm import tqdm
 from freeal_backend.config import Settings
 from freeal_backend.dataio import infer_task_type, read_rows, rows_to_items, write_results
 from freeal_backend.llm.client import LLMUnavailable
-from freeal_backend.loop import FreeALRun, set_aside_notes, unfinished_work
+from freeal_backend.loop import FreeALRun, order_note, set_aside_notes, unfinished_work
 from freeal_backend.loop_spans import RUN_TYPES, run_type
 from freeal_backend.metrics import flag_scores, label_scores, markdown_table
 from freeal_backend.records import Item
@@ -170,6 +170,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         undone = unfinished_work(run.store, items, run.store.get_meta("rounds_done") or 0)
         if undone:
             print("; ".join(undone) + ": run the same command again to ask them")
+        if orders := order_note(run, items):
+            print(orders)
         print(f"model version {run.model_version()}; wall time {time.perf_counter() - start:.1f} s; "
               f"LLM: {json.dumps(run.llm.stats.as_dict()) if run.llm_started else 'not used'}")
         print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in run.timings.items()))

@@ -39,7 +39,7 @@ from freeal_backend.slm.second_judge import probe_oof, ranked_at_level
 from freeal_backend.llm.embedded import confidence_calibrated
 from freeal_backend.slm.encoder import Encoder, LowerStates, encoder_path
 from freeal_backend.llm.client import NOT_SENT, CallAllowance, LazyRequests, LLMAnswer, LLMClient, Parse, label_parser
-from freeal_backend.llm.prompts import Message, label_messages
+from freeal_backend.llm.prompts import Message, label_messages, mask_label_orders
 from freeal_backend.llm.provider import LLMProvider
 from freeal_backend.records import Item, ItemResult
 from freeal_backend.slm.selection import (clean_agreed_pool, demo_pool, nearest_demos, retrieve_demos,
@@ -1007,6 +1007,20 @@ def unfinished_work(store: Store, items: Sequence[Item], rounds: int) -> list[st
             answers = store.annotations(f"llm_r{rnd}")
             parts.append(f"refinement round {rnd} unfinished ({_why_unanswered(answers, answers)})")
     return parts
+
+
+def order_note(run: FreeALRun, items: Sequence[Item]) -> str | None:
+    """Which machine-labelled texts order the labeller to answer a label (the LLM saw those names masked:
+    ``prompts.mask_label_orders``), for the run's message; None where none does, and for spans, whose
+    prompts are not masked."""
+    if run.task_type != "classification":
+        return None
+    ids = [it.item_id for it in items if not it.human_label and mask_label_orders(it.text, run.labels) != it.text]
+    if not ids:
+        return None
+    return (f"{len(ids)} texts order the labeller to answer a label (ids: {', '.join(ids[:10])}"
+            f"{' …' if len(ids) > 10 else ''}): the LLM saw those label names masked; check where such texts come "
+            "from")
 
 
 def _why_unanswered(answers: dict[str, dict[str, Any]], ids: Iterable[str]) -> str:

@@ -39,7 +39,7 @@ from freeal_backend.labelstudio.push import (PushJournal, flagged_ids, predictio
 from freeal_backend.labelstudio.review_tab import ReviewTab, health_note
 from freeal_backend.labelstudio.runs import (ProjectOptions, RunRegistry, build_items, burst_note, judge_summary,
                                             judged_labels, with_people_labels)
-from freeal_backend.loop import set_aside_notes, unfinished_work
+from freeal_backend.loop import order_note, set_aside_notes, unfinished_work
 from freeal_backend.records import ItemResult
 from freeal_backend.status import RoundLLMStats, save_round_flagged
 
@@ -369,8 +369,8 @@ class JobManager:
         unfinished = unfinished_work(run.store, items, rounds)
         retried = "; ".join(unfinished) + ("; the next job (Start Training in the model settings, or an annotation) "
                                            "retries them" if unfinished else "")
-        undone = "; ".join(x for x in (burst_note(run.burst), retried,
-                                        *set_aside_notes(run.store)) if x)
+        undone = "; ".join(x for x in (burst_note(run.burst), retried, *set_aside_notes(run.store),
+                                        order_note(run, items)) if x)
         verdict = f"; label health: {health['message']}" if health else ""
         judged = "" if llm_labels is None else judge_summary(str(opts.judge_version), records, llm_labels)
         restarted = f"{relabelled}; " if relabelled else ""
