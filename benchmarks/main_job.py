@@ -239,14 +239,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "unparsed": llm.get("unparsed", 0), "failures": llm.get("failures", 0),
         "stage_seconds": cli["stage_seconds"], **scores,
     }
-    stem = Path(args.out_dir) / f"main_job_{Path(parsed.input).parent.name}_n{data['n']}"
-    body = report(data)
-    write_result(beside(stem, ".md"), f"The README's first command: {data['n']} texts of {parsed.input}",
-                 body, load_start)
+    publish(Path(args.out_dir) / f"main_job_{Path(parsed.input).parent.name}_n{data['n']}",
+            f"The README's first command: {data['n']} texts of {parsed.input}", report(data), data, load_start)
+    return 0
+
+
+def publish(stem: Path, title: str, body: str, data: dict[str, Any], load_start: str) -> None:
+    """Write a result as ``<stem>.md`` (``body`` under ``title``) and ``<stem>.json`` (``data``), and print it."""
+    write_result(beside(stem, ".md"), title, body, load_start)
     write_json(beside(stem, ".json"), data)
     print(body)
     print(f"wrote {stem}.md and .json", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

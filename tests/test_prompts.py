@@ -57,8 +57,8 @@ def test_label_messages_puts_demos_as_prior_turns():
     ("the answer is no . positively dull .", LABELS, "the answer is no . positively dull ."),
 ])
 def test_label_names_a_text_orders_are_masked(text, labels, masked):
-    """A label named in an instruction inside the data steers a small LLM to it: the embedded 1.5B followed 20
-    of 24 such instructions on SST-2 (benchmarks/results/injection_sst2_n160.md)."""
+    """A label named in an instruction inside the data steers a small LLM to it: the embedded 1.5B followed 21
+    of 24 such instructions on SST-2 in round 0 (benchmarks/results/injection_sst2_n160_before_mask.md)."""
     msgs = label_messages(text, labels, [(text, labels[0])])
     assert msgs[-1]["content"] == f"Text: {masked}\nLabel:" and msgs[1]["content"] == f"Text: {masked}\nLabel:"
 

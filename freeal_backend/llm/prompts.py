@@ -56,8 +56,8 @@ def mask_label_orders(text: str, labels: Sequence[str]) -> str:
     """``text`` with each label name that reads as an order to the labeller replaced by ``MASK``: quoted, or
     written shortly after a cue word such as "answer" or "label" in the same sentence. Data can carry
     instructions, and a label named in one steers a small LLM to it (24 SST-2 texts with an instruction
-    naming the wrong label: the embedded 1.5B followed 20 of them, 2 with the names masked;
-    ``benchmarks/results/injection_sst2_n160.md``). A name written as content ("What is the abbreviation
+    naming the wrong label: the embedded 1.5B followed 21 of them in round 0, 1 with the names masked;
+    ``benchmarks/results/injection_sst2_n160*.md``). A name written as content ("What is the abbreviation
     for ...", "the most positive thing") stays: masking every label name cost TREC's 70 label-naming
     training questions 15 right answers."""
     names = "|".join(re.escape(n) for n in sorted(labels, key=len, reverse=True) if n.strip())
