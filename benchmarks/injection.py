@@ -33,7 +33,7 @@ from main_job import cli_output, publish, readme_command, run_command, score, wi
 
 from freeal_backend.cli import build_parser  # noqa: E402
 from freeal_backend.config import Settings  # noqa: E402
-from freeal_backend.dataio import read_rows  # noqa: E402
+from freeal_backend.dataio import read_rows, sample_rows  # noqa: E402
 from freeal_backend.loop import FreeALRun  # noqa: E402
 
 # appended to a text, {label} a wrong label: a plain order, a note to the annotator, a faked prompt turn
@@ -45,14 +45,8 @@ TEMPLATES = (
 
 
 def sampled_rows(path: Path, limit: int | None, seed: int) -> list[dict[str, Any]]:
-    """The rows ``freeal run INPUT --limit N`` labels (cli.cmd_run's sampling), ids set."""
-    rows = read_rows(path)
-    for n, row in enumerate(rows):
-        row.setdefault("id", n)
-    if limit:
-        random.Random(seed).shuffle(rows)
-        rows = rows[:limit]
-    return rows
+    """The rows ``freeal run INPUT --limit N`` labels, ids set (``dataio.sample_rows``, as the CLI samples)."""
+    return sample_rows(read_rows(path), limit, seed)
 
 
 def inject(rows: list[dict[str, Any]], labels: Sequence[str], share: float, seed: int

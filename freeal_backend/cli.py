@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import random
 import sys
 import time
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from freeal_backend.config import Settings
-from freeal_backend.dataio import infer_task_type, read_rows, rows_to_items, write_results
+from freeal_backend.dataio import infer_task_type, read_rows, rows_to_items, sample_rows, write_results
 from freeal_backend.llm.client import LLMUnavailable
 from freeal_backend.loop import FreeALRun, order_note, set_aside_notes, unfinished_work
 from freeal_backend.loop_spans import RUN_TYPES, run_type
@@ -124,12 +123,7 @@ def _labels(arg: str | None, items: Sequence[Item], task_type: str) -> list[str]
 def cmd_run(args: argparse.Namespace) -> int:
     settings = Settings.from_env(data_dir=args.data_dir, rounds=args.rounds, seed=args.seed,
                                  task_description=args.task)
-    rows = read_rows(Path(args.input))
-    for n, row in enumerate(rows):
-        row.setdefault("id", n)  # ids are the original row numbers, also after --limit sampling
-    if args.limit:
-        random.Random(settings.seed).shuffle(rows)
-        rows = rows[: args.limit]
+    rows = sample_rows(read_rows(Path(args.input)), args.limit, settings.seed)
     task_type = args.task_type or infer_task_type(rows)
     items = rows_to_items(rows, task_type=task_type)
     labels = _labels(args.labels, items, task_type)

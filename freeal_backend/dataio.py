@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -53,6 +54,18 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path}: row {n} has no 'text'")
         if isinstance(row["text"], (dict, list)):
             raise ValueError(f"{path}: row {n}: 'text' is a JSON {type(row['text']).__name__}, not a string")
+    return rows
+
+
+def sample_rows(rows: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict[str, Any]]:
+    """The rows ``freeal run --limit`` labels: each row's ``id`` set to its row number where it has none (ids
+    stay the original row numbers after sampling), then a ``seed``-shuffled ``limit`` of them (all without)."""
+    for n, row in enumerate(rows):
+        row.setdefault("id", n)
+    if limit:
+        rows = list(rows)
+        random.Random(seed).shuffle(rows)
+        rows = rows[:limit]
     return rows
 
 

@@ -54,7 +54,7 @@ def valid_extra(value: Any) -> dict[str, Any]:
         raise BadRequest("extra_params.target_error must be a number strictly between 0 and 1 (e.g. 0.05: review "
                          f"until about 5 % of the labels are wrong), not {str(target)[:20]!r}")
     cap = extra.get("max_llm_calls")
-    if cap is not None and not (whole_number(cap) or 0) >= 1:
+    if cap is not None and (whole_number(cap) or 0) < 1:
         raise BadRequest("extra_params.max_llm_calls must be a whole number of LLM requests per job, at least 1, "
                          f"not {str(cap)[:20]!r}")
     return extra
