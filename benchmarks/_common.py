@@ -228,20 +228,26 @@ def averaged_vote(labels: Sequence[str], given: Sequence[str | None], probs: Any
 
 
 @contextmanager
-def finished_run(run_dir: Path, **settings: Any) -> Iterator[tuple[Any, list[Any], int]]:
-    """A finished classification run whose items carry gold, opened from its state to be read (no training,
-    no LLM call): the ``FreeALRun``, its items and the refinement rounds it finished. ``settings`` override
-    the environment's (e.g. the run's seed)."""
+def finished_run(run_dir: Path, task_types: tuple[str, ...] = ("classification",), **settings: Any
+                 ) -> Iterator[tuple[Any, list[Any], int]]:
+    """A finished run whose items carry gold, opened from its state to be read (no training, no LLM call):
+    the run (``FreeALRun``, or ``SpanRun`` for spans, as its state records), its items and the refinement
+    rounds it finished. ``task_types``: the kinds of run the caller reads; ``settings`` override the
+    environment's (e.g. the run's seed)."""
     from freeal_backend.config import Settings
-    from freeal_backend.loop import FreeALRun
+    from freeal_backend.loop_spans import run_type
     from freeal_backend.storage import Store
 
     store = Store(run_dir / "state.sqlite")
     labels_set, rounds = store.get_meta("labels"), int(store.get_meta("rounds_done") or 0)
+    kind = store.get_meta("task_type") or "classification"
     store.close()
     if not labels_set:
-        raise SystemExit(f"error: {run_dir} holds no finished classification run")
-    with FreeALRun(Settings.from_env(data_dir=run_dir.parent.parent, **settings), list(labels_set), run_dir) as run:
+        raise SystemExit(f"error: {run_dir} holds no finished run")
+    if kind not in task_types:
+        raise SystemExit(f"error: {run_dir} holds a {kind} run; this script reads {' or '.join(task_types)} runs")
+    with run_type(kind)(Settings.from_env(data_dir=run_dir.parent.parent, **settings), list(labels_set),
+                        run_dir) as run:
         items = run.store.items()
         if any(it.gold is None for it in items):
             raise SystemExit(f"error: {run_dir} has texts without gold")

@@ -17,6 +17,11 @@ are re-judged (``detection.judge``, no training, no LLM call) with:
 - the same with a second judge (``second_judge.py``'s probe on the frozen encoder's embeddings) in place of
   the small model, and averaged with it.
 
+A span (NER) run is re-judged (``detection.judge_span_labels``) with the tagger alone, with the LLM's
+agreement with itself across rounds, and with that and its logprob confidence (what runs use), and, as a
+control, with uniform noise in place of that evidence (3 seeded draws); a sentence is right when its final
+entity list is exactly gold.
+
 Per variant: AUROC for ranking wrong final labels first, ECE of the score, the run-health estimate against
 the true accuracy, the flag (share, precision, recall) and the recall of the lowest-scored 10 % and 20 %.
 Writes ``benchmarks/results/evidence_ablation_<name>.md`` and ``.json``.
@@ -37,6 +42,7 @@ from freeal_backend.loop import FreeALRun  # noqa: E402
 from freeal_backend.metrics import expected_calibration_error, review_scores  # noqa: E402
 from freeal_backend.slm.detection import judge  # noqa: E402
 from freeal_backend.slm.second_judge import probe_oof  # noqa: E402
+from freeal_backend.spans import encode_spans  # noqa: E402
 
 VARIANTS = {  # name: (judge's probabilities, the LLM's, linear pool, cap at the LLM's mean confidence, label
     # an outranked judge leaves: the one the LLM's averaged probabilities favour, or its last answer);
@@ -61,9 +67,53 @@ def last_answer_probs(run: FreeALRun, items: list[Any], rounds: int) -> np.ndarr
     return out
 
 
+SPAN_VARIANTS = {"tagger alone": "", "tagger + LLM agreement over rounds": "agreement",
+                 "tagger + LLM confidence and agreement over rounds": "logprobs"}  # SpanRun.llm_evidence
+SPAN_NOISE_DRAWS = 3  # controls: uniform noise in place of the LLM's evidence
+
+
+def _metrics(score: np.ndarray, wrong: np.ndarray, unanswered: np.ndarray, flagged: np.ndarray | None,
+             est: float) -> dict[str, float]:
+    rs = review_scores(score, wrong, unanswered=unanswered, flagged=flagged, shares=(0.10, 0.20))
+    return {"final_accuracy": float(1 - wrong.mean()), "auroc": rs["auroc"],
+            "ece": expected_calibration_error(score, ~wrong), "health_estimate": est,
+            "flag_share": rs.get("flag_share", float("nan")),
+            "flag_precision": rs.get("flag_answered_wrong_precision", float("nan")),
+            "flag_recall": rs.get("flag_answered_wrong_recall", float("nan")),
+            "top10_recall": rs["top10pct_answered_wrong_recall"], "top20_recall": rs["top20pct_answered_wrong_recall"]}
+
+
+def ablate_spans(run: Any, items: list[Any], rounds: int, run_dir: Path) -> dict[str, Any]:
+    """The span verdict of ``rounds`` re-judged with each of ``SPAN_VARIANTS``."""
+    labels, _ = run._current(items, rounds)
+    predicted, _, _ = run._predicted(items, rounds + 1)
+    final = [lab if lab is not None else encode_spans(pred) for lab, pred in zip(labels, predicted)]
+    wrong = np.array([f != it.gold for f, it in zip(final, items)])
+    unanswered = np.array([lab is None for lab in labels])
+    rows: dict[str, Any] = {"run_dir": str(run_dir), "rounds": rounds, "n": len(items), "task_type": "ner",
+                            "label_accuracy": float(np.mean([lab == it.gold for lab, it in zip(labels, items)])),
+                            "variants": {}}
+    for name, evidence in SPAN_VARIANTS.items():
+        run.llm_evidence = evidence
+        v = run._judge(items, rounds + 1)
+        rows["variants"][name] = _metrics(v.scores, wrong, unanswered, v.flagged, v.health.estimated_accuracy)
+    has = ~np.isnan(run._rounds_confidence(items, rounds))
+    rng = np.random.default_rng(0)
+    run.llm_evidence = "logprobs"
+    for draw in range(SPAN_NOISE_DRAWS):  # a control: a confidence that carries nothing
+        noise = np.where(has, rng.uniform(0.0, 1.0, len(items)), np.nan)
+        run._rounds_confidence = lambda *_, noise=noise, **__: noise
+        v = run._judge(items, rounds + 1)
+        rows["variants"][f"tagger + uniform noise as the LLM's evidence (control, draw {draw})"] = _metrics(
+            v.scores, wrong, unanswered, v.flagged, v.health.estimated_accuracy)
+    return rows
+
+
 def ablate(run_dir: Path, rounds: int | None) -> dict[str, Any]:
-    with finished_run(run_dir) as (run, items, done):
+    with finished_run(run_dir, ("classification", "ner")) as (run, items, done):
         rounds = done if rounds is None else rounds
+        if run.task_type == "ner":
+            return ablate_spans(run, items, rounds, run_dir)
         gold = np.array([run.labels.index(str(it.gold)) for it in items])
         slm = run.store.slm(rounds + 1)
         if not slm:
@@ -91,15 +141,7 @@ def ablate(run_dir: Path, rounds: int | None) -> dict[str, Any]:
             j = judge(judges[slm_side], y, None, llms[llm_side], pool=pool, cap=cap, llm_calibrated=calibrated,
                       average_rounds=average_rounds)
             score, final, flagged, est = j.scores, j.labels, j.flagged, j.health.estimated_accuracy
-        wrong = final != gold
-        rs = review_scores(score, wrong, unanswered=unanswered, flagged=flagged, shares=(0.10, 0.20))
-        rows["variants"][name] = {
-            "final_accuracy": float(1 - wrong.mean()), "auroc": rs["auroc"],
-            "ece": expected_calibration_error(score, ~wrong), "health_estimate": est,
-            "flag_share": rs.get("flag_share", float("nan")),
-            "flag_precision": rs.get("flag_answered_wrong_precision", float("nan")),
-            "flag_recall": rs.get("flag_answered_wrong_recall", float("nan")),
-            "top10_recall": rs["top10pct_answered_wrong_recall"], "top20_recall": rs["top20pct_answered_wrong_recall"]}
+        rows["variants"][name] = _metrics(score, final != gold, unanswered, flagged, est)
     return rows
 
 
@@ -113,17 +155,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     load_start = loadavg()
     runs = [ablate(Path(d), args.rounds) for d in args.run_dirs]
+    kinds = {r.get("task_type", "classification") for r in runs}
+    if len(kinds) > 1:
+        raise SystemExit("error: give class runs or span runs, not both: their variants differ")
+    variants = list(runs[0]["variants"])
     keys = [("final_accuracy", True), ("auroc", False), ("ece", False), ("health_estimate", True),
             ("flag_share", True), ("flag_precision", True), ("flag_recall", True), ("top10_recall", True),
             ("top20_recall", True)]
-    table = [[name] + [mean_sd([r["variants"][name][k] for r in runs], pct) for k, pct in keys] for name in VARIANTS]
+    table = [[name] + [mean_sd([r["variants"][name][k] for r in runs], pct) for k, pct in keys] for name in variants]
     truth = mean_sd([r["label_accuracy"] for r in runs], True)
     body = (f"{len(runs)} run(s); labels judged: {truth} % right (mean ± sd over runs where more than one); "
             "every variant re-judges the same stored answers and SLM output (no training, no LLM call).\n\n"
             + fmt_table(["evidence", "final acc %", "AUROC wrong", "ECE", "health est. %", "flag %",
                          "flag precision %", "flag recall %", "lowest 10 % recall", "lowest 20 % recall"], table)
-            + "\n\n'LLM confidence alone' is the LLM's probability for its last answer, uncalibrated (no flag, "
-              "no health). Recall counts wrong answered labels; texts the LLM left unanswered are apart.\n\n"
+            + ("\n\nA sentence is right when its final entity list is exactly gold. " if kinds == {"ner"} else
+               "\n\n'LLM confidence alone' is the LLM's probability for its last answer, uncalibrated (no flag, "
+               "no health). ")
+            + "Recall counts wrong answered labels; texts the LLM left unanswered are apart.\n\n"
             + "\n".join(f"- {r['run_dir']}: {r['n']} texts, rounds {r['rounds']}" for r in runs))
     write_report(args.out_dir, f"evidence_ablation_{args.name}",
                  "Evidence ablation: what the LLM's confidence adds to the small model's verdict", body,

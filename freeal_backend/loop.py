@@ -622,11 +622,14 @@ class FreeALRun:
         first, again = answers(before), dict[str, str]()
         for stage in stages:
             again.update(answers(stage))
-        pairs = [(self.labels.index(first[it.item_id]), self.labels.index(again[it.item_id])) for it in items
+        pairs = [(it, first[it.item_id], again[it.item_id]) for it in items
                  if not it.human_label and it.item_id in first and it.item_id in again]
-        if not pairs:
-            return None
-        return self_agreement(np.array([a for a, _ in pairs]), np.array([b for _, b in pairs]))
+        return self._agreement_of(pairs) if pairs else None
+
+    def _agreement_of(self, pairs: Sequence[tuple[Item, str, str]]) -> SelfAgreement:
+        """The agreement of two labels per item (item, first, again)."""
+        return self_agreement(np.array([self.labels.index(a) for _, a, _ in pairs]),
+                              np.array([self.labels.index(b) for _, _, b in pairs]))
 
     @staticmethod
     def _llm_confidences(items: Sequence[Item], latest: dict[str, dict[str, object]]) -> dict[str, float | None]:

@@ -10,11 +10,13 @@ resume, refinement scope, and setting aside a refinement that looks worse. What 
 * **Round 0**: the LLM writes sentences in the style of sampled texts *with* their entities; when it
   writes none that can be located, round 0 asks without demonstrations.
 * **SLM**: a cross-fitted BIO tagger (``slm/tagger.py``) on the same split encoder; its verdict is
-  ``detection.judge_span_labels`` (missing, spurious, wrong-type, wrong-boundary spans; run health).
+  ``detection.judge_span_labels`` (missing, spurious, wrong-type, wrong-boundary spans; run health, which
+  also hears how the LLM's lists agree with themselves across rounds, word by word).
 * **Clean agreed pool**: sentences whose label the held-out tagger reproduces exactly, least doubtful
   first, grouped by the type of their first entity (or "no entity"), so retrieved demos cover every type.
 * **Final**: the LLM's spans (the tagger suggests, it never overrules an answer), the sentence score
-  P(spans right) (``detection.span_clean_probability``), the flag, the tagger's spans as a suggestion and
+  P(spans right) (``detection.span_clean_probability``, with the LLM's own evidence weighed in:
+  ``detection.span_llm_evidence``), the flag, the tagger's spans as a suggestion and
   a review note naming the doubtful spans.
 """
 from __future__ import annotations
@@ -31,9 +33,10 @@ import torch
 from freeal_backend.llm.annotate import Progress, generate_span_demos
 from freeal_backend.llm.client import LLMAnswer, Parse
 from freeal_backend.llm.prompts import Message
-from freeal_backend.loop import FreeALRun
+from freeal_backend.loop import IMPORTED, FreeALRun
 from freeal_backend.records import Item, ItemResult
-from freeal_backend.slm.detection import SpanVerdict, judge_span_labels, review_note
+from freeal_backend.slm.detection import (SelfAgreement, SpanVerdict, judge_span_labels, review_note,
+                                          span_self_agreement)
 from freeal_backend.slm.tagger import SpanSLMConfig, cross_fit
 from freeal_backend.span_eval import bio_tags
 from freeal_backend.spans import (PROMPT_MAX_CHARS, Span, decode_spans, encode_spans, entities_of, locate_mentions,
@@ -57,6 +60,8 @@ class SpanRun(FreeALRun):
     task_type = "ner"
     zero_shot_fallback = True
     skip_one_group_pool = True
+    llm_evidence = "logprobs"  # what of the LLM weighs in the score: its confidence and agreement across rounds;
+    # "agreement" alone; "" nothing (ablations: benchmarks/evidence_ablation.py)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -178,7 +183,35 @@ class SpanRun(FreeALRun):
         return judge_span_labels([decode_spans(lab) if lab is not None else None for lab in labels], predicted,
                                  doubt, np.array([bool(it.human_label) for it in items]),
                                  lambda i, spans: bio_tags(texts[i], spans, self.labels), words_right, person,
-                                 self.store.get_meta(f"slm_evidence_r{rnd}"))
+                                 self.store.get_meta(f"slm_evidence_r{rnd}"),
+                                 self._rounds_confidence(items, rnd - 1, logprobs=self.llm_evidence == "logprobs")
+                                 if self.llm_evidence else None,
+                                 self._self_agreement(items, rnd - 1))
+
+    def _rounds_confidence(self, items: Sequence[Item], upto_round: int, *, logprobs: bool = True) -> np.ndarray:
+        """Per item the LLM's evidence on its latest entity list up to refinement ``upto_round``: over every
+        round that asked the sentence, its confidence in the list it gave where that is the latest list (1
+        where the endpoint gave no logprobs, or with ``logprobs=False``: agreement alone), 0 where it gave
+        another list; averaged. NaN for people's labels, imported lists and sentences without an answer
+        (``detection.span_llm_evidence``)."""
+        latest = self._latest_answers(items, upto_round)
+        position = {it.item_id: i for i, it in enumerate(items) if not it.human_label}
+        total, asked = np.zeros(len(items)), np.zeros(len(items))
+        for stage in self._label_sources(upto_round):
+            for item_id, ann in self.store.annotations(stage).items():
+                if ann["label"] is None or ann["raw"] == IMPORTED or item_id not in position or item_id not in latest:
+                    continue
+                conf = ann["confidence"]
+                same = ann["label"] == latest[item_id]["label"]
+                total[position[item_id]] += (float(conf) if conf is not None and logprobs else 1.0) if same else 0.0
+                asked[position[item_id]] += 1
+        return np.where(asked > 0, total / np.maximum(asked, 1), np.nan)
+
+    def _agreement_of(self, pairs: Sequence[tuple[Item, str, str]]) -> SelfAgreement:
+        """Two entity lists per sentence compared word by word (BIO tags: a changed boundary or type counts
+        where it falls, as the tagger's kappa does)."""
+        return span_self_agreement([bio_tags(it.text, decode_spans(a), self.labels) for it, a, _ in pairs],
+                                   [bio_tags(it.text, decode_spans(b), self.labels) for it, _, b in pairs])
 
     def _slm_groups(self, items: Sequence[Item], rnd: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         labels, _ = self._current(items, rnd - 1)

@@ -23,7 +23,8 @@ Faults are queued with :meth:`FakeOpenAI.inject` and each one is consumed by one
 
 and, for the whole server: ``fickle`` (the share of labelling answers that are the first label whatever the
 text, chosen by a hash of the whole prompt: an LLM that does not know the task, leans to one class and
-answers the same text differently under other demonstrations), ``refuse_logprobs`` (a 400 for any request
+answers the same text differently under other demonstrations; for spans: the first mention only),
+``refuse_logprobs`` (a 400 for any request
 that asks for logprobs, in the words of OpenAI's reasoning models), ``delay`` (seconds added to every answer),
 ``serial`` (answer one request at a time, the rest waiting their turn, as llama.cpp's server with one slot
 does), :meth:`hold_after` (answer ``n`` requests, then keep every further one waiting until :meth:`release`)
@@ -383,7 +384,10 @@ class FakeOpenAI:
                                                       int(body.get("top_logprobs") or 5))}
         elif _TYPES.search(system) and text is not None:
             types = [x.strip() for x in _TYPES.search(system).group(1).split(",") if x.strip()]
-            content = json.dumps(choose_entities(text, types))
+            entities = choose_entities(text, types)
+            if int(request_key(messages), 16) % 1000 < 1000 * self.fickle:
+                entities = entities[:1]  # the first mention only, whatever the text
+            content = json.dumps(entities)
             if body.get("logprobs"):
                 logprobs = {"content": text_logprobs(content, certainty(text))}
         elif _SPAN_DEMO.search(last_user):

@@ -229,14 +229,22 @@ def test_ner_loop_tiny(tmp_path: Path) -> None:
     from tests.fake_openai import MODEL, FakeOpenAI
 
     stem = tmp_path / "ner_loop_n16_1.5b"  # a dot in the name: the files are <stem>.md/.json, not <stem minus .5b>
+    run_dir = tmp_path / "data" / "runs" / "ner"
     with FakeOpenAI() as fake:
-        _run(["benchmarks/ner_loop.py", "--n", "16", "--stride", "50", "--out", str(stem)], tmp_path,
-             LLM_BASE_URL=fake.base_url, LLM_MODEL=MODEL, FREEAL_SLM_FOLDS="2", FREEAL_SHOTS="2")
+        _run(["benchmarks/ner_loop.py", "--n", "16", "--stride", "50", "--out", str(stem), "--run-dir", str(run_dir)],
+             tmp_path, LLM_BASE_URL=fake.base_url, LLM_MODEL=MODEL, FREEAL_SLM_FOLDS="2", FREEAL_SHOTS="2")
     text = stem.with_name(stem.name + ".md").read_text()
     for row in ["Entities per stage", "| llm_r0 |", "| final |", "Review flag", "ECE", "Command (from the repository root)"]:
         assert row in text, row
     data = json.loads(stem.with_name(stem.name + ".json").read_text())
     assert data["n"] == 16 and set(data["stages"]) >= {"llm_r0", "slm_r1", "llm_r1", "final"}
+    # the finished span run re-judged with and without the LLM's evidence (no LLM call: none is reachable)
+    _run(["benchmarks/evidence_ablation.py", str(run_dir), "--name", "spans", "--out-dir", str(tmp_path)], tmp_path,
+         LLM_BASE_URL="http://127.0.0.1:9/v1", LLM_MODEL=MODEL)
+    ablation = json.loads((tmp_path / "evidence_ablation_spans.json").read_text())[0]
+    assert ablation["n"] == 16 and set(ablation["variants"]) >= {
+        "tagger alone", "tagger + LLM agreement over rounds", "tagger + LLM confidence and agreement over rounds"}
+    assert "exactly gold" in (tmp_path / "evidence_ablation_spans.md").read_text()
 
 
 def test_scale_tiny(tmp_path: Path) -> None:

@@ -1,4 +1,6 @@
 """The verdict on labels (detection.py): final label, score order, flag and run health, on arrays."""
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -232,20 +234,15 @@ def test_span_labels_near_chance_are_said_to_be_so_and_every_sentence_is_flagged
     assert (v.scores <= v.health.answered_accuracy + 1e-12).all()
 
 
-def test_a_weak_tagger_is_not_read_as_span_labels_near_chance() -> None:
-    """Entity lists 97 % right judged by a tagger too weak to name an entity (BC5CDR, 40 sentences: it found 7 %
-    of them, kappa 0.06). Its word probabilities still favour the label's tags, which shuffled tags do not get:
-    the lists are not near chance, run health blames the tagger, and not every sentence is flagged. Entity
-    lists unrelated to the text stay near chance under the same test."""
-    from freeal_backend.slm.detection import judge_span_labels, span_judge_evidence
+def _tagger_too_weak_to_name_an_entity(rng: np.random.Generator, n: int, words: int) -> tuple[
+        list, list, np.ndarray, Callable[[int, list], list[str]], list[np.ndarray]]:
+    """Entity lists 97 % right (word 0 of 40 % of the sentences is a chemical) and a tagger that names no
+    entity but gives a chemical a little more B: (labels, predicted, doubt, word_tags, word probabilities)."""
     from freeal_backend.spans import Span
 
-    rng = np.random.default_rng(5)
-    n, words = 200, 8
     a = Span(0, 5, "Chemical")
-    is_entity = rng.random(n) < 0.4  # word 0 of these sentences is a chemical
+    is_entity = rng.random(n) < 0.4
     labels = [[a] if e != (rng.random() < 0.03) else [] for e in is_entity]
-    predicted: list = [[] for _ in range(n)]  # the tagger names no entity
     tags = [np.array([1 if lab else 0] + [0] * (words - 1)) for lab in labels]  # O, B-Chemical, I-Chemical
     probs = []
     for e in is_entity:
@@ -257,8 +254,79 @@ def test_a_weak_tagger_is_not_read_as_span_labels_near_chance() -> None:
     def word_tags(i: int, spans: list) -> list[str]:
         return ["B-Chemical" if spans else "O"] + ["O"] * (words - 1)
 
+    return labels, [[] for _ in range(n)], doubt, word_tags, probs
+
+
+def test_span_lists_the_llm_changes_at_random_are_near_chance_whatever_a_weak_tagger_finds() -> None:
+    """The tagger too weak to name an entity (kappa ~0, above chance) leaves run health to the LLM's own
+    consistency, as for labels: lists that agree with themselves across rounds word by word at kappa below
+    ``SELF_NEAR_CHANCE_KAPPA`` are near chance (every sentence flagged); consistent ones are not."""
+    from freeal_backend.slm.detection import (SELF_NEAR_CHANCE_KAPPA, judge_span_labels, span_judge_evidence,
+                                              span_self_agreement)
+
+    n, words = 200, 8
+    labels, predicted, doubt, word_tags, probs = _tagger_too_weak_to_name_an_entity(np.random.default_rng(5), n, words)
+    evidence = span_judge_evidence(probs, [np.array([1 if lab else 0] + [0] * (words - 1)) for lab in labels])
+    first = [word_tags(i, lab) for i, lab in enumerate(labels)]
+    rng = np.random.default_rng(6)
+    again = [["O"] * words for _ in range(n)]  # re-asked: a chemical on a random word of 40 % of them
+    for tags in again:
+        if rng.random() < 0.4:
+            tags[rng.integers(words)] = "B-Chemical"
+    fickle, steady = span_self_agreement(first, again), span_self_agreement(first, first)
+    assert fickle.texts == n and fickle.changed > 40 and fickle.kappa < SELF_NEAR_CHANCE_KAPPA
+    assert steady == span_self_agreement(first, [list(t) for t in first]) and steady.changed == 0 and steady.kappa == 1
     human = np.zeros(n, dtype=bool)
-    evidence = span_judge_evidence(probs, tags)
+    v = judge_span_labels(labels, predicted, doubt, human, word_tags, evidence=evidence, llm_self=fickle)
+    assert v.health.verdict == "near_chance" and "entity lists look near chance" in v.health.message
+    assert "tag balance" in v.health.message and v.flagged.all() and v.health.llm_self_kappa == fickle.kappa
+    v = judge_span_labels(labels, predicted, doubt, human, word_tags, evidence=evidence, llm_self=steady)
+    assert v.health.verdict != "near_chance" and v.health.weak_side == "judge" and v.health.llm_self_kappa == 1.0
+
+
+def test_span_scores_weigh_the_llms_evidence_where_it_informs_and_only_there() -> None:
+    """The LLM's own evidence on a sentence's entity list (its confidence averaged over the rounds, 0 for a
+    round that gave another list) raises the ranking of wrong lists where it informs; a constant confidence
+    (an endpoint's uninformative 0.99, or every list repeated without logprobs), no confidence and too few
+    sentences with one leave the scores as they are; an unanswered sentence is never moved."""
+    from sklearn.metrics import roc_auc_score
+
+    from freeal_backend.slm.detection import (LLM_CALIBRATION_MIN, span_clean_probability, span_llm_evidence,
+                                              span_words_right)
+
+    rng = np.random.default_rng(0)
+    probs, tags, right = _weak_tagger_run(rng, tagger_errs=0.25)
+    n = len(right)
+    doubt = np.array([1.0 - p[np.arange(len(t)), t].min() for p, t in zip(probs, tags)])
+    base = span_clean_probability(doubt, None, span_words_right(probs, tags))
+    answered = np.ones(n, dtype=bool)
+    repeated = np.where(right, rng.random(n) < 0.9, rng.random(n) < 0.4)  # asked twice: the same list again?
+    sure = np.where(right, rng.uniform(0.6, 1.0, n), rng.uniform(0.2, 0.9, n))
+    conf = np.where(repeated, sure, sure / 2)
+    informed = span_llm_evidence(base, answered, conf)
+    assert roc_auc_score(~right, -informed) > roc_auc_score(~right, -base) + 0.02
+    few = np.where(np.arange(n) < LLM_CALIBRATION_MIN - 1, conf, np.nan)
+    for flat in (np.full(n, 0.99), np.full(n, np.nan), few, None):
+        assert np.array_equal(span_llm_evidence(base, answered, flat), base)
+    some = answered.copy()
+    some[:10] = False
+    assert np.array_equal(span_llm_evidence(base, some, conf)[:10], base[:10])
+
+
+def test_a_weak_tagger_is_not_read_as_span_labels_near_chance() -> None:
+    """Entity lists 97 % right judged by a tagger too weak to name an entity (BC5CDR, 40 sentences: it found 7 %
+    of them, kappa 0.06). Its word probabilities still favour the label's tags, which shuffled tags do not get:
+    the lists are not near chance, run health blames the tagger, and not every sentence is flagged. Entity
+    lists unrelated to the text stay near chance under the same test."""
+    from freeal_backend.slm.detection import judge_span_labels, span_judge_evidence
+    from freeal_backend.spans import Span
+
+    rng = np.random.default_rng(5)
+    n, words = 200, 8
+    a = Span(0, 5, "Chemical")
+    labels, predicted, doubt, word_tags, probs = _tagger_too_weak_to_name_an_entity(rng, n, words)
+    human = np.zeros(n, dtype=bool)
+    evidence = span_judge_evidence(probs, [np.array([1 if lab else 0] + [0] * (words - 1)) for lab in labels])
     assert evidence is not None and evidence["p_value"] < 0.01
     kappa_only = judge_span_labels(labels, predicted, doubt, human, word_tags)
     assert kappa_only.health.verdict == "near_chance"  # kappa 0: the old reading, which blamed the labels

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from freeal_backend.config import Settings
@@ -204,3 +205,29 @@ def test_people_spans_on_audit_sentences_are_blind_and_measure_the_entity_lists(
     assert sum(r.audit for r in results.values()) == 25
     assert health["audit"]["audited"] == 25 and health["audit"]["llm_right"] == right
     assert f"a random audit of 25 tasks found {right} of the LLM entity lists right" in health["message"]
+
+
+def test_the_llms_agreement_across_rounds_weighs_in_span_scores_and_run_health(tmp_path, encoder):
+    """An LLM that names only the first mention of some sentences (chosen by the whole prompt, so the
+    same sentence is answered otherwise under other demonstrations): the sentences whose entity list changed
+    between round 0 and the refinement lose far more of their score to the LLM's evidence than the others,
+    and run health records how the lists agree word by word (``llm_self_kappa``)."""
+    rows = shared_rows("bc5cdr", n=90, stride=17)
+    for r in rows[:3]:  # people's entity lists: demonstrations with entities for the refinement
+        r["human_spans"] = r["spans"]
+    items = rows_to_items(rows, task_type="ner")
+    with FakeOpenAI(fickle=0.3) as fake, make_run(tmp_path, fake, encoder) as run:
+        run.run(items, rounds=1)
+        r0, r1 = run.store.annotations("llm_r0"), run.store.annotations("llm_r1")
+        health = run.health()
+        with_llm = run._judge(items, 2).scores
+        evidence = run._rounds_confidence(items, 1)
+        run.llm_evidence = ""
+        tagger_alone = run._judge(items, 2).scores
+    changed = np.array([it.item_id in r1 and r1[it.item_id]["label"] != r0[it.item_id]["label"] for it in items])
+    kept = np.array([it.item_id in r1 and not changed[i] for i, it in enumerate(items)])
+    assert changed.sum() >= 10 and kept.sum() >= 10
+    assert (evidence[changed] <= 0.5 + 1e-9).all() and evidence[kept].mean() > 0.8
+    moved = with_llm - tagger_alone  # seen: changed -0.19 (0.20 -> 0.01), kept -0.05 (0.56 -> 0.51)
+    assert moved[changed].mean() < moved[kept].mean() - 0.1
+    assert 0.0 < health["llm_self_kappa"] < 1.0

@@ -155,6 +155,18 @@ def self_agreement(first: np.ndarray, again: np.ndarray) -> SelfAgreement:
     return SelfAgreement(len(first), changed, kappa_or_zero(first.tolist(), again.tolist()))
 
 
+def span_self_agreement(first: Sequence[Sequence[str]], again: Sequence[Sequence[str]]) -> SelfAgreement:
+    """The agreement of two entity lists per sentence, given as word tags (BIO, the same sentences in the
+    same order): a sentence changed when any tag did; kappa over all the words."""
+    if not first:
+        return SelfAgreement(0, 0, 0.0)
+    changed = sum(list(a) != list(b) for a, b in zip(first, again))
+    if changed == 0:
+        return SelfAgreement(len(first), 0, 1.0)
+    return SelfAgreement(len(first), changed, kappa_or_zero([t for a in first for t in a],
+                                                            [t for b in again for t in b]))
+
+
 @dataclass
 class Judgement:
     """Per text: final label, calibrated score, review flag and reasons; plus the run's health."""
@@ -455,7 +467,7 @@ def _level_llm_confidence(health: Health, own: float, calibrated: bool) -> Healt
     return replace(out, message=message, weak_side=out.weak_side or ("labels" if out.verdict == "poor" else ""))
 
 
-def _self_consistent(health: Health, agreement: SelfAgreement | None) -> Health:
+def _self_consistent(health: Health, agreement: SelfAgreement | None, what: str = "labels") -> Health:
     """``health`` with the LLM's agreement with itself: near chance where its two answers to the same texts
     agree with kappa below ``SELF_NEAR_CHANCE_KAPPA`` (from ``SELF_AGREEMENT_MIN`` texts on) and the small
     model agrees with the labels no more than their class balance explains (kappa below
@@ -463,7 +475,8 @@ def _self_consistent(health: Health, agreement: SelfAgreement | None) -> Health:
     small model then learns that balance and looks above chance (SUBJ with the 1.5B: 88 % of the texts
     "objective", gold 48 %; run health said 99 % right where 54 % were), so only the LLM's own inconsistency
     tells such labels from a rare class. A refinement that fixed many poor round-0 answers also changes them,
-    but leaves labels the small model learns (kappa with them above ``NEAR_CHANCE_KAPPA``)."""
+    but leaves labels the small model learns (kappa with them above ``NEAR_CHANCE_KAPPA``). ``what`` the
+    labels are called (entity lists: their kappas are over word tags)."""
     if agreement is None:
         return health
     health = replace(health, llm_self_kappa=agreement.kappa)
@@ -471,9 +484,10 @@ def _self_consistent(health: Health, agreement: SelfAgreement | None) -> Health:
             or health.kappa >= NEAR_CHANCE_KAPPA or health.verdict == "near_chance"):
         return health
     return replace(health, verdict="near_chance", weak_side="labels", message=(
-        f"the LLM labels look near chance: asked {agreement.texts} of the texts twice with different demonstrations, "
-        f"the LLM changed its answer on {agreement.changed}, and its two answers agree little beyond their class "
-        f"balance (kappa {agreement.kappa:.2f}), as does the small model trained on its labels (kappa "
+        f"the LLM {what} look near chance: asked {agreement.texts} of the texts twice with different demonstrations, "
+        f"the LLM changed its answer on {agreement.changed}, and its two answers agree little beyond their "
+        f"{'class' if what == 'labels' else 'tag'} balance (kappa {agreement.kappa:.2f}), as does the small model "
+        f"trained on its {what} (kappa "
         f"{health.kappa:.2f} with them): it does not know this task; do not trust them: use a stronger LLM "
         "endpoint (LLM_BASE_URL) or label some tasks by hand"))
 
@@ -910,11 +924,35 @@ def span_clean_probability(doubt: np.ndarray, include: np.ndarray | None = None,
     return out
 
 
+def span_llm_evidence(scores: np.ndarray, answered: np.ndarray, confidence: np.ndarray | None) -> np.ndarray:
+    """The answered sentences' scores with the LLM's own evidence on its entity list weighed in, as
+    :func:`judge` weighs its confidence in a class: ``confidence`` per sentence (NaN where unknown) is the
+    LLM's, averaged over every round that asked the sentence, a round whose list differed from the final one
+    counting 0 (so it carries the LLM's agreement with itself across rounds; without logprobs it is that
+    agreement alone). Never at face value: :func:`llm_likelihood_ratio` calibrates it against the tagger's
+    score, out of fold; each score's odds are multiplied by its ratio and the result pooled linearly with
+    the calibrated P(right | confidence) (the two views are not independent). Unchanged where the
+    confidence carries no information (one round without logprobs, a constant) or too few sentences have one."""
+    out = np.asarray(scores, dtype=np.float64).copy()
+    if confidence is None:
+        return out
+    conf = np.where(answered, np.asarray(confidence, dtype=np.float64), np.nan)
+    ratio, llm_right = llm_likelihood_ratio(conf, out)
+    rows = np.flatnonzero(answered & (ratio != 1.0))
+    if not len(rows):
+        return out
+    p = np.clip(out[rows], 1e-6, 1 - 1e-6)
+    weighed = p * ratio[rows] / (p * ratio[rows] + 1 - p)
+    out[rows] = np.where(np.isnan(llm_right[rows]), weighed, (weighed + llm_right[rows]) / 2)
+    return out
+
+
 def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequence[Sequence[Span]],
                       doubt: np.ndarray, human: np.ndarray, word_tags: Callable[[int, Sequence[Span]], list[str]],
                       words_right: np.ndarray | None = None,
                       audit_labels: Sequence[Sequence[Span] | None] | None = None,
-                      evidence: dict[str, float] | None = None) -> SpanVerdict:
+                      evidence: dict[str, float] | None = None, llm_confidence: np.ndarray | None = None,
+                      llm_self: SelfAgreement | None = None) -> SpanVerdict:
     """The verdict on span labels from the held-out tagger's spans and doubt (pure, no model).
 
     ``labels``: per sentence the label spans, None where the LLM gave no usable answer; ``predicted``:
@@ -922,10 +960,13 @@ def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequen
     for some word); ``word_tags(i, spans)``: sentence i's word-level BIO tags for ``spans`` (for kappa);
     ``words_right``: :func:`span_words_right` per sentence (NaN where unknown); ``audit_labels``: a
     person's spans on the random audit sentences, None elsewhere (blind, as for labels: see :func:`judge`);
-    ``evidence``: :func:`span_judge_evidence` of the round's tagger (without it, kappa alone decides).
+    ``evidence``: :func:`span_judge_evidence` of the round's tagger (without it, kappa alone decides);
+    ``llm_confidence``: the LLM's own evidence per sentence (:func:`span_llm_evidence`); ``llm_self``: its
+    agreement with itself across rounds, over word tags (near chance as for labels: :func:`_self_consistent`).
     A sentence's score is P(its spans are right) (:func:`span_clean_probability` over the answered
-    sentences); it is flagged when the LLM gave no answer, or the score is below ``SPAN_FLAG_BELOW`` and
-    the tagger disagrees with the label (a missing, spurious, wrong-type or wrong-boundary span).
+    sentences, with the LLM's evidence); it is flagged when the LLM gave no answer, or the score is below
+    ``SPAN_FLAG_BELOW`` and the tagger disagrees with the label (a missing, spurious, wrong-type or
+    wrong-boundary span).
     Health: agreement = share of answered sentences whose label the tagger reproduces exactly; kappa over
     the word tags of the answered sentences; estimated accuracy = mean score x coverage. Entity lists near
     chance (the permutation test of ``evidence``) are said to be so and every sentence is flagged, as for
@@ -936,7 +977,8 @@ def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequen
     human = np.asarray(human, dtype=bool)
     answered = np.array([lab is not None for lab in labels]) & ~human
     judgements = [judge_spans(labels[i] or [], predicted[i]) if answered[i] else [] for i in range(n)]
-    scores = np.where(answered, span_clean_probability(doubt, answered, words_right), 0.0)
+    scores = np.where(answered, span_llm_evidence(span_clean_probability(doubt, answered, words_right), answered,
+                                                  llm_confidence), 0.0)
     scores[human] = 1.0
     judged = ~human
     n_judged, n_answered = int(judged.sum()), int(answered.sum())
@@ -954,8 +996,9 @@ def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequen
         answered_acc = float(scores[answered].mean())
         p_value = None if evidence is None else float(evidence["p_value"])
         weak = evidence is not None and float(evidence["judge_agreement"]) < WEAK_JUDGE_BELOW
-        health = _verdict(answered_acc * coverage, answered_acc, coverage, agreement, kappa, "entity lists",
-                          p_value=p_value, weak_judge=weak)
+        health = _self_consistent(_verdict(answered_acc * coverage, answered_acc, coverage, agreement, kappa,
+                                           "entity lists", p_value=p_value, weak_judge=weak), llm_self,
+                                  "entity lists")
     disputed_at = scores.copy()  # a disputed sentence is flagged below SPAN_FLAG_BELOW (before any near-chance cap)
     if health.verdict == "near_chance":  # as for labels: say so, flag every sentence, no score above the estimate
         scores[~human] = np.minimum(scores[~human], health.answered_accuracy)
