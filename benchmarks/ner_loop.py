@@ -8,7 +8,8 @@ reports per stage entity precision/recall/F1 (seqeval, exact spans) overall and 
 sentences the LLM answered (unanswered sentences are counted apart, never as wrong answers), the review
 flag's precision/recall for sentences whose final spans are not exactly the gold ones, the ECE of the
 sentence score, mentions dropped while locating the LLM's answers, LLM calls and tokens, stage times and
-peak RSS. Writes ``benchmarks/results/ner_loop_n<N>.md`` and ``.json``.
+peak RSS, and how the score of each span the LLM gave ranks and matches the spans exactly in gold. Writes
+``benchmarks/results/ner_loop_n<N>.md`` and ``.json``.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +28,7 @@ from _common import DATA, RESULTS, beside, current_peak_mib, fmt_table, loadavg,
 
 from freeal_backend.config import Settings  # noqa: E402
 from freeal_backend.dataio import rows_to_items  # noqa: E402
+from freeal_backend.metrics import expected_calibration_error  # noqa: E402
 from freeal_backend.loop_spans import SpanRun  # noqa: E402
 from freeal_backend.span_eval import entity_scores  # noqa: E402
 from freeal_backend.spans import decode_spans  # noqa: E402
@@ -33,15 +36,27 @@ from freeal_backend.spans import decode_spans  # noqa: E402
 TYPES = ["Chemical", "Disease"]
 
 
-def ece(scores: np.ndarray, right: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error of ``scores`` as P(right), equal-width bins."""
-    edges = np.linspace(0, 1, bins + 1)
-    total = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        inside = (scores >= lo) & ((scores < hi) | (hi == 1.0))
-        if inside.any():
-            total += inside.mean() * abs(scores[inside].mean() - right[inside].mean())
-    return float(total)
+def region_scores(results: list[Any], by_id: dict[str, Any]) -> dict[str, float]:
+    """The score of each span the LLM gave in the final lists (not people's, not the tagger's) against gold:
+    a region is right when its start, end and type are a gold span's."""
+    from sklearn.metrics import roc_auc_score
+
+    score, right = [], []
+    for r in results:
+        if r.source != "llm":
+            continue
+        gold = {(s.start, s.end, s.label) for s in decode_spans(by_id[r.item_id].gold)}
+        for s in r.spans or []:
+            score.append(np.nan if s["score"] is None else float(s["score"]))
+            right.append((s["start"], s["end"], s["label"]) in gold)
+    sc, ok = np.array(score, dtype=float), np.array(right, dtype=bool)
+    has = ~np.isnan(sc)
+    both = has.any() and 0 < ok[has].sum() < has.sum()
+    return {"regions": len(sc), "right": int(ok.sum()), "scored": int(has.sum()),
+            "auroc": float(roc_auc_score(~ok[has], -sc[has])) if both else float("nan"),
+            "ece": expected_calibration_error(sc[has], ok[has]) if has.any() else float("nan"),
+            "mean_score": float(sc[has].mean()) if has.any() else float("nan"),
+            "right_share_scored": float(ok[has].mean()) if has.any() else float("nan")}
 
 
 def main() -> int:
@@ -98,12 +113,13 @@ def main() -> int:
         "answered_wrong_flagged": int((flagged & answered_wrong).sum()),
         "precision_answered": float((flagged & answered_wrong).sum() / max(1, (flagged & ~unanswered).sum())),
         "recall_answered": float((flagged & answered_wrong).sum() / max(1, answered_wrong.sum())),
-        "ece_answered": ece(score[~unanswered], (~wrong)[~unanswered]) if (~unanswered).any() else float("nan"),
+        "ece_answered": expected_calibration_error(score[~unanswered], (~wrong)[~unanswered]) if (~unanswered).any() else float("nan"),
     }
+    regions = region_scores(results, by_id)
     out = {"n": len(items), "split": args.split, "stride": args.stride, "rounds": args.rounds, "model": model,
            "llm_base_url": "embedded" if not settings.llm_base_url else "set", "wall_s": wall, "timings": timings,
            "peak_rss_mib": current_peak_mib(), "llm": llm, "health": health, "demos": demos, "dropped": dropped,
-           "stages": per_stage, "flag": flag}
+           "stages": per_stage, "flag": flag, "regions": regions}
     stem = Path(args.out) if args.out else RESULTS / f"ner_loop_n{len(items)}"
     md = beside(stem, ".md")
     beside(stem, ".json").write_text(json.dumps(out, indent=2, default=float))
@@ -123,6 +139,11 @@ def main() -> int:
         f"{100 * flag['precision_answered']:.1f} % among flagged answered sentences)\n"
         f"- ECE of the sentence score as P(spans exactly right), answered sentences: {flag['ece_answered']:.3f}\n"
         f"- run health: {health['message'] if health else 'not estimated'}\n\n"
+        "### Region scores\n\n"
+        f"The LLM's spans in the final lists: {regions['regions']}, of them {regions['right']} exactly in gold "
+        f"(start, end and type); {regions['scored']} carry a score: AUROC for wrong regions first "
+        f"{regions['auroc']:.3f}, ECE {regions['ece']:.3f}, mean score {regions['mean_score']:.3f} against "
+        f"{regions['right_share_scored']:.3f} right.\n\n"
         f"### Cost\n\nwall {wall:.0f} s; per stage (s): "
         + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
         + f"; peak RSS {current_peak_mib():.0f} MiB; LLM {json.dumps(llm)}; mentions dropped while locating "

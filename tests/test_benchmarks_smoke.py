@@ -234,10 +234,12 @@ def test_ner_loop_tiny(tmp_path: Path) -> None:
         _run(["benchmarks/ner_loop.py", "--n", "16", "--stride", "50", "--out", str(stem), "--run-dir", str(run_dir)],
              tmp_path, LLM_BASE_URL=fake.base_url, LLM_MODEL=MODEL, FREEAL_SLM_FOLDS="2", FREEAL_SHOTS="2")
     text = stem.with_name(stem.name + ".md").read_text()
-    for row in ["Entities per stage", "| llm_r0 |", "| final |", "Review flag", "ECE", "Command (from the repository root)"]:
+    for row in ["Entities per stage", "| llm_r0 |", "| final |", "Review flag", "ECE", "Region scores",
+                "Command (from the repository root)"]:
         assert row in text, row
     data = json.loads(stem.with_name(stem.name + ".json").read_text())
     assert data["n"] == 16 and set(data["stages"]) >= {"llm_r0", "slm_r1", "llm_r1", "final"}
+    assert 0 < data["regions"]["scored"] <= data["regions"]["regions"]  # the fake LLM gives logprobs
     # the finished span run re-judged with and without the LLM's evidence (no LLM call: none is reachable)
     _run(["benchmarks/evidence_ablation.py", str(run_dir), "--name", "spans", "--out-dir", str(tmp_path)], tmp_path,
          LLM_BASE_URL="http://127.0.0.1:9/v1", LLM_MODEL=MODEL)

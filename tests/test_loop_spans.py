@@ -211,13 +211,15 @@ def test_the_llms_agreement_across_rounds_weighs_in_span_scores_and_run_health(t
     """An LLM that names only the first mention of some sentences (chosen by the whole prompt, so the
     same sentence is answered otherwise under other demonstrations): the sentences whose entity list changed
     between round 0 and the refinement lose far more of their score to the LLM's evidence than the others,
-    and run health records how the lists agree word by word (``llm_self_kappa``)."""
+    and run health records how the lists agree word by word (``llm_self_kappa``). Each span's own score is
+    the LLM's confidence in it averaged over the rounds that asked the sentence, 0 where a round did not
+    name it (not the last answer's confidence alone)."""
     rows = shared_rows("bc5cdr", n=90, stride=17)
     for r in rows[:3]:  # people's entity lists: demonstrations with entities for the refinement
         r["human_spans"] = r["spans"]
     items = rows_to_items(rows, task_type="ner")
     with FakeOpenAI(fickle=0.3) as fake, make_run(tmp_path, fake, encoder) as run:
-        run.run(items, rounds=1)
+        results = run.run(items, rounds=1)
         r0, r1 = run.store.annotations("llm_r0"), run.store.annotations("llm_r1")
         health = run.health()
         with_llm = run._judge(items, 2).scores
@@ -231,3 +233,13 @@ def test_the_llms_agreement_across_rounds_weighs_in_span_scores_and_run_health(t
     moved = with_llm - tagger_alone  # seen: changed -0.19 (0.20 -> 0.01), kept -0.05 (0.56 -> 0.51)
     assert moved[changed].mean() < moved[kept].mean() - 0.1
     assert 0.0 < health["llm_self_kappa"] < 1.0
+    once = 0
+    for res in results:
+        if res.source != "llm":
+            continue
+        asked = [a[res.item_id] for a in (r0, r1) if res.item_id in a and a[res.item_id]["label"] is not None]
+        for span in res.spans or []:
+            key = f"{span['start']}:{span['end']}:{span['label']}"
+            assert span["score"] == pytest.approx(sum(a["probs"].get(key, 0.0) for a in asked) / len(asked))
+            once += sum(key in a["probs"] for a in asked) < len(asked)
+    assert once >= 5  # spans only one round named: half the confidence of the round that did
