@@ -113,7 +113,8 @@ def main() -> int:
         "answered_wrong_flagged": int((flagged & answered_wrong).sum()),
         "precision_answered": float((flagged & answered_wrong).sum() / max(1, (flagged & ~unanswered).sum())),
         "recall_answered": float((flagged & answered_wrong).sum() / max(1, answered_wrong.sum())),
-        "ece_answered": expected_calibration_error(score[~unanswered], (~wrong)[~unanswered]) if (~unanswered).any() else float("nan"),
+        "ece_answered": (expected_calibration_error(score[~unanswered], (~wrong)[~unanswered])
+                         if (~unanswered).any() else float("nan")),
     }
     regions = region_scores(results, by_id)
     out = {"n": len(items), "split": args.split, "stride": args.stride, "rounds": args.rounds, "model": model,

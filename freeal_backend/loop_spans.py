@@ -191,10 +191,11 @@ class SpanRun(FreeALRun):
 
     def _rounds_confidence(self, items: Sequence[Item], upto_round: int, *, logprobs: bool = True) -> np.ndarray:
         """Per item the LLM's evidence on its latest entity list up to refinement ``upto_round``: over every
-        round that asked the sentence, its confidence in the list it gave where that is the latest list (1
-        where the endpoint gave no logprobs, or with ``logprobs=False``: agreement alone), 0 where it gave
-        another list; averaged. NaN for people's labels, imported lists and sentences without an answer
-        (``detection.span_llm_evidence``)."""
+        round that asked the sentence, its confidence in the list it gave where that is the latest list, 0
+        where it gave another list; averaged (``detection.span_llm_evidence``). NaN where a round gave the
+        latest list without a confidence (no logprobs: the agreement alone did not help the ranking on two
+        BC5CDR runs, evidence_ablation_ner_n200_1.5b.md), for people's labels, imported lists and sentences
+        without an answer. ``logprobs=False``: the agreement alone, every confidence taken as 1 (ablations)."""
         latest = self._latest_answers(items, upto_round)
         position = {it.item_id: i for i, it in enumerate(items) if not it.human_label}
         total, asked = np.zeros(len(items)), np.zeros(len(items))
@@ -202,10 +203,10 @@ class SpanRun(FreeALRun):
             for item_id, ann in self.store.annotations(stage).items():
                 if ann["label"] is None or ann["raw"] == IMPORTED or item_id not in position or item_id not in latest:
                     continue
-                conf = ann["confidence"]
-                same = ann["label"] == latest[item_id]["label"]
-                total[position[item_id]] += (float(conf) if conf is not None and logprobs else 1.0) if same else 0.0
-                asked[position[item_id]] += 1
+                i, conf = position[item_id], ann["confidence"]
+                if ann["label"] == latest[item_id]["label"]:
+                    total[i] += 1.0 if not logprobs else np.nan if conf is None else float(conf)
+                asked[i] += 1
         return np.where(asked > 0, total / np.maximum(asked, 1), np.nan)
 
     def _region_scores(self, items: Sequence[Item], upto_round: int) -> dict[str, dict[str, float]]:

@@ -243,3 +243,23 @@ def test_the_llms_agreement_across_rounds_weighs_in_span_scores_and_run_health(t
             assert span["score"] == pytest.approx(sum(a["probs"].get(key, 0.0) for a in asked) / len(asked))
             once += sum(key in a["probs"] for a in asked) < len(asked)
     assert once >= 5  # spans only one round named: half the confidence of the round that did
+
+
+def test_without_logprobs_the_llms_rounds_leave_the_span_scores_to_the_tagger(tmp_path, encoder):
+    """An endpoint that gives no logprobs (a 400 for them; the client asks on without): the LLM's agreement
+    with itself across rounds alone did not help the ranking on two BC5CDR runs
+    (benchmarks/results/evidence_ablation_ner_n200_1.5b.md), so it moves no sentence score, and no span
+    claims a score it does not have."""
+    rows = shared_rows("bc5cdr", n=90, stride=17)
+    for r in rows[:3]:
+        r["human_spans"] = r["spans"]
+    items = rows_to_items(rows, task_type="ner")
+    with FakeOpenAI(fickle=0.3, refuse_logprobs=True) as fake, make_run(tmp_path, fake, encoder) as run:
+        results = run.run(items, rounds=1)
+        r0, r1 = run.store.annotations("llm_r0"), run.store.annotations("llm_r1")
+        with_llm = run._judge(items, 2).scores
+        run.llm_evidence = ""
+        tagger_alone = run._judge(items, 2).scores
+    assert sum(k in r0 and r1[k]["label"] != r0[k]["label"] for k in r1) >= 10  # lists did change
+    assert np.array_equal(with_llm, tagger_alone)
+    assert all(span["score"] is None for res in results if res.source == "llm" for span in res.spans or [])

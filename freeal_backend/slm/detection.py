@@ -928,11 +928,11 @@ def span_llm_evidence(scores: np.ndarray, answered: np.ndarray, confidence: np.n
     """The answered sentences' scores with the LLM's own evidence on its entity list weighed in, as
     :func:`judge` weighs its confidence in a class: ``confidence`` per sentence (NaN where unknown) is the
     LLM's, averaged over every round that asked the sentence, a round whose list differed from the final one
-    counting 0 (so it carries the LLM's agreement with itself across rounds; without logprobs it is that
-    agreement alone). Never at face value: :func:`llm_likelihood_ratio` calibrates it against the tagger's
+    counting 0 (so it carries the LLM's agreement with itself across rounds; NaN without logprobs). Never
+    at face value: :func:`llm_likelihood_ratio` calibrates it against the tagger's
     score, out of fold; each score's odds are multiplied by its ratio and the result pooled linearly with
     the calibrated P(right | confidence) (the two views are not independent). Unchanged where the
-    confidence carries no information (one round without logprobs, a constant) or too few sentences have one."""
+    confidence carries no information (a constant) or too few sentences have one."""
     out = np.asarray(scores, dtype=np.float64).copy()
     if confidence is None:
         return out
