@@ -28,7 +28,7 @@ from _common import DATA, RESULTS, beside, current_peak_mib, fmt_table, loadavg,
 
 from freeal_backend.config import Settings  # noqa: E402
 from freeal_backend.dataio import rows_to_items  # noqa: E402
-from freeal_backend.metrics import expected_calibration_error  # noqa: E402
+from freeal_backend.metrics import expected_calibration_error, review_scores  # noqa: E402
 from freeal_backend.loop_spans import SpanRun  # noqa: E402
 from freeal_backend.span_eval import entity_scores  # noqa: E402
 from freeal_backend.spans import decode_spans  # noqa: E402
@@ -39,8 +39,6 @@ TYPES = ["Chemical", "Disease"]
 def region_scores(results: list[Any], by_id: dict[str, Any]) -> dict[str, float]:
     """The score of each span the LLM gave in the final lists (not people's, not the tagger's) against gold:
     a region is right when its start, end and type are a gold span's."""
-    from sklearn.metrics import roc_auc_score
-
     score, right = [], []
     for r in results:
         if r.source != "llm":
@@ -51,9 +49,8 @@ def region_scores(results: list[Any], by_id: dict[str, Any]) -> dict[str, float]
             right.append((s["start"], s["end"], s["label"]) in gold)
     sc, ok = np.array(score, dtype=float), np.array(right, dtype=bool)
     has = ~np.isnan(sc)
-    both = has.any() and 0 < ok[has].sum() < has.sum()
     return {"regions": len(sc), "right": int(ok.sum()), "scored": int(has.sum()),
-            "auroc": float(roc_auc_score(~ok[has], -sc[has])) if both else float("nan"),
+            "auroc": review_scores(sc[has], ~ok[has])["auroc"],
             "ece": expected_calibration_error(sc[has], ok[has]) if has.any() else float("nan"),
             "mean_score": float(sc[has].mean()) if has.any() else float("nan"),
             "right_share_scored": float(ok[has].mean()) if has.any() else float("nan")}

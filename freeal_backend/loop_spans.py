@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -189,6 +189,17 @@ class SpanRun(FreeALRun):
                                  if self.llm_evidence else None,
                                  self._self_agreement(items, rnd - 1))
 
+    def _answers_over_rounds(self, items: Sequence[Item], upto_round: int
+                             ) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+        """Every LLM answer with an entity list up to refinement ``upto_round`` to a sentence no person
+        labelled, as (item id, answer, that sentence's latest answer); imported lists left out."""
+        latest = self._latest_answers(items, upto_round)
+        machine = {it.item_id for it in items if not it.human_label and it.item_id in latest}
+        for stage in self._label_sources(upto_round):
+            for item_id, ann in self.store.annotations(stage).items():
+                if item_id in machine and ann["label"] is not None and ann["raw"] != IMPORTED:
+                    yield item_id, ann, latest[item_id]
+
     def _rounds_confidence(self, items: Sequence[Item], upto_round: int, *, logprobs: bool = True) -> np.ndarray:
         """Per item the LLM's evidence on its latest entity list up to refinement ``upto_round``: over every
         round that asked the sentence, its confidence in the list it gave where that is the latest list, 0
@@ -196,17 +207,13 @@ class SpanRun(FreeALRun):
         latest list without a confidence (no logprobs: the agreement alone did not help the ranking on two
         BC5CDR runs, evidence_ablation_ner_n200_1.5b.md), for people's labels, imported lists and sentences
         without an answer. ``logprobs=False``: the agreement alone, every confidence taken as 1 (ablations)."""
-        latest = self._latest_answers(items, upto_round)
-        position = {it.item_id: i for i, it in enumerate(items) if not it.human_label}
+        position = {it.item_id: i for i, it in enumerate(items)}
         total, asked = np.zeros(len(items)), np.zeros(len(items))
-        for stage in self._label_sources(upto_round):
-            for item_id, ann in self.store.annotations(stage).items():
-                if ann["label"] is None or ann["raw"] == IMPORTED or item_id not in position or item_id not in latest:
-                    continue
-                i, conf = position[item_id], ann["confidence"]
-                if ann["label"] == latest[item_id]["label"]:
-                    total[i] += 1.0 if not logprobs else np.nan if conf is None else float(conf)
-                asked[i] += 1
+        for item_id, ann, last in self._answers_over_rounds(items, upto_round):
+            i, conf = position[item_id], ann["confidence"]
+            if ann["label"] == last["label"]:
+                total[i] += 1.0 if not logprobs else np.nan if conf is None else float(conf)
+            asked[i] += 1
         return np.where(asked > 0, total / np.maximum(asked, 1), np.nan)
 
     def _region_scores(self, items: Sequence[Item], upto_round: int) -> dict[str, dict[str, float]]:
@@ -215,25 +222,20 @@ class SpanRun(FreeALRun):
         (benchmarks/results/ner_loop_n200_1.5b_regions.md: AUROC for wrong spans 0.668 -> 0.749, ECE 0.127 ->
         0.071 against the last answer's confidence alone); none where a round that named it gave no logprobs.
         People's and imported lists get none."""
-        latest = self._latest_answers(items, upto_round)
-        wanted = {it.item_id: {span_key(s) for s in decode_spans(str(latest[it.item_id]["label"]))}
-                  for it in items if it.item_id in latest and not it.human_label}
-        total: dict[str, Counter[str]] = {k: Counter() for k in wanted}
-        unknown: dict[str, set[str]] = {k: set() for k in wanted}
+        wanted: dict[str, set[str]] = {}
+        total: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        unknown: defaultdict[str, set[str]] = defaultdict(set)
         asked: Counter[str] = Counter()
-        for stage in self._label_sources(upto_round):
-            for item_id, ann in self.store.annotations(stage).items():
-                if item_id not in wanted or ann["label"] is None or ann["raw"] == IMPORTED:
-                    continue
-                asked[item_id] += 1
-                named = {span_key(s): s.score for s in decode_spans(ann["label"], ann["probs"])}
-                for key in wanted[item_id] & set(named):
-                    if named[key] is None:
-                        unknown[item_id].add(key)
-                    else:
-                        total[item_id][key] += named[key]
-        return {k: {key: total[k][key] / asked[k] for key in keys - unknown[k]}
-                for k, keys in wanted.items() if asked[k]}
+        for item_id, ann, last in self._answers_over_rounds(items, upto_round):
+            keys = wanted.setdefault(item_id, {span_key(s) for s in decode_spans(str(last["label"]))})
+            asked[item_id] += 1
+            named = {span_key(s): s.score for s in decode_spans(ann["label"], ann["probs"])}
+            for key in keys & set(named):
+                if named[key] is None:
+                    unknown[item_id].add(key)
+                else:
+                    total[item_id][key] += named[key]
+        return {k: {key: total[k][key] / asked[k] for key in keys - unknown[k]} for k, keys in wanted.items()}
 
     def _agreement_of(self, pairs: Sequence[tuple[Item, str, str]]) -> SelfAgreement:
         """Two entity lists per sentence compared word by word (BIO tags: a changed boundary or type counts

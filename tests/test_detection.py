@@ -235,9 +235,10 @@ def test_span_labels_near_chance_are_said_to_be_so_and_every_sentence_is_flagged
 
 
 def _tagger_too_weak_to_name_an_entity(rng: np.random.Generator, n: int, words: int) -> tuple[
-        list, list, np.ndarray, Callable[[int, list], list[str]], list[np.ndarray]]:
+        list, list, np.ndarray, Callable[[int, list], list[str]], list[np.ndarray], list[np.ndarray]]:
     """Entity lists 97 % right (word 0 of 40 % of the sentences is a chemical) and a tagger that names no
-    entity but gives a chemical a little more B: (labels, predicted, doubt, word_tags, word probabilities)."""
+    entity but gives a chemical a little more B: (labels, predicted, doubt, word_tags, word probabilities,
+    the labels' word tag ids)."""
     from freeal_backend.spans import Span
 
     a = Span(0, 5, "Chemical")
@@ -254,7 +255,7 @@ def _tagger_too_weak_to_name_an_entity(rng: np.random.Generator, n: int, words: 
     def word_tags(i: int, spans: list) -> list[str]:
         return ["B-Chemical" if spans else "O"] + ["O"] * (words - 1)
 
-    return labels, [[] for _ in range(n)], doubt, word_tags, probs
+    return labels, [[] for _ in range(n)], doubt, word_tags, probs, tags
 
 
 def test_span_lists_the_llm_changes_at_random_are_near_chance_whatever_a_weak_tagger_finds() -> None:
@@ -265,8 +266,9 @@ def test_span_lists_the_llm_changes_at_random_are_near_chance_whatever_a_weak_ta
                                               span_self_agreement)
 
     n, words = 200, 8
-    labels, predicted, doubt, word_tags, probs = _tagger_too_weak_to_name_an_entity(np.random.default_rng(5), n, words)
-    evidence = span_judge_evidence(probs, [np.array([1 if lab else 0] + [0] * (words - 1)) for lab in labels])
+    labels, predicted, doubt, word_tags, probs, tags = _tagger_too_weak_to_name_an_entity(np.random.default_rng(5),
+                                                                                          n, words)
+    evidence = span_judge_evidence(probs, tags)
     first = [word_tags(i, lab) for i, lab in enumerate(labels)]
     rng = np.random.default_rng(6)
     again = [["O"] * words for _ in range(n)]  # re-asked: a chemical on a random word of 40 % of them
@@ -324,9 +326,9 @@ def test_a_weak_tagger_is_not_read_as_span_labels_near_chance() -> None:
     rng = np.random.default_rng(5)
     n, words = 200, 8
     a = Span(0, 5, "Chemical")
-    labels, predicted, doubt, word_tags, probs = _tagger_too_weak_to_name_an_entity(rng, n, words)
+    labels, predicted, doubt, word_tags, probs, tags = _tagger_too_weak_to_name_an_entity(rng, n, words)
     human = np.zeros(n, dtype=bool)
-    evidence = span_judge_evidence(probs, [np.array([1 if lab else 0] + [0] * (words - 1)) for lab in labels])
+    evidence = span_judge_evidence(probs, tags)
     assert evidence is not None and evidence["p_value"] < 0.01
     kappa_only = judge_span_labels(labels, predicted, doubt, human, word_tags)
     assert kappa_only.health.verdict == "near_chance"  # kappa 0: the old reading, which blamed the labels

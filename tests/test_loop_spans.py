@@ -34,6 +34,15 @@ def make_run(tmp_path, fake, encoder, **overrides):
     return SpanRun(settings, TYPES, tmp_path / "run", llm=client, encoder=encoder)
 
 
+def sentences_with_people_lists() -> list:
+    """90 BC5CDR sentences, the first 3 with people's entity lists (demonstrations with entities for the
+    refinement: a tagger trained on 90 sentences agrees with the LLM only where there is no entity)."""
+    rows = shared_rows("bc5cdr", n=90, stride=17)
+    for r in rows[:3]:
+        r["human_spans"] = r["spans"]
+    return rows_to_items(rows, task_type="ner")
+
+
 def test_span_rows_become_encoded_labels_and_the_task_type_is_inferred():
     rows = shared_rows("bc5cdr", n=3)
     assert infer_task_type(rows) == "ner" and infer_task_type([{"text": "a", "label": "x"}]) == "classification"
@@ -47,10 +56,7 @@ def test_span_rows_become_encoded_labels_and_the_task_type_is_inferred():
 
 
 def test_span_loop_labels_judges_and_refines_every_sentence_outside_the_pool(tmp_path, encoder):
-    rows = shared_rows("bc5cdr", n=90, stride=17)
-    for r in rows[:3]:
-        r["human_spans"] = r["spans"]
-    items = rows_to_items(rows, task_type="ner")
+    items = sentences_with_people_lists()
     human = {it.text for it in items if it.human_label}
     with FakeOpenAI() as fake, make_run(tmp_path, fake, encoder) as run:
         results = run.run(items, rounds=1)
@@ -214,10 +220,7 @@ def test_the_llms_agreement_across_rounds_weighs_in_span_scores_and_run_health(t
     and run health records how the lists agree word by word (``llm_self_kappa``). Each span's own score is
     the LLM's confidence in it averaged over the rounds that asked the sentence, 0 where a round did not
     name it (not the last answer's confidence alone)."""
-    rows = shared_rows("bc5cdr", n=90, stride=17)
-    for r in rows[:3]:  # people's entity lists: demonstrations with entities for the refinement
-        r["human_spans"] = r["spans"]
-    items = rows_to_items(rows, task_type="ner")
+    items = sentences_with_people_lists()
     with FakeOpenAI(fickle=0.3) as fake, make_run(tmp_path, fake, encoder) as run:
         results = run.run(items, rounds=1)
         r0, r1 = run.store.annotations("llm_r0"), run.store.annotations("llm_r1")
@@ -250,10 +253,7 @@ def test_without_logprobs_the_llms_rounds_leave_the_span_scores_to_the_tagger(tm
     with itself across rounds alone did not help the ranking on two BC5CDR runs
     (benchmarks/results/evidence_ablation_ner_n200_1.5b.md), so it moves no sentence score, and no span
     claims a score it does not have."""
-    rows = shared_rows("bc5cdr", n=90, stride=17)
-    for r in rows[:3]:
-        r["human_spans"] = r["spans"]
-    items = rows_to_items(rows, task_type="ner")
+    items = sentences_with_people_lists()
     with FakeOpenAI(fickle=0.3, refuse_logprobs=True) as fake, make_run(tmp_path, fake, encoder) as run:
         results = run.run(items, rounds=1)
         r0, r1 = run.store.annotations("llm_r0"), run.store.annotations("llm_r1")

@@ -941,9 +941,9 @@ def span_llm_evidence(scores: np.ndarray, answered: np.ndarray, confidence: np.n
     rows = np.flatnonzero(answered & (ratio != 1.0))
     if not len(rows):
         return out
-    p = np.clip(out[rows], 1e-6, 1 - 1e-6)
-    weighed = p * ratio[rows] / (p * ratio[rows] + 1 - p)
-    out[rows] = np.where(np.isnan(llm_right[rows]), weighed, (weighed + llm_right[rows]) / 2)
+    binary = np.stack([1.0 - out[rows], out[rows]], axis=1)  # P(wrong), P(right): "right" is the label
+    right = np.ones(len(rows), dtype=int)
+    out[rows] = _pool_label(_weigh_label(binary, right, ratio[rows]), right, llm_right[rows])[:, 1]
     return out
 
 
