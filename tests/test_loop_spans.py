@@ -128,6 +128,15 @@ def test_span_run_resumes_without_asking_again_and_keeps_long_documents_in_bound
         SpanRun(Settings(slm_min_steps=0, data_dir=tmp_path), ["Chemical", "Gene"], tmp_path / "run")
 
 
+def test_the_tagger_takes_its_recipe_from_the_settings(tmp_path, encoder):
+    """FREEAL_SLM_MIN_STEPS reaches the span tagger as it reaches the class SLM (it used to be dropped: 2 epochs
+    over 200 sentences were 10 optimiser steps)."""
+    settings = Settings(slm_min_steps=50, slm_epochs=2, seed=3, data_dir=tmp_path)
+    with SpanRun(settings, TYPES, tmp_path / "run") as run:
+        cfg = run.tagger_config(1)
+    assert (cfg.min_steps, cfg.epochs, cfg.seed, cfg.max_length) == (50, 2, 4, settings.max_length)
+
+
 def test_a_classification_run_dir_refuses_a_span_run(tmp_path, encoder):
     from freeal_backend.loop import FreeALRun
     FreeALRun(Settings(slm_min_steps=0, data_dir=tmp_path), TYPES, tmp_path / "run").close()
@@ -141,7 +150,7 @@ def test_cli_runs_and_evaluates_a_span_file(tmp_path):
     data.write_text("".join(json.dumps({"text": r["text"], "spans": r["spans"]}) + "\n" for r in rows))
     with FakeOpenAI() as fake:
         env = {"LLM_BASE_URL": fake.base_url, "LLM_MODEL": MODEL, "FREEAL_SHOTS": "4", "FREEAL_SLM_FOLDS": "2",
-               "FREEAL_TORCH_THREADS": "1", "PATH": "/usr/bin:/bin"}
+               "FREEAL_SLM_MIN_STEPS": "0", "FREEAL_TORCH_THREADS": "1", "PATH": "/usr/bin:/bin"}  # see conftest
         run_dir = tmp_path / "run"
         out = subprocess.run([sys.executable, "-m", "freeal_backend.cli", "run", str(data), "--rounds", "1",
                               "--run-dir", str(run_dir), "--data-dir", str(tmp_path)],

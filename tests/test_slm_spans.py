@@ -110,6 +110,24 @@ def test_tiny_tagger_beats_untrained(tiny: dict) -> None:
     assert out is not None and out.losses.shape == (200,) and out.clean.mean() > 0.5
 
 
+def test_a_small_project_gets_at_least_min_steps_per_tagger(tiny: dict) -> None:
+    """One epoch over 20 sentences is one optimiser step; min_steps adds epochs (the class SLM's rule), and a
+    big project keeps its epochs."""
+    from dataclasses import replace
+
+    from freeal_backend.slm.tagger import SpanModel, encode_tags, tokenize
+
+    cfg = replace(tiny["cfg"], epochs=1, min_steps=6, robust=False)
+    tok = tokenize(tiny["encoder"], tiny["texts"], cfg.max_length)
+    tags, _ = encode_tags(tok, tiny["gold"], TYPES)
+    model = SpanModel(tiny["encoder"], TYPES, train_layers=1, config=cfg)
+    seen: list[tuple[int, int]] = []
+    model.fit(tiny["lower"], tags, np.arange(20), score=False, features=tok.features,
+              on_epoch=lambda epoch, epochs, _: seen.append((epoch, epochs)))
+    assert seen == [(k, 6) for k in range(1, 7)]
+    assert model.epochs_for(10_000) == 1
+
+
 def test_cross_fit_finds_planted_spurious_spans(tiny: dict) -> None:
     """A spurious Chemical on the first plain word of 20 sentences: the held-out tagger must call it
     spurious and rank those sentences as more doubtful."""

@@ -49,6 +49,7 @@ class SpanSLMConfig:
     Viterbi: 68.3 / 61.1; and lr 6e-4 / 1e-2: 75.2 / 66.2 (argmax decoding of that model: 70.6 held out)."""
 
     epochs: int = 3
+    min_steps: int = 0  # at least this many optimiser steps per tagger (Settings.slm_min_steps: more epochs)
     warmup_epochs: int = 1
     lr: float = 6e-4  # top encoder layers (when train_layers > 0)
     head_lr: float = 1e-2  # head and word-feature embeddings
@@ -250,10 +251,11 @@ class SpanModel:
         top = [p for p in self.model.top.parameters() if p.requires_grad]
         optim = torch.optim.AdamW([{"params": top, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}],
                                   weight_decay=cfg.weight_decay)
-        steps_total = cfg.epochs * ((len(index) + cfg.batch_size - 1) // cfg.batch_size)
+        epochs = self.epochs_for(len(index))
+        steps_total = epochs * ((len(index) + cfg.batch_size - 1) // cfg.batch_size)
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: max(0.0, 1 - s / max(1, steps_total)))
         clean = np.ones(len(tags), dtype=bool)
-        for epoch in range(cfg.epochs):
+        for epoch in range(epochs):
             robust_phase = cfg.robust and epoch >= cfg.warmup_epochs
             if robust_phase:
                 clean = self._split(lower, tags, index, gold, features)[0]
@@ -278,11 +280,17 @@ class SpanModel:
                 total += float(loss.detach())
                 steps += 1
             if on_epoch is not None:
-                on_epoch(epoch + 1, cfg.epochs, {"loss": total / max(1, steps), "clean": float(clean[index].mean())})
+                on_epoch(epoch + 1, epochs, {"loss": total / max(1, steps), "clean": float(clean[index].mean())})
         if not score:
             return None
         clean_mask, clean_prob, losses = self._split(lower, tags, index, gold, features)
         return TaggerOutput(losses, clean_mask[index], clean_prob[index])
+
+    def epochs_for(self, n_train: int) -> int:
+        """Epochs for a tagger that trains on ``n_train`` sentences: ``epochs``, or more when that would be
+        fewer than ``min_steps`` optimiser steps."""
+        cfg = self.config
+        return max(cfg.epochs, -(-cfg.min_steps // max(1, -(-n_train // cfg.batch_size))))
 
     def _split(self, lower: LowerStates, tags: Sequence[np.ndarray], index: np.ndarray, gold: np.ndarray,
                features: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
