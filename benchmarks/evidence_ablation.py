@@ -15,7 +15,11 @@ are re-judged (``detection.judge``, no training, no LLM call) with:
   that cap and the linear pool of the posterior with the LLM's calibrated confidence (the product only, as
   before 2026-12-04);
 - the same with a second judge (``second_judge.py``'s probe on the frozen encoder's embeddings) in place of
-  the small model, and averaged with it.
+  the small model, and averaged with it;
+- as a control, the small model with uniform noise in place of the LLM's probabilities (3 seeded draws: a
+  random probability for each label, the rest spread over the other classes), weighed as runs weigh an
+  endpoint's, and where the run's LLM is known to be calibrated (``FREEAL_LLM_CALIBRATED``) also as runs
+  weigh that LLM's (its mean then sets the level: what a wrong ``FREEAL_LLM_CALIBRATED`` would do).
 
 A span (NER) run is re-judged (``detection.judge_span_labels``) with the tagger alone, with the LLM's
 agreement with itself across rounds, and with that and its logprob confidence (what runs use), and, as a
@@ -69,7 +73,17 @@ def last_answer_probs(run: FreeALRun, items: list[Any], rounds: int) -> np.ndarr
 
 SPAN_VARIANTS = {"tagger alone": "", "tagger + LLM agreement over rounds": "agreement",
                  "tagger + LLM confidence and agreement over rounds": "logprobs"}  # SpanRun.llm_evidence
-SPAN_NOISE_DRAWS = 3  # controls: uniform noise in place of the LLM's evidence
+NOISE_DRAWS = 3  # controls: uniform noise in place of the LLM's evidence
+
+
+def noise_probs(labels: np.ndarray, classes: int, rng: np.random.Generator) -> np.ndarray:
+    """LLM probabilities that carry nothing: per answered text a uniform draw for its label, the rest spread
+    evenly over the other classes; rows of zeros where there is no label."""
+    label_p = rng.uniform(0.0, 1.0, len(labels))
+    out = np.repeat(((1.0 - label_p) / max(1, classes - 1))[:, None], classes, axis=1)
+    out[np.arange(len(labels)), np.maximum(labels, 0)] = label_p
+    out[labels < 0] = 0.0
+    return out
 
 
 def _metrics(score: np.ndarray, wrong: np.ndarray, unanswered: np.ndarray, flagged: np.ndarray | None,
@@ -100,7 +114,7 @@ def ablate_spans(run: Any, items: list[Any], rounds: int, run_dir: Path) -> dict
     has = ~np.isnan(run._rounds_confidence(items, rounds))
     rng = np.random.default_rng(0)
     run.llm_evidence = "logprobs"
-    for draw in range(SPAN_NOISE_DRAWS):  # a control: a confidence that carries nothing
+    for draw in range(NOISE_DRAWS):  # a control: a confidence that carries nothing
         noise = np.where(has, rng.uniform(0.0, 1.0, len(items)), np.nan)
         run._rounds_confidence = lambda *_, noise=noise, **__: noise
         v = run._judge(items, rounds + 1)
@@ -142,6 +156,13 @@ def ablate(run_dir: Path, rounds: int | None) -> dict[str, Any]:
                       average_rounds=average_rounds)
             score, final, flagged, est = j.scores, j.labels, j.flagged, j.health.estimated_accuracy
         rows["variants"][name] = _metrics(score, final != gold, unanswered, flagged, est)
+    rng = np.random.default_rng(0)
+    for draw in range(NOISE_DRAWS):  # a control: LLM probabilities that carry nothing, as runs weigh them
+        noise = noise_probs(y, len(run.labels), rng)
+        for known, said in ((False, ""), (True, ", taken as calibrated")) if calibrated else ((False, ""),):
+            j = judge(probs, y, None, noise, llm_calibrated=known)
+            rows["variants"][f"SLM + uniform noise as the LLM's probabilities{said} (control, draw {draw})"] = (
+                _metrics(j.scores, j.labels != gold, unanswered, j.flagged, j.health.estimated_accuracy))
     return rows
 
 

@@ -329,6 +329,8 @@ def test_evidence_ablation_tiny(tmp_path: Path) -> None:
         assert row in text, row
     data = json.loads((tmp_path / "evidence_ablation_tiny.json").read_text())
     assert data[0]["n"] == len(rows) and set(data[0]["variants"]) >= {"SLM alone", "SLM + LLM last answer"}
+    noise = [v for v in data[0]["variants"] if v.startswith("SLM + uniform noise")]  # the control, 3 draws
+    assert len(noise) == 3 and all(0 <= data[0]["variants"][v]["auroc"] <= 1 for v in noise)
     # the same finished run re-judged by the other two benchmarks that read a run's stored evidence
     _run(["benchmarks/health_estimators.py", str(run_dir), "--name", "tiny", "--out-dir", str(tmp_path)], tmp_path)
     live = json.loads((tmp_path / "health_estimators_tiny.json").read_text())[-1]
