@@ -143,7 +143,8 @@ def one_round(encoder: Any, texts: list[str], labels: list[list[Span]], lower: A
     """Cross-fitting over precomputed lower states; the round's time adds the lower states' time."""
     from freeal_backend.slm.tagger import SpanSLMConfig, cross_fit
 
-    cfg = SpanSLMConfig(epochs=args.epochs, warmup_epochs=args.warmup, lr=args.lr, head_lr=args.head_lr,
+    cfg = SpanSLMConfig(epochs=args.epochs, min_steps=args.min_steps, warmup_epochs=args.warmup, lr=args.lr,
+                        head_lr=args.head_lr,
                         max_length=args.max_length, seed=args.seed, robust=args.robust and not args.plain,
                         word_features=not args.no_word_features, constrained=not args.unconstrained)
     reset_peak_rss()
@@ -157,6 +158,7 @@ def one_round(encoder: Any, texts: list[str], labels: list[list[Span]], lower: A
 
 
 def main() -> None:
+    from freeal_backend.config import Settings
     from freeal_backend.slm.tagger import SpanSLMConfig
 
     d = SpanSLMConfig()
@@ -167,6 +169,9 @@ def main() -> None:
     ap.add_argument("--train-layers", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=d.epochs)
     ap.add_argument("--warmup", type=int, default=d.warmup_epochs)
+    ap.add_argument("--min-steps", type=int, default=Settings().slm_min_steps,
+                    help="at least this many optimiser steps per fold tagger (FREEAL_SLM_MIN_STEPS; 0: off, as "
+                         "before 2026-12-07)")
     ap.add_argument("--lr", type=float, default=d.lr, help="top encoder layers")
     ap.add_argument("--head-lr", type=float, default=d.head_lr, help="head and word-feature embeddings")
     ap.add_argument("--robust", action="store_true", default=d.robust,
@@ -268,7 +273,7 @@ def render(report: dict[str, Any], args: argparse.Namespace) -> str:
             rows.append(f1_row(f"SLM on {name} labels, test (fold ensemble)", report[name]["test"]))
     lines = [f"{report['train_sentences']} training and {report['test_sentences']} test sentences; "
              f"{args.folds}-fold cross-fitting, top {args.train_layers} encoder layer(s) + BIO head trained, "
-             f"{args.epochs} epochs ({args.warmup} warm-up"
+             f"{args.epochs} epochs or more for at least {args.min_steps} optimiser steps ({args.warmup} warm-up"
              f"{', small-loss split' if args.robust and not args.plain else ', plain CE'}), "
              f"lr {args.lr} (layers) / {args.head_lr} (head), word features "
              f"{'off' if args.no_word_features else 'on'}, "
