@@ -144,8 +144,8 @@ def one_round(encoder: Any, texts: list[str], labels: list[list[Span]], lower: A
     from freeal_backend.slm.tagger import SpanSLMConfig, cross_fit
 
     cfg = SpanSLMConfig(epochs=args.epochs, min_steps=args.min_steps, warmup_epochs=args.warmup, lr=args.lr,
-                        head_lr=args.head_lr,
-                        max_length=args.max_length, seed=args.seed, robust=args.robust and not args.plain,
+                        head_lr=args.head_lr, max_length=args.max_length, seed=args.seed,
+                        robust=args.robust and not args.plain,
                         word_features=not args.no_word_features, constrained=not args.unconstrained)
     reset_peak_rss()
     t0 = time.perf_counter()

@@ -136,6 +136,12 @@ def _consistency(logits: torch.Tensor, aug_logits: torch.Tensor, temperature: fl
     return 0.5 * (kl(logits, aug_logits) + kl(aug_logits, logits))
 
 
+def epochs_for(n_train: int, epochs: int, min_steps: int, batch_size: int) -> int:
+    """``epochs`` over ``n_train`` texts, or more when that would be fewer than ``min_steps`` optimiser steps of
+    ``batch_size`` (a small project's judge stays near chance after a handful of steps)."""
+    return max(epochs, -(-min_steps // max(1, -(-n_train // batch_size))))
+
+
 def text_groups(texts: Sequence[str]) -> np.ndarray:
     """Group id per text: equal ids for texts identical after NFKC, case folding and collapsing whitespace."""
     keys: dict[str, int] = {}
@@ -298,11 +304,10 @@ class SmallModel:
         return SLMOutput(oof, emb, losses, clean, clean_prob, fold_of, best_epochs, seconds)
 
     def epochs_for(self, n_train: int) -> int:
-        """Epochs for a fold model that trains on ``n_train`` texts: ``epochs``, or more when that would be fewer
-        than ``min_steps`` optimiser steps (the inner split still picks the best epoch)."""
+        """Epochs for a fold model that trains on ``n_train`` texts (:func:`epochs_for`; the inner split still
+        picks the best epoch)."""
         cfg = self.config
-        steps_per_epoch = max(1, -(-n_train // cfg.batch_size))
-        return max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
+        return epochs_for(n_train, cfg.epochs, cfg.min_steps, cfg.batch_size)
 
     def _train_one(self, model: SLMClassifier, lower: LowerStates, labels: np.ndarray, gold: np.ndarray,
                    augmented: LowerStates | None, train: np.ndarray, val: np.ndarray, fold: int, folds: int,

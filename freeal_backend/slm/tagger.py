@@ -38,7 +38,7 @@ from freeal_backend.slm.detection import (SPAN_FLAG_BELOW, SpanJudgement, judge_
                                            span_judge_evidence, span_words_right)
 from freeal_backend.slm.encoder import Encoder, LowerStates, mean_pool
 from freeal_backend.slm.selection import split_clean_noisy
-from freeal_backend.slm.classifier import TopLayers, _batches, group_folds, text_groups
+from freeal_backend.slm.classifier import TopLayers, _batches, epochs_for, group_folds, text_groups
 from freeal_backend.spans import IGNORE, Span, bio_labels, bio_to_spans, spans_to_bio, token_words
 
 
@@ -287,10 +287,9 @@ class SpanModel:
         return TaggerOutput(losses, clean_mask[index], clean_prob[index])
 
     def epochs_for(self, n_train: int) -> int:
-        """Epochs for a tagger that trains on ``n_train`` sentences: ``epochs``, or more when that would be
-        fewer than ``min_steps`` optimiser steps."""
+        """Epochs for a tagger that trains on ``n_train`` sentences (``classifier.epochs_for``)."""
         cfg = self.config
-        return max(cfg.epochs, -(-cfg.min_steps // max(1, -(-n_train // cfg.batch_size))))
+        return epochs_for(n_train, cfg.epochs, cfg.min_steps, cfg.batch_size)
 
     def _split(self, lower: LowerStates, tags: Sequence[np.ndarray], index: np.ndarray, gold: np.ndarray,
                features: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
