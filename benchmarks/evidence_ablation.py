@@ -24,7 +24,8 @@ are re-judged (``detection.judge``, no training, no LLM call) with:
 A span (NER) run is re-judged (``detection.judge_span_labels``) with the tagger alone, with the LLM's
 agreement with itself across rounds, and with that and its logprob confidence (what runs use), and, as a
 control, with uniform noise in place of that evidence (3 seeded draws); a sentence is right when its final
-entity list is exactly gold.
+entity list is exactly gold. Each span's own score (the region score) is measured too, from the LLM's view
+(its confidence over rounds, or without logprobs the share of rounds that named it), the tagger's, and both.
 
 Per variant: AUROC for ranking wrong final labels first, ECE of the score, the run-health estimate against
 the true accuracy, the flag (share, precision, recall) and the recall of the lowest-scored 10 % and 20 %.
@@ -44,9 +45,9 @@ from _common import RESULTS, finished_run, fmt_table, loadavg, mean_sd, write_re
 
 from freeal_backend.loop import FreeALRun  # noqa: E402
 from freeal_backend.metrics import expected_calibration_error, review_scores  # noqa: E402
-from freeal_backend.slm.detection import judge  # noqa: E402
+from freeal_backend.slm.detection import judge, span_region_scores  # noqa: E402
 from freeal_backend.slm.second_judge import probe_oof  # noqa: E402
-from freeal_backend.spans import encode_spans  # noqa: E402
+from freeal_backend.spans import decode_spans, encode_spans  # noqa: E402
 
 VARIANTS = {  # name: (judge's probabilities, the LLM's, linear pool, cap at the LLM's mean confidence, label
     # an outranked judge leaves: the one the LLM's averaged probabilities favour, or its last answer);
@@ -73,6 +74,14 @@ def last_answer_probs(run: FreeALRun, items: list[Any], rounds: int) -> np.ndarr
 
 SPAN_VARIANTS = {"tagger alone": "", "tagger + LLM agreement over rounds": "agreement",
                  "tagger + LLM confidence and agreement over rounds": "logprobs"}  # SpanRun.llm_evidence
+REGION_VARIANTS = {  # name: (the LLM's view: with its logprobs or the share of rounds that named the span;
+    # the tagger's weight: 0 leaves it out, 1 the LLM's view left out, 0.5 both as runs combine them)
+    "the LLM's confidence over rounds alone (as before)": (True, 0.0),
+    "the tagger's score for the same span alone": (True, 1.0),
+    "the LLM's confidence and the tagger (what runs use)": (True, 0.5),
+    "without logprobs: the share of rounds that named it": (False, 0.0),
+    "without logprobs: that share and the tagger (what runs use)": (False, 0.5),
+}
 NOISE_DRAWS = 3  # controls: uniform noise in place of the LLM's evidence
 
 
@@ -111,6 +120,7 @@ def ablate_spans(run: Any, items: list[Any], rounds: int, run_dir: Path) -> dict
         run.llm_evidence = evidence
         v = run._judge(items, rounds + 1)
         rows["variants"][name] = _metrics(v.scores, wrong, unanswered, v.flagged, v.health.estimated_accuracy)
+    rows["regions"] = ablate_regions(run, items, rounds, predicted)
     has = ~np.isnan(run._rounds_confidence(items, rounds))
     rng = np.random.default_rng(0)
     run.llm_evidence = "logprobs"
@@ -121,6 +131,26 @@ def ablate_spans(run: Any, items: list[Any], rounds: int, run_dir: Path) -> dict
         rows["variants"][f"tagger + uniform noise as the LLM's evidence (control, draw {draw})"] = _metrics(
             v.scores, wrong, unanswered, v.flagged, v.health.estimated_accuracy)
     return rows
+
+
+def ablate_regions(run: Any, items: list[Any], rounds: int, predicted: list[Any]) -> dict[str, Any]:
+    """Each span's own score (the region score) with each of ``REGION_VARIANTS``, over the spans of the LLM's
+    final lists; a span is right when its start, end and type are a gold span's."""
+    gold = {it.item_id: {(s.start, s.end, s.label) for s in decode_spans(it.gold)} for it in items}
+    out: dict[str, Any] = {}
+    for name, (logprobs, tagger_weight) in REGION_VARIANTS.items():
+        views = run._region_views(items, rounds, predicted, logprobs=logprobs)
+        llm, tagger = np.array([v[2] for v in views]), np.array([v[3] for v in views])
+        confident = np.array([v[4] for v in views], dtype=bool)
+        score = {0.0: llm, 1.0: tagger}.get(tagger_weight)
+        if score is None:
+            score = span_region_scores(llm, tagger, confident)
+        right = np.array([(int(key.split(":", 2)[0]), int(key.split(":", 2)[1]), key.split(":", 2)[2])
+                          in gold[item_id] for item_id, key, *_ in views], dtype=bool)
+        out[name] = {"spans": len(views), "right_share": float(right.mean()),
+                     "auroc": review_scores(score, ~right)["auroc"],
+                     "ece": expected_calibration_error(score, right), "mean_score": float(score.mean())}
+    return out
 
 
 def ablate(run_dir: Path, rounds: int | None) -> dict[str, Any]:
@@ -166,6 +196,23 @@ def ablate(run_dir: Path, rounds: int | None) -> dict[str, Any]:
     return rows
 
 
+def region_table(runs: list[dict[str, Any]]) -> str:
+    """The region-score variants of span runs, mean ± sd over the runs, and per run."""
+    rows = [[name, mean_sd([r["regions"][name]["auroc"] for r in runs], False),
+             mean_sd([r["regions"][name]["ece"] for r in runs], False),
+             " / ".join(f"{r['regions'][name]['auroc']:.3f}" for r in runs),
+             " / ".join(f"{r['regions'][name]['ece']:.3f}" for r in runs),
+             " / ".join(f"{r['regions'][name]['mean_score']:.3f}" for r in runs)] for name in REGION_VARIANTS]
+    first = [r["regions"][next(iter(REGION_VARIANTS))] for r in runs]
+    return ("\n\n### Each span's own score (the region score in Label Studio)\n\n"
+            "Over the spans of the LLM's final lists (per run: " + " / ".join(str(f["spans"]) for f in first)
+            + " spans, " + " / ".join(f"{100 * f['right_share']:.1f}" for f in first) + " % of them exactly in "
+            "gold); a span is right when its start, end and type are a gold span's. The tagger's view is its "
+            "held-out score for the same span, 0 where it predicts another.\n\n"
+            + fmt_table(["region score", "AUROC wrong spans", "ECE", "AUROC per run", "ECE per run",
+                         "mean score per run"], rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dirs", nargs="+", help="finished classification run folders (items with gold)")
@@ -193,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                "\n\n'LLM confidence alone' is the LLM's probability for its last answer, uncalibrated (no flag, "
                "no health). ")
             + "Recall counts wrong answered labels; texts the LLM left unanswered are apart.\n\n"
-            + "\n".join(f"- {r['run_dir']}: {r['n']} texts, rounds {r['rounds']}" for r in runs))
+            + "\n".join(f"- {r['run_dir']}: {r['n']} texts, rounds {r['rounds']}" for r in runs)
+            + (region_table(runs) if kinds == {"ner"} else ""))
     write_report(args.out_dir, f"evidence_ablation_{args.name}",
                  "Evidence ablation: what the LLM's confidence adds to the small model's verdict", body,
                  runs, load_start)

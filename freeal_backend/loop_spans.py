@@ -14,8 +14,9 @@ resume, refinement scope, and setting aside a refinement that looks worse. What 
   also hears how the LLM's lists agree with themselves across rounds, word by word).
 * **Clean agreed pool**: sentences whose label the held-out tagger reproduces exactly, least doubtful
   first, grouped by the type of their first entity (or "no entity"), so retrieved demos cover every type.
-* **Final**: the LLM's spans (the tagger suggests, it never overrules an answer; each span's score is the
-  LLM's confidence in it averaged over the rounds, 0 for a round that did not name it), the sentence score
+* **Final**: the LLM's spans (the tagger suggests, it never overrules an answer; each span's score averages
+  the LLM's confidence in it over the rounds, 0 for a round that did not name it, with the tagger's score
+  for the same span: ``detection.span_region_scores``), the sentence score
   P(spans right) (``detection.span_clean_probability``, with the LLM's own evidence weighed in:
   ``detection.span_llm_evidence``), the flag, the tagger's spans as a suggestion and
   a review note naming the doubtful spans.
@@ -37,7 +38,7 @@ from freeal_backend.llm.prompts import Message
 from freeal_backend.loop import IMPORTED, FreeALRun
 from freeal_backend.records import Item, ItemResult
 from freeal_backend.slm.detection import (SelfAgreement, SpanVerdict, judge_span_labels, review_note,
-                                          span_self_agreement)
+                                          span_region_scores, span_self_agreement)
 from freeal_backend.slm.tagger import SpanSLMConfig, cross_fit
 from freeal_backend.span_eval import bio_tags
 from freeal_backend.spans import (PROMPT_MAX_CHARS, Span, decode_spans, encode_spans, entities_of, locate_mentions,
@@ -222,26 +223,53 @@ class SpanRun(FreeALRun):
             asked[i] += 1
         return np.where(asked > 0, total / np.maximum(asked, 1), np.nan)
 
-    def _region_scores(self, items: Sequence[Item], upto_round: int) -> dict[str, dict[str, float]]:
-        """Per item, per span of its latest entity list (``span_key``): the LLM's confidence in that span,
-        averaged over every round that asked the sentence, 0 for a round that did not name it
-        (benchmarks/results/ner_loop_n200_1.5b_regions.md: AUROC for wrong spans 0.668 -> 0.749, ECE 0.127 ->
-        0.071 against the last answer's confidence alone); none where a round that named it gave no logprobs.
-        People's and imported lists get none."""
+    def _region_views(self, items: Sequence[Item], upto_round: int, predicted: Sequence[Sequence[Span]], *,
+                      logprobs: bool = True) -> list[tuple[str, str, float, float, bool]]:
+        """Per span of each latest entity list up to refinement ``upto_round`` (people's and imported lists
+        have none): (item id, ``span_key``, the LLM's view, the tagger's, whether the LLM's view is a
+        confidence), as ``detection.span_region_scores`` takes them. The LLM's view: its confidence in the
+        span averaged over every round that asked the sentence, 0 for a round that did not name it
+        (ner_loop_n200_1.5b_regions.md: AUROC for wrong spans 0.668 -> 0.749 against the last answer's
+        confidence alone), or where a round that named it gave no logprobs the share of rounds that named it.
+        The tagger's: its score for the same span among ``predicted`` (held out), 0 where it predicts another.
+        ``logprobs=False``: the share of rounds for every span, as an endpoint without logprobs gets (ablations)."""
+        position = {it.item_id: i for i, it in enumerate(items)}
         wanted: dict[str, set[str]] = {}
         total: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        named: defaultdict[str, Counter[str]] = defaultdict(Counter)
         unknown: defaultdict[str, set[str]] = defaultdict(set)
         asked: Counter[str] = Counter()
         for item_id, ann, last in self._answers_over_rounds(items, upto_round):
             keys = wanted.setdefault(item_id, {span_key(s) for s in decode_spans(str(last["label"]))})
             asked[item_id] += 1
-            named = {span_key(s): s.score for s in decode_spans(ann["label"], ann["probs"])}
-            for key in keys & set(named):
-                if named[key] is None:
+            given = {span_key(s): s.score for s in decode_spans(ann["label"], ann["probs"])}
+            for key in keys & set(given):
+                named[item_id][key] += 1
+                if given[key] is None:
                     unknown[item_id].add(key)
                 else:
-                    total[item_id][key] += named[key]
-        return {k: {key: total[k][key] / asked[k] for key in keys - unknown[k]} for k, keys in wanted.items()}
+                    total[item_id][key] += given[key]
+        views = []
+        for item_id, keys in wanted.items():
+            tagger = {span_key(s): s.score for s in predicted[position[item_id]]}
+            for key in sorted(keys):
+                confident = logprobs and key not in unknown[item_id]
+                llm = (total if confident else named)[item_id][key] / asked[item_id]
+                views.append((item_id, key, llm, float(tagger.get(key) or 0.0), confident))
+        return views
+
+    def _region_scores(self, items: Sequence[Item], upto_round: int, predicted: Sequence[Sequence[Span]]
+                       ) -> dict[str, dict[str, float]]:
+        """Per item, per span of its latest entity list (``span_key``): its score, the LLM's view and the
+        held-out tagger's ``predicted`` spans combined (``detection.span_region_scores``; see
+        :meth:`_region_views`)."""
+        views = self._region_views(items, upto_round, predicted)
+        scores = span_region_scores(np.array([v[2] for v in views]), np.array([v[3] for v in views]),
+                                    np.array([v[4] for v in views], dtype=bool))
+        out: dict[str, dict[str, float]] = defaultdict(dict)
+        for (item_id, key, *_), score in zip(views, scores):
+            out[item_id][key] = float(score)
+        return out
 
     def _agreement_of(self, pairs: Sequence[tuple[Item, str, str]]) -> SelfAgreement:
         """Two entity lists per sentence compared word by word (BIO tags: a changed boundary or type counts
@@ -274,10 +302,10 @@ class SpanRun(FreeALRun):
         labels, _ = self._current(items, rounds)
         latest = self._latest_answers(items, rounds)
         llm_conf = self._llm_confidences(items, latest)
-        regions = self._region_scores(items, rounds)
         verdict = self._judge(items, rounds + 1, audit=True)
         self._keep_audited_health(rounds + 1, verdict)
         predicted, _, _ = self._predicted(items, rounds + 1)
+        regions = self._region_scores(items, rounds, predicted)
         results = []
         for i, (it, lab) in enumerate(zip(items, labels)):
             in_audit = it.item_id in self.audit_ids

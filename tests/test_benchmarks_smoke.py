@@ -247,6 +247,10 @@ def test_ner_loop_tiny(tmp_path: Path) -> None:
     assert ablation["n"] == 16 and set(ablation["variants"]) >= {
         "tagger alone", "tagger + LLM agreement over rounds", "tagger + LLM confidence and agreement over rounds"}
     assert "exactly gold" in (tmp_path / "evidence_ablation_spans.md").read_text()
+    regions = ablation["regions"]  # each span's own score, from the LLM, the tagger and both
+    assert len(regions) == 5 and len({r["spans"] for r in regions.values()}) == 1
+    assert all(0 <= r["auroc"] <= 1 and 0 <= r["mean_score"] <= 1 for r in regions.values())
+    assert "region score in Label Studio" in (tmp_path / "evidence_ablation_spans.md").read_text()
 
 
 def test_scale_tiny(tmp_path: Path) -> None:

@@ -315,6 +315,37 @@ def test_span_scores_weigh_the_llms_evidence_where_it_informs_and_only_there() -
     assert np.array_equal(span_llm_evidence(base, some, conf)[:10], base[:10])
 
 
+def test_region_scores_rank_by_the_llm_and_the_tagger_at_the_llms_level() -> None:
+    """A span's region score averages the LLM's view (its confidence over the rounds; without logprobs, the
+    share of rounds that named it) with the held-out tagger's (its score for the same span, 0 where it
+    predicts another). The ranking takes both views; where the LLM gave a confidence, its mean sets the level
+    (the tagger's lowest word probability is no probability of the span being right)."""
+    from sklearn.metrics import roc_auc_score
+
+    from freeal_backend.slm.detection import span_region_scores
+
+    rng = np.random.default_rng(3)
+    n = 600
+    right = rng.random(n) < 0.55
+    llm = np.clip(np.where(right, rng.normal(0.75, 0.2, n), rng.normal(0.55, 0.2, n)), 0.01, 1.0)
+    found = np.where(right, rng.random(n) < 0.6, rng.random(n) < 0.2)  # the tagger predicts the same span
+    tagger = np.where(found, rng.uniform(0.3, 1.0, n), 0.0)
+    confident = np.ones(n, dtype=bool)
+    out = span_region_scores(llm, tagger, confident)
+    assert roc_auc_score(~right, -out) > max(roc_auc_score(~right, -llm), roc_auc_score(~right, -tagger)) + 0.02
+    assert out.mean() == pytest.approx(llm.mean(), abs=1e-6)
+    assert np.array_equal(np.argsort(out, kind="stable"), np.argsort((llm + tagger) / 2, kind="stable"))
+    shares = rng.choice([0.5, 1.0], n)  # no logprobs: the share of the two rounds that named the span
+    plain = span_region_scores(shares, tagger, np.zeros(n, dtype=bool))
+    assert np.allclose(plain, (shares + tagger) / 2)
+    mixed = confident.copy()
+    mixed[: n // 2] = False
+    part = span_region_scores(np.where(mixed, llm, shares), tagger, mixed)
+    assert np.allclose(part[: n // 2], (shares[: n // 2] + tagger[: n // 2]) / 2)
+    assert part[mixed].mean() == pytest.approx(llm[mixed].mean(), abs=1e-6)
+    assert ((0.0 <= out) & (out <= 1.0)).all() and len(span_region_scores(llm[:0], tagger[:0], confident[:0])) == 0
+
+
 def test_a_weak_tagger_is_not_read_as_span_labels_near_chance() -> None:
     """Entity lists 97 % right judged by a tagger too weak to name an entity (BC5CDR, 40 sentences: it found 7 %
     of them, kappa 0.06). Its word probabilities still favour the label's tags, which shuffled tags do not get:

@@ -27,8 +27,8 @@ def encoder():
 
 
 def make_run(tmp_path, fake, encoder, **overrides):
-    settings = Settings(slm_min_steps=0, data_dir=tmp_path, llm_base_url=fake.base_url, llm_model=MODEL, shots=4,
-                        demos_per_label=2, slm_folds=2, **overrides)
+    settings = Settings(**{"slm_min_steps": 0, "data_dir": tmp_path, "llm_base_url": fake.base_url, "llm_model": MODEL,
+                           "shots": 4, "demos_per_label": 2, "slm_folds": 2, **overrides})
     client = LLMClient(fake.base_url, MODEL, ResponseCache(tmp_path / "llm_cache.sqlite"), concurrency=2,
                        max_retries=0)
     return SpanRun(settings, TYPES, tmp_path / "run", llm=client, encoder=encoder)
@@ -226,16 +226,18 @@ def test_the_llms_agreement_across_rounds_weighs_in_span_scores_and_run_health(t
     """An LLM that names only the first mention of some sentences (chosen by the whole prompt, so the
     same sentence is answered otherwise under other demonstrations): the sentences whose entity list changed
     between round 0 and the refinement lose far more of their score to the LLM's evidence than the others,
-    and run health records how the lists agree word by word (``llm_self_kappa``). Each span's own score is
-    the LLM's confidence in it averaged over the rounds that asked the sentence, 0 where a round did not
-    name it (not the last answer's confidence alone)."""
+    and run health records how the lists agree word by word (``llm_self_kappa``). Each span's own score
+    ranks by the LLM's confidence in it averaged over the rounds that asked the sentence (0 where a round
+    did not name it; not the last answer's confidence alone) plus the held-out tagger's score for the same
+    span (0 where it predicts another), at the level of the LLM's confidence."""
     items = sentences_with_people_lists()
-    with FakeOpenAI(fickle=0.3) as fake, make_run(tmp_path, fake, encoder) as run:
-        results = run.run(items, rounds=1)
+    with FakeOpenAI(fickle=0.3) as fake, make_run(tmp_path, fake, encoder, slm_min_steps=50) as run:
+        results = run.run(items, rounds=1)  # 50 steps: a tagger that finds some of the entities
         r0, r1 = run.store.annotations("llm_r0"), run.store.annotations("llm_r1")
         health = run.health()
         with_llm = run._judge(items, 2).scores
         evidence = run._rounds_confidence(items, 1)
+        predicted = dict(zip((it.item_id for it in items), run._predicted(items, 2)[0]))
         run.llm_evidence = ""
         tagger_alone = run._judge(items, 2).scores
     changed = np.array([it.item_id in r1 and r1[it.item_id]["label"] != r0[it.item_id]["label"] for it in items])
@@ -245,30 +247,54 @@ def test_the_llms_agreement_across_rounds_weighs_in_span_scores_and_run_health(t
     moved = with_llm - tagger_alone  # seen: changed -0.19 (0.20 -> 0.01), kept -0.05 (0.56 -> 0.51)
     assert moved[changed].mean() < moved[kept].mean() - 0.1
     assert 0.0 < health["llm_self_kappa"] < 1.0
-    once = 0
+    once, score, llm, tagger = 0, [], [], []
     for res in results:
         if res.source != "llm":
             continue
         asked = [a[res.item_id] for a in (r0, r1) if res.item_id in a and a[res.item_id]["label"] is not None]
+        found = {f"{s.start}:{s.end}:{s.label}": s.score for s in predicted[res.item_id]}
         for span in res.spans or []:
             key = f"{span['start']}:{span['end']}:{span['label']}"
-            assert span["score"] == pytest.approx(sum(a["probs"].get(key, 0.0) for a in asked) / len(asked))
+            score.append(span["score"])
+            llm.append(sum(a["probs"].get(key, 0.0) for a in asked) / len(asked))
+            tagger.append(found.get(key, 0.0))
             once += sum(key in a["probs"] for a in asked) < len(asked)
     assert once >= 5  # spans only one round named: half the confidence of the round that did
+    score, llm, tagger = np.array(score), np.array(llm), np.array(tagger)
+    assert 0 < (tagger > 0).sum() < len(tagger)  # the tagger predicts some of the LLM's spans, not all
+    assert score.mean() == pytest.approx(llm.mean(), abs=1e-6)
+    assert np.array_equal(np.argsort(score, kind="stable"), np.argsort(llm + tagger, kind="stable"))
 
 
-def test_without_logprobs_the_llms_rounds_leave_the_span_scores_to_the_tagger(tmp_path, encoder):
+def test_without_logprobs_the_llms_rounds_leave_the_sentence_scores_to_the_tagger(tmp_path, encoder):
     """An endpoint that gives no logprobs (a 400 for them; the client asks on without): the LLM's agreement
-    with itself across rounds alone did not help the ranking on two BC5CDR runs
-    (benchmarks/results/evidence_ablation_ner_n200_1.5b.md), so it moves no sentence score, and no span
-    claims a score it does not have."""
+    with itself across rounds alone did not help the ranking of sentences on two BC5CDR runs
+    (benchmarks/results/evidence_ablation_ner_n200_1.5b.md), so it moves no sentence score. Each span still
+    gets a score: the share of the rounds that named it averaged with the held-out tagger's score for the
+    same span (0 where it predicts another), which ranked wrong spans as well as the LLM's logprobs on four
+    BC5CDR runs (benchmarks/results/evidence_ablation_ner_regions.md)."""
     items = sentences_with_people_lists()
-    with FakeOpenAI(fickle=0.3, refuse_logprobs=True) as fake, make_run(tmp_path, fake, encoder) as run:
+    with FakeOpenAI(fickle=0.3, refuse_logprobs=True) as fake, make_run(tmp_path, fake, encoder,
+                                                                        slm_min_steps=50) as run:
         results = run.run(items, rounds=1)
         r0, r1 = run.store.annotations("llm_r0"), run.store.annotations("llm_r1")
         with_llm = run._judge(items, 2).scores
+        predicted = dict(zip((it.item_id for it in items), run._predicted(items, 2)[0]))
         run.llm_evidence = ""
         tagger_alone = run._judge(items, 2).scores
     assert sum(k in r0 and r1[k]["label"] != r0[k]["label"] for k in r1) >= 10  # lists did change
     assert np.array_equal(with_llm, tagger_alone)
-    assert all(span["score"] is None for res in results if res.source == "llm" for span in res.spans or [])
+    shares, tagged = set(), 0
+    for res in results:
+        if res.source != "llm":
+            continue
+        asked = [a[res.item_id]["label"] for a in (r0, r1) if res.item_id in a and a[res.item_id]["label"] is not None]
+        found = {f"{s.start}:{s.end}:{s.label}": s.score for s in predicted[res.item_id]}
+        for span in res.spans or []:
+            key = f"{span['start']}:{span['end']}:{span['label']}"
+            share = sum(key in {f"{s.start}:{s.end}:{s.label}" for s in decode_spans(a)} for a in asked) / len(asked)
+            assert span["score"] == pytest.approx((share + found.get(key, 0.0)) / 2)
+            shares.add(share)
+            tagged += key in found
+    assert shares == {0.5, 1.0}  # spans named by one round of two, and by both
+    assert 0 < tagged

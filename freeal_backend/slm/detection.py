@@ -947,6 +947,23 @@ def span_llm_evidence(scores: np.ndarray, answered: np.ndarray, confidence: np.n
     return out
 
 
+def span_region_scores(llm: np.ndarray, tagger: np.ndarray, confident: np.ndarray) -> np.ndarray:
+    """Each span's own score (the region score in Label Studio) from two views of it: ``llm``, the LLM's
+    confidence in the span averaged over the rounds that asked its sentence (0 for a round that did not
+    name it), or where a round gave no logprobs the share of rounds that named it; ``tagger``, the held-out
+    tagger's score for the same span (its lowest word-tag probability), 0 where it predicts another.
+    The two are averaged, which ranks wrong spans better than either (four BC5CDR runs,
+    benchmarks/results/evidence_ablation_ner_regions.md). Where the LLM's view is a confidence
+    (``confident``), the scores then move by one logit offset (the order stays) to its mean: the tagger's
+    word probability says which spans are surer, not how sure."""
+    llm, tagger = np.asarray(llm, dtype=np.float64), np.asarray(tagger, dtype=np.float64)
+    confident = np.asarray(confident, dtype=bool)
+    out = (llm + tagger) / 2.0
+    if confident.any():
+        out[confident] = shift_to_mean(out[confident], float(llm[confident].mean()))
+    return out
+
+
 def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequence[Sequence[Span]],
                       doubt: np.ndarray, human: np.ndarray, word_tags: Callable[[int, Sequence[Span]], list[str]],
                       words_right: np.ndarray | None = None,
