@@ -22,8 +22,9 @@ are re-judged (``detection.judge``, no training, no LLM call) with:
   weigh that LLM's (its mean then sets the level: what a wrong ``FREEAL_LLM_CALIBRATED`` would do).
 
 A span (NER) run is re-judged (``detection.judge_span_labels``) with the tagger alone, with the LLM's
-agreement with itself across rounds, and with that and its logprob confidence (what runs use), and, as a
-control, with uniform noise in place of that evidence (3 seeded draws); a sentence is right when its final
+agreement with itself across rounds, with that and its logprob confidence, and with those and the spans' own
+scores assembled per sentence (what runs use where the LLM is known to be calibrated), and, as a control,
+with uniform noise in place of the LLM's evidence (3 seeded draws); a sentence is right when its final
 entity list is exactly gold. Each span's own score (the region score) is measured too, from the LLM's view
 (its confidence over rounds, or without logprobs the share of rounds that named it), the tagger's, and both.
 
@@ -72,8 +73,11 @@ def last_answer_probs(run: FreeALRun, items: list[Any], rounds: int) -> np.ndarr
     return out
 
 
-SPAN_VARIANTS = {"tagger alone": "", "tagger + LLM agreement over rounds": "agreement",
-                 "tagger + LLM confidence and agreement over rounds": "logprobs"}  # SpanRun.llm_evidence
+SPAN_VARIANTS = {  # name: (SpanRun.llm_evidence, SpanRun.pool_list_right)
+    "tagger alone": ("", False), "tagger + LLM agreement over rounds": ("agreement", False),
+    "tagger + LLM confidence and agreement over rounds (as before)": ("logprobs", False),
+    "the same + the spans' own scores assembled per sentence (what runs use with a calibrated LLM)": (
+        "logprobs", True)}
 REGION_VARIANTS = {  # name: (the LLM's view: with its logprobs or the share of rounds that named the span;
     # the tagger's weight: 0 leaves it out, 1 the LLM's view left out, 0.5 both as runs combine them)
     "the LLM's confidence over rounds alone (as before)": (True, 0.0),
@@ -116,14 +120,14 @@ def ablate_spans(run: Any, items: list[Any], rounds: int, run_dir: Path) -> dict
     rows: dict[str, Any] = {"run_dir": str(run_dir), "rounds": rounds, "n": len(items), "task_type": "ner",
                             "label_accuracy": float(np.mean([lab == it.gold for lab, it in zip(labels, items)])),
                             "variants": {}}
-    for name, evidence in SPAN_VARIANTS.items():
-        run.llm_evidence = evidence
+    for name, (evidence, pool) in SPAN_VARIANTS.items():
+        run.llm_evidence, run.pool_list_right = evidence, pool
         v = run._judge(items, rounds + 1)
         rows["variants"][name] = _metrics(v.scores, wrong, unanswered, v.flagged, v.health.estimated_accuracy)
     rows["regions"] = ablate_regions(run, items, rounds, predicted)
     has = ~np.isnan(run._rounds_confidence(items, rounds))
     rng = np.random.default_rng(0)
-    run.llm_evidence = "logprobs"
+    run.llm_evidence, run.pool_list_right = "logprobs", False
     for draw in range(NOISE_DRAWS):  # a control: a confidence that carries nothing
         noise = np.where(has, rng.uniform(0.0, 1.0, len(items)), np.nan)
         run._rounds_confidence = lambda *_, noise=noise, **__: noise

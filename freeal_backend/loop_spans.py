@@ -18,7 +18,8 @@ resume, refinement scope, and setting aside a refinement that looks worse. What 
   the LLM's confidence in it over the rounds, 0 for a round that did not name it, with the tagger's score
   for the same span: ``detection.span_region_scores``), the sentence score
   P(spans right) (``detection.span_clean_probability``, with the LLM's own evidence weighed in:
-  ``detection.span_llm_evidence``), the flag, the tagger's spans as a suggestion and
+  ``detection.span_llm_evidence``, and for an LLM known to be calibrated pooled with its spans' own scores:
+  ``detection.span_list_right``), the flag, the tagger's spans as a suggestion and
   a review note naming the doubtful spans.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from freeal_backend.llm.prompts import Message
 from freeal_backend.loop import IMPORTED, FreeALRun
 from freeal_backend.records import Item, ItemResult
 from freeal_backend.slm.detection import (SelfAgreement, SpanVerdict, judge_span_labels, review_note,
-                                          span_region_scores, span_self_agreement)
+                                          span_list_right, span_region_scores, span_self_agreement)
 from freeal_backend.slm.tagger import SpanSLMConfig, cross_fit
 from freeal_backend.span_eval import bio_tags
 from freeal_backend.spans import (PROMPT_MAX_CHARS, Span, decode_spans, encode_spans, entities_of, locate_mentions,
@@ -64,6 +65,8 @@ class SpanRun(FreeALRun):
     skip_one_group_pool = True
     llm_evidence = "logprobs"  # what of the LLM weighs in the score: its confidence and agreement across rounds;
     # "agreement" alone; "" nothing (ablations: benchmarks/evidence_ablation.py)
+    pool_list_right = True  # with "logprobs" and a calibrated LLM: the spans' own scores assembled per sentence
+    # (detection.span_list_right) pooled into the sentence score (ablations)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -185,6 +188,8 @@ class SpanRun(FreeALRun):
         the base class's)."""
         labels, _ = self._current(items, rnd - 1)
         predicted, doubt, words_right = self._predicted(items, rnd)
+        list_right = (self._list_right(items, rnd - 1, labels, predicted)
+                      if self.llm_evidence == "logprobs" and self.pool_list_right and self.llm_calibrated else None)
         texts = [it.text for it in items]
         audited = self.audit_labels if audit else {}
         person = [decode_spans(audited[it.item_id]) if it.item_id in audited else None for it in items]
@@ -194,7 +199,25 @@ class SpanRun(FreeALRun):
                                  self.store.get_meta(f"slm_evidence_r{rnd}"),
                                  self._rounds_confidence(items, rnd - 1, logprobs=self.llm_evidence == "logprobs")
                                  if self.llm_evidence else None,
-                                 self._self_agreement(items, rnd - 1))
+                                 self._self_agreement(items, rnd - 1), list_right)
+
+    def _list_right(self, items: Sequence[Item], upto_round: int, labels: Sequence[str | None],
+                    predicted: Sequence[Sequence[Span]]) -> np.ndarray:
+        """Per item, P(its entity list ``labels[i]`` is exactly right) from its spans' own scores and the
+        tagger's ``predicted`` spans it lacks (``detection.span_list_right``); NaN where a span has no score
+        from logprobs, and for people's labels and sentences without an answer."""
+        views = self._region_views(items, upto_round, predicted)
+        scores = span_region_scores(np.array([v[2] for v in views]), np.array([v[3] for v in views]),
+                                    np.array([v[4] for v in views], dtype=bool))
+        known: defaultdict[str, dict[str, float]] = defaultdict(dict)
+        for (item_id, key, _, _, confident), score in zip(views, scores):
+            known[item_id][key] = float(score) if confident else np.nan
+        region, missing = [], []
+        for it, lab, pred in zip(items, labels, predicted):
+            keys = {span_key(s) for s in decode_spans(lab)} if lab is not None and not it.human_label else None
+            region.append([np.nan] if keys is None else [known[it.item_id].get(k, np.nan) for k in keys])
+            missing.append([] if keys is None else [s.score or 0.0 for s in pred if span_key(s) not in keys])
+        return span_list_right(region, missing)
 
     def _answers_over_rounds(self, items: Sequence[Item], upto_round: int
                              ) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:

@@ -346,6 +346,34 @@ def test_region_scores_rank_by_the_llm_and_the_tagger_at_the_llms_level() -> Non
     assert ((0.0 <= out) & (out <= 1.0)).all() and len(span_region_scores(llm[:0], tagger[:0], confident[:0])) == 0
 
 
+def test_a_sentence_score_pools_the_taggers_level_with_its_spans_own_scores() -> None:
+    """P(an entity list is exactly right) from its spans' own scores: every span right and none of the
+    tagger's extra spans real, as if independent (a list without spans and without extras: 1; a span
+    without a score: unknown). Where it is known it is pooled linearly with the tagger's score, which
+    otherwise stays; the run health estimate (the mean score) moves with it. With the tagger too weak to
+    name an entity, its level is low (it charges the lists with its own misses) where the lists are 97 %
+    right, and the pool lifts the estimate towards the truth."""
+    from freeal_backend.slm.detection import judge_span_labels, span_judge_evidence, span_list_right
+
+    got = span_list_right([[0.9, 0.8], [], [], [np.nan, 0.9]], [[0.5], [], [0.2, 0.5], []])
+    assert np.allclose(got[:3], [0.9 * 0.8 * 0.5, 1.0, 0.8 * 0.5]) and np.isnan(got[3])
+    rng = np.random.default_rng(11)
+    n, words = 200, 8
+    labels, predicted, doubt, word_tags, probs, tags = _tagger_too_weak_to_name_an_entity(rng, n, words)
+    human = np.zeros(n, dtype=bool)
+    evidence = span_judge_evidence(probs, tags)
+    unanswered = [None if i < 5 else lab for i, lab in enumerate(labels)]
+    plain = judge_span_labels(unanswered, predicted, doubt, human, word_tags, evidence=evidence)
+    list_right = np.where(np.arange(n) % 10 == 0, np.nan, rng.uniform(0.85, 1.0, n))  # the spans' own view
+    pooled = judge_span_labels(unanswered, predicted, doubt, human, word_tags, evidence=evidence,
+                               list_right=list_right)
+    known = np.isfinite(list_right) & (np.arange(n) >= 5)
+    assert np.allclose(pooled.scores[known], (plain.scores[known] + list_right[known]) / 2)
+    assert np.array_equal(pooled.scores[~known], plain.scores[~known])
+    truth = 0.97 * (n - 5) / n  # the lists' accuracy times the answered share
+    assert plain.health.estimated_accuracy < 0.65 < pooled.health.estimated_accuracy < truth  # seen: 0.59, 0.73
+
+
 def test_a_weak_tagger_is_not_read_as_span_labels_near_chance() -> None:
     """Entity lists 97 % right judged by a tagger too weak to name an entity (BC5CDR, 40 sentences: it found 7 %
     of them, kappa 0.06). Its word probabilities still favour the label's tags, which shuffled tags do not get:

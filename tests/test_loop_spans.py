@@ -229,7 +229,8 @@ def test_the_llms_agreement_across_rounds_weighs_in_span_scores_and_run_health(t
     and run health records how the lists agree word by word (``llm_self_kappa``). Each span's own score
     ranks by the LLM's confidence in it averaged over the rounds that asked the sentence (0 where a round
     did not name it; not the last answer's confidence alone) plus the held-out tagger's score for the same
-    span (0 where it predicts another), at the level of the LLM's confidence."""
+    span (0 where it predicts another), at the level of the LLM's confidence. Those scores, assembled per
+    sentence, weigh in its score only for an LLM whose confidence is known to be calibrated."""
     items = sentences_with_people_lists()
     with FakeOpenAI(fickle=0.3) as fake, make_run(tmp_path, fake, encoder, slm_min_steps=50) as run:
         results = run.run(items, rounds=1)  # 50 steps: a tagger that finds some of the entities
@@ -264,6 +265,16 @@ def test_the_llms_agreement_across_rounds_weighs_in_span_scores_and_run_health(t
     assert 0 < (tagger > 0).sum() < len(tagger)  # the tagger predicts some of the LLM's spans, not all
     assert score.mean() == pytest.approx(llm.mean(), abs=1e-6)
     assert np.array_equal(np.argsort(score, kind="stable"), np.argsort(llm + tagger, kind="stable"))
+    # an endpoint's confidence is not known to be calibrated: the spans' own scores stayed out of the sentence
+    # scores above; taken as calibrated (FREEAL_LLM_CALIBRATED=1) they are pooled in, where every span has one
+    with FakeOpenAI() as fake, make_run(tmp_path, fake, encoder, llm_calibrated=True) as calibrated:
+        pooled = calibrated._judge(items, 2).scores
+        list_right = calibrated._list_right(items, 1, calibrated._current(items, 1)[0],
+                                            calibrated._predicted(items, 2)[0])
+    known = np.isfinite(list_right)
+    assert known.sum() >= 40 and not known[[bool(it.human_label) for it in items]].any()
+    assert np.allclose(pooled[known], (with_llm[known] + list_right[known]) / 2)
+    assert np.array_equal(pooled[~known], with_llm[~known])
 
 
 def test_without_logprobs_the_llms_rounds_leave_the_sentence_scores_to_the_tagger(tmp_path, encoder):

@@ -964,12 +964,23 @@ def span_region_scores(llm: np.ndarray, tagger: np.ndarray, confident: np.ndarra
     return out
 
 
+def span_list_right(region: Sequence[Sequence[float]], missing: Sequence[Sequence[float]]) -> np.ndarray:
+    """Per sentence, P(its entity list is exactly right) assembled from its spans' own scores: every span
+    right (``region[i]``, :func:`span_region_scores`, NaN where unknown) and none missing (``missing[i]``:
+    the held-out tagger's scores for the spans it predicts that the list lacks, each taken as P(that span is
+    real)), all as if independent. NaN where a span's score is unknown. It misses what neither the LLM nor
+    the tagger found, so it leans high, where the tagger's confident-learning level leans low."""
+    return np.array([float(np.prod(np.asarray(r, dtype=np.float64)))
+                     * float(np.prod(1.0 - np.clip(np.asarray(m, dtype=np.float64), 0.0, 1.0)))
+                     for r, m in zip(region, missing)])
+
+
 def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequence[Sequence[Span]],
                       doubt: np.ndarray, human: np.ndarray, word_tags: Callable[[int, Sequence[Span]], list[str]],
                       words_right: np.ndarray | None = None,
                       audit_labels: Sequence[Sequence[Span] | None] | None = None,
                       evidence: dict[str, float] | None = None, llm_confidence: np.ndarray | None = None,
-                      llm_self: SelfAgreement | None = None) -> SpanVerdict:
+                      llm_self: SelfAgreement | None = None, list_right: np.ndarray | None = None) -> SpanVerdict:
     """The verdict on span labels from the held-out tagger's spans and doubt (pure, no model).
 
     ``labels``: per sentence the label spans, None where the LLM gave no usable answer; ``predicted``:
@@ -979,9 +990,14 @@ def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequen
     person's spans on the random audit sentences, None elsewhere (blind, as for labels: see :func:`judge`);
     ``evidence``: :func:`span_judge_evidence` of the round's tagger (without it, kappa alone decides);
     ``llm_confidence``: the LLM's own evidence per sentence (:func:`span_llm_evidence`); ``llm_self``: its
-    agreement with itself across rounds, over word tags (near chance as for labels: :func:`_self_consistent`).
+    agreement with itself across rounds, over word tags (near chance as for labels: :func:`_self_consistent`);
+    ``list_right``: :func:`span_list_right` per sentence (NaN where unknown), from the spans' own scores of
+    an LLM whose confidence is known to be calibrated.
     A sentence's score is P(its spans are right) (:func:`span_clean_probability` over the answered
-    sentences, with the LLM's evidence); it is flagged when the LLM gave no answer, or the score is below
+    sentences, with the LLM's evidence), pooled linearly with ``list_right`` where that is known: the
+    tagger's level leans low (it charges the labels with words the tagger itself gets wrong), the spans'
+    own scores lean high (what neither found is never missed). It is flagged when the LLM gave no answer,
+    or the score is below
     ``SPAN_FLAG_BELOW`` and the tagger disagrees with the label (a missing, spurious, wrong-type or
     wrong-boundary span).
     Health: agreement = share of answered sentences whose label the tagger reproduces exactly; kappa over
@@ -996,6 +1012,9 @@ def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequen
     judgements = [judge_spans(labels[i] or [], predicted[i]) if answered[i] else [] for i in range(n)]
     scores = np.where(answered, span_llm_evidence(span_clean_probability(doubt, answered, words_right), answered,
                                                   llm_confidence), 0.0)
+    if list_right is not None:
+        assembled = answered & np.isfinite(np.asarray(list_right, dtype=np.float64))
+        scores[assembled] = (scores[assembled] + np.asarray(list_right, dtype=np.float64)[assembled]) / 2.0
     scores[human] = 1.0
     judged = ~human
     n_judged, n_answered = int(judged.sum()), int(answered.sum())
