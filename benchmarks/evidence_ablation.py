@@ -24,7 +24,9 @@ are re-judged (``detection.judge``, no training, no LLM call) with:
 A span (NER) run is re-judged (``detection.judge_span_labels``) with the tagger alone, with the LLM's
 agreement with itself across rounds, with that and its logprob confidence, and with those and the spans' own
 scores assembled per sentence (what runs use where the LLM is known to be calibrated), and, as a control,
-with uniform noise in place of the LLM's evidence (3 seeded draws); a sentence is right when its final
+with uniform noise in place of the LLM's evidence (3 seeded draws), and, where the run's LLM is known to be
+calibrated, with span confidences that carry nothing and run high (0.9–1, or 0.99 flat) in place of its own
+(what a wrong ``FREEAL_LLM_CALIBRATED`` would do); a sentence is right when its final
 entity list is exactly gold. Each span's own score (the region score) is measured too, from the LLM's view
 (its confidence over rounds, or without logprobs the share of rounds that named it), the tagger's, and both.
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -86,6 +89,11 @@ REGION_VARIANTS = {  # name: (the LLM's view: with its logprobs or the share of 
     "without logprobs: the share of rounds that named it": (False, 0.0),
     "without logprobs: that share and the tagger (what runs use)": (False, 0.5),
 }
+OVERCONFIDENT: dict[str, Callable[[np.random.Generator], float]] = {  # controls: span confidences that carry
+    # nothing and run high, taken as calibrated (a wrong FREEAL_LLM_CALIBRATED for an overconfident endpoint)
+    "the same with each span's confidence drawn from U(0.9, 1) (control)": lambda rng: float(rng.uniform(0.9, 1.0)),
+    "the same with each span's confidence 0.99 (control)": lambda rng: 0.99,
+}
 NOISE_DRAWS = 3  # controls: uniform noise in place of the LLM's evidence
 
 
@@ -125,6 +133,14 @@ def ablate_spans(run: Any, items: list[Any], rounds: int, run_dir: Path) -> dict
         v = run._judge(items, rounds + 1)
         rows["variants"][name] = _metrics(v.scores, wrong, unanswered, v.flagged, v.health.estimated_accuracy)
     rows["regions"] = ablate_regions(run, items, rounds, predicted)
+    views = run._region_views
+    for name, draw in OVERCONFIDENT.items() if run.llm_calibrated else ():  # what a wrong FREEAL_LLM_CALIBRATED does
+        rng = np.random.default_rng(0)
+        run._region_views = lambda *a, draw=draw, rng=rng, **k: [
+            (i, key, draw(rng) if confident else llm, tagger, confident) for i, key, llm, tagger, confident in views(*a, **k)]
+        v = run._judge(items, rounds + 1)
+        rows["variants"][name] = _metrics(v.scores, wrong, unanswered, v.flagged, v.health.estimated_accuracy)
+    run._region_views = views
     has = ~np.isnan(run._rounds_confidence(items, rounds))
     rng = np.random.default_rng(0)
     run.llm_evidence, run.pool_list_right = "logprobs", False

@@ -206,16 +206,13 @@ class SpanRun(FreeALRun):
         """Per item, P(its entity list ``labels[i]`` is exactly right) from its spans' own scores and the
         tagger's ``predicted`` spans it lacks (``detection.span_list_right``); NaN where a span has no score
         from logprobs, and for people's labels and sentences without an answer."""
-        views = self._region_views(items, upto_round, predicted)
-        scores = span_region_scores(np.array([v[2] for v in views]), np.array([v[3] for v in views]),
-                                    np.array([v[4] for v in views], dtype=bool))
-        known: defaultdict[str, dict[str, float]] = defaultdict(dict)
-        for (item_id, key, _, _, confident), score in zip(views, scores):
-            known[item_id][key] = float(score) if confident else np.nan
+        known = self._span_scores(items, upto_round, predicted)
         region, missing = [], []
         for it, lab, pred in zip(items, labels, predicted):
             keys = {span_key(s) for s in decode_spans(lab)} if lab is not None and not it.human_label else None
-            region.append([np.nan] if keys is None else [known[it.item_id].get(k, np.nan) for k in keys])
+            scored = known.get(it.item_id, {})
+            region.append([np.nan] if keys is None else
+                          [scored[k][0] if k in scored and scored[k][1] else np.nan for k in keys])
             missing.append([] if keys is None else [s.score or 0.0 for s in pred if span_key(s) not in keys])
         return span_list_right(region, missing)
 
@@ -281,17 +278,17 @@ class SpanRun(FreeALRun):
                 views.append((item_id, key, llm, float(tagger.get(key) or 0.0), confident))
         return views
 
-    def _region_scores(self, items: Sequence[Item], upto_round: int, predicted: Sequence[Sequence[Span]]
-                       ) -> dict[str, dict[str, float]]:
+    def _span_scores(self, items: Sequence[Item], upto_round: int, predicted: Sequence[Sequence[Span]]
+                     ) -> dict[str, dict[str, tuple[float, bool]]]:
         """Per item, per span of its latest entity list (``span_key``): its score, the LLM's view and the
         held-out tagger's ``predicted`` spans combined (``detection.span_region_scores``; see
-        :meth:`_region_views`)."""
+        :meth:`_region_views`), and whether the LLM's view was a confidence."""
         views = self._region_views(items, upto_round, predicted)
         scores = span_region_scores(np.array([v[2] for v in views]), np.array([v[3] for v in views]),
                                     np.array([v[4] for v in views], dtype=bool))
-        out: dict[str, dict[str, float]] = defaultdict(dict)
-        for (item_id, key, *_), score in zip(views, scores):
-            out[item_id][key] = float(score)
+        out: dict[str, dict[str, tuple[float, bool]]] = defaultdict(dict)
+        for (item_id, key, _, _, confident), score in zip(views, scores):
+            out[item_id][key] = (float(score), confident)
         return out
 
     def _agreement_of(self, pairs: Sequence[tuple[Item, str, str]]) -> SelfAgreement:
@@ -328,7 +325,8 @@ class SpanRun(FreeALRun):
         verdict = self._judge(items, rounds + 1, audit=True)
         self._keep_audited_health(rounds + 1, verdict)
         predicted, _, _ = self._predicted(items, rounds + 1)
-        regions = self._region_scores(items, rounds, predicted)
+        regions = {k: {key: score for key, (score, _) in spans.items()}
+                   for k, spans in self._span_scores(items, rounds, predicted).items()}
         results = []
         for i, (it, lab) in enumerate(zip(items, labels)):
             in_audit = it.item_id in self.audit_ids

@@ -997,9 +997,8 @@ def judge_span_labels(labels: Sequence[Sequence[Span] | None], predicted: Sequen
     sentences, with the LLM's evidence), pooled linearly with ``list_right`` where that is known: the
     tagger's level leans low (it charges the labels with words the tagger itself gets wrong), the spans'
     own scores lean high (what neither found is never missed). It is flagged when the LLM gave no answer,
-    or the score is below
-    ``SPAN_FLAG_BELOW`` and the tagger disagrees with the label (a missing, spurious, wrong-type or
-    wrong-boundary span).
+    or the score is below ``SPAN_FLAG_BELOW`` and the tagger disagrees with the label (a missing,
+    spurious, wrong-type or wrong-boundary span).
     Health: agreement = share of answered sentences whose label the tagger reproduces exactly; kappa over
     the word tags of the answered sentences; estimated accuracy = mean score x coverage. Entity lists near
     chance (the permutation test of ``evidence``) are said to be so and every sentence is flagged, as for
