@@ -23,12 +23,12 @@ are re-judged (``detection.judge``, no training, no LLM call) with:
 
 A span (NER) run is re-judged (``detection.judge_span_labels``) with the tagger alone, with the LLM's
 agreement with itself across rounds, with that and its logprob confidence, and with those and the spans' own
-scores assembled per sentence (what runs use where the LLM is known to be calibrated), and, as a control,
-with uniform noise in place of the LLM's evidence (3 seeded draws), and, where the run's LLM is known to be
-calibrated, with span confidences that carry nothing and run high (0.9–1, or 0.99 flat) in place of its own
-(what a wrong ``FREEAL_LLM_CALIBRATED`` would do); a sentence is right when its final
-entity list is exactly gold. Each span's own score (the region score) is measured too, from the LLM's view
-(its confidence over rounds, or without logprobs the share of rounds that named it), the tagger's, and both.
+scores assembled per sentence (what runs use where the LLM is known to be calibrated). Controls: uniform
+noise in place of the LLM's evidence (3 seeded draws); where the run's LLM is known to be calibrated, span
+confidences that carry nothing and run high (0.9–1, or 0.99 flat) in its place (what a wrong
+``FREEAL_LLM_CALIBRATED`` would do). A sentence is right when its final entity list is exactly gold. Each
+span's own score (the region score) is measured too, from the LLM's view (its confidence over rounds, or
+without logprobs the share of rounds that named it), the tagger's, and both.
 
 Per variant: AUROC for ranking wrong final labels first, ECE of the score, the run-health estimate against
 the true accuracy, the flag (share, precision, recall) and the recall of the lowest-scored 10 % and 20 %.
@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -137,7 +137,7 @@ def ablate_spans(run: Any, items: list[Any], rounds: int, run_dir: Path) -> dict
     for name, draw in OVERCONFIDENT.items() if run.llm_calibrated else ():  # what a wrong FREEAL_LLM_CALIBRATED does
         rng = np.random.default_rng(0)
         run._region_views = lambda *a, draw=draw, rng=rng, **k: [
-            (i, key, draw(rng) if confident else llm, tagger, confident) for i, key, llm, tagger, confident in views(*a, **k)]
+            (i, key, draw(rng) if sure else llm, tagger, sure) for i, key, llm, tagger, sure in views(*a, **k)]
         v = run._judge(items, rounds + 1)
         rows["variants"][name] = _metrics(v.scores, wrong, unanswered, v.flagged, v.health.estimated_accuracy)
     run._region_views = views
@@ -165,8 +165,9 @@ def ablate_regions(run: Any, items: list[Any], rounds: int, predicted: list[Any]
         score = {0.0: llm, 1.0: tagger}.get(tagger_weight)
         if score is None:
             score = span_region_scores(llm, tagger, confident)
-        right = np.array([(int(key.split(":", 2)[0]), int(key.split(":", 2)[1]), key.split(":", 2)[2])
-                          in gold[item_id] for item_id, key, *_ in views], dtype=bool)
+        spans = [(item_id, key.split(":", 2)) for item_id, key, *_ in views]  # span_key: start:end:type
+        right = np.array([(int(start), int(end), kind) in gold[item_id] for item_id, (start, end, kind) in spans],
+                         dtype=bool)
         out[name] = {"spans": len(views), "right_share": float(right.mean()),
                      "auroc": review_scores(score, ~right)["auroc"],
                      "ece": expected_calibration_error(score, right), "mean_score": float(score.mean())}

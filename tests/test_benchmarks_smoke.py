@@ -245,7 +245,8 @@ def test_ner_loop_tiny(tmp_path: Path) -> None:
          LLM_BASE_URL="http://127.0.0.1:9/v1", LLM_MODEL=MODEL)
     ablation = json.loads((tmp_path / "evidence_ablation_spans.json").read_text())[0]
     assert ablation["n"] == 16 and set(ablation["variants"]) >= {
-        "tagger alone", "tagger + LLM agreement over rounds", "tagger + LLM confidence and agreement over rounds (as before)",
+        "tagger alone", "tagger + LLM agreement over rounds",
+        "tagger + LLM confidence and agreement over rounds (as before)",
         "the same + the spans' own scores assembled per sentence (what runs use with a calibrated LLM)"}
     assert "exactly gold" in (tmp_path / "evidence_ablation_spans.md").read_text()
     regions = ablation["regions"]  # each span's own score, from the LLM, the tagger and both
