@@ -14,7 +14,7 @@ from freeal_backend.llm.cache import ResponseCache
 from freeal_backend.llm.client import LLMClient
 from freeal_backend.loop_spans import SpanRun
 from freeal_backend.slm.encoder import Encoder
-from freeal_backend.spans import decode_spans, encode_spans
+from freeal_backend.spans import decode_spans, encode_spans, span_key
 from tests.fake_openai import MODEL, FakeOpenAI, choose_entities
 from tests.fixtures_llm import shared_rows
 
@@ -253,7 +253,7 @@ def test_the_llms_agreement_across_rounds_weighs_in_span_scores_and_run_health(t
         if res.source != "llm":
             continue
         asked = [a[res.item_id] for a in (r0, r1) if res.item_id in a and a[res.item_id]["label"] is not None]
-        found = {f"{s.start}:{s.end}:{s.label}": s.score for s in predicted[res.item_id]}
+        found = {span_key(s): s.score for s in predicted[res.item_id]}
         for span in res.spans or []:
             key = f"{span['start']}:{span['end']}:{span['label']}"
             score.append(span["score"])
@@ -300,10 +300,10 @@ def test_without_logprobs_the_llms_rounds_leave_the_sentence_scores_to_the_tagge
         if res.source != "llm":
             continue
         asked = [a[res.item_id]["label"] for a in (r0, r1) if res.item_id in a and a[res.item_id]["label"] is not None]
-        found = {f"{s.start}:{s.end}:{s.label}": s.score for s in predicted[res.item_id]}
+        found = {span_key(s): s.score for s in predicted[res.item_id]}
         for span in res.spans or []:
             key = f"{span['start']}:{span['end']}:{span['label']}"
-            share = sum(key in {f"{s.start}:{s.end}:{s.label}" for s in decode_spans(a)} for a in asked) / len(asked)
+            share = sum(key in {span_key(s) for s in decode_spans(a)} for a in asked) / len(asked)
             assert span["score"] == pytest.approx((share + found.get(key, 0.0)) / 2)
             shares.add(share)
             tagged += key in found
